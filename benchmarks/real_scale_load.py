@@ -1,0 +1,85 @@
+"""Load a random-weight CODI checkpoint with the true LLaMA-3.2-1B shapes and answer one question.
+
+    python benchmarks/real_scale_load.py --tokenizer DIR [--workdir DIR] [--format safetensors|bin]
+
+Writes a checkpoint in the upstream layout (377 keys: bf16 base, fp32 LoRA r=128 and projection,
+random values), loads it with codi_lens in float32 on the CPU, runs the CODI loop on one question,
+and prints the file size, the load and answer wall times and the peak resident memory. The
+tokenizer may be any local tokenizer whose ids are below 128256 (the weights are random anyway).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from codi_lens import load_codi
+from codi_lens.architectures import describe_base
+from codi_lens.checkpoint import CheckpointLayout, expected_tensors
+
+BASE = "llama-3.2-1b-instruct"
+
+
+def write_random_checkpoint(path: Path, fmt: str, seed: int = 0) -> tuple[Path, int]:
+    """Random tensors for every key of the real 1B layout: bf16 base, fp32 LoRA and prj."""
+    arch = describe_base(BASE)
+    layout = CheckpointLayout(family="llama", uses_lora=True, lora_rank=128, prj_dim=2048,
+                              prj_layernorm=True, n_layers=arch.n_layers, vocab=arch.codi_vocab)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, shape in expected_tensors(arch, layout).items():
+        fp32 = "lora_" in key or key.startswith("prj.")
+        if key.endswith(("norm.weight", "layernorm.weight", "ln.weight")):
+            value = torch.ones(shape)
+        else:
+            value = torch.randn(shape, generator=gen) * 0.02
+        tensors[key] = value.to(torch.float32 if fp32 else torch.bfloat16)
+    path.mkdir(parents=True, exist_ok=True)
+    if fmt == "safetensors":
+        out = path / "model.safetensors"
+        save_file(tensors, str(out))
+    else:
+        out = path / "pytorch_model.bin"
+        torch.save(tensors, out)
+    return out, len(tensors)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--format", choices=["safetensors", "bin"], default="safetensors")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    args = parser.parse_args(argv)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="codi_1b_"))
+    t0 = time.perf_counter()
+    file, n_keys = write_random_checkpoint(workdir, args.format)
+    t1 = time.perf_counter()
+    model = load_codi(workdir, BASE, tokenizer=args.tokenizer)
+    t2 = time.perf_counter()
+    result = model.run_codi(["Janet has 16 eggs and eats 3. How many are left?"], max_new_tokens=args.max_new_tokens)
+    t3 = time.perf_counter()
+    report = {
+        "file_bytes": file.stat().st_size,
+        "n_keys": n_keys,
+        "write_s": round(t1 - t0, 1),
+        "load_s": round(t2 - t1, 1),
+        "answer_s": round(t3 - t2, 1),
+        "answer_tokens": result.answer_tokens[0],
+        "latent_shape": list(result.latent_states.shape),
+        "latents_finite": bool(torch.isfinite(result.latent_states).all()),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+    }
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

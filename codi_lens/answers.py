@@ -1,0 +1,33 @@
+"""Answer extraction and gold parsing, following upstream CODI's ``test.py`` scoring rule."""
+
+from __future__ import annotations
+
+import re
+
+NUMBER_PATTERN = re.compile(r"-?\d+\.?\d*")
+
+
+def extract_prediction(text: str) -> float | None:
+    """The model's numeric answer: commas removed, the LAST match of ``-?\\d+\\.?\\d*`` as a float.
+
+    Returns None when the text holds no number (upstream scores that as wrong via ``inf``).
+    """
+    matches = NUMBER_PATTERN.findall(text.replace(",", ""))
+    return float(matches[-1]) if matches else None
+
+
+def parse_gold_answer(solution: str) -> float:
+    """The gold answer of a GSM8K-format solution: the text after ``####``, commas removed, as float."""
+    if "####" not in solution:
+        raise ValueError(f"solution has no '####' answer line: {solution[-80:]!r}")
+    return float(solution.split("####")[-1].strip().replace(",", ""))
+
+
+def is_correct(prediction: float | None, gold: float) -> bool:
+    """Exact equality of floats, as upstream scores it; no prediction is wrong."""
+    return prediction is not None and prediction == gold
+
+
+def clean_question(question: str) -> str:
+    """Upstream's question preprocessing: ``q.strip().replace('  ', ' ')`` (no prompt template)."""
+    return question.strip().replace("  ", " ")

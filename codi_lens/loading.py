@@ -1,0 +1,173 @@
+"""Load a CODI checkpoint (upstream layout) and its base architecture into a :class:`CODIModel`.
+
+The LoRA deltas are merged into the base weights (``W' = W + (alpha / r) * B @ A``, transposed for
+GPT-2's Conv1D layers) and the merged weights are handed to TransformerLens' own weight converters,
+so the hooked model follows TransformerLens' conventions exactly. No weight processing (LayerNorm
+folding, centring) is applied.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_llama_weights
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from codi_lens.architectures import BaseArchitecture, describe_base, to_hooked_config
+from codi_lens.checkpoint import (
+    CheckpointLayout,
+    load_tensors,
+    read_tensor_info,
+    resolve_checkpoint_file,
+    validate_checkpoint,
+)
+from codi_lens.model import CODIModel, CODITokens
+
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+#: Models shipped inside the package: name -> directory holding the checkpoint, config and tokenizer.
+PRETRAINED = {"toy-arith": PRETRAINED_DIR / "toy_arith"}
+DEFAULT_MODEL = "toy-arith"
+
+
+class _MergedWeights:
+    """Attribute view over flat checkpoint tensors, shaped like an HF model, merging LoRA on access.
+
+    ``view.model.layers[3].self_attn.q_proj.weight`` returns the fp32 merged weight of that module,
+    which is what TransformerLens' HF weight converters read.
+    """
+
+    def __init__(self, tensors: dict[str, Tensor], prefix: str, lora_scale: float, conv1d: bool):
+        self._tensors, self._prefix, self._scale, self._conv1d = tensors, prefix, lora_scale, conv1d
+
+    def _child(self, name: str) -> _MergedWeights:
+        return _MergedWeights(self._tensors, f"{self._prefix}{name}.", self._scale, self._conv1d)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in ("weight", "bias"):
+            return self._parameter(name)
+        return self._child(name)
+
+    def __getitem__(self, index: int) -> _MergedWeights:
+        return self._child(str(index))
+
+    def _parameter(self, kind: str) -> Tensor:
+        plain = f"{self._prefix}{kind}"
+        if plain in self._tensors:
+            return self._tensors[plain].float()
+        base = self._tensors[f"{self._prefix}base_layer.{kind}"].float()
+        if kind == "bias":
+            return base
+        lora_a = self._tensors[f"{self._prefix}lora_A.default.weight"].float()
+        lora_b = self._tensors[f"{self._prefix}lora_B.default.weight"].float()
+        delta = self._scale * (lora_b @ lora_a)  # [out, in]
+        return base + (delta.T if self._conv1d else delta)
+
+
+def _resolve_tokenizer(tokenizer: Any, base: str | Path) -> PreTrainedTokenizerBase:
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer
+    source = tokenizer if tokenizer is not None else base
+    if not Path(source).is_dir():
+        raise ValueError(
+            f"no tokenizer: base {str(base)!r} is a built-in architecture without files; pass "
+            "tokenizer= a local tokenizer directory (codi_lens never downloads one)"
+        )
+    return AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+
+
+def _codi_tokens(arch: BaseArchitecture, tokenizer: PreTrainedTokenizerBase) -> CODITokens:
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else arch.eos_id
+    if eos is None:
+        raise ValueError("neither the tokenizer nor the base config defines an EOS token")
+    return CODITokens(pad=arch.pad_id, bot=arch.bot_id, eot=arch.eot_id, eos=int(eos))
+
+
+def _copy_into(model: CODIModel, state: dict[str, Tensor]) -> None:
+    """Copy converted weights into the model's parameters, requiring an exact key and shape match."""
+    params = dict(model.named_parameters())
+    missing = sorted(k for k in params if k not in state)
+    unexpected = sorted(k for k in state if k not in params)
+    if missing or unexpected:
+        raise RuntimeError(f"internal conversion error: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            if params[name].shape != value.shape:
+                raise RuntimeError(f"internal conversion error: {name} {tuple(value.shape)} vs {tuple(params[name].shape)}")
+            params[name].copy_(value)
+
+
+def _prj_state(tensors: dict[str, Tensor], layout: CheckpointLayout) -> dict[str, Tensor]:
+    state = {
+        "prj.fc_in.weight": tensors["prj.1.weight"], "prj.fc_in.bias": tensors["prj.1.bias"],
+        "prj.fc_out.weight": tensors["prj.3.weight"], "prj.fc_out.bias": tensors["prj.3.bias"],
+    }
+    if layout.prj_layernorm:
+        state.update({"prj.ln.weight": tensors["prj.ln.weight"], "prj.ln.bias": tensors["prj.ln.bias"]})
+    return state
+
+
+def load_codi(
+    checkpoint: str | Path = DEFAULT_MODEL,
+    base: str | Path | None = None,
+    *,
+    tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
+    lora_alpha: float = 32,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> CODIModel:
+    """Load a CODI checkpoint into a hooked :class:`CODIModel`.
+
+    Args:
+        checkpoint: a directory holding ``model.safetensors`` or ``pytorch_model.bin`` in the upstream
+            CODI layout, the file itself, or the name of a shipped model (``"toy-arith"``).
+        base: a local HF base-model directory (``config.json`` and tokenizer) or a built-in base name
+            (``"llama-3.2-1b-instruct"``, ``"gpt2"``). Defaults to the shipped model's directory.
+        tokenizer: a local tokenizer directory or tokenizer object; required with a built-in base.
+        lora_alpha: LoRA alpha used in training (not stored in checkpoints; CODI used 32). The rank
+            is read from the weights.
+        device, dtype: where and in which precision the model runs (float32 or bfloat16).
+
+    Raises:
+        CheckpointError: the file does not match the base (names the offending keys).
+    """
+    if str(checkpoint) in PRETRAINED:
+        checkpoint = PRETRAINED[str(checkpoint)]
+        base = checkpoint if base is None else base
+    if base is None:
+        raise ValueError("base is required unless checkpoint names a shipped model")
+    arch = describe_base(base)
+    weights_file = resolve_checkpoint_file(checkpoint)
+    layout = validate_checkpoint(read_tensor_info(weights_file), arch, path=str(weights_file))
+    tok = _resolve_tokenizer(tokenizer, base)
+    cfg = to_hooked_config(arch, device="cpu", dtype=dtype)
+    model = CODIModel(cfg, tok, tokens=_codi_tokens(arch, tok), prj_dim=layout.prj_dim,
+                      prj_layernorm=layout.prj_layernorm)
+    tensors = load_tensors(weights_file)
+    scale = lora_alpha / layout.lora_rank if layout.uses_lora else 0.0
+    view = _MergedWeights(tensors, layout.prefix, scale, conv1d=arch.family == "gpt2")
+    converter = convert_gpt2_weights if arch.family == "gpt2" else convert_llama_weights
+    state = converter(view, cfg)
+    # CODI's lm_head has no bias; TransformerLens' GPT-2 converter leaves b_U out.
+    state.setdefault("unembed.b_U", torch.zeros(cfg.d_vocab_out))
+    state.update(_prj_state(tensors, layout))
+    _copy_into(model, state)
+    del state, tensors
+    model.store_weights_for_linear()
+    model.layout = layout
+    model.architecture = arch
+    if str(device) != "cpu":
+        model.cfg.device = str(device)
+        model.to(device)
+    return model.eval()
+
+
+def load_pretrained(name: str = DEFAULT_MODEL, **kwargs: Any) -> CODIModel:
+    """Load a model shipped with codi_lens by name (see ``PRETRAINED``)."""
+    if name not in PRETRAINED:
+        raise KeyError(f"unknown shipped model {name!r}; available: {sorted(PRETRAINED)}")
+    return load_codi(name, **kwargs)

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny CODI checkpoints in the upstream layout and the HF + peft reference."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from codi_factory import make_tiny_codi
+from codi_reference import ReferenceCODI
+
+torch.set_num_threads(2)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+GSM8K_TEST = SHARED / "data" / "gsm8k" / "test.jsonl"
+TINY_LORA_R = 8
+TINY_PRJ_DIM = 96
+
+
+@dataclass(frozen=True)
+class TinyCheckpoint:
+    family: str
+    fmt: str
+    use_lora: bool
+    prj_ln: bool
+    checkpoint_dir: Path
+    base_dir: Path
+
+    @property
+    def file(self) -> Path:
+        name = "model.safetensors" if self.fmt == "safetensors" else "pytorch_model.bin"
+        return self.checkpoint_dir / name
+
+    def reference(self) -> ReferenceCODI:
+        return ReferenceCODI.from_checkpoint(
+            self.checkpoint_dir, self.base_dir, lora_r=TINY_LORA_R, use_lora=self.use_lora,
+            prj_dim=TINY_PRJ_DIM, prj_ln=self.prj_ln, dtype=torch.float32,
+        )
+
+
+_BUILT: dict[tuple, TinyCheckpoint] = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Factory fixture: ``tiny_checkpoint(family, fmt=..., use_lora=..., prj_ln=...)``, built once per session."""
+
+    def build(family: str, fmt: str = "safetensors", use_lora: bool = True, prj_ln: bool = True) -> TinyCheckpoint:
+        key = (family, fmt, use_lora, prj_ln)
+        if key not in _BUILT:
+            root = tmp_path_factory.mktemp(f"{family}-{fmt}-{'lora' if use_lora else 'full'}-{'ln' if prj_ln else 'noln'}")
+            ckpt_dir, base_dir = make_tiny_codi(root, family, fmt=fmt, use_lora=use_lora, prj_ln=prj_ln)
+            _BUILT[key] = TinyCheckpoint(family, fmt, use_lora, prj_ln, Path(ckpt_dir), Path(base_dir))
+        return _BUILT[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def questions() -> list[str]:
+    """Real GSM8K test questions of clearly different lengths (shortest, median, a long one)."""
+    rows = [json.loads(line) for line in GSM8K_TEST.read_text().splitlines()]
+    by_length = sorted((r["question"] for r in rows[:200]), key=len)
+    return [by_length[0], by_length[len(by_length) // 2], by_length[-40]]

@@ -1,0 +1,151 @@
+"""Strict checkpoint validation: every bad case raises CheckpointError naming what is wrong."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from codi_lens import CheckpointError, load_codi
+from codi_lens.inspect_checkpoint import format_summary, main as inspect_main, summarize_checkpoint
+
+
+def _state(ckpt) -> dict[str, torch.Tensor]:
+    if ckpt.fmt == "safetensors":
+        return load_file(str(ckpt.file))
+    return torch.load(ckpt.file, weights_only=True)
+
+
+def _save(state: dict[str, torch.Tensor], directory: Path, fmt: str = "safetensors") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    if fmt == "safetensors":
+        save_file({k: v.contiguous().clone() for k, v in state.items()}, str(directory / "model.safetensors"))
+    else:
+        torch.save(state, directory / "pytorch_model.bin")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_checkpoint):
+    return tiny_checkpoint("llama", "safetensors")
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny_checkpoint):
+    return tiny_checkpoint("gpt2", "bin")
+
+
+def test_missing_key_is_named(llama, tmp_path):
+    state = _state(llama)
+    gone = "codi.base_model.model.model.layers.1.mlp.down_proj.lora_B.default.weight"
+    del state[gone]
+    with pytest.raises(CheckpointError, match=r"1 missing key\(s\): '" + re.escape(gone)):
+        load_codi(_save(state, tmp_path / "c"), llama.base_dir)
+
+
+def test_unexpected_keys_are_named_with_counts(llama, tmp_path):
+    state = _state(llama)
+    for i in range(7):
+        state[f"extra.{i}"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match=r"7 unexpected key\(s\): 'extra.0'.*\(\+2 more\)"):
+        load_codi(_save(state, tmp_path / "c"), llama.base_dir)
+
+
+def test_wrong_shape_is_named(llama, tmp_path):
+    state = _state(llama)
+    key = "prj.3.weight"
+    state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] + 1)
+    with pytest.raises(CheckpointError, match=re.escape(key) + r" has \(64, 97\), expected \(64, 96\)"):
+        load_codi(_save(state, tmp_path / "c"), llama.base_dir)
+
+
+def test_gpt2_checkpoint_with_llama_base(gpt2, llama):
+    with pytest.raises(CheckpointError, match="GPT-2 CODI checkpoint but the base .* is a LLaMA model"):
+        load_codi(gpt2.checkpoint_dir, llama.base_dir)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_truncated_file(tiny_checkpoint, tmp_path, fmt):
+    ckpt = tiny_checkpoint("llama", fmt)
+    data = ckpt.file.read_bytes()
+    target = tmp_path / "c"
+    target.mkdir()
+    (target / ckpt.file.name).write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_codi(target, ckpt.base_dir)
+
+
+def test_plain_hf_model_without_codi_parts(llama, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(llama.base_dir))
+    _save(hf.state_dict(), tmp_path / "c")
+    with pytest.raises(CheckpointError, match="plain Hugging Face LLaMA state dict without CODI parts"):
+        load_codi(tmp_path / "c", llama.base_dir)
+
+
+def test_vocabulary_not_grown(llama, tmp_path):
+    state = _state(llama)
+    for key in list(state):
+        if key.endswith(("embed_tokens.weight", "lm_head.weight")):
+            state[key] = state[key][:-3]
+    with pytest.raises(CheckpointError, match="was not grown by the 3 CODI tokens"):
+        load_codi(_save(state, tmp_path / "c"), llama.base_dir)
+
+
+def test_layer_count_mismatch(llama, tmp_path):
+    state = {k: v for k, v in _state(llama).items() if ".layers.1." not in k}
+    with pytest.raises(CheckpointError, match="has 1 transformer layers but the base .* has 2"):
+        load_codi(_save(state, tmp_path / "c"), llama.base_dir)
+
+
+def test_checkpoint_without_projection_head(llama, tmp_path):
+    state = {k: v for k, v in _state(llama).items() if not k.startswith("prj.")}
+    with pytest.raises(CheckpointError, match=r"WITHOUT a projection head"):
+        load_codi(_save(state, tmp_path / "c"), llama.base_dir)
+
+
+def test_directory_without_weights(llama, tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="holds none of .*notes.txt"):
+        load_codi(tmp_path, llama.base_dir)
+
+
+def test_builtin_base_needs_a_local_tokenizer(llama):
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        load_codi(llama.checkpoint_dir, "llama-3.2-1b-instruct")
+
+
+def test_file_path_and_directory_load_the_same(llama):
+    a = load_codi(llama.file, llama.base_dir)
+    b = load_codi(llama.checkpoint_dir, llama.base_dir)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_bot_eot_rows_come_from_the_checkpoint(llama):
+    model = load_codi(llama.checkpoint_dir, llama.base_dir)
+    state = _state(llama)
+    embed = state["codi.base_model.model.model.embed_tokens.weight"].float()
+    v = model.architecture.base_vocab
+    assert (model.codi_tokens.pad, model.codi_tokens.bot, model.codi_tokens.eot) == (v, v + 1, v + 2)
+    assert torch.equal(model.W_E[v + 1], embed[v + 1]) and torch.equal(model.W_E[v + 2], embed[v + 2])
+    assert embed[v + 1].abs().sum() > 0
+
+
+def test_inspect_checkpoint_summary(gpt2, capsys):
+    summary = summarize_checkpoint(gpt2.checkpoint_dir)
+    state = _state(gpt2)
+    assert summary["family"] == "gpt2" and summary["n_layers"] == 2
+    assert summary["lora"] and summary["lora_rank"] == 8
+    assert summary["prj_dims"] == [64, 96, 64] and summary["prj_layernorm"]
+    assert summary["n_keys"] == len(state)
+    assert summary["vocab"] == state["codi.base_model.model.transformer.wte.weight"].shape[0]
+    assert sum(summary["dtypes"].values()) == len(state)
+    assert "rank 8" in format_summary(summary)
+    inspect_main([str(gpt2.checkpoint_dir), "--json"])
+    assert json.loads(capsys.readouterr().out)["n_keys"] == len(state)

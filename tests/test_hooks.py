@@ -1,0 +1,151 @@
+"""Hooks inside the CODI loop, checked against full-sequence HF forwards of the reference model.
+
+codi_lens runs the loop in KV-cache chunks; these tests re-run the *whole* resulting sequence in one
+HF pass (no cache, the reference's own weights) with the same intervention applied by a PyTorch hook
+at the same position, and require the thoughts, latent states and activations to agree.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codi_lens import load_codi, positional_hook, thought_hook_name, zero_at_positions
+
+ATOL = 1e-4
+
+
+def _hf_layers(ref):
+    base = ref.model.get_base_model() if hasattr(ref.model, "get_base_model") else ref.model
+    return base.transformer.h if hasattr(base, "transformer") else base.model.layers
+
+
+def _hf_sequence_embeds(ref, question_ids: list[int], thoughts: torch.Tensor, tail_ids: list[int]) -> torch.Tensor:
+    """Embeddings of [question, BOT, thoughts..., EOT, tail tokens] as the reference model sees them."""
+    embed = ref.model.get_input_embeddings()
+    head = embed(torch.tensor([question_ids + [ref.bot_id]]))
+    tail = embed(torch.tensor([[ref.eot_id] + tail_ids]))
+    return torch.cat([head, thoughts[None].to(head.dtype), tail], dim=1)
+
+
+def _question_ids(model, question: str) -> list[int]:
+    tokens, mask = model.tokenize_questions([question])
+    return tokens[0, mask[0].bool()].tolist()
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def setup(request, tiny_checkpoint):
+    ckpt = tiny_checkpoint(request.param)
+    return load_codi(ckpt.checkpoint_dir, ckpt.base_dir), ckpt.reference()
+
+
+def test_interventions_inside_the_loop_match_a_full_hf_pass(setup, questions):
+    """Zero thought 3's input and add a vector to layer-0 resid_post at thought 2, in a padded batch."""
+    model, ref = setup
+    batch = questions[:2]
+    probe = model.run_codi(batch, max_new_tokens=1)
+    thought2 = probe.positions.thoughts[1]
+    push = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    hooks = [
+        (thought_hook_name(3, "input"), lambda z, hook: torch.zeros_like(z)),
+        ("blocks.0.hook_resid_post", positional_hook(model, [thought2], lambda acts, hook, pos: acts + push)),
+    ]
+    result = model.run_codi(batch, max_new_tokens=3, fwd_hooks=hooks)
+    assert not torch.allclose(result.latent_states, probe.latent_states, atol=1e-3), "the hooks must change something"
+
+    for i, question in enumerate(batch):
+        ids = _question_ids(model, question)
+        rel_bot = len(ids)
+
+        def add_push(module, args, output, pos=rel_bot + 2):
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden[:, pos] += push
+            return output
+
+        handle = _hf_layers(ref)[0].register_forward_hook(add_push)
+        try:
+            with torch.no_grad():
+                out = ref.model(inputs_embeds=_hf_sequence_embeds(ref, ids, result.thought_embeds[i], []),
+                                output_hidden_states=True)
+        finally:
+            handle.remove()
+        hf_latents = out.hidden_states[-1][0, rel_bot : rel_bot + 7]
+        assert (hf_latents - result.latent_states[i]).abs().max() <= ATOL
+        with torch.no_grad():
+            hf_projected = ref.prj(hf_latents)
+        for k in range(1, 7):
+            expected = torch.zeros_like(hf_projected[0]) if k == 3 else hf_projected[k - 1]
+            assert (result.thought_embeds[i, k - 1] - expected).abs().max() <= ATOL
+        first_answer = out.logits[0, -1, : model.cfg.d_vocab - 1].argmax().item()
+        assert first_answer == result.answer_tokens[i][0]
+
+
+def test_stitched_cache_equals_a_full_hf_pass(setup, questions):
+    model, ref = setup
+    batch = questions[:2]
+    result, cache = model.run_codi_with_cache(batch, max_new_tokens=4)
+    n_layers = model.cfg.n_layers
+    for i, question in enumerate(batch):
+        ids = _question_ids(model, question)
+        fed_answer = result.answer_tokens[i][:-1]
+        with torch.no_grad():
+            out = ref.model(inputs_embeds=_hf_sequence_embeds(ref, ids, result.thought_embeds[i], fed_answer),
+                            output_hidden_states=True, output_attentions=True)
+        start = result.positions.n_pad[i]
+        length = out.hidden_states[0].shape[1]
+        for layer in range(n_layers - 1):  # the last HF hidden state has the final norm applied
+            ours = cache[f"blocks.{layer}.hook_resid_post"][i, start : start + length]
+            assert (ours - out.hidden_states[layer + 1][0]).abs().max() <= ATOL
+        pattern = cache[f"blocks.{n_layers - 1}.attn.hook_pattern"][i, :, start : start + length, start : start + length]
+        assert (pattern - out.attentions[-1][0]).abs().max() <= ATOL
+        assert cache["hook_embed"].shape[1] == cache["blocks.0.hook_resid_pre"].shape[1]
+    for k in range(7):
+        assert torch.equal(cache[thought_hook_name(k, "hidden")], result.latent_states[:, k])
+    assert torch.equal(cache["prj.hook_in"], result.latent_states)
+    assert cache["prj.hook_out"].shape == (2, 7, model.cfg.d_model)
+
+
+def test_names_filter_and_zero_at_positions(setup, questions):
+    model, _ = setup
+    probe = model.run_codi(questions[:2], max_new_tokens=2)
+    eot = probe.positions.eot
+    result, cache = model.run_codi_with_cache(
+        questions[:2], max_new_tokens=2, names_filter=lambda n: n.endswith("hook_resid_post"),
+        fwd_hooks=[("blocks.0.hook_resid_post", zero_at_positions(model, [eot]))],
+    )
+    assert set(cache.keys()) == {f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)}
+    assert cache["blocks.0.hook_resid_post"][:, eot].abs().max() == 0
+    assert cache["blocks.0.hook_resid_post"][:, eot - 1].abs().max() > 0
+    # Thoughts are before EOT, so the latent loop is untouched.
+    assert torch.equal(result.latent_states, probe.latent_states)
+
+
+def test_hooks_are_removed_even_when_a_hook_raises(setup, questions):
+    model, _ = setup
+
+    def boom(acts, hook):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        model.run_codi(questions[:1], max_new_tokens=1, fwd_hooks=[(thought_hook_name(2, "hidden"), boom)])
+    assert all(len(hp._forward_hooks) == 0 for hp in model.hook_dict.values())
+    model.run_codi(questions[:1], max_new_tokens=1)  # runs clean afterwards
+
+
+def test_thought_hooks_fire_once_per_step(setup, questions):
+    model, _ = setup
+    seen: dict[str, list[tuple]] = {}
+
+    def record(acts, hook):
+        seen.setdefault(hook.name, []).append(tuple(acts.shape))
+
+    n = 8
+    result = model.run_codi(questions, n_latents=n, max_new_tokens=1,
+                            fwd_hooks=[(lambda name: name.startswith("thought."), record)])
+    assert result.latent_states.shape == (3, n + 1, model.cfg.d_model)
+    expected = {thought_hook_name(k, kind) for k in range(n + 1) for kind in ("hidden", "projection")}
+    expected |= {thought_hook_name(k, "input") for k in range(1, n + 1)}
+    assert set(seen) == expected
+    assert all(shapes == [(3, model.cfg.d_model)] for shapes in seen.values())
+    with pytest.raises(ValueError):
+        thought_hook_name(0, "input")
