@@ -141,9 +141,9 @@ def load_codi(
     if base is None:
         raise ValueError("base is required unless checkpoint names a shipped model")
     arch = describe_base(base)
+    tok = _resolve_tokenizer(tokenizer, base)
     weights_file = resolve_checkpoint_file(checkpoint)
     layout = validate_checkpoint(read_tensor_info(weights_file), arch, path=str(weights_file))
-    tok = _resolve_tokenizer(tokenizer, base)
     cfg = to_hooked_config(arch, device="cpu", dtype=dtype)
     model = CODIModel(cfg, tok, tokens=_codi_tokens(arch, tok), prj_dim=layout.prj_dim,
                       prj_layernorm=layout.prj_layernorm)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from codi_factory import make_tiny_codi
-from codi_reference import ReferenceCODI
+from upstream_factory import make_tiny_codi
+from hf_reference import ReferenceCODI
 
 torch.set_num_threads(2)
 

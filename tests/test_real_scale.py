@@ -15,17 +15,23 @@ from codi_lens.checkpoint import CheckpointLayout, expected_tensors
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_expected_layout_of_the_real_1b_checkpoint_matches_upstream_module():
-    """codi_lens' expected keys equal the state dict of an upstream-style CODI module on meta (377 keys)."""
-    from codi_factory import build_codi_module, make_base_dir
+@pytest.mark.parametrize(
+    ("family", "size", "builtin", "prj_dim", "n_keys"),
+    [("llama", "llama-3.2-1b", "llama-3.2-1b-instruct", 2048, 377), ("gpt2", "gpt2", "gpt2", 768, 251)],
+)
+def test_expected_layout_of_real_checkpoints_matches_upstream_module(tmp_path, family, size, builtin, prj_dim, n_keys):
+    """codi_lens' expected keys and shapes equal an upstream-style CODI module's state dict (built on meta)."""
+    from upstream_factory import build_codi_module, make_base_dir
 
-    base = make_base_dir(Path(__import__("tempfile").mkdtemp()) / "base", "llama", size="llama-3.2-1b")
-    module = build_codi_module(base, lora_r=128, prj_dim=2048, device="meta")
+    base = make_base_dir(tmp_path / "base", family, size=size)
+    module = build_codi_module(base, lora_r=128, prj_dim=prj_dim, device="meta")
     upstream = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    arch = describe_base("llama-3.2-1b-instruct")
-    layout = CheckpointLayout("llama", True, 128, 2048, True, 16, arch.codi_vocab)
-    assert len(upstream) == 377
+    arch = describe_base(builtin)
+    layout = CheckpointLayout(family, True, 128, prj_dim, True, arch.n_layers, arch.codi_vocab)
+    assert len(upstream) == n_keys
     assert expected_tensors(arch, layout) == upstream
+    dtypes = {str(v.dtype) for k, v in module.state_dict().items() if "lora_" not in k and not k.startswith("prj.")}
+    assert dtypes == {"torch.bfloat16"}
 
 
 @pytest.mark.slow

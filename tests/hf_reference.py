@@ -1,0 +1,88 @@
+"""An independent HF + peft implementation of CODI inference: the oracle codi_lens is tested against.
+
+It follows upstream ``test.py`` one question at a time: the peft model with LoRA *unmerged*,
+``inputs_embeds`` and a ``DynamicCache``, ``hidden_states[-1]`` as the latent, greedy decoding with
+only the EOT id excluded. It shares no code with codi_lens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, DynamicCache
+
+from upstream_factory import build_codi_module
+
+
+class ReferenceCODI:
+    def __init__(self, module, tokenizer):
+        self.module = module
+        self.model = module.codi  # the (peft-wrapped) HF causal LM
+        self.prj = module.prj
+        self.tokenizer = tokenizer
+        self.vocab = self.model.get_input_embeddings().weight.shape[0]  # V + 3
+        self.bot_id, self.eot_id = self.vocab - 2, self.vocab - 1
+        self.eos_id = tokenizer.eos_token_id
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir, base_dir, *, lora_r, lora_alpha=32, use_lora=True, prj_dim,
+                        prj_ln=True, dtype=torch.float32) -> ReferenceCODI:
+        checkpoint_dir = Path(checkpoint_dir)
+        st = checkpoint_dir / "model.safetensors"
+        state = load_file(str(st)) if st.exists() else torch.load(checkpoint_dir / "pytorch_model.bin", weights_only=True)
+        module = build_codi_module(base_dir, lora_r=lora_r, lora_alpha=lora_alpha, use_lora=use_lora,
+                                   prj_dim=prj_dim, prj_ln=prj_ln, device="cpu")
+        module.load_state_dict(state, strict=True)
+        module = module.to(dtype).eval()
+        return cls(module, AutoTokenizer.from_pretrained(str(base_dir)))
+
+    def _embed(self, ids: list[int]) -> torch.Tensor:
+        return self.model.get_input_embeddings()(torch.tensor([ids]))
+
+    def _step(self, embeds: torch.Tensor, cache: DynamicCache):
+        return self.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True, output_hidden_states=True)
+
+    @torch.no_grad()
+    def _latents(self, question: str, n_latents: int):
+        """Question + BOT, then n fed-back thoughts. Returns (cache, h_0..h_n, z_1..z_n, logits rows)."""
+        ids = self.tokenizer(question.strip().replace("  ", " "))["input_ids"] + [self.bot_id]
+        cache = DynamicCache()
+        out = self._step(self._embed(ids), cache)
+        states, thoughts, logits = [out.hidden_states[-1][0, -1]], [], [out.logits[0, -1]]
+        for _ in range(n_latents):
+            z = self.prj(states[-1])
+            thoughts.append(z)
+            out = self._step(z[None, None], cache)
+            states.append(out.hidden_states[-1][0, -1])
+            logits.append(out.logits[0, -1])
+        return cache, states, thoughts, logits
+
+    @torch.no_grad()
+    def run(self, question: str, n_latents: int = 6, max_new_tokens: int = 64) -> dict:
+        cache, states, thoughts, logits = self._latents(question, n_latents)
+        next_embed, answer = self._embed([self.eot_id]), []
+        for _ in range(max_new_tokens):
+            out = self._step(next_embed, cache)
+            logits.append(out.logits[0, -1])
+            token = int(out.logits[0, -1, : self.vocab - 1].argmax())
+            answer.append(token)
+            if token == self.eos_id:
+                break
+            next_embed = self._embed([token])
+        return {
+            "latent_states": torch.stack(states),
+            "thought_embeds": torch.stack(thoughts),
+            "step_logits": torch.stack(logits),
+            "answer_tokens": answer,
+            "answer_text": self.tokenizer.decode(answer, skip_special_tokens=True),
+        }
+
+    @torch.no_grad()
+    def teacher_forced_logits(self, question: str, answer, n_latents: int = 6) -> torch.Tensor:
+        """Row j predicts answer token j (row 0 is the output at EOT). ``answer``: text or token ids."""
+        ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] if isinstance(answer, str) else list(answer)
+        cache, *_ = self._latents(question, n_latents)
+        out = self._step(self._embed([self.eot_id] + ids[:-1]), cache)
+        return out.logits[0]
