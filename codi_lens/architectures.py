@@ -137,7 +137,12 @@ def read_base_config(base: str | Path) -> dict[str, Any]:
 
 def describe_base(base: str | Path) -> BaseArchitecture:
     """Read the base config and summarise the architecture (family, vocabulary, shapes)."""
-    cfg = read_base_config(base)
+    return architecture_from_config(read_base_config(base), str(base))
+
+
+def architecture_from_config(cfg: dict[str, Any], source: str = "<config>") -> BaseArchitecture:
+    """Summarise an HF config dict (``config.to_dict()`` or ``config.json``) as a BaseArchitecture."""
+    base = source
     model_type = cfg.get("model_type", "")
     archs = cfg.get("architectures") or []
     if model_type == "gpt2" or "GPT2LMHeadModel" in archs:

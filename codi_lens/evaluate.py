@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from codi_lens.answers import is_correct
 from codi_lens.data import Problem, load_problems
 from codi_lens.loading import DEFAULT_MODEL, load_codi
-from codi_lens.model import CODIModel
+from codi_lens.model import CODIModel, CODIResult
 
 
 def read_finished_rows(path: Path) -> list[dict]:
@@ -43,22 +43,29 @@ def _batches(items: list[Problem], size: int) -> Iterator[list[Problem]]:
         yield items[start : start + size]
 
 
+Runner = Callable[[list[str]], CODIResult]
+
+
+def codi_runner(model: CODIModel, *, n_latents: int = 6, max_new_tokens: int = 256,
+                fwd_hooks: Sequence[tuple] = ()) -> Runner:
+    """A runner answering questions with the CODI loop (optionally under interventions)."""
+    return lambda questions: model.run_codi(questions, n_latents=n_latents, max_new_tokens=max_new_tokens,
+                                            fwd_hooks=fwd_hooks)
+
+
 def evaluate(
-    model: CODIModel,
+    run: Runner,
     problems: list[Problem],
     out: str | Path,
     *,
     batch_size: int = 8,
-    n_latents: int = 6,
-    max_new_tokens: int = 256,
-    fwd_hooks: Sequence[tuple] = (),
     condition: str = "latents",
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Run the CODI loop on every problem not yet in ``out``; return all rows as a DataFrame.
+    """Answer every problem not yet in ``out`` with ``run``; return all rows as a DataFrame.
 
-    ``fwd_hooks`` apply to every batch (e.g. :func:`codi_lens.interventions.zero_thoughts`);
-    ``condition`` labels the rows.
+    ``run`` maps a list of questions to a :class:`CODIResult` (see :func:`codi_runner`;
+    ``model.generate_explicit`` evaluates the explicit-CoT teacher mode). ``condition`` labels rows.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -68,19 +75,18 @@ def evaluate(
                unit="problem", disable=not progress)
     with open(out, "a") as f:
         for batch in _batches(todo, batch_size):
-            result = model.run_codi([p.question for p in batch], n_latents=n_latents,
-                                    max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks)
+            result = run([p.question for p in batch])
             for p, text, pred in zip(batch, result.answer_text, result.prediction):
-                row = {"id": p.id, "condition": condition, "index": p.index, "split": p.split, "n_steps": p.n_steps, "gold": p.gold,
-                       "prediction": pred, "correct": is_correct(pred, p.gold), "answer_text": text}
+                row = {"id": p.id, "condition": condition, "index": p.index, "split": p.split,
+                       "n_steps": p.n_steps, "gold": p.gold, "prediction": pred,
+                       "correct": is_correct(pred, p.gold), "answer_text": text}
                 f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(batch))
     bar.close()
     wanted = {p.id for p in problems}
-    rows = [r for r in read_finished_rows(out) if r["id"] in wanted]
-    return pd.DataFrame(rows)
+    return pd.DataFrame([r for r in read_finished_rows(out) if r["id"] in wanted])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     model = load_codi(args.checkpoint, args.base, tokenizer=args.tokenizer, lora_alpha=args.lora_alpha,
                       device=args.device, dtype=getattr(torch, args.dtype))
     problems = load_problems(args.data, split=args.split, limit=args.limit)
-    frame = evaluate(model, problems, args.out, batch_size=args.batch_size, n_latents=args.n_latents,
-                     max_new_tokens=args.max_new_tokens)
+    run = codi_runner(model, n_latents=args.n_latents, max_new_tokens=args.max_new_tokens)
+    frame = evaluate(run, problems, args.out, batch_size=args.batch_size)
     print(f"accuracy: {int(frame['correct'].sum())}/{len(frame)}")
 
 

@@ -111,6 +111,33 @@ def _prj_state(tensors: dict[str, Tensor], layout: CheckpointLayout) -> dict[str
     return state
 
 
+def model_from_tensors(
+    tensors: dict[str, Tensor],
+    layout: CheckpointLayout,
+    arch: BaseArchitecture,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    lora_alpha: float = 32,
+    dtype: torch.dtype = torch.float32,
+) -> CODIModel:
+    """Build a CPU :class:`CODIModel` from an (already validated) upstream-layout state dict."""
+    cfg = to_hooked_config(arch, device="cpu", dtype=dtype)
+    model = CODIModel(cfg, tokenizer, tokens=_codi_tokens(arch, tokenizer), prj_dim=layout.prj_dim,
+                      prj_layernorm=layout.prj_layernorm)
+    scale = lora_alpha / layout.lora_rank if layout.uses_lora else 0.0
+    view = _MergedWeights(tensors, layout.prefix, scale, conv1d=arch.family == "gpt2")
+    converter = convert_gpt2_weights if arch.family == "gpt2" else convert_llama_weights
+    state = converter(view, cfg)
+    # CODI's lm_head has no bias; TransformerLens' GPT-2 converter leaves b_U out.
+    state.setdefault("unembed.b_U", torch.zeros(cfg.d_vocab_out))
+    state.update(_prj_state(tensors, layout))
+    _copy_into(model, state)
+    model.store_weights_for_linear()
+    model.layout = layout
+    model.architecture = arch
+    return model.eval()
+
+
 def load_codi(
     checkpoint: str | Path = DEFAULT_MODEL,
     base: str | Path | None = None,
@@ -144,22 +171,8 @@ def load_codi(
     tok = _resolve_tokenizer(tokenizer, base)
     weights_file = resolve_checkpoint_file(checkpoint)
     layout = validate_checkpoint(read_tensor_info(weights_file), arch, path=str(weights_file))
-    cfg = to_hooked_config(arch, device="cpu", dtype=dtype)
-    model = CODIModel(cfg, tok, tokens=_codi_tokens(arch, tok), prj_dim=layout.prj_dim,
-                      prj_layernorm=layout.prj_layernorm)
-    tensors = load_tensors(weights_file)
-    scale = lora_alpha / layout.lora_rank if layout.uses_lora else 0.0
-    view = _MergedWeights(tensors, layout.prefix, scale, conv1d=arch.family == "gpt2")
-    converter = convert_gpt2_weights if arch.family == "gpt2" else convert_llama_weights
-    state = converter(view, cfg)
-    # CODI's lm_head has no bias; TransformerLens' GPT-2 converter leaves b_U out.
-    state.setdefault("unembed.b_U", torch.zeros(cfg.d_vocab_out))
-    state.update(_prj_state(tensors, layout))
-    _copy_into(model, state)
-    del state, tensors
-    model.store_weights_for_linear()
-    model.layout = layout
-    model.architecture = arch
+    model = model_from_tensors(load_tensors(weights_file), layout, arch, tok, lora_alpha=lora_alpha, dtype=dtype)
+    model.checkpoint_file = weights_file
     if str(device) != "cpu":
         model.cfg.device = str(device)
         model.to(device)

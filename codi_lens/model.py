@@ -317,16 +317,26 @@ class CODIModel(HookedSAETransformer):
             answer_lengths=answer_lengths,
         )
 
-    def _greedy_decode(self, state: _LatentLoopState, batch: int, max_new_tokens: int, keep_logits: bool) -> list[list[int]]:
-        """Feed EOT, then greedy tokens (argmax excluding only EOT) until EOS or the budget."""
+    def _greedy_decode(
+        self, state: _LatentLoopState, batch: int, max_new_tokens: int, keep_logits: bool,
+        first_logits: Tensor | None = None,
+    ) -> list[list[int]]:
+        """Feed EOT, then greedy tokens (argmax excluding only EOT) until EOS or the budget.
+
+        With ``first_logits`` (``[batch, d_vocab]``), nothing is fed first: the first token is
+        chosen from those logits (plain decoding after a prompt).
+        """
         device = self.cfg.device
         eos, n_allowed = self.codi_tokens.eos, self.cfg.d_vocab - 1
         ones = torch.ones((batch, 1), dtype=torch.long, device=device)
         next_input = torch.full((batch, 1), self.codi_tokens.eot, dtype=torch.long, device=device)
         answers: list[list[int]] = [[] for _ in range(batch)]
         finished = torch.zeros(batch, dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            _, logits = self.forward_embeds(self.token_embeds(next_input), ones, state.kv_cache)
+        for step in range(max_new_tokens):
+            if step == 0 and first_logits is not None:
+                logits = first_logits[:, None]
+            else:
+                _, logits = self.forward_embeds(self.token_embeds(next_input), ones, state.kv_cache)
             if keep_logits:
                 state.step_logits.append(logits[:, -1])
             chosen = logits[:, -1, :n_allowed].argmax(-1).cpu()
@@ -383,6 +393,28 @@ class CODIModel(HookedSAETransformer):
             prediction=[extract_prediction(t) for t in texts],
             positions=self._positions(mask, n_latents, [len(a) for a in answers]),
             step_logits=torch.stack(state.step_logits, dim=1) if return_logits else None,
+        )
+
+    @torch.no_grad()
+    def generate_explicit(self, questions: Sequence[str], *, max_new_tokens: int = 128) -> CODIResult:
+        """Plain greedy decoding after the question, with no BOT and no thoughts.
+
+        This is CODI's *teacher* mode: a model trained with the CODI objective also learned to write
+        the explicit chain of thought (``<<a*b=c>> ... The answer is: N``). ``latent_states`` and
+        ``thought_embeds`` of the result are empty; ``positions.bot`` is where the answer starts.
+        """
+        tokens, mask = self.tokenize_questions(questions)
+        batch = len(questions)
+        state = _LatentLoopState(TransformerLensKeyValueCache.init_cache(self.cfg, self.cfg.device, batch))
+        _, logits = self.forward_embeds(self.token_embeds(tokens), mask, state.kv_cache)
+        answers = self._greedy_decode(state, batch, max_new_tokens, False, first_logits=logits[:, -1])
+        texts = [self.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+        empty = torch.zeros((batch, 0, self.cfg.d_model), dtype=self.cfg.dtype)
+        width = mask.shape[1]
+        return CODIResult(
+            latent_states=empty, thought_embeds=empty, answer_tokens=answers, answer_text=texts,
+            prediction=[extract_prediction(t) for t in texts],
+            positions=CODIPositions((width - mask.sum(1)).tolist(), width, [], width, width, [len(a) for a in answers]),
         )
 
     def run_codi_with_cache(

@@ -4,6 +4,7 @@
 
 1. Accuracy with the 6 continuous thoughts, and with all 6 fed-back thoughts zero-ablated, per number
    of steps (resumable: predictions are appended per batch and skipped on a rerun).
+   Also the explicit-CoT teacher mode and, with ``--baseline``, a no-CoT model of the same size.
 2. Logit lens on every latent state: for each intermediate value of each problem, the latent steps
    where its token is top-1 / top-5.
 
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from codi_lens import load_codi
 from codi_lens.data import load_problems
-from codi_lens.evaluate import evaluate
+from codi_lens.evaluate import codi_runner, evaluate
 from codi_lens.interventions import zero_thoughts
 from codi_lens.lens import intermediate_readout
 from codi_lens.loading import DEFAULT_MODEL, PRETRAINED
@@ -41,7 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--baseline", default=None, help="a no-CoT baseline export (0 latents) to compare")
     parser.add_argument("--out", default="results/toy_model_report")
+    parser.add_argument("--write-card", action="store_true",
+                        help="write MODEL_CARD.md and card.json next to the checkpoint (needs training.json there)")
     return parser.parse_args(argv)
 
 
@@ -66,6 +70,87 @@ def readout_rates(lens: pd.DataFrame, n_steps_latent: int) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index", columns=[str(s) for s in range(n_steps_latent)])
 
 
+def _accuracy_markdown(accuracy: pd.DataFrame) -> str:
+    table = accuracy.pivot(index="group", columns="condition", values="accuracy")
+    counts = accuracy[accuracy["condition"] == "latents"].set_index("group")["n"]
+    order = [g for g in table.index if g != "all"] + ["all"]
+    columns = [c for c in ("latents", "zero_all_thoughts", "no_cot_baseline", "teacher_explicit_cot") if c in table]
+    lines = ["| steps | n | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for group in order:
+        cells = " | ".join(f"{100 * table.loc[group, c]:.1f}%" for c in columns)
+        lines.append(f"| {group} | {counts[group]} | {cells} |")
+    return "\n".join(lines)
+
+
+def _lens_markdown(lens: pd.DataFrame) -> str:
+    lines = ["| value in chain | n | top-1 at some thought | top-5 at some thought | most common top-5 step |",
+             "|---|---|---|---|---|"]
+    for step, group in lens.groupby("step"):
+        hits = [s for row in group["topk_at"] for s in row]
+        common = max(set(hits), key=hits.count) if hits else "-"
+        lines.append(f"| {step} | {len(group)} | {100 * group['top1_any'].mean():.1f}% | "
+                     f"{100 * group['topk_any'].mean():.1f}% | {common} |")
+    return "\n".join(lines)
+
+
+def write_model_card(directory: Path, summary: dict, accuracy: pd.DataFrame, lens: pd.DataFrame) -> None:
+    """MODEL_CARD.md and card.json beside the checkpoint, from this report and ``training.json``."""
+    training = json.loads((directory / "training.json").read_text())
+    card = {"summary": summary, "training": training}
+    (directory / "card.json").write_text(json.dumps(card, indent=2))
+    cfg, shape = training["config"], training["model_shape"]
+    text = CARD_TEMPLATE.format(
+        shape=", ".join(f"{k} {v}" for k, v in shape.items()), steps=training["steps"], seed=cfg["seed"],
+        batch=cfg["batch_size"], lr=cfg["lr"], beta=cfg["distill_weight"], prj=cfg["prj_dim"],
+        wall=training.get("wall_seconds_total", training["wall_seconds_this_invocation"]) / 60,
+        n=summary["n_problems"], accuracy=_accuracy_markdown(accuracy), lens=_lens_markdown(lens),
+        drop=summary["ablation_drop_points"], data=json.dumps(training["data"]),
+    )
+    (directory / "MODEL_CARD.md").write_text(text)
+
+
+CARD_TEMPLATE = """# toy-arith: a small CODI model trained from scratch by codi_lens
+
+A LLaMA-architecture model (RMSNorm, rope, GQA, tied embeddings; {shape}) trained with the CODI
+objective on synthetic multi-step arithmetic word problems (`codi_lens.synthetic`, data {data}).
+Saved in the upstream CODI on-disk layout without LoRA (`codi.model.*`, `codi.lm_head.weight`,
+`prj.*`), with its HF config (base vocabulary, without the 3 CODI rows) and word-level tokenizer.
+Load it with `codi_lens.load_pretrained("toy-arith")`.
+
+## Reproduce
+
+```bash
+python -m experiments.train_toy_codi --export codi_lens/pretrained/toy_arith
+python -m experiments.toy_model_report --baseline runs/no_cot/export --write-card
+```
+
+Seed {seed}; {steps} steps of batch {batch}, AdamW lr {lr} (warm-up, cosine), distillation weight
+{beta}, projection width {prj}, 6 latents. Wall time of the training run on this 2-core CPU machine:
+{wall:.1f} minutes.
+
+## Accuracy on {n} held-out test problems (greedy, the hooked CODI loop)
+
+Columns: the 6 continuous thoughts (`latents`); all 6 fed-back thoughts replaced by zero vectors
+(`zero_all_thoughts`); a no-CoT model of the same size and step budget trained on question -> answer
+with 0 latents (`no_cot_baseline`); the same CODI model writing its chain of thought explicitly
+(`teacher_explicit_cot`).
+
+{accuracy}
+
+Zero-ablating all 6 thoughts costs {drop} points.
+
+## Intermediate values in the logit lens
+
+For each intermediate value of each test problem (its position in the chain in the first column),
+how often its token is the top-1 / in the top-5 of the logit lens of some latent state
+(`h_0` at BOT .. `h_6`), and at which latent step it is most often in the top 5.
+
+{lens}
+
+Numbers are produced by `experiments/toy_model_report.py`; `card.json` holds them machine-readably.
+"""
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
@@ -73,11 +158,18 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_codi(args.checkpoint, args.base)
     problems = load_problems(args.data, limit=args.limit)
 
-    conditions = {"latents": [], "zero_all_thoughts": zero_thoughts(range(1, N_LATENTS + 1))}
+    conditions = {
+        "latents": codi_runner(model, n_latents=N_LATENTS, max_new_tokens=args.max_new_tokens),
+        "zero_all_thoughts": codi_runner(model, n_latents=N_LATENTS, max_new_tokens=args.max_new_tokens,
+                                         fwd_hooks=zero_thoughts(range(1, N_LATENTS + 1))),
+        "teacher_explicit_cot": lambda qs: model.generate_explicit(qs, max_new_tokens=8 * N_LATENTS + 16),
+    }
+    if args.baseline:
+        baseline = load_codi(args.baseline, args.baseline)
+        conditions["no_cot_baseline"] = codi_runner(baseline, n_latents=0, max_new_tokens=args.max_new_tokens)
     predictions = pd.concat([
-        evaluate(model, problems, out / f"predictions_{name}.jsonl", batch_size=args.batch_size,
-                 max_new_tokens=args.max_new_tokens, fwd_hooks=hooks, condition=name)
-        for name, hooks in conditions.items()
+        evaluate(run, problems, out / f"predictions_{name}.jsonl", batch_size=args.batch_size, condition=name)
+        for name, run in conditions.items()
     ], ignore_index=True)
     accuracy = accuracy_table(predictions)
     lens = logit_lens_frame(model, problems, args.batch_size)
@@ -104,6 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if args.write_card:
+        write_model_card(Path(model.checkpoint_file).parent, summary, accuracy, lens)
     print(accuracy.to_string(index=False))
     print(json.dumps(summary["logit_lens"]))
     print(f"ablation drop: {summary['ablation_drop_points']} points; results in {out}")

@@ -86,3 +86,18 @@ class ReferenceCODI:
         cache, *_ = self._latents(question, n_latents)
         out = self._step(self._embed([self.eot_id] + ids[:-1]), cache)
         return out.logits[0]
+
+    @torch.no_grad()
+    def generate_plain(self, question: str, max_new_tokens: int = 32) -> list[int]:
+        """Greedy decoding right after the question (no BOT, no thoughts), excluding only EOT."""
+        ids = self.tokenizer(question.strip().replace("  ", " "))["input_ids"]
+        cache = DynamicCache()
+        out = self._step(self._embed(ids), cache)
+        answer = []
+        for _ in range(max_new_tokens):
+            token = int(out.logits[0, -1, : self.vocab - 1].argmax())
+            answer.append(token)
+            if token == self.eos_id:
+                break
+            out = self._step(self._embed([token]), cache)
+        return answer

@@ -95,3 +95,14 @@ def test_bfloat16_runs_close_to_float32(tiny_checkpoint, questions):
     assert torch.isfinite(bf16.latent_states.float()).all()
     cosine = torch.nn.functional.cosine_similarity(bf16.latent_states.float(), fp32.latent_states, dim=-1)
     assert cosine.min() >= 0.99, cosine
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_explicit_generation_matches_reference(tiny_checkpoint, questions, family):
+    """Teacher mode (no BOT, no thoughts): batched greedy decoding equals HF one question at a time."""
+    ckpt = tiny_checkpoint(family)
+    model = load_codi(ckpt.checkpoint_dir, ckpt.base_dir)
+    reference = ckpt.reference()
+    result = model.generate_explicit(questions, max_new_tokens=MAX_NEW)
+    for i, question in enumerate(questions):
+        assert result.answer_tokens[i] == reference.generate_plain(question, max_new_tokens=MAX_NEW)

@@ -1,0 +1,162 @@
+"""Seeded multi-step arithmetic word problems in the GSM8k-Aug format.
+
+Each problem is a chain: a start value, then ``n_steps`` dependent operations (add, subtract,
+multiply), every value kept in ``0..MAX_VALUE`` so that each intermediate result is one token of a
+word-level tokenizer (what logit-lens readouts need). Records carry the question, the
+equation-only chain of thought (``<<5+7=12>> <<12*3=36>>``), a GSM8K-style ``answer`` field ending in
+``#### N`` (so the GSM8K loader and gold parser work unchanged), the answer value, the number of steps
+and every intermediate value.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+MAX_VALUE = 40
+#: Largest operand of an addition/subtraction and of a multiplication.
+MAX_ADD, MAX_MUL = 10, 3
+#: Share of problems per number of steps: weighted to multi-step chains.
+STEP_MIX = {1: 0.05, 2: 0.15, 3: 0.25, 4: 0.3, 5: 0.25}
+
+NAMES = ["Ava", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ian", "Jo", "Kai", "Lena", "Milo",
+         "Nia", "Omar", "Pia", "Quin", "Rosa", "Sam", "Tara", "Uma", "Vic", "Wes", "Yara", "Zoe"]
+ITEMS = ["apples", "coins", "stamps", "marbles", "books", "shells", "cards", "pencils", "stickers",
+         "cookies", "beads", "buttons", "tickets", "plums", "toys"]
+STARTS = ["{name} has {a} {item}.", "{name} starts with {a} {item}.", "{name} owns {a} {item}."]
+ADDS = ["Gets {x} more.", "Buys {x} more.", "Finds {x} more."]
+SUBS = ["Gives away {x}.", "Loses {x}.", "Sells {x}."]
+MULS = ["Multiplies them by {x}.", "Ends up with {x} times as many."]
+QUESTIONS = ["How many now?", "How many {item} at the end?"]
+#: Word-level pieces: calculator brackets, integers, words, single symbols.
+TOKEN_PATTERN = r"<<|>>|\d+|[A-Za-z]+|[^\sA-Za-z\d]"
+
+
+@dataclass(frozen=True)
+class ArithmeticProblem:
+    """One synthetic problem (see module docstring). ``intermediates[-1]`` is the answer."""
+
+    id: str
+    split: str
+    question: str
+    cot: str
+    answer: str
+    answer_value: int
+    n_steps: int
+    intermediates: tuple[int, ...]
+
+
+def _next_op(rng: random.Random, value: int) -> tuple[str, int, int]:
+    """Pick an operation that keeps the value in range: (symbol, operand, result)."""
+    options = []
+    if value < MAX_VALUE:
+        options.append("+")
+    if value > 0:
+        options.append("-")
+    if 2 * value <= MAX_VALUE and value > 1:
+        options.append("*")
+    op = rng.choice(options)
+    if op == "+":
+        x = rng.randint(1, min(MAX_ADD, MAX_VALUE - value))
+        return op, x, value + x
+    if op == "-":
+        x = rng.randint(1, min(MAX_ADD, value))
+        return op, x, value - x
+    x = rng.randint(2, min(MAX_MUL, MAX_VALUE // value))
+    return op, x, value * x
+
+
+def generate_problem(rng: random.Random, n_steps: int) -> tuple[str, str, list[int]]:
+    """Question text, CoT and intermediate values of one random chain of ``n_steps`` operations."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    value = rng.randint(2, 20)
+    sentences = [rng.choice(STARTS).format(name=name, a=value, item=item)]
+    equations, intermediates = [], []
+    for _ in range(n_steps):
+        op, x, result = _next_op(rng, value)
+        template = {"+": ADDS, "-": SUBS, "*": MULS}[op]
+        sentences.append(rng.choice(template).format(name=name, x=x, item=item))
+        equations.append(f"<<{value}{op}{x}={result}>>")
+        intermediates.append(result)
+        value = result
+    sentences.append(rng.choice(QUESTIONS).format(name=name, item=item))
+    return " ".join(sentences), " ".join(equations), intermediates
+
+
+def generate_problems(n: int, seed: int, split: str = "all", step_mix: dict[int, float] = STEP_MIX) -> list[ArithmeticProblem]:
+    """``n`` distinct problems (unique question text) drawn with ``random.Random(seed)``."""
+    rng = random.Random(seed)
+    steps, weights = zip(*sorted(step_mix.items()))
+    seen: set[str] = set()
+    problems = []
+    while len(problems) < n:
+        n_steps = rng.choices(steps, weights)[0]
+        question, cot, intermediates = generate_problem(rng, n_steps)
+        if question in seen:
+            continue
+        seen.add(question)
+        problems.append(ArithmeticProblem(
+            id=f"toy:{split}:{len(problems)}", split=split, question=question, cot=cot,
+            answer=f"{cot}\n#### {intermediates[-1]}", answer_value=intermediates[-1], n_steps=n_steps,
+            intermediates=tuple(intermediates),
+        ))
+    return problems
+
+
+def make_splits(seed: int = 0, n_train: int = 40000, n_val: int = 500, n_test: int = 1000) -> dict[str, list[ArithmeticProblem]]:
+    """Fixed train/validation/test splits with no question text shared between them."""
+    pool = generate_problems(n_train + n_val + n_test, seed)
+    bounds = {"train": (0, n_train), "validation": (n_train, n_train + n_val),
+              "test": (n_train + n_val, n_train + n_val + n_test)}
+    splits = {}
+    for split, (lo, hi) in bounds.items():
+        splits[split] = [
+            ArithmeticProblem(**{**asdict(p), "id": f"toy:{split}:{i}", "split": split, "intermediates": p.intermediates})
+            for i, p in enumerate(pool[lo:hi])
+        ]
+    return splits
+
+
+def save_jsonl(problems: list[ArithmeticProblem], path: str | Path) -> Path:
+    """Write problems as JSON Lines (readable by :func:`codi_lens.data.load_problems`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for p in problems:
+            f.write(json.dumps(asdict(p)) + "\n")
+    return path
+
+
+def load_jsonl(path: str | Path) -> list[ArithmeticProblem]:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [ArithmeticProblem(**{**r, "intermediates": tuple(r["intermediates"])}) for r in rows]
+
+
+def vocabulary() -> list[str]:
+    """Every piece the generator can emit: numbers 0..MAX_VALUE first, then words and symbols (sorted)."""
+    words: set[str] = set()
+    for text in [*NAMES, *ITEMS, *STARTS, *ADDS, *SUBS, *MULS, *QUESTIONS, "The answer is:"]:
+        words.update(re.findall(TOKEN_PATTERN, re.sub(r"\{\w+\}", " ", text)))
+    symbols = ["<<", ">>", "+", "-", "*", "="]
+    return [str(i) for i in range(MAX_VALUE + 1)] + sorted(words - set(symbols)) + symbols
+
+
+def build_tokenizer():
+    """Word-level tokenizer over :func:`vocabulary`: every number 0..MAX_VALUE is one token.
+
+    Adds ``<s>`` in front of each text (like LLaMA's BOS) and stops at ``</s>``.
+    """
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials + vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(TOKEN_PATTERN), behavior="isolated")]
+    )
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

@@ -1,0 +1,381 @@
+"""CODI training (Shen et al. 2025) for any HF causal LM, LoRA optional.
+
+One model plays both roles:
+
+- **teacher**: ``[question, CoT, "The answer is: N", eos]`` with cross-entropy on CoT + answer;
+- **student**: ``[question, BOT] + n latents + [EOT, "The answer is: N", eos]`` with cross-entropy on
+  the answer part; latents are ``z_{k+1} = prj(h_k)`` fed back as input embeddings (gradients flow
+  through the whole loop);
+- **distillation**: SmoothL1 between the student's and the (detached) teacher's hidden states of every
+  layer at the token just before the answer number, each divided by the teacher's std, averaged over
+  layers.
+
+``loss = w_student * CE_student + beta * distill + w_teacher * CE_teacher``. Training runs a fixed
+step budget with a seeded data order, so a run reproduces; :class:`Trainer` checkpoints model,
+optimiser, scheduler and step, and resumes identically. The model is kept in upstream's module layout
+(``codi`` + ``prj``) so :func:`export_codi` writes the upstream on-disk format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from codi_lens.architectures import N_CODI_TOKENS, architecture_from_config
+from codi_lens.checkpoint import TensorInfo, validate_checkpoint
+from codi_lens.loading import model_from_tensors
+from codi_lens.model import CODIModel
+
+ANSWER_PREFIX = "The answer is:"
+#: Config fields that do not change the computation (a resume may change them).
+BOOKKEEPING_FIELDS = ("threads", "val_every", "val_size", "checkpoint_every")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (saved with every checkpoint)."""
+
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    n_latents: int = 6
+    prj_dim: int = 256
+    prj_layernorm: bool = True
+    distill_weight: float = 20.0
+    student_weight: float = 1.0
+    teacher_weight: float = 1.0
+    distill_div_std: bool = True
+    drop_last_cot_step: bool = True
+    use_teacher: bool = True
+    val_every: int = 500
+    val_size: int = 200
+    checkpoint_every: int = 250
+    threads: int = 2
+
+
+class CODIModule(nn.Module):
+    """Upstream's training module: ``codi`` (the LM, vocab V + 3) and ``prj`` (projection head).
+
+    Its ``state_dict()`` is exactly upstream's checkpoint layout.
+    """
+
+    def __init__(self, lm: nn.Module, prj_dim: int, prj_layernorm: bool = True):
+        super().__init__()
+        d = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
+        self.codi = lm
+        self.prj = nn.Sequential(nn.Dropout(0.0), nn.Linear(d, prj_dim), nn.GELU(), nn.Linear(prj_dim, d))
+        if prj_layernorm:
+            self.prj.add_module("ln", nn.LayerNorm(d))
+
+    @property
+    def base_lm(self) -> nn.Module:
+        return self.codi.get_base_model() if hasattr(self.codi, "get_base_model") else self.codi
+
+
+def add_codi_tokens(lm: nn.Module) -> int:
+    """Grow the vocabulary by pad/bot/eot (rows V, V+1, V+2); returns the base vocabulary size V."""
+    base_vocab = lm.get_input_embeddings().weight.shape[0]
+    lm.resize_token_embeddings(base_vocab + N_CODI_TOKENS, mean_resizing=False)
+    return base_vocab
+
+
+# ---------------------------------------------------------------------------------------- batches
+@dataclass
+class CODIBatch:
+    """Tensors for one training step (see module docstring for the three sequences)."""
+
+    teacher_ids: Int[Tensor, "batch t_pos"]
+    teacher_mask: Int[Tensor, "batch t_pos"]
+    teacher_labels: Int[Tensor, "batch t_pos"]
+    teacher_distill_pos: Int[Tensor, " batch"]
+    prompt_ids: Int[Tensor, "batch q_pos"]  # question + BOT, left-padded
+    prompt_mask: Int[Tensor, "batch q_pos"]
+    answer_ids: Int[Tensor, "batch a_pos"]  # EOT + answer + eos (inputs), right-padded
+    answer_mask: Int[Tensor, "batch a_pos"]
+    answer_labels: Int[Tensor, "batch a_pos"]
+    student_distill_pos: Int[Tensor, " batch"]  # index within the answer chunk
+
+
+def _pad(rows: list[list[int]], value: int, left: bool) -> tuple[Tensor, Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, sl] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def make_batch(problems: list[Any], tokenizer, base_vocab: int, drop_last_cot_step: bool = True) -> CODIBatch:
+    """Tokenize problems (objects with ``question``, ``cot``, ``answer_value``) into a CODIBatch."""
+    pad, bot, eot, eos = base_vocab, base_vocab + 1, base_vocab + 2, tokenizer.eos_token_id
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    teacher, t_labels, t_pos, prompts, answers, a_labels, s_pos = [], [], [], [], [], [], []
+    for p in problems:
+        question = tokenizer(p.question.strip().replace("  ", " "))["input_ids"]
+        steps = p.cot.split()
+        cot = enc(" ".join(steps[:-1] if drop_last_cot_step else steps))
+        prefix, number = enc(ANSWER_PREFIX), enc(f" {p.answer_value}")
+        target = cot + prefix + number + [eos]
+        teacher.append(question + target)
+        t_labels.append([-100] * len(question) + target)
+        t_pos.append(len(question) + len(cot) + len(prefix) - 1)
+        prompts.append(question + [bot])
+        answers.append([eot] + prefix + number)
+        a_labels.append(prefix + number + [eos])
+        s_pos.append(len(prefix))  # [eot] + prefix: the last prefix token
+    teacher_ids, teacher_mask = _pad(teacher, pad, left=False)
+    teacher_labels, _ = _pad(t_labels, -100, left=False)
+    prompt_ids, prompt_mask = _pad(prompts, pad, left=True)
+    answer_ids, answer_mask = _pad(answers, pad, left=False)
+    answer_labels, _ = _pad(a_labels, -100, left=False)
+    return CODIBatch(teacher_ids, teacher_mask, teacher_labels, torch.tensor(t_pos), prompt_ids, prompt_mask,
+                     answer_ids, answer_mask, answer_labels, torch.tensor(s_pos))
+
+
+# ---------------------------------------------------------------------------------------- losses
+def _lm_step(lm, embeds, mask, positions, cache):
+    return lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
+              use_cache=True, output_hidden_states=True)
+
+
+def student_forward(model: CODIModule, batch: CODIBatch, n_latents: int):
+    """The student pass: prompt, ``n_latents`` fed-back thoughts, then the answer chunk.
+
+    Returns ``(answer_logits [batch, a_pos, vocab], hidden_states tuple of [batch, a_pos, d])``.
+    """
+    from transformers import DynamicCache
+
+    lm, embed = model.codi, model.codi.get_input_embeddings()
+    mask = batch.prompt_mask
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = _lm_step(lm, embed(batch.prompt_ids), mask, positions, cache)
+    h = out.hidden_states[-1][:, -1]
+    next_pos = positions[:, -1:] + 1
+    ones = torch.ones_like(next_pos)
+    for _ in range(n_latents):
+        mask = torch.cat([mask, ones], dim=1)
+        out = _lm_step(lm, model.prj(h)[:, None], mask, next_pos, cache)
+        h = out.hidden_states[-1][:, -1]
+        next_pos = next_pos + 1
+    mask = torch.cat([mask, batch.answer_mask], dim=1)
+    answer_pos = next_pos + torch.arange(batch.answer_ids.shape[1])[None]
+    out = _lm_step(lm, embed(batch.answer_ids), mask, answer_pos, cache)
+    return out.logits, out.hidden_states
+
+
+def _gather(states: Float[Tensor, "batch pos d"], index: Int[Tensor, " batch"]) -> Float[Tensor, "batch d"]:
+    return states[torch.arange(states.shape[0]), index]
+
+
+def distillation_loss(student_states, teacher_states, s_pos, t_pos, div_std: bool = True) -> Tensor:
+    """Mean over layers of SmoothL1(student, teacher.detach()) / teacher std, at the given positions."""
+    total = 0.0
+    for s, t in zip(student_states, teacher_states):
+        s_sel, t_sel = _gather(s, s_pos), _gather(t, t_pos).detach()
+        term = F.smooth_l1_loss(s_sel, t_sel)
+        total = total + (term / t_sel.std() if div_std else term)
+    return total / len(student_states)
+
+
+def codi_losses(model: CODIModule, batch: CODIBatch, cfg: TrainConfig) -> dict[str, Tensor]:
+    """The three CODI losses and their weighted sum (``loss``)."""
+    logits, s_states = student_forward(model, batch, cfg.n_latents)
+    ce_student = F.cross_entropy(logits.flatten(0, 1).float(), batch.answer_labels.flatten(), ignore_index=-100)
+    losses = {"ce_student": ce_student}
+    if cfg.use_teacher:
+        t_out = model.codi(input_ids=batch.teacher_ids, attention_mask=batch.teacher_mask, output_hidden_states=True)
+        t_logits = t_out.logits[:, :-1].flatten(0, 1).float()
+        losses["ce_teacher"] = F.cross_entropy(t_logits, batch.teacher_labels[:, 1:].flatten(), ignore_index=-100)
+        losses["distill"] = distillation_loss(s_states, t_out.hidden_states, batch.student_distill_pos,
+                                              batch.teacher_distill_pos, cfg.distill_div_std)
+        losses["loss"] = (cfg.student_weight * ce_student + cfg.distill_weight * losses["distill"]
+                          + cfg.teacher_weight * losses["ce_teacher"])
+    else:
+        losses["loss"] = cfg.student_weight * ce_student
+    return losses
+
+
+# ---------------------------------------------------------------------------------------- export
+def export_codi(model: CODIModule, tokenizer, out_dir: str | Path) -> Path:
+    """Write the upstream layout: ``model.safetensors`` (whole state dict), base ``config.json``
+    (vocabulary V, without the 3 CODI rows) and the tokenizer."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out_dir / "model.safetensors"))
+    config = model.base_lm.config.to_dict()
+    config["vocab_size"] = config["vocab_size"] - N_CODI_TOKENS
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir / "model.safetensors"
+
+
+def to_codi_model(model: CODIModule, tokenizer) -> CODIModel:
+    """A hooked :class:`codi_lens.CODIModel` with the module's current weights (for validation)."""
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    config = model.base_lm.config.to_dict()
+    config["vocab_size"] -= N_CODI_TOKENS
+    arch = architecture_from_config(config, "training state")
+    info = {k: TensorInfo(tuple(v.shape), str(v.dtype)) for k, v in state.items()}
+    layout = validate_checkpoint(info, arch, path="training state")
+    return model_from_tensors(state, layout, arch, tokenizer)
+
+
+def build_llama_lm(vocab_size: int, *, d_model: int = 128, n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2,
+                   d_mlp: int = 512, max_positions: int = 512, seed: int = 0) -> nn.Module:
+    """A small LLaMA-architecture causal LM (RMSNorm, rope, GQA, tied embeddings) from scratch."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
+                         num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=max_positions,
+                         rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=10000.0)
+    return LlamaForCausalLM(config)
+
+
+# ---------------------------------------------------------------------------------------- trainer
+@dataclass
+class Trainer:
+    """Fixed-budget CODI training with periodic validation and exact resume.
+
+    ``train_problems`` / ``val_problems`` are objects with ``question``, ``cot``, ``answer_value``
+    (e.g. :class:`codi_lens.synthetic.ArithmeticProblem`). ``workdir`` receives ``train_state.pt``
+    (resume point), ``log.jsonl`` (losses and validation accuracy) and, at the end, the export.
+    """
+
+    model: CODIModule
+    tokenizer: Any
+    base_vocab: int
+    cfg: TrainConfig
+    train_problems: list[Any]
+    val_problems: list[Any] = field(default_factory=list)
+    workdir: Path | None = None
+    step: int = 0
+    #: Training wall time summed over every invocation (resumes included), seconds.
+    wall_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        if self.workdir is not None:
+            self.workdir = Path(self.workdir)
+            self.workdir.mkdir(parents=True, exist_ok=True)
+
+    def _lr_factor(self, step: int) -> float:
+        if step < self.cfg.warmup_steps:
+            return (step + 1) / self.cfg.warmup_steps
+        progress = (step - self.cfg.warmup_steps) / max(1, self.cfg.steps - self.cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def batch_indices(self, step: int) -> list[int]:
+        """The problems of ``step``: a seeded permutation per epoch, so the order depends only on the seed."""
+        n, bs = len(self.train_problems), self.cfg.batch_size
+        per_epoch = n // bs
+        epoch, offset = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch))
+        return order[offset * bs : (offset + 1) * bs].tolist()
+
+    def batch(self, step: int) -> CODIBatch:
+        problems = [self.train_problems[i] for i in self.batch_indices(step)]
+        return make_batch(problems, self.tokenizer, self.base_vocab, self.cfg.drop_last_cot_step)
+
+    def train_step(self) -> dict[str, float]:
+        self.model.train()
+        losses = codi_losses(self.model, self.batch(self.step), self.cfg)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return {k: v.item() for k, v in losses.items()}
+
+    def validate(self) -> float:
+        """Greedy CODI-loop accuracy on the first ``val_size`` validation problems (hooked model)."""
+        model = to_codi_model(self.model, self.tokenizer)
+        problems = self.val_problems[: self.cfg.val_size]
+        correct = 0
+        for start in range(0, len(problems), 100):
+            chunk = problems[start : start + 100]
+            result = model.run_codi([p.question for p in chunk], n_latents=self.cfg.n_latents, max_new_tokens=12)
+            correct += sum(pred == p.answer_value for pred, p in zip(result.prediction, chunk))
+        return correct / max(1, len(problems))
+
+    # -- checkpoints
+    def save_state(self) -> None:
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "step": self.step, "config": asdict(self.cfg),
+                    "wall_seconds": self.wall_seconds},
+                   self.workdir / "train_state.pt.tmp")
+        (self.workdir / "train_state.pt.tmp").replace(self.workdir / "train_state.pt")
+
+    def load_state(self) -> bool:
+        """Resume from ``workdir/train_state.pt`` if present; returns whether it did."""
+        path = None if self.workdir is None else self.workdir / "train_state.pt"
+        if path is None or not path.exists():
+            return False
+        state = torch.load(path, weights_only=False)
+        saved, current = (
+            {k: v for k, v in config.items() if k not in BOOKKEEPING_FIELDS} for config in (state["config"], asdict(self.cfg))
+        )
+        if saved != current:
+            changed = sorted(k for k in current if saved.get(k) != current[k])
+            raise ValueError(f"{path} was written with a different config ({', '.join(changed)}); use a fresh workdir")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self.wall_seconds = state.get("wall_seconds", 0.0)
+        return True
+
+    def _log(self, record: dict) -> None:
+        if self.workdir is not None:
+            with open(self.workdir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def fit(self, progress: bool = True, stop_at: int | None = None) -> dict[str, float]:
+        """Train until ``cfg.steps`` (resuming if a state exists); returns the last losses.
+
+        ``stop_at`` ends the call early at that step (the schedule still follows ``cfg.steps``), as a
+        kill would; a later ``fit`` resumes from the last checkpoint.
+        """
+        torch.set_num_threads(self.cfg.threads)
+        self.load_state()
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="CODI training", disable=not progress)
+        last: dict[str, float] = {}
+        start = time.perf_counter()
+        while self.step < min(self.cfg.steps, stop_at or self.cfg.steps):
+            tick = time.perf_counter()
+            last = self.train_step()
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()})
+            record: dict[str, Any] = {"step": self.step, **last, "elapsed_s": round(time.perf_counter() - start, 1)}
+            if self.val_problems and (self.step % self.cfg.val_every == 0 or self.step == self.cfg.steps):
+                record["val_accuracy"] = self.validate()
+                bar.write(f"step {self.step}: validation accuracy {record['val_accuracy']:.3f}")
+            self.wall_seconds += time.perf_counter() - tick
+            record["wall_seconds"] = round(self.wall_seconds, 1)
+            self._log(record)
+            if self.workdir is not None and (self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps):
+                self.save_state()
+        bar.close()
+        return last

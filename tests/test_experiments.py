@@ -1,0 +1,41 @@
+"""The experiment entry points run end to end and write tidy results, figures and the model card."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from experiments import toy_model_report, train_toy_codi
+
+
+def test_train_then_report_then_card(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_toy_codi, "DATA", {"seed": 0, "n_train": 256, "n_val": 16, "n_test": 24})
+    export = train_toy_codi.main([
+        "--out", str(tmp_path / "run"), "--steps", "3", "--batch-size", "8", "--d-model", "32", "--d-mlp", "64",
+        "--prj-dim", "32", "--val-every", "3", "--val-size", "8", "--threads", "1",
+    ])
+    training = json.loads((export / "training.json").read_text())
+    assert training["steps"] == 3 and (export / "data" / "test.jsonl").exists()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and "val_accuracy" in log[-1]
+
+    out = tmp_path / "report"
+    summary = toy_model_report.main([
+        "--checkpoint", str(export), "--base", str(export), "--data", str(export / "data" / "test.jsonl"),
+        "--limit", "12", "--batch-size", "5", "--max-new-tokens", "4", "--baseline", str(export),
+        "--out", str(out), "--write-card",
+    ])
+    predictions = pd.read_parquet(out / "predictions.parquet")
+    assert set(predictions["condition"]) == {"latents", "zero_all_thoughts", "teacher_explicit_cot", "no_cot_baseline"}
+    assert predictions.groupby("condition").size().eq(12).all()
+    accuracy = pd.read_parquet(out / "accuracy.parquet")
+    overall = accuracy[accuracy["group"] == "all"].set_index("condition")
+    recomputed = predictions.groupby("condition")["correct"].mean()
+    assert (overall["accuracy"] - recomputed).abs().max() < 1e-12
+    lens = pd.read_parquet(out / "logit_lens.parquet")
+    assert len(lens) == sum(len(v) for v in pd.read_json(export / "data" / "test.jsonl", lines=True)["intermediates"][:12])
+    assert (out / "accuracy.html").stat().st_size > 1000 and (out / "logit_lens.html").stat().st_size > 1000
+    card = (export / "MODEL_CARD.md").read_text()
+    assert "| all |" in card and "python -m experiments.train_toy_codi" in card
+    assert json.loads((export / "card.json").read_text())["summary"] == summary

@@ -1,0 +1,71 @@
+"""The synthetic arithmetic generator: determinism, disjoint splits, correct chains, tokenization."""
+
+from __future__ import annotations
+
+import re
+
+from codi_lens.answers import parse_gold_answer
+from codi_lens.data import count_steps, load_problems
+from codi_lens.synthetic import MAX_VALUE, STEP_MIX, build_tokenizer, generate_problems, make_splits, save_jsonl
+
+EQUATION = re.compile(r"<<(\d+)([-+*])(\d+)=(\d+)>>")
+
+
+def test_generator_is_deterministic_and_seeded():
+    a, b, c = generate_problems(200, seed=3), generate_problems(200, seed=3), generate_problems(200, seed=4)
+    assert a == b
+    assert [p.question for p in a] != [p.question for p in c]
+
+
+def test_splits_are_disjoint_and_fixed():
+    splits = make_splits(seed=0, n_train=3000, n_val=200, n_test=300)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 3000, "validation": 200, "test": 300}
+    questions = {k: {p.question for p in v} for k, v in splits.items()}
+    assert all(len(questions[k]) == len(splits[k]) for k in splits)
+    assert not questions["train"] & questions["test"]
+    assert not questions["train"] & questions["validation"]
+    assert not questions["validation"] & questions["test"]
+    assert splits["test"][0].id == "toy:test:0" and splits["test"][0].split == "test"
+    assert make_splits(seed=0, n_train=3000, n_val=200, n_test=300)["test"] == splits["test"]
+
+
+def test_chains_are_correct_and_in_range():
+    for p in generate_problems(500, seed=1):
+        equations = EQUATION.findall(p.cot)
+        assert len(equations) == p.n_steps == len(p.intermediates) == count_steps(p.answer)
+        previous = None
+        for (a, op, b, result), value in zip(equations, p.intermediates):
+            a, b, result = int(a), int(b), int(result)
+            assert {"+": a + b, "-": a - b, "*": a * b}[op] == result == value  # independent re-evaluation
+            assert 0 <= result <= MAX_VALUE
+            if previous is not None:
+                assert a == previous  # each step uses the previous result
+            previous = result
+        assert p.answer_value == p.intermediates[-1] == parse_gold_answer(p.answer)
+
+
+def test_step_mix_is_weighted_to_multi_step():
+    problems = generate_problems(2000, seed=2)
+    share = sum(p.n_steps >= 3 for p in problems) / len(problems)
+    expected = sum(w for n, w in STEP_MIX.items() if n >= 3)
+    assert expected >= 0.75 and abs(share - expected) < 0.03
+    assert {p.n_steps for p in problems} == set(STEP_MIX)
+
+
+def test_tokenizer_numbers_are_single_tokens_and_nothing_is_unknown():
+    tok = build_tokenizer()
+    for value in range(MAX_VALUE + 1):
+        assert len(tok(str(value), add_special_tokens=False)["input_ids"]) == 1
+    text = " ".join(p.question + " " + p.cot + " The answer is: 5" for p in generate_problems(300, seed=5))
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id and tok.unk_token_id not in ids
+    assert tok.decode(tok("The answer is: 37")["input_ids"], skip_special_tokens=True).endswith("37")
+
+
+def test_jsonl_round_trip_through_the_gsm8k_loader(tmp_path):
+    problems = generate_problems(20, seed=0, split="test")
+    path = save_jsonl(problems, tmp_path / "test.jsonl")
+    loaded = load_problems(path)
+    assert [p.question for p in loaded] == [p.question for p in problems]
+    assert [p.gold for p in loaded] == [float(p.answer_value) for p in problems]
+    assert [p.intermediates for p in loaded] == [tuple(float(v) for v in p.intermediates) for p in problems]
