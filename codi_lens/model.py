@@ -203,7 +203,7 @@ class CODIModel(HookedSAETransformer):
         """
         with torch.no_grad():
             for name, param in self.named_parameters():
-                if name.endswith(("mlp.W_gate", "mlp.W_in", "mlp.W_out")) and self.cfg.gated_mlp or name == "unembed.W_U":
+                if (self.cfg.gated_mlp and name.endswith(("mlp.W_gate", "mlp.W_in", "mlp.W_out"))) or name == "unembed.W_U":
                     param.data = param.data.T.contiguous().T
                 elif name.endswith("attn.W_O"):
                     param.data = param.data.permute(2, 0, 1).contiguous().permute(1, 2, 0)

@@ -46,9 +46,9 @@ BOOKKEEPING_FIELDS = ("threads", "val_every", "val_size", "checkpoint_every")
 class TrainConfig:
     """Everything that determines a training run (saved with every checkpoint)."""
 
-    steps: int = 3000
+    steps: int = 1500
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 1e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -62,10 +62,10 @@ class TrainConfig:
     distill_div_std: bool = True
     drop_last_cot_step: bool = True
     use_teacher: bool = True
-    val_every: int = 500
+    val_every: int = 150
     val_size: int = 200
-    checkpoint_every: int = 250
-    threads: int = 2
+    checkpoint_every: int = 150
+    threads: int = 1
 
 
 class CODIModule(nn.Module):
@@ -378,4 +378,6 @@ class Trainer:
             if self.workdir is not None and (self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps):
                 self.save_state()
         bar.close()
+        if self.workdir is not None and self.step < self.cfg.steps:
+            self.save_state()  # stopped early on purpose: keep every finished step
         return last

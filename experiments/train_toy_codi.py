@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="runs/toy_arith", help="work dir: resume state, log, export")
     parser.add_argument("--export", default=None, help="also export the final model here")
     parser.add_argument("--no-cot", action="store_true", help="train the no-CoT baseline instead")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="stop this invocation at that step (resume later); no export")
     defaults = TrainConfig()
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
@@ -53,8 +55,11 @@ def main(argv: list[str] | None = None) -> Path:
     model = CODIModule(lm, cfg.prj_dim, cfg.prj_layernorm)
     trainer = Trainer(model, tokenizer, base_vocab, cfg, splits["train"], splits["validation"], workdir=out)
     start = time.perf_counter()
-    trainer.fit()
+    trainer.fit(stop_at=args.stop_at)
     wall = time.perf_counter() - start
+    if trainer.step < cfg.steps:
+        print(f"stopped at step {trainer.step}/{cfg.steps}; rerun the same command to resume")
+        return out
     export_dir = Path(args.export) if args.export else out / "export"
     export_codi(model, tokenizer, export_dir)
     save_jsonl(splits["test"], export_dir / "data" / "test.jsonl")

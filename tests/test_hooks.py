@@ -149,3 +149,50 @@ def test_thought_hooks_fire_once_per_step(setup, questions):
     assert all(shapes == [(3, model.cfg.d_model)] for shapes in seen.values())
     with pytest.raises(ValueError):
         thought_hook_name(0, "input")
+
+
+def test_replace_and_zero_thought_interventions(setup, questions):
+    from codi_lens.interventions import replace_thoughts, zero_thoughts
+
+    model, _ = setup
+    clean = model.run_codi(questions[:2], max_new_tokens=3)
+    # Feeding the model its own thoughts changes nothing.
+    same = model.run_codi(questions[:2], max_new_tokens=3,
+                          fwd_hooks=replace_thoughts({k: clean.thought_embeds[:, k - 1] for k in range(1, 7)}))
+    assert torch.equal(same.latent_states, clean.latent_states) and same.answer_tokens == clean.answer_tokens
+    # Swapping the two problems' thoughts feeds exactly the other problem's vectors.
+    swapped = model.run_codi(questions[:2], max_new_tokens=3,
+                             fwd_hooks=replace_thoughts({k: clean.thought_embeds.flip(0)[:, k - 1] for k in range(1, 7)}))
+    assert torch.equal(swapped.thought_embeds, clean.thought_embeds.flip(0))
+    assert torch.equal(swapped.latent_states[:, 0], clean.latent_states[:, 0])  # h_0 precedes every thought
+    zeroed = model.run_codi(questions[:2], max_new_tokens=3, fwd_hooks=zero_thoughts([2, 5]))
+    assert zeroed.thought_embeds[:, [1, 4]].abs().max() == 0
+    assert torch.equal(zeroed.latent_states[:, :2], clean.latent_states[:, :2])
+    assert not torch.equal(zeroed.latent_states[:, 2], clean.latent_states[:, 2])
+
+
+def test_saes_attach_inside_the_codi_loop(setup, questions):
+    """An SAE spliced at a residual hook runs at every chunk of the loop; with the error term it is exact."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    model, _ = setup
+    torch.manual_seed(0)
+    sae = StandardSAE(StandardSAEConfig(d_in=model.cfg.d_model, d_sae=4 * model.cfg.d_model))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.1)
+    sae.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
+    clean = model.run_codi(questions[:2], max_new_tokens=3)
+    model.add_sae(sae, use_error_term=True)
+    try:
+        spliced, cache = model.run_codi_with_cache(questions[:2], max_new_tokens=3,
+                                                   names_filter=lambda n: "hook_sae_acts_post" in n)
+        assert (spliced.latent_states - clean.latent_states).abs().max() <= 1e-4
+        acts = cache["blocks.0.hook_resid_post.hook_sae_acts_post"]
+        assert acts.shape[:2] == (2, spliced.positions.answer_start + max(spliced.positions.answer_lengths) - 1)
+        model.add_sae(sae, use_error_term=False)  # reconstruction only: the thoughts now change
+        lossy = model.run_codi(questions[:2], max_new_tokens=3)
+        assert (lossy.latent_states - clean.latent_states).abs().max() > 1e-3
+    finally:
+        model.reset_saes()
+    assert torch.equal(model.run_codi(questions[:2], max_new_tokens=3).latent_states, clean.latent_states)
