@@ -34,7 +34,8 @@ def test_train_then_report_then_card(tmp_path, monkeypatch):
     recomputed = predictions.groupby("condition")["correct"].mean()
     assert (overall["accuracy"] - recomputed).abs().max() < 1e-12
     lens = pd.read_parquet(out / "logit_lens.parquet")
-    assert len(lens) == sum(len(v) for v in pd.read_json(export / "data" / "test.jsonl", lines=True)["intermediates"][:12])
+    n_values = sum(len(v) for v in pd.read_json(export / "data" / "test.jsonl", lines=True)["intermediates"][:12])
+    assert (~lens["control"]).sum() == lens["control"].sum() == n_values
     assert (out / "accuracy.html").stat().st_size > 1000 and (out / "logit_lens.html").stat().st_size > 1000
     card = (export / "MODEL_CARD.md").read_text()
     assert "| all |" in card and "python -m experiments.train_toy_codi" in card
