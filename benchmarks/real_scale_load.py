@@ -30,8 +30,15 @@ BASE = "llama-3.2-1b-instruct"
 def write_random_checkpoint(path: Path, fmt: str, seed: int = 0) -> tuple[Path, int]:
     """Random tensors for every key of the real 1B layout: bf16 base, fp32 LoRA and prj."""
     arch = describe_base(BASE)
-    layout = CheckpointLayout(family="llama", uses_lora=True, lora_rank=128, prj_dim=2048,
-                              prj_layernorm=True, n_layers=arch.n_layers, vocab=arch.codi_vocab)
+    layout = CheckpointLayout(
+        family="llama",
+        uses_lora=True,
+        lora_rank=128,
+        prj_dim=2048,
+        prj_layernorm=True,
+        n_layers=arch.n_layers,
+        vocab=arch.codi_vocab,
+    )
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for key, shape in expected_tensors(arch, layout).items():

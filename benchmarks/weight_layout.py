@@ -34,13 +34,30 @@ class _Digits:
 
 def build(d_model: int, n_layers: int, vocab: int) -> CODIModel:
     cfg = HookedTransformerConfig(
-        d_model=d_model, d_head=64, n_heads=d_model // 64, n_key_value_heads=d_model // 256, d_mlp=4 * d_model,
-        n_layers=n_layers, n_ctx=1024, d_vocab=vocab + 3, act_fn="silu", normalization_type="RMS",
-        positional_embedding_type="rotary", rotary_dim=64, final_rms=True, gated_mlp=True,
-        original_architecture="LlamaForCausalLM", init_weights=False,
+        d_model=d_model,
+        d_head=64,
+        n_heads=d_model // 64,
+        n_key_value_heads=d_model // 256,
+        d_mlp=4 * d_model,
+        n_layers=n_layers,
+        n_ctx=1024,
+        d_vocab=vocab + 3,
+        act_fn="silu",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_dim=64,
+        final_rms=True,
+        gated_mlp=True,
+        original_architecture="LlamaForCausalLM",
+        init_weights=False,
     )
-    model = CODIModel(cfg, _Digits(), tokens=CODITokens(pad=vocab, bot=vocab + 1, eot=vocab + 2, eos=2),
-                      prj_dim=d_model, prj_layernorm=True)
+    model = CODIModel(
+        cfg,
+        _Digits(),
+        tokens=CODITokens(pad=vocab, bot=vocab + 1, eot=vocab + 2, eos=2),
+        prj_dim=d_model,
+        prj_layernorm=True,
+    )
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():

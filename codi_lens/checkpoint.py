@@ -84,8 +84,7 @@ def resolve_checkpoint_file(checkpoint: str | Path) -> Path:
     if not found:
         present = sorted(p.name for p in path.iterdir())[:10]
         raise CheckpointError(
-            f"checkpoint directory {str(path)!r} holds none of {CHECKPOINT_FILENAMES}; "
-            f"it contains {present}"
+            f"checkpoint directory {str(path)!r} holds none of {CHECKPOINT_FILENAMES}; it contains {present}"
         )
     return found[0]
 
@@ -104,7 +103,7 @@ def load_tensors(path: str | Path) -> dict[str, Tensor]:
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}
+                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except (SafetensorError, RuntimeError, EOFError, OSError) as exc:
         raise _unreadable(path, exc) from exc
@@ -120,7 +119,7 @@ def read_tensor_info(path: str | Path) -> dict[str, TensorInfo]:
         try:
             with safe_open(str(path), framework="pt") as f:
                 info = {}
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     sl = f.get_slice(key)
                     info[key] = TensorInfo(tuple(sl.get_shape()), str(sl.get_dtype()))
         except SafetensorError as exc:
@@ -186,7 +185,9 @@ def detect_layout(info: dict[str, TensorInfo]) -> CheckpointLayout:
     lora_a = sorted(k for k in keys if ".lora_A." in k)
     uses_lora = bool(lora_a)
     prefix = LORA_PREFIX if uses_lora else PLAIN_PREFIX
-    layer_pat = re.compile(re.escape(prefix) + (r"transformer\.h\.(\d+)\." if family == "gpt2" else r"model\.layers\.(\d+)\."))
+    layer_pat = re.compile(
+        re.escape(prefix) + (r"transformer\.h\.(\d+)\." if family == "gpt2" else r"model\.layers\.(\d+)\.")
+    )
     layers = {int(m.group(1)) for k in keys if (m := layer_pat.match(k))}
     embed = f"{prefix}{'transformer.wte' if family == 'gpt2' else 'model.embed_tokens'}.weight"
     if embed not in info:
@@ -202,7 +203,9 @@ def detect_layout(info: dict[str, TensorInfo]) -> CheckpointLayout:
     )
 
 
-def _lora_entries(module: str, out_dim: int, in_dim: int, layout: CheckpointLayout, *, conv1d: bool, bias: bool) -> dict[str, tuple[int, ...]]:
+def _lora_entries(
+    module: str, out_dim: int, in_dim: int, layout: CheckpointLayout, *, conv1d: bool, bias: bool
+) -> dict[str, tuple[int, ...]]:
     """Keys of one projection: plain weight, or peft ``base_layer`` + ``lora_A``/``lora_B``.
 
     ``conv1d`` (GPT-2) stores the base weight as (in, out); LoRA A/B are (r, in) / (out, r) either way.
@@ -227,8 +230,15 @@ def _lora_entries(module: str, out_dim: int, in_dim: int, layout: CheckpointLayo
 def _llama_expected(arch: BaseArchitecture, layout: CheckpointLayout) -> dict[str, tuple[int, ...]]:
     p, d, v = layout.prefix, arch.d_model, arch.codi_vocab
     q_out, kv_out = arch.n_heads * arch.d_head, arch.n_kv_heads * arch.d_head
-    shapes = {"q_proj": (q_out, d), "k_proj": (kv_out, d), "v_proj": (kv_out, d), "o_proj": (d, q_out),
-              "gate_proj": (arch.d_mlp, d), "up_proj": (arch.d_mlp, d), "down_proj": (d, arch.d_mlp)}
+    shapes = {
+        "q_proj": (q_out, d),
+        "k_proj": (kv_out, d),
+        "v_proj": (kv_out, d),
+        "o_proj": (d, q_out),
+        "gate_proj": (arch.d_mlp, d),
+        "up_proj": (arch.d_mlp, d),
+        "down_proj": (d, arch.d_mlp),
+    }
     expected: dict[str, tuple[int, ...]] = {
         f"{p}model.embed_tokens.weight": (v, d),
         f"{p}model.norm.weight": (d,),
@@ -247,7 +257,12 @@ def _llama_expected(arch: BaseArchitecture, layout: CheckpointLayout) -> dict[st
 def _gpt2_expected(arch: BaseArchitecture, layout: CheckpointLayout) -> dict[str, tuple[int, ...]]:
     p, d, v = layout.prefix, arch.d_model, arch.codi_vocab
     n_pos = arch.hf_config.get("n_positions", 1024)
-    dims = {"attn.c_attn": (3 * d, d), "attn.c_proj": (d, d), "mlp.c_fc": (arch.d_mlp, d), "mlp.c_proj": (d, arch.d_mlp)}
+    dims = {
+        "attn.c_attn": (3 * d, d),
+        "attn.c_proj": (d, d),
+        "mlp.c_fc": (arch.d_mlp, d),
+        "mlp.c_proj": (d, arch.d_mlp),
+    }
     expected: dict[str, tuple[int, ...]] = {
         f"{p}transformer.wte.weight": (v, d),
         f"{p}transformer.wpe.weight": (n_pos, d),
@@ -269,8 +284,14 @@ def expected_tensors(arch: BaseArchitecture, layout: CheckpointLayout) -> dict[s
     """Every key (and its shape) a CODI checkpoint of this base and layout must hold, and no others."""
     expected = (_gpt2_expected if arch.family == "gpt2" else _llama_expected)(arch, layout)
     d = arch.d_model
-    expected.update({"prj.1.weight": (layout.prj_dim, d), "prj.1.bias": (layout.prj_dim,),
-                     "prj.3.weight": (d, layout.prj_dim), "prj.3.bias": (d,)})
+    expected.update(
+        {
+            "prj.1.weight": (layout.prj_dim, d),
+            "prj.1.bias": (layout.prj_dim,),
+            "prj.3.weight": (d, layout.prj_dim),
+            "prj.3.bias": (d,),
+        }
+    )
     if layout.prj_layernorm:
         expected.update({"prj.ln.weight": (d,), "prj.ln.bias": (d,)})
     return expected
@@ -286,20 +307,26 @@ def _structural_mismatch(info: dict[str, TensorInfo], arch: BaseArchitecture, la
     """A whole-file explanation (wrong family, depth or vocabulary) that beats a list of keys."""
     fam = {"llama": "LLaMA", "gpt2": "GPT-2"}
     if layout.family != arch.family:
-        return (f"the checkpoint is a {fam[layout.family]} CODI checkpoint but the base "
-                f"{arch.source!r} is a {fam[arch.family]} model")
+        return (
+            f"the checkpoint is a {fam[layout.family]} CODI checkpoint but the base "
+            f"{arch.source!r} is a {fam[arch.family]} model"
+        )
     if layout.n_layers != arch.n_layers:
-        return (f"the checkpoint has {layout.n_layers} transformer layers but the base "
-                f"{arch.source!r} has {arch.n_layers}")
+        return (
+            f"the checkpoint has {layout.n_layers} transformer layers but the base {arch.source!r} has {arch.n_layers}"
+        )
     if layout.vocab != arch.codi_vocab:
-        hint = (" (the vocabulary was not grown by the 3 CODI tokens)" if layout.vocab == arch.base_vocab
-                else "")
-        return (f"embedding {layout.embed_key!r} has {layout.vocab} rows but a CODI checkpoint for base "
-                f"{arch.source!r} needs V + {N_CODI_TOKENS} = {arch.codi_vocab}{hint}")
+        hint = " (the vocabulary was not grown by the 3 CODI tokens)" if layout.vocab == arch.base_vocab else ""
+        return (
+            f"embedding {layout.embed_key!r} has {layout.vocab} rows but a CODI checkpoint for base "
+            f"{arch.source!r} needs V + {N_CODI_TOKENS} = {arch.codi_vocab}{hint}"
+        )
     return None
 
 
-def validate_checkpoint(info: dict[str, TensorInfo], arch: BaseArchitecture, *, path: str = "checkpoint") -> CheckpointLayout:
+def validate_checkpoint(
+    info: dict[str, TensorInfo], arch: BaseArchitecture, *, path: str = "checkpoint"
+) -> CheckpointLayout:
     """Check a checkpoint against the base architecture; return its layout or raise CheckpointError.
 
     Every expected key must be present, none may be unexpected, every shape must match. The error
@@ -323,7 +350,8 @@ def validate_checkpoint(info: dict[str, TensorInfo], arch: BaseArchitecture, *, 
         problems.append(f"{len(wrong_shape)} key(s) with the wrong shape: {_listing(detail)}")
     if problems:
         raise CheckpointError(
-            f"{path} does not match base {arch.source!r}: " + "; ".join(problems)
+            f"{path} does not match base {arch.source!r}: "
+            + "; ".join(problems)
             + f". The file is {describe_contents(info)}."
         )
     return layout

@@ -119,17 +119,19 @@ def load_problems(
             if needed not in row:
                 raise KeyError(f"{source}: record {index} has no field {needed!r} (fields: {sorted(row)})")
         solution = str(row[answer_field])
-        problems.append(Problem(
-            id=f"{source_name}:{split}:{index}",
-            question=row[question_field],
-            solution=solution,
-            gold=parse_gold_answer(solution),
-            n_steps=count_steps(solution),
-            source=source_name,
-            split=split,
-            index=index,
-            intermediates=span_results(solution),
-        ))
+        problems.append(
+            Problem(
+                id=f"{source_name}:{split}:{index}",
+                question=row[question_field],
+                solution=solution,
+                gold=parse_gold_answer(solution),
+                n_steps=count_steps(solution),
+                source=source_name,
+                split=split,
+                index=index,
+                intermediates=span_results(solution),
+            )
+        )
     return problems
 
 

@@ -46,11 +46,13 @@ def _batches(items: list[Problem], size: int) -> Iterator[list[Problem]]:
 Runner = Callable[[list[str]], CODIResult]
 
 
-def codi_runner(model: CODIModel, *, n_latents: int = 6, max_new_tokens: int = 256,
-                fwd_hooks: Sequence[tuple] = ()) -> Runner:
+def codi_runner(
+    model: CODIModel, *, n_latents: int = 6, max_new_tokens: int = 256, fwd_hooks: Sequence[tuple] = ()
+) -> Runner:
     """A runner answering questions with the CODI loop (optionally under interventions)."""
-    return lambda questions: model.run_codi(questions, n_latents=n_latents, max_new_tokens=max_new_tokens,
-                                            fwd_hooks=fwd_hooks)
+    return lambda questions: model.run_codi(
+        questions, n_latents=n_latents, max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks
+    )
 
 
 def evaluate(
@@ -71,15 +73,28 @@ def evaluate(
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {row["id"] for row in read_finished_rows(out)}
     todo = [p for p in problems if p.id not in done]
-    bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=f"evaluate {condition}",
-               unit="problem", disable=not progress)
+    bar = tqdm(
+        total=len(problems),
+        initial=len(problems) - len(todo),
+        desc=f"evaluate {condition}",
+        unit="problem",
+        disable=not progress,
+    )
     with open(out, "a") as f:
         for batch in _batches(todo, batch_size):
             result = run([p.question for p in batch])
             for p, text, pred in zip(batch, result.answer_text, result.prediction):
-                row = {"id": p.id, "condition": condition, "index": p.index, "split": p.split,
-                       "n_steps": p.n_steps, "gold": p.gold, "prediction": pred,
-                       "correct": is_correct(pred, p.gold), "answer_text": text}
+                row = {
+                    "id": p.id,
+                    "condition": condition,
+                    "index": p.index,
+                    "split": p.split,
+                    "n_steps": p.n_steps,
+                    "gold": p.gold,
+                    "prediction": pred,
+                    "correct": is_correct(pred, p.gold),
+                    "answer_text": text,
+                }
                 f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -106,8 +121,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="predictions JSONL (appended to; resumable)")
     args = parser.parse_args(argv)
 
-    model = load_codi(args.checkpoint, args.base, tokenizer=args.tokenizer, lora_alpha=args.lora_alpha,
-                      device=args.device, dtype=getattr(torch, args.dtype))
+    model = load_codi(
+        args.checkpoint,
+        args.base,
+        tokenizer=args.tokenizer,
+        lora_alpha=args.lora_alpha,
+        device=args.device,
+        dtype=getattr(torch, args.dtype),
+    )
     problems = load_problems(args.data, split=args.split, limit=args.limit)
     run = codi_runner(model, n_latents=args.n_latents, max_new_tokens=args.max_new_tokens)
     frame = evaluate(run, problems, args.out, batch_size=args.batch_size)

@@ -68,11 +68,15 @@ def positional_hook(model: CODIModel, positions: Iterable[int], transform: Posit
     """A hook that applies ``transform`` only at the given absolute positions.
 
     Inside the CODI loop the model runs in chunks under a KV cache (the question, then one
-    position at a time), so an activation seen by a hook covers only the current chunk. This hook
-    maps absolute positions to the chunk (via ``model.current_positions``) and calls
+    position at a time), so an activation seen by a hook usually covers only the current chunk. This
+    hook maps absolute positions to the chunk (via ``model.current_positions``) and calls
     ``transform(acts, hook, abs_positions)`` with ``acts`` of shape ``[batch, n_sel, ...]`` (the
     selected positions moved to axis 1), expecting a tensor of the same shape back. Positions not in
     the current chunk are untouched; chunks without selected positions are passed through.
+
+    Rotated keys (``hook_rot_k``) are recomputed over every cached position at each chunk; for them
+    the hook acts at its positions in every chunk, so the edit holds for all later queries, as it
+    would in one full pass.
     """
     wanted = torch.as_tensor(sorted(set(positions)), dtype=torch.long)
 
@@ -81,6 +85,8 @@ def positional_hook(model: CODIModel, positions: Iterable[int], transform: Posit
         if axis is None:
             raise ValueError(f"{hook.name} has no position axis; hook it directly instead")
         chunk = model.current_positions.to(wanted.device)
+        if acts.shape[axis] != len(chunk):  # the activation spans every cached position 0..n-1
+            chunk = torch.arange(acts.shape[axis])
         local = torch.nonzero(torch.isin(chunk, wanted)).flatten()
         if local.numel() == 0:
             return acts

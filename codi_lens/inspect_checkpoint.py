@@ -14,7 +14,13 @@ from collections import Counter
 from pathlib import Path
 
 from codi_lens.architectures import N_CODI_TOKENS
-from codi_lens.checkpoint import CheckpointError, describe_contents, detect_layout, read_tensor_info, resolve_checkpoint_file
+from codi_lens.checkpoint import (
+    CheckpointError,
+    describe_contents,
+    detect_layout,
+    read_tensor_info,
+    resolve_checkpoint_file,
+)
 
 
 def summarize_checkpoint(path: str | Path) -> dict:
@@ -33,17 +39,19 @@ def summarize_checkpoint(path: str | Path) -> dict:
     except CheckpointError as exc:
         summary["error"] = str(exc)
         return summary
-    summary.update({
-        "family": layout.family,
-        "n_layers": layout.n_layers,
-        "vocab": layout.vocab,
-        "base_vocab": layout.vocab - N_CODI_TOKENS,
-        "d_model": info[layout.embed_key].shape[1],
-        "lora": layout.uses_lora,
-        "lora_rank": layout.lora_rank,
-        "prj_dims": list(info["prj.1.weight"].shape[::-1]) + [info["prj.3.weight"].shape[0]],
-        "prj_layernorm": layout.prj_layernorm,
-    })
+    summary.update(
+        {
+            "family": layout.family,
+            "n_layers": layout.n_layers,
+            "vocab": layout.vocab,
+            "base_vocab": layout.vocab - N_CODI_TOKENS,
+            "d_model": info[layout.embed_key].shape[1],
+            "lora": layout.uses_lora,
+            "lora_rank": layout.lora_rank,
+            "prj_dims": list(info["prj.1.weight"].shape[::-1]) + [info["prj.3.weight"].shape[0]],
+            "prj_layernorm": layout.prj_layernorm,
+        }
+    )
     return summary
 
 

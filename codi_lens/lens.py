@@ -54,7 +54,17 @@ def intermediate_readout(
             token = number_token(model, value)
             hits_top1 = [] if token is None else [s for s in range(top.shape[1]) if top[example, s, 0] == token]
             hits_topk = [] if token is None else [s for s in range(top.shape[1]) if token in top[example, s]]
-            rows.append({"example": example, "step": step, "n_steps": len(values), "value": value, "token": token,
-                         "top1_at": hits_top1, "topk_at": hits_topk,
-                         "top1_any": bool(hits_top1), "topk_any": bool(hits_topk)})
+            rows.append(
+                {
+                    "example": example,
+                    "step": step,
+                    "n_steps": len(values),
+                    "value": value,
+                    "token": token,
+                    "top1_at": hits_top1,
+                    "topk_at": hits_topk,
+                    "top1_any": bool(hits_top1),
+                    "topk_any": bool(hits_topk),
+                }
+            )
     return pd.DataFrame(rows)

@@ -97,14 +97,18 @@ def _copy_into(model: CODIModel, state: dict[str, Tensor]) -> None:
     with torch.no_grad():
         for name, value in state.items():
             if params[name].shape != value.shape:
-                raise RuntimeError(f"internal conversion error: {name} {tuple(value.shape)} vs {tuple(params[name].shape)}")
+                raise RuntimeError(
+                    f"internal conversion error: {name} {tuple(value.shape)} vs {tuple(params[name].shape)}"
+                )
             params[name].copy_(value)
 
 
 def _prj_state(tensors: dict[str, Tensor], layout: CheckpointLayout) -> dict[str, Tensor]:
     state = {
-        "prj.fc_in.weight": tensors["prj.1.weight"], "prj.fc_in.bias": tensors["prj.1.bias"],
-        "prj.fc_out.weight": tensors["prj.3.weight"], "prj.fc_out.bias": tensors["prj.3.bias"],
+        "prj.fc_in.weight": tensors["prj.1.weight"],
+        "prj.fc_in.bias": tensors["prj.1.bias"],
+        "prj.fc_out.weight": tensors["prj.3.weight"],
+        "prj.fc_out.bias": tensors["prj.3.bias"],
     }
     if layout.prj_layernorm:
         state.update({"prj.ln.weight": tensors["prj.ln.weight"], "prj.ln.bias": tensors["prj.ln.bias"]})
@@ -122,8 +126,9 @@ def model_from_tensors(
 ) -> CODIModel:
     """Build a CPU :class:`CODIModel` from an (already validated) upstream-layout state dict."""
     cfg = to_hooked_config(arch, device="cpu", dtype=dtype)
-    model = CODIModel(cfg, tokenizer, tokens=_codi_tokens(arch, tokenizer), prj_dim=layout.prj_dim,
-                      prj_layernorm=layout.prj_layernorm)
+    model = CODIModel(
+        cfg, tokenizer, tokens=_codi_tokens(arch, tokenizer), prj_dim=layout.prj_dim, prj_layernorm=layout.prj_layernorm
+    )
     scale = lora_alpha / layout.lora_rank if layout.uses_lora else 0.0
     view = _MergedWeights(tensors, layout.prefix, scale, conv1d=arch.family == "gpt2")
     converter = convert_gpt2_weights if arch.family == "gpt2" else convert_llama_weights

@@ -203,7 +203,9 @@ class CODIModel(HookedSAETransformer):
         """
         with torch.no_grad():
             for name, param in self.named_parameters():
-                if (self.cfg.gated_mlp and name.endswith(("mlp.W_gate", "mlp.W_in", "mlp.W_out"))) or name == "unembed.W_U":
+                if (
+                    self.cfg.gated_mlp and name.endswith(("mlp.W_gate", "mlp.W_in", "mlp.W_out"))
+                ) or name == "unembed.W_U":
                     param.data = param.data.T.contiguous().T
                 elif name.endswith("attn.W_O"):
                     param.data = param.data.permute(2, 0, 1).contiguous().permute(1, 2, 0)
@@ -226,8 +228,8 @@ class CODIModel(HookedSAETransformer):
         tokens = torch.full((len(ids), width), self.codi_tokens.pad, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
         for i, x in enumerate(ids):
-            tokens[i, width - len(x):] = torch.as_tensor(x, dtype=torch.long)
-            mask[i, width - len(x):] = 1
+            tokens[i, width - len(x) :] = torch.as_tensor(x, dtype=torch.long)
+            mask[i, width - len(x) :] = 1
         return tokens.to(self.cfg.device), mask.to(self.cfg.device)
 
     def token_embeds(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
@@ -280,9 +282,7 @@ class CODIModel(HookedSAETransformer):
         state.latent_states.append(h)
         return self.thought[k].hook_projection(self.prj(h))
 
-    def _run_latents(
-        self, tokens: Tensor, mask: Tensor, n_latents: int, keep_logits: bool
-    ) -> _LatentLoopState:
+    def _run_latents(self, tokens: Tensor, mask: Tensor, n_latents: int, keep_logits: bool) -> _LatentLoopState:
         """Question + BOT, then ``n_latents`` fed-back thoughts, under one KV cache."""
         batch = tokens.shape[0]
         state = _LatentLoopState(TransformerLensKeyValueCache.init_cache(self.cfg, self.cfg.device, batch))
@@ -290,7 +290,9 @@ class CODIModel(HookedSAETransformer):
         prompt = torch.cat([tokens, bot], dim=1)
         prompt_mask = torch.cat([mask, torch.ones_like(bot)], dim=1)
         final, logits = self.forward_embeds(
-            self.token_embeds(prompt), prompt_mask, state.kv_cache,
+            self.token_embeds(prompt),
+            prompt_mask,
+            state.kv_cache,
             logits_at="all" if self.logits_for_all_prompt_positions else "last",
         )
         if keep_logits:
@@ -318,7 +320,11 @@ class CODIModel(HookedSAETransformer):
         )
 
     def _greedy_decode(
-        self, state: _LatentLoopState, batch: int, max_new_tokens: int, keep_logits: bool,
+        self,
+        state: _LatentLoopState,
+        batch: int,
+        max_new_tokens: int,
+        keep_logits: bool,
         first_logits: Tensor | None = None,
     ) -> list[list[int]]:
         """Feed EOT, then greedy tokens (argmax excluding only EOT) until EOS or the budget.
@@ -387,7 +393,9 @@ class CODIModel(HookedSAETransformer):
         texts = [self.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
         return CODIResult(
             latent_states=torch.stack(state.latent_states, dim=1),
-            thought_embeds=torch.stack(state.thought_embeds, dim=1) if n_latents else tokens.new_zeros((len(questions), 0, self.cfg.d_model), dtype=self.cfg.dtype),
+            thought_embeds=torch.stack(state.thought_embeds, dim=1)
+            if n_latents
+            else tokens.new_zeros((len(questions), 0, self.cfg.d_model), dtype=self.cfg.dtype),
             answer_tokens=answers,
             answer_text=texts,
             prediction=[extract_prediction(t) for t in texts],
@@ -412,7 +420,10 @@ class CODIModel(HookedSAETransformer):
         empty = torch.zeros((batch, 0, self.cfg.d_model), dtype=self.cfg.dtype)
         width = mask.shape[1]
         return CODIResult(
-            latent_states=empty, thought_embeds=empty, answer_tokens=answers, answer_text=texts,
+            latent_states=empty,
+            thought_embeds=empty,
+            answer_tokens=answers,
+            answer_text=texts,
             prediction=[extract_prediction(t) for t in texts],
             positions=CODIPositions((width - mask.sum(1)).tolist(), width, [], width, width, [len(a) for a in answers]),
         )
@@ -450,17 +461,20 @@ class CODIModel(HookedSAETransformer):
         caching_hooks = [(name, store) for name in self.hook_dict if keep(name)]
         self.logits_for_all_prompt_positions = True
         try:
-            result = self.run_codi(questions, fwd_hooks=[*run_kwargs.pop("fwd_hooks", ()), *caching_hooks], **run_kwargs)
+            result = self.run_codi(
+                questions, fwd_hooks=[*run_kwargs.pop("fwd_hooks", ()), *caching_hooks], **run_kwargs
+            )
         finally:
             self.logits_for_all_prompt_positions = False
         stitched = {
-            name: _stitch(name, list(parts.values()), [chunk_len[i] for i in parts])
-            for name, parts in chunks.items()
+            name: _stitch(name, list(parts.values()), [chunk_len[i] for i in parts]) for name, parts in chunks.items()
         }
         return result, ActivationCache(stitched, self, has_batch_dim=True)
 
     # ------------------------------------------------------------------ teacher forcing
-    def tokenize_answers(self, answers: Sequence[str | Sequence[int]], append_eos: bool = False) -> tuple[Tensor, Tensor]:
+    def tokenize_answers(
+        self, answers: Sequence[str | Sequence[int]], append_eos: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """Tokenize answers (strings without special tokens, or token-id lists as given); right-pad.
 
         Returns ``(tokens, mask)``, both ``[batch, max_answer_len]``.
@@ -492,8 +506,8 @@ class CODIModel(HookedSAETransformer):
 
         Feeds ``[EOT] + answer tokens`` in one pass under the latent loop's KV cache; row j of the
         logits predicts answer token j. ``answers`` are strings (tokenized without special tokens)
-        or token-id lists (e.g. a generation's ``answer_tokens``). Use it for KL and logit-difference metrics (e.g. at the
-        first answer-number token of ``"The answer is: 18"``).
+        or token-id lists (e.g. a generation's ``answer_tokens``). Use it for KL and logit-difference
+        metrics (e.g. at the first answer-number token of ``"The answer is: 18"``).
         """
         if len(questions) != len(answers):
             raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
@@ -539,4 +553,3 @@ def _stitch(name: str, parts: list[Tensor], lengths: list[int]) -> Tensor:
         return torch.cat(parts, dim=2)
     # Some activations (rotated keys) cover every cached position; keep each chunk's new ones.
     return torch.cat([p.narrow(1, p.shape[1] - n, n) for p, n in zip(parts, lengths)], dim=1)
-

@@ -1,11 +1,20 @@
 """Seeded multi-step arithmetic word problems in the GSM8k-Aug format.
 
-Each problem is a chain: a start value, then ``n_steps`` dependent operations (add, subtract,
-multiply), every value kept in ``0..MAX_VALUE`` so that each intermediate result is one token of a
-word-level tokenizer (what logit-lens readouts need). Records carry the question, the
-equation-only chain of thought (``<<5+7=12>> <<12*3=36>>``), a GSM8K-style ``answer`` field ending in
-``#### N`` (so the GSM8K loader and gold parser work unchanged), the answer value, the number of steps
-and every intermediate value.
+Each problem is a chain: a start value, then ``n_steps`` dependent operations, one per day of the
+week ("On Tuesday Ava loses 3."), every value kept in ``0..MAX_VALUE`` so that each intermediate result
+is one token of a word-level tokenizer (what logit-lens readouts need).
+
+Two choices make the chain need serial computation rather than a shortcut:
+
+- operations mix addition/subtraction with multiplication and halving, weighted to the non-linear
+  ones (``OP_WEIGHTS``), so the answer is not a sum of the operands that one attention layer could
+  add up along the question;
+- each step is marked by its day, so "the k-th operation" is found by content, which is what a
+  thought needs to fetch its operation from the question.
+
+Records carry the question, the equation-only chain of thought (``<<5+7=12>> <<12*3=36>>``), a
+GSM8K-style ``answer`` field ending in ``#### N`` (so the GSM8K loader and gold parser work
+unchanged), the answer value, the number of steps and every intermediate value.
 """
 
 from __future__ import annotations
@@ -21,15 +30,59 @@ MAX_VALUE = 40
 MAX_ADD, MAX_MUL = 10, 3
 #: Share of problems per number of steps: weighted to multi-step chains.
 STEP_MIX = {1: 0.05, 2: 0.15, 3: 0.25, 4: 0.3, 5: 0.25}
+#: Relative odds of each operation among those that keep the value in range.
+OP_WEIGHTS = {"+": 1.0, "-": 1.0, "*": 2.0, "/": 1.5}
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"]
 
-NAMES = ["Ava", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana", "Ian", "Jo", "Kai", "Lena", "Milo",
-         "Nia", "Omar", "Pia", "Quin", "Rosa", "Sam", "Tara", "Uma", "Vic", "Wes", "Yara", "Zoe"]
-ITEMS = ["apples", "coins", "stamps", "marbles", "books", "shells", "cards", "pencils", "stickers",
-         "cookies", "beads", "buttons", "tickets", "plums", "toys"]
+NAMES = [
+    "Ava",
+    "Ben",
+    "Cara",
+    "Dev",
+    "Eli",
+    "Fay",
+    "Gus",
+    "Hana",
+    "Ian",
+    "Jo",
+    "Kai",
+    "Lena",
+    "Milo",
+    "Nia",
+    "Omar",
+    "Pia",
+    "Quin",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Uma",
+    "Vic",
+    "Wes",
+    "Yara",
+    "Zoe",
+]
+ITEMS = [
+    "apples",
+    "coins",
+    "stamps",
+    "marbles",
+    "books",
+    "shells",
+    "cards",
+    "pencils",
+    "stickers",
+    "cookies",
+    "beads",
+    "buttons",
+    "tickets",
+    "plums",
+    "toys",
+]
 STARTS = ["{name} has {a} {item}.", "{name} starts with {a} {item}.", "{name} owns {a} {item}."]
-ADDS = ["Gets {x} more.", "Buys {x} more.", "Finds {x} more."]
-SUBS = ["Gives away {x}.", "Loses {x}.", "Sells {x}."]
-MULS = ["Multiplies them by {x}.", "Ends up with {x} times as many."]
+ADDS = ["gets {x} more.", "buys {x} more.", "finds {x} more."]
+SUBS = ["gives away {x}.", "loses {x}.", "sells {x}."]
+MULS = ["multiplies them by {x}.", "ends up with {x} times as many."]
+HALVES = ["keeps half of them.", "gives away half of them."]
 QUESTIONS = ["How many now?", "How many {item} at the end?"]
 #: Word-level pieces: calculator brackets, integers, words, single symbols.
 TOKEN_PATTERN = r"<<|>>|\d+|[A-Za-z]+|[^\sA-Za-z\d]"
@@ -51,14 +104,16 @@ class ArithmeticProblem:
 
 def _next_op(rng: random.Random, value: int) -> tuple[str, int, int]:
     """Pick an operation that keeps the value in range: (symbol, operand, result)."""
-    options = []
-    if value < MAX_VALUE:
-        options.append("+")
-    if value > 0:
-        options.append("-")
-    if 2 * value <= MAX_VALUE and value > 1:
-        options.append("*")
-    op = rng.choice(options)
+    feasible = {
+        "+": value < MAX_VALUE,
+        "-": value > 0,
+        "*": 1 < value <= MAX_VALUE // 2,
+        "/": value >= 2 and value % 2 == 0,
+    }
+    options = [op for op, ok in feasible.items() if ok]
+    op = rng.choices(options, [OP_WEIGHTS[o] for o in options])[0]
+    if op == "/":
+        return op, 2, value // 2
     if op == "+":
         x = rng.randint(1, min(MAX_ADD, MAX_VALUE - value))
         return op, x, value + x
@@ -75,10 +130,10 @@ def generate_problem(rng: random.Random, n_steps: int) -> tuple[str, str, list[i
     value = rng.randint(2, 20)
     sentences = [rng.choice(STARTS).format(name=name, a=value, item=item)]
     equations, intermediates = [], []
-    for _ in range(n_steps):
+    for day in DAYS[:n_steps]:
         op, x, result = _next_op(rng, value)
-        template = {"+": ADDS, "-": SUBS, "*": MULS}[op]
-        sentences.append(rng.choice(template).format(name=name, x=x, item=item))
+        template = {"+": ADDS, "-": SUBS, "*": MULS, "/": HALVES}[op]
+        sentences.append(f"On {day} {name} " + rng.choice(template).format(x=x))
         equations.append(f"<<{value}{op}{x}={result}>>")
         intermediates.append(result)
         value = result
@@ -86,7 +141,9 @@ def generate_problem(rng: random.Random, n_steps: int) -> tuple[str, str, list[i
     return " ".join(sentences), " ".join(equations), intermediates
 
 
-def generate_problems(n: int, seed: int, split: str = "all", step_mix: dict[int, float] = STEP_MIX) -> list[ArithmeticProblem]:
+def generate_problems(
+    n: int, seed: int, split: str = "all", step_mix: dict[int, float] = STEP_MIX
+) -> list[ArithmeticProblem]:
     """``n`` distinct problems (unique question text) drawn with ``random.Random(seed)``."""
     rng = random.Random(seed)
     steps, weights = zip(*sorted(step_mix.items()))
@@ -98,23 +155,37 @@ def generate_problems(n: int, seed: int, split: str = "all", step_mix: dict[int,
         if question in seen:
             continue
         seen.add(question)
-        problems.append(ArithmeticProblem(
-            id=f"toy:{split}:{len(problems)}", split=split, question=question, cot=cot,
-            answer=f"{cot}\n#### {intermediates[-1]}", answer_value=intermediates[-1], n_steps=n_steps,
-            intermediates=tuple(intermediates),
-        ))
+        problems.append(
+            ArithmeticProblem(
+                id=f"toy:{split}:{len(problems)}",
+                split=split,
+                question=question,
+                cot=cot,
+                answer=f"{cot}\n#### {intermediates[-1]}",
+                answer_value=intermediates[-1],
+                n_steps=n_steps,
+                intermediates=tuple(intermediates),
+            )
+        )
     return problems
 
 
-def make_splits(seed: int = 0, n_train: int = 40000, n_val: int = 500, n_test: int = 1000) -> dict[str, list[ArithmeticProblem]]:
+def make_splits(
+    seed: int = 0, n_train: int = 40000, n_val: int = 500, n_test: int = 1000
+) -> dict[str, list[ArithmeticProblem]]:
     """Fixed train/validation/test splits with no question text shared between them."""
     pool = generate_problems(n_train + n_val + n_test, seed)
-    bounds = {"train": (0, n_train), "validation": (n_train, n_train + n_val),
-              "test": (n_train + n_val, n_train + n_val + n_test)}
+    bounds = {
+        "train": (0, n_train),
+        "validation": (n_train, n_train + n_val),
+        "test": (n_train + n_val, n_train + n_val + n_test),
+    }
     splits = {}
     for split, (lo, hi) in bounds.items():
         splits[split] = [
-            ArithmeticProblem(**{**asdict(p), "id": f"toy:{split}:{i}", "split": split, "intermediates": p.intermediates})
+            ArithmeticProblem(
+                **{**asdict(p), "id": f"toy:{split}:{i}", "split": split, "intermediates": p.intermediates}
+            )
             for i, p in enumerate(pool[lo:hi])
         ]
     return splits
@@ -138,9 +209,9 @@ def load_jsonl(path: str | Path) -> list[ArithmeticProblem]:
 def vocabulary() -> list[str]:
     """Every piece the generator can emit: numbers 0..MAX_VALUE first, then words and symbols (sorted)."""
     words: set[str] = set()
-    for text in [*NAMES, *ITEMS, *STARTS, *ADDS, *SUBS, *MULS, *QUESTIONS, "The answer is:"]:
+    for text in [*NAMES, *ITEMS, *DAYS, *STARTS, *ADDS, *SUBS, *MULS, *HALVES, *QUESTIONS, "On", "The answer is:"]:
         words.update(re.findall(TOKEN_PATTERN, re.sub(r"\{\w+\}", " ", text)))
-    symbols = ["<<", ">>", "+", "-", "*", "="]
+    symbols = ["<<", ">>", "+", "-", "*", "/", "="]
     return [str(i) for i in range(MAX_VALUE + 1)] + sorted(words - set(symbols)) + symbols
 
 

@@ -46,7 +46,7 @@ BOOKKEEPING_FIELDS = ("threads", "val_every", "val_size", "checkpoint_every")
 class TrainConfig:
     """Everything that determines a training run (saved with every checkpoint)."""
 
-    steps: int = 1500
+    steps: int = 3600
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -56,16 +56,22 @@ class TrainConfig:
     n_latents: int = 6
     prj_dim: int = 256
     prj_layernorm: bool = True
+    #: Start the projection's LayerNorm gain at the token embeddings' std, so a fed-back thought has
+    #: the scale of a token embedding (a from-scratch model's embeddings are ~50x smaller than a
+    #: unit-variance LayerNorm output). Only changes the initialisation.
+    prj_gain_matches_embeddings: bool = False
     distill_weight: float = 20.0
     student_weight: float = 1.0
     teacher_weight: float = 1.0
     distill_div_std: bool = True
+    #: Standardise the states by the teacher's std before the SmoothL1 (see ``distillation_loss``).
+    distill_standardise: bool = False
     drop_last_cot_step: bool = True
     use_teacher: bool = True
     val_every: int = 150
     val_size: int = 200
     checkpoint_every: int = 150
-    threads: int = 1
+    threads: int = 2
 
 
 class CODIModule(nn.Module):
@@ -74,13 +80,16 @@ class CODIModule(nn.Module):
     Its ``state_dict()`` is exactly upstream's checkpoint layout.
     """
 
-    def __init__(self, lm: nn.Module, prj_dim: int, prj_layernorm: bool = True):
+    def __init__(self, lm: nn.Module, prj_dim: int, prj_layernorm: bool = True, gain_matches_embeddings: bool = False):
         super().__init__()
         d = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
         self.codi = lm
         self.prj = nn.Sequential(nn.Dropout(0.0), nn.Linear(d, prj_dim), nn.GELU(), nn.Linear(prj_dim, d))
         if prj_layernorm:
             self.prj.add_module("ln", nn.LayerNorm(d))
+            if gain_matches_embeddings:
+                with torch.no_grad():
+                    self.prj.ln.weight.fill_(lm.get_input_embeddings().weight.std().item())
 
     @property
     def base_lm(self) -> nn.Module:
@@ -145,14 +154,30 @@ def make_batch(problems: list[Any], tokenizer, base_vocab: int, drop_last_cot_st
     prompt_ids, prompt_mask = _pad(prompts, pad, left=True)
     answer_ids, answer_mask = _pad(answers, pad, left=False)
     answer_labels, _ = _pad(a_labels, -100, left=False)
-    return CODIBatch(teacher_ids, teacher_mask, teacher_labels, torch.tensor(t_pos), prompt_ids, prompt_mask,
-                     answer_ids, answer_mask, answer_labels, torch.tensor(s_pos))
+    return CODIBatch(
+        teacher_ids,
+        teacher_mask,
+        teacher_labels,
+        torch.tensor(t_pos),
+        prompt_ids,
+        prompt_mask,
+        answer_ids,
+        answer_mask,
+        answer_labels,
+        torch.tensor(s_pos),
+    )
 
 
 # ---------------------------------------------------------------------------------------- losses
 def _lm_step(lm, embeds, mask, positions, cache):
-    return lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
-              use_cache=True, output_hidden_states=True)
+    return lm(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        output_hidden_states=True,
+    )
 
 
 def student_forward(model: CODIModule, batch: CODIBatch, n_latents: int):
@@ -185,11 +210,23 @@ def _gather(states: Float[Tensor, "batch pos d"], index: Int[Tensor, " batch"]) 
     return states[torch.arange(states.shape[0]), index]
 
 
-def distillation_loss(student_states, teacher_states, s_pos, t_pos, div_std: bool = True) -> Tensor:
-    """Mean over layers of SmoothL1(student, teacher.detach()) / teacher std, at the given positions."""
+def distillation_loss(
+    student_states, teacher_states, s_pos, t_pos, div_std: bool = True, standardise: bool = False
+) -> Tensor:
+    """Mean over layers of SmoothL1(student, teacher.detach()) / teacher std, at the given positions.
+
+    ``standardise=True`` divides both states by the teacher's std *before* the SmoothL1 instead of
+    dividing the loss after it. Upstream's form is scale-dependent (SmoothL1 is quadratic for small
+    differences), so on a from-scratch model whose states are ~0.02 in size it is ~1e-4 and does
+    nothing; the standardised form measures the gap in units of the teacher's spread at any scale.
+    """
     total = 0.0
     for s, t in zip(student_states, teacher_states):
         s_sel, t_sel = _gather(s, s_pos), _gather(t, t_pos).detach()
+        if standardise:
+            sigma = t_sel.std().clamp_min(1e-6)
+            total = total + F.smooth_l1_loss(s_sel / sigma, t_sel / sigma)
+            continue
         term = F.smooth_l1_loss(s_sel, t_sel)
         total = total + (term / t_sel.std() if div_std else term)
     return total / len(student_states)
@@ -204,10 +241,19 @@ def codi_losses(model: CODIModule, batch: CODIBatch, cfg: TrainConfig) -> dict[s
         t_out = model.codi(input_ids=batch.teacher_ids, attention_mask=batch.teacher_mask, output_hidden_states=True)
         t_logits = t_out.logits[:, :-1].flatten(0, 1).float()
         losses["ce_teacher"] = F.cross_entropy(t_logits, batch.teacher_labels[:, 1:].flatten(), ignore_index=-100)
-        losses["distill"] = distillation_loss(s_states, t_out.hidden_states, batch.student_distill_pos,
-                                              batch.teacher_distill_pos, cfg.distill_div_std)
-        losses["loss"] = (cfg.student_weight * ce_student + cfg.distill_weight * losses["distill"]
-                          + cfg.teacher_weight * losses["ce_teacher"])
+        losses["distill"] = distillation_loss(
+            s_states,
+            t_out.hidden_states,
+            batch.student_distill_pos,
+            batch.teacher_distill_pos,
+            cfg.distill_div_std,
+            cfg.distill_standardise,
+        )
+        losses["loss"] = (
+            cfg.student_weight * ce_student
+            + cfg.distill_weight * losses["distill"]
+            + cfg.teacher_weight * losses["ce_teacher"]
+        )
     else:
         losses["loss"] = cfg.student_weight * ce_student
     return losses
@@ -239,15 +285,33 @@ def to_codi_model(model: CODIModule, tokenizer) -> CODIModel:
     return model_from_tensors(state, layout, arch, tokenizer)
 
 
-def build_llama_lm(vocab_size: int, *, d_model: int = 128, n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2,
-                   d_mlp: int = 512, max_positions: int = 512, seed: int = 0) -> nn.Module:
+def build_llama_lm(
+    vocab_size: int,
+    *,
+    d_model: int = 128,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    d_mlp: int = 512,
+    max_positions: int = 512,
+    seed: int = 0,
+) -> nn.Module:
     """A small LLaMA-architecture causal LM (RMSNorm, rope, GQA, tied embeddings) from scratch."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
-                         num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=max_positions,
-                         rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=10000.0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=d_model,
+        intermediate_size=d_mlp,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -322,10 +386,17 @@ class Trainer:
 
     # -- checkpoints
     def save_state(self) -> None:
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "step": self.step, "config": asdict(self.cfg),
-                    "wall_seconds": self.wall_seconds},
-                   self.workdir / "train_state.pt.tmp")
+        torch.save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "step": self.step,
+                "config": asdict(self.cfg),
+                "wall_seconds": self.wall_seconds,
+            },
+            self.workdir / "train_state.pt.tmp",
+        )
         (self.workdir / "train_state.pt.tmp").replace(self.workdir / "train_state.pt")
 
     def load_state(self) -> bool:
@@ -335,7 +406,8 @@ class Trainer:
             return False
         state = torch.load(path, weights_only=False)
         saved, current = (
-            {k: v for k, v in config.items() if k not in BOOKKEEPING_FIELDS} for config in (state["config"], asdict(self.cfg))
+            {k: v for k, v in config.items() if k not in BOOKKEEPING_FIELDS}
+            for config in (state["config"], asdict(self.cfg))
         )
         if saved != current:
             changed = sorted(k for k in current if saved.get(k) != current[k])

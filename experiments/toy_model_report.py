@@ -44,8 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--baseline", default=None, help="a no-CoT baseline export (0 latents) to compare")
     parser.add_argument("--out", default="results/toy_model_report")
-    parser.add_argument("--write-card", action="store_true",
-                        help="write MODEL_CARD.md and card.json next to the checkpoint (needs training.json there)")
+    parser.add_argument(
+        "--write-card",
+        action="store_true",
+        help="write MODEL_CARD.md and card.json next to the checkpoint (needs training.json there)",
+    )
     return parser.parse_args(argv)
 
 
@@ -90,16 +93,21 @@ def _accuracy_markdown(accuracy: pd.DataFrame) -> str:
 
 
 def _lens_markdown(lens: pd.DataFrame) -> str:
-    lines = ["| value in chain | n | top-1 at some latent | (control) | top-5 at some latent | (control) |"
-             " most common top-1 step |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| value in chain | n | top-1 at some latent | (control) | top-5 at some latent | (control) |"
+        " most common top-1 step |",
+        "|---|---|---|---|---|---|---|",
+    ]
     control = lens[lens["control"]].groupby("step")
     for step, group in lens[~lens["control"]].groupby("step"):
         hits = [s for row in group["top1_at"] for s in row]
         common = max(set(hits), key=hits.count) if hits else "-"
         other = control.get_group(step)
-        lines.append(f"| {step} | {len(group)} | {100 * group['top1_any'].mean():.1f}% | "
-                     f"{100 * other['top1_any'].mean():.1f}% | {100 * group['topk_any'].mean():.1f}% | "
-                     f"{100 * other['topk_any'].mean():.1f}% | {common} |")
+        lines.append(
+            f"| {step} | {len(group)} | {100 * group['top1_any'].mean():.1f}% | "
+            f"{100 * other['top1_any'].mean():.1f}% | {100 * group['topk_any'].mean():.1f}% | "
+            f"{100 * other['topk_any'].mean():.1f}% | {common} |"
+        )
     return "\n".join(lines)
 
 
@@ -108,13 +116,20 @@ def _targets_markdown(summary: dict, wall_minutes: float) -> str:
     rows = [
         ("training time <= 45 min on this machine", f"{wall_minutes:.1f} min", wall_minutes <= 45),
         ("accuracy with 6 latents >= 80%", f"{100 * acc['latents']:.1f}%", acc["latents"] >= 0.8),
-        ("zero-ablating all thoughts costs >= 25 points", f"{summary['ablation_drop_points']} points",
-         summary["ablation_drop_points"] >= 25),
+        (
+            "zero-ablating all thoughts costs >= 25 points",
+            f"{summary['ablation_drop_points']} points",
+            summary["ablation_drop_points"] >= 25,
+        ),
     ]
     if "no_cot_baseline" in acc:
-        rows.append(("CODI beats a no-CoT model of the same size and budget",
-                     f"{100 * acc['latents']:.1f}% vs {100 * acc['no_cot_baseline']:.1f}%",
-                     acc["latents"] > acc["no_cot_baseline"]))
+        rows.append(
+            (
+                "CODI beats a no-CoT model of the same size and budget",
+                f"{100 * acc['latents']:.1f}% vs {100 * acc['no_cot_baseline']:.1f}%",
+                acc["latents"] > acc["no_cot_baseline"],
+            )
+        )
     lines = ["| target | measured | met |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, value, ok in rows]
     return "\n".join(lines)
@@ -127,12 +142,26 @@ def write_model_card(directory: Path, summary: dict, accuracy: pd.DataFrame, len
     (directory / "card.json").write_text(json.dumps(card, indent=2))
     cfg, shape = training["config"], training["model_shape"]
     text = CARD_TEMPLATE.format(
-        shape=", ".join(f"{k} {v}" for k, v in shape.items()), steps=training["steps"], seed=cfg["seed"],
-        batch=cfg["batch_size"], lr=cfg["lr"], beta=cfg["distill_weight"], prj=cfg["prj_dim"],
+        shape=", ".join(f"{k} {v}" for k, v in shape.items()),
+        steps=training["steps"],
+        seed=cfg["seed"],
+        batch=cfg["batch_size"],
+        lr=cfg["lr"],
+        beta=cfg["distill_weight"],
+        prj=cfg["prj_dim"],
         wall=training.get("wall_seconds_total", training["wall_seconds_this_invocation"]) / 60,
-        n=summary["n_problems"], accuracy=_accuracy_markdown(accuracy), lens=_lens_markdown(lens),
-        drop=summary["ablation_drop_points"], data=json.dumps(training["data"]), threads=cfg["threads"],
-        targets=_targets_markdown(summary, training.get("wall_seconds_total", training["wall_seconds_this_invocation"]) / 60),
+        n=summary["n_problems"],
+        accuracy=_accuracy_markdown(accuracy),
+        lens=_lens_markdown(lens),
+        drop=summary["ablation_drop_points"],
+        data=json.dumps(training["data"]),
+        threads=cfg["threads"],
+        gain=", projection LayerNorm gain started at the embeddings' std"
+        if cfg.get("prj_gain_matches_embeddings")
+        else "",
+        targets=_targets_markdown(
+            summary, training.get("wall_seconds_total", training["wall_seconds_this_invocation"]) / 60
+        ),
     )
     (directory / "MODEL_CARD.md").write_text(text)
 
@@ -140,7 +169,9 @@ def write_model_card(directory: Path, summary: dict, accuracy: pd.DataFrame, len
 CARD_TEMPLATE = """# toy-arith: a small CODI model trained from scratch by codi_lens
 
 A LLaMA-architecture model (RMSNorm, rope, GQA, tied embeddings; {shape}) trained with the CODI
-objective on synthetic multi-step arithmetic word problems (`codi_lens.synthetic`, data {data}).
+objective on synthetic multi-step arithmetic word problems (`codi_lens.synthetic`, data {data}):
+1-5 dependent operations (+, -, x, halving; mostly the non-linear ones, so no sum-of-operands
+shortcut), one per day ("On Tuesday Ava loses 3."), every value 0..40 and one token.
 Saved in the upstream CODI on-disk layout without LoRA (`codi.model.*`, `codi.lm_head.weight`,
 `prj.*`), with its HF config (base vocabulary, without the 3 CODI rows) and word-level tokenizer.
 Load it with `codi_lens.load_pretrained("toy-arith")`.
@@ -154,10 +185,10 @@ python -m experiments.toy_model_report --baseline runs/no_cot/export --write-car
 ```
 
 Seed {seed}; {steps} steps of batch {batch}, AdamW lr {lr} (warm-up, cosine), distillation weight
-{beta}, projection width {prj}, 6 latents, {threads} torch thread(s). Wall time of the training run on
-this 2-core CPU machine: {wall:.1f} minutes (the other core was busy with other jobs part of the
-time). The data order and initialisation are seeded; rerunning the command reproduces the logged
-losses exactly (checked for the first 10 steps).
+{beta}, projection width {prj}, 6 latents, {threads} torch thread(s){gain}. Wall time of the training
+run on this 2-core CPU machine: {wall:.1f} minutes, with no other heavy job running. The data order
+and initialisation are seeded; rerunning the command reproduces the logged losses exactly (checked
+for the first 10 steps).
 
 ## Targets of the issue that asked for this model
 
@@ -198,24 +229,33 @@ def main(argv: list[str] | None = None) -> dict:
 
     conditions = {
         "latents": codi_runner(model, n_latents=N_LATENTS, max_new_tokens=args.max_new_tokens),
-        "zero_all_thoughts": codi_runner(model, n_latents=N_LATENTS, max_new_tokens=args.max_new_tokens,
-                                         fwd_hooks=zero_thoughts(range(1, N_LATENTS + 1))),
+        "zero_all_thoughts": codi_runner(
+            model,
+            n_latents=N_LATENTS,
+            max_new_tokens=args.max_new_tokens,
+            fwd_hooks=zero_thoughts(range(1, N_LATENTS + 1)),
+        ),
         "teacher_explicit_cot": lambda qs: model.generate_explicit(qs, max_new_tokens=8 * N_LATENTS + 16),
     }
     if args.baseline:
         baseline = load_codi(args.baseline, args.baseline)
         conditions["no_cot_baseline"] = codi_runner(baseline, n_latents=0, max_new_tokens=args.max_new_tokens)
-    predictions = pd.concat([
-        evaluate(run, problems, out / f"predictions_{name}.jsonl", batch_size=args.batch_size, condition=name)
-        for name, run in conditions.items()
-    ], ignore_index=True)
+    predictions = pd.concat(
+        [
+            evaluate(run, problems, out / f"predictions_{name}.jsonl", batch_size=args.batch_size, condition=name)
+            for name, run in conditions.items()
+        ],
+        ignore_index=True,
+    )
     accuracy = accuracy_table(predictions)
     lens = logit_lens_frame(model, problems, args.batch_size)
 
     predictions.to_parquet(out / "predictions.parquet")
     accuracy.to_parquet(out / "accuracy.parquet")
     lens.to_parquet(out / "logit_lens.parquet")
-    accuracy_bars(accuracy, title=f"{args.checkpoint}: accuracy with and without its thoughts").write_html(out / "accuracy.html")
+    accuracy_bars(accuracy, title=f"{args.checkpoint}: accuracy with and without its thoughts").write_html(
+        out / "accuracy.html"
+    )
     latent_readout_heatmap(readout_rates(lens[~lens["control"]], N_LATENTS + 1)).write_html(out / "logit_lens.html")
 
     overall = accuracy[accuracy["group"] == "all"].set_index("condition")["accuracy"]

@@ -3,7 +3,7 @@
     python -m experiments.train_toy_codi [--out runs/toy_arith] [--steps N] [--export DIR]
 
 Defaults reproduce ``codi_lens/pretrained/toy_arith``: data from ``codi_lens.synthetic`` (seed 0),
-a 2-layer LLaMA-architecture model trained with the CODI objective for a fixed step budget. The run
+a 3-layer LLaMA-architecture model trained with the CODI objective for a fixed step budget. The run
 resumes from ``--out/train_state.pt`` if killed. ``--no-cot`` trains the same architecture on
 question -> answer only (no teacher, no distillation, 0 latents): the no-CoT baseline.
 """
@@ -17,9 +17,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from codi_lens.synthetic import build_tokenizer, make_splits, save_jsonl
-from codi_lens.training import CODIModule, Trainer, TrainConfig, add_codi_tokens, build_llama_lm, export_codi
+from codi_lens.training import CODIModule, TrainConfig, Trainer, add_codi_tokens, build_llama_lm, export_codi
 
-MODEL_SHAPE = {"d_model": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_mlp": 512}
+MODEL_SHAPE = {"d_model": 128, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "d_mlp": 512}
 DATA = {"seed": 0, "n_train": 40000, "n_val": 500, "n_test": 1000}
 
 
@@ -28,8 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="runs/toy_arith", help="work dir: resume state, log, export")
     parser.add_argument("--export", default=None, help="also export the final model here")
     parser.add_argument("--no-cot", action="store_true", help="train the no-CoT baseline instead")
-    parser.add_argument("--stop-at", type=int, default=None,
-                        help="stop this invocation at that step (resume later); no export")
+    parser.add_argument(
+        "--stop-at", type=int, default=None, help="stop this invocation at that step (resume later); no export"
+    )
     defaults = TrainConfig()
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> Path:
     tokenizer = build_tokenizer()
     lm = build_llama_lm(len(tokenizer), seed=cfg.seed, **{k: getattr(args, k) for k in MODEL_SHAPE})
     base_vocab = add_codi_tokens(lm)
-    model = CODIModule(lm, cfg.prj_dim, cfg.prj_layernorm)
+    model = CODIModule(lm, cfg.prj_dim, cfg.prj_layernorm, cfg.prj_gain_matches_embeddings)
     trainer = Trainer(model, tokenizer, base_vocab, cfg, splits["train"], splits["validation"], workdir=out)
     start = time.perf_counter()
     trainer.fit(stop_at=args.stop_at)
@@ -63,10 +64,19 @@ def main(argv: list[str] | None = None) -> Path:
     export_dir = Path(args.export) if args.export else out / "export"
     export_codi(model, tokenizer, export_dir)
     save_jsonl(splits["test"], export_dir / "data" / "test.jsonl")
-    (export_dir / "training.json").write_text(json.dumps(
-        {"config": asdict(cfg), "model_shape": {k: getattr(args, k) for k in MODEL_SHAPE}, "data": DATA,
-         "wall_seconds_this_invocation": round(wall, 1), "wall_seconds_total": round(trainer.wall_seconds, 1),
-         "steps": trainer.step}, indent=2))
+    (export_dir / "training.json").write_text(
+        json.dumps(
+            {
+                "config": asdict(cfg),
+                "model_shape": {k: getattr(args, k) for k in MODEL_SHAPE},
+                "data": DATA,
+                "wall_seconds_this_invocation": round(wall, 1),
+                "wall_seconds_total": round(trainer.wall_seconds, 1),
+                "steps": trainer.step,
+            },
+            indent=2,
+        )
+    )
     print(f"exported to {export_dir}")
     return export_dir
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from upstream_factory import make_tiny_codi
 from hf_reference import ReferenceCODI
+from upstream_factory import make_tiny_codi
 
 torch.set_num_threads(2)
 
@@ -36,8 +35,13 @@ class TinyCheckpoint:
 
     def reference(self) -> ReferenceCODI:
         return ReferenceCODI.from_checkpoint(
-            self.checkpoint_dir, self.base_dir, lora_r=TINY_LORA_R, use_lora=self.use_lora,
-            prj_dim=TINY_PRJ_DIM, prj_ln=self.prj_ln, dtype=torch.float32,
+            self.checkpoint_dir,
+            self.base_dir,
+            lora_r=TINY_LORA_R,
+            use_lora=self.use_lora,
+            prj_dim=TINY_PRJ_DIM,
+            prj_ln=self.prj_ln,
+            dtype=torch.float32,
         )
 
 
@@ -51,7 +55,9 @@ def tiny_checkpoint(tmp_path_factory):
     def build(family: str, fmt: str = "safetensors", use_lora: bool = True, prj_ln: bool = True) -> TinyCheckpoint:
         key = (family, fmt, use_lora, prj_ln)
         if key not in _BUILT:
-            root = tmp_path_factory.mktemp(f"{family}-{fmt}-{'lora' if use_lora else 'full'}-{'ln' if prj_ln else 'noln'}")
+            root = tmp_path_factory.mktemp(
+                f"{family}-{fmt}-{'lora' if use_lora else 'full'}-{'ln' if prj_ln else 'noln'}"
+            )
             ckpt_dir, base_dir = make_tiny_codi(root, family, fmt=fmt, use_lora=use_lora, prj_ln=prj_ln)
             _BUILT[key] = TinyCheckpoint(family, fmt, use_lora, prj_ln, Path(ckpt_dir), Path(base_dir))
         return _BUILT[key]

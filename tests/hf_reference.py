@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, DynamicCache
-
 from upstream_factory import build_codi_module
 
 
@@ -27,13 +26,32 @@ class ReferenceCODI:
         self.eos_id = tokenizer.eos_token_id
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_dir, base_dir, *, lora_r, lora_alpha=32, use_lora=True, prj_dim,
-                        prj_ln=True, dtype=torch.float32) -> ReferenceCODI:
+    def from_checkpoint(
+        cls,
+        checkpoint_dir,
+        base_dir,
+        *,
+        lora_r,
+        lora_alpha=32,
+        use_lora=True,
+        prj_dim,
+        prj_ln=True,
+        dtype=torch.float32,
+    ) -> ReferenceCODI:
         checkpoint_dir = Path(checkpoint_dir)
         st = checkpoint_dir / "model.safetensors"
-        state = load_file(str(st)) if st.exists() else torch.load(checkpoint_dir / "pytorch_model.bin", weights_only=True)
-        module = build_codi_module(base_dir, lora_r=lora_r, lora_alpha=lora_alpha, use_lora=use_lora,
-                                   prj_dim=prj_dim, prj_ln=prj_ln, device="cpu")
+        state = (
+            load_file(str(st)) if st.exists() else torch.load(checkpoint_dir / "pytorch_model.bin", weights_only=True)
+        )
+        module = build_codi_module(
+            base_dir,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            use_lora=use_lora,
+            prj_dim=prj_dim,
+            prj_ln=prj_ln,
+            device="cpu",
+        )
         module.load_state_dict(state, strict=True)
         module = module.to(dtype).eval()
         return cls(module, AutoTokenizer.from_pretrained(str(base_dir)))

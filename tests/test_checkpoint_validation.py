@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from codi_lens import CheckpointError, load_codi
-from codi_lens.inspect_checkpoint import format_summary, main as inspect_main, summarize_checkpoint
+from codi_lens.inspect_checkpoint import format_summary, summarize_checkpoint
+from codi_lens.inspect_checkpoint import main as inspect_main
 
 
 def _state(ckpt) -> dict[str, torch.Tensor]:

@@ -18,10 +18,24 @@ def _rows(path):
 
 
 def _run(ckpt, out, capsys, batch_size):
-    evaluate_main([
-        "--checkpoint", str(ckpt.checkpoint_dir), "--base", str(ckpt.base_dir), "--data", str(GSM8K_TEST),
-        "--limit", str(LIMIT), "--batch-size", str(batch_size), "--max-new-tokens", "6", "--out", str(out),
-    ])
+    evaluate_main(
+        [
+            "--checkpoint",
+            str(ckpt.checkpoint_dir),
+            "--base",
+            str(ckpt.base_dir),
+            "--data",
+            str(GSM8K_TEST),
+            "--limit",
+            str(LIMIT),
+            "--batch-size",
+            str(batch_size),
+            "--max-new-tokens",
+            "6",
+            "--out",
+            str(out),
+        ]
+    )
     return capsys.readouterr().out.strip().splitlines()[-1]
 
 

@@ -11,21 +11,55 @@ from experiments import toy_model_report, train_toy_codi
 
 def test_train_then_report_then_card(tmp_path, monkeypatch):
     monkeypatch.setattr(train_toy_codi, "DATA", {"seed": 0, "n_train": 256, "n_val": 16, "n_test": 24})
-    export = train_toy_codi.main([
-        "--out", str(tmp_path / "run"), "--steps", "3", "--batch-size", "8", "--d-model", "32", "--d-mlp", "64",
-        "--prj-dim", "32", "--val-every", "3", "--val-size", "8", "--threads", "1",
-    ])
+    export = train_toy_codi.main(
+        [
+            "--out",
+            str(tmp_path / "run"),
+            "--steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--d-model",
+            "32",
+            "--d-mlp",
+            "64",
+            "--prj-dim",
+            "32",
+            "--val-every",
+            "3",
+            "--val-size",
+            "8",
+            "--threads",
+            "1",
+        ]
+    )
     training = json.loads((export / "training.json").read_text())
     assert training["steps"] == 3 and (export / "data" / "test.jsonl").exists()
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and "val_accuracy" in log[-1]
 
     out = tmp_path / "report"
-    summary = toy_model_report.main([
-        "--checkpoint", str(export), "--base", str(export), "--data", str(export / "data" / "test.jsonl"),
-        "--limit", "12", "--batch-size", "5", "--max-new-tokens", "4", "--baseline", str(export),
-        "--out", str(out), "--write-card",
-    ])
+    summary = toy_model_report.main(
+        [
+            "--checkpoint",
+            str(export),
+            "--base",
+            str(export),
+            "--data",
+            str(export / "data" / "test.jsonl"),
+            "--limit",
+            "12",
+            "--batch-size",
+            "5",
+            "--max-new-tokens",
+            "4",
+            "--baseline",
+            str(export),
+            "--out",
+            str(out),
+            "--write-card",
+        ]
+    )
     predictions = pd.read_parquet(out / "predictions.parquet")
     assert set(predictions["condition"]) == {"latents", "zero_all_thoughts", "teacher_explicit_cot", "no_cot_baseline"}
     assert predictions.groupby("condition").size().eq(12).all()

@@ -65,8 +65,9 @@ def test_interventions_inside_the_loop_match_a_full_hf_pass(setup, questions):
         handle = _hf_layers(ref)[0].register_forward_hook(add_push)
         try:
             with torch.no_grad():
-                out = ref.model(inputs_embeds=_hf_sequence_embeds(ref, ids, result.thought_embeds[i], []),
-                                output_hidden_states=True)
+                out = ref.model(
+                    inputs_embeds=_hf_sequence_embeds(ref, ids, result.thought_embeds[i], []), output_hidden_states=True
+                )
         finally:
             handle.remove()
         hf_latents = out.hidden_states[-1][0, rel_bot : rel_bot + 7]
@@ -89,14 +90,19 @@ def test_stitched_cache_equals_a_full_hf_pass(setup, questions):
         ids = _question_ids(model, question)
         fed_answer = result.answer_tokens[i][:-1]
         with torch.no_grad():
-            out = ref.model(inputs_embeds=_hf_sequence_embeds(ref, ids, result.thought_embeds[i], fed_answer),
-                            output_hidden_states=True, output_attentions=True)
+            out = ref.model(
+                inputs_embeds=_hf_sequence_embeds(ref, ids, result.thought_embeds[i], fed_answer),
+                output_hidden_states=True,
+                output_attentions=True,
+            )
         start = result.positions.n_pad[i]
         length = out.hidden_states[0].shape[1]
         for layer in range(n_layers - 1):  # the last HF hidden state has the final norm applied
             ours = cache[f"blocks.{layer}.hook_resid_post"][i, start : start + length]
             assert (ours - out.hidden_states[layer + 1][0]).abs().max() <= ATOL
-        pattern = cache[f"blocks.{n_layers - 1}.attn.hook_pattern"][i, :, start : start + length, start : start + length]
+        pattern = cache[f"blocks.{n_layers - 1}.attn.hook_pattern"][
+            i, :, start : start + length, start : start + length
+        ]
         assert (pattern - out.attentions[-1][0]).abs().max() <= ATOL
         assert cache["hook_embed"].shape[1] == cache["blocks.0.hook_resid_pre"].shape[1]
     for k in range(7):
@@ -110,10 +116,12 @@ def test_names_filter_and_zero_at_positions(setup, questions):
     probe = model.run_codi(questions[:2], max_new_tokens=2)
     eot = probe.positions.eot
     result, cache = model.run_codi_with_cache(
-        questions[:2], max_new_tokens=2, names_filter=lambda n: n.endswith("hook_resid_post"),
+        questions[:2],
+        max_new_tokens=2,
+        names_filter=lambda n: n.endswith("hook_resid_post"),
         fwd_hooks=[("blocks.0.hook_resid_post", zero_at_positions(model, [eot]))],
     )
-    assert set(cache.keys()) == {f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)}
+    assert set(cache.keys()) == {f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)}
     assert cache["blocks.0.hook_resid_post"][:, eot].abs().max() == 0
     assert cache["blocks.0.hook_resid_post"][:, eot - 1].abs().max() > 0
     # Thoughts are before EOT, so the latent loop is untouched.
@@ -140,8 +148,9 @@ def test_thought_hooks_fire_once_per_step(setup, questions):
         seen.setdefault(hook.name, []).append(tuple(acts.shape))
 
     n = 8
-    result = model.run_codi(questions, n_latents=n, max_new_tokens=1,
-                            fwd_hooks=[(lambda name: name.startswith("thought."), record)])
+    result = model.run_codi(
+        questions, n_latents=n, max_new_tokens=1, fwd_hooks=[(lambda name: name.startswith("thought."), record)]
+    )
     assert result.latent_states.shape == (3, n + 1, model.cfg.d_model)
     expected = {thought_hook_name(k, kind) for k in range(n + 1) for kind in ("hidden", "projection")}
     expected |= {thought_hook_name(k, "input") for k in range(1, n + 1)}
@@ -157,12 +166,18 @@ def test_replace_and_zero_thought_interventions(setup, questions):
     model, _ = setup
     clean = model.run_codi(questions[:2], max_new_tokens=3)
     # Feeding the model its own thoughts changes nothing.
-    same = model.run_codi(questions[:2], max_new_tokens=3,
-                          fwd_hooks=replace_thoughts({k: clean.thought_embeds[:, k - 1] for k in range(1, 7)}))
+    same = model.run_codi(
+        questions[:2],
+        max_new_tokens=3,
+        fwd_hooks=replace_thoughts({k: clean.thought_embeds[:, k - 1] for k in range(1, 7)}),
+    )
     assert torch.equal(same.latent_states, clean.latent_states) and same.answer_tokens == clean.answer_tokens
     # Swapping the two problems' thoughts feeds exactly the other problem's vectors.
-    swapped = model.run_codi(questions[:2], max_new_tokens=3,
-                             fwd_hooks=replace_thoughts({k: clean.thought_embeds.flip(0)[:, k - 1] for k in range(1, 7)}))
+    swapped = model.run_codi(
+        questions[:2],
+        max_new_tokens=3,
+        fwd_hooks=replace_thoughts({k: clean.thought_embeds.flip(0)[:, k - 1] for k in range(1, 7)}),
+    )
     assert torch.equal(swapped.thought_embeds, clean.thought_embeds.flip(0))
     assert torch.equal(swapped.latent_states[:, 0], clean.latent_states[:, 0])  # h_0 precedes every thought
     zeroed = model.run_codi(questions[:2], max_new_tokens=3, fwd_hooks=zero_thoughts([2, 5]))
@@ -185,8 +200,9 @@ def test_saes_attach_inside_the_codi_loop(setup, questions):
     clean = model.run_codi(questions[:2], max_new_tokens=3)
     model.add_sae(sae, use_error_term=True)
     try:
-        spliced, cache = model.run_codi_with_cache(questions[:2], max_new_tokens=3,
-                                                   names_filter=lambda n: "hook_sae_acts_post" in n)
+        spliced, cache = model.run_codi_with_cache(
+            questions[:2], max_new_tokens=3, names_filter=lambda n: "hook_sae_acts_post" in n
+        )
         assert (spliced.latent_states - clean.latent_states).abs().max() <= 1e-4
         acts = cache["blocks.0.hook_resid_post.hook_sae_acts_post"]
         assert acts.shape[:2] == (2, spliced.positions.answer_start + max(spliced.positions.answer_lengths) - 1)
@@ -196,3 +212,19 @@ def test_saes_attach_inside_the_codi_loop(setup, questions):
     finally:
         model.reset_saes()
     assert torch.equal(model.run_codi(questions[:2], max_new_tokens=3).latent_states, clean.latent_states)
+
+
+def test_positional_hooks_on_rotated_keys_hold_for_later_chunks(tiny_checkpoint, questions):
+    """Zeroing a rotated key equals zeroing it before rotation (rotation is linear). hook_k sees only the
+    new positions and the cache keeps the zeroed key; hook_rot_k sees every cached position at every
+    chunk, so the positional hook must zero it in every chunk to agree."""
+    model = load_codi(tiny_checkpoint("llama").checkpoint_dir, tiny_checkpoint("llama").base_dir)
+    batch = questions[:2]
+    bot = model.run_codi(batch, max_new_tokens=1).positions.bot
+    zero = lambda name: [(name, zero_at_positions(model, [bot - 1, bot]))]  # noqa: E731
+    before = model.run_codi(batch, max_new_tokens=3, fwd_hooks=zero("blocks.0.attn.hook_k"))
+    after = model.run_codi(batch, max_new_tokens=3, fwd_hooks=zero("blocks.0.attn.hook_rot_k"))
+    plain = model.run_codi(batch, max_new_tokens=3)
+    assert not torch.allclose(before.latent_states, plain.latent_states, atol=1e-3)
+    assert (before.latent_states - after.latent_states).abs().max() <= ATOL
+    assert before.answer_tokens == after.answer_tokens

@@ -43,10 +43,16 @@ def test_loads_through_the_strict_loader():
 def test_reaches_its_card_accuracy_on_a_test_subset(card, tmp_path):
     model = load_pretrained("toy-arith")
     problems = load_problems(DIRECTORY / "data" / "test.jsonl", limit=SUBSET)
-    with_thoughts = evaluate(codi_runner(model, max_new_tokens=12), problems, tmp_path / "a.jsonl",
-                             batch_size=100, progress=False)["correct"].mean()
-    ablated = evaluate(codi_runner(model, max_new_tokens=12, fwd_hooks=zero_thoughts(range(1, 7))), problems,
-                       tmp_path / "b.jsonl", batch_size=100, progress=False)["correct"].mean()
+    with_thoughts = evaluate(
+        codi_runner(model, max_new_tokens=12), problems, tmp_path / "a.jsonl", batch_size=100, progress=False
+    )["correct"].mean()
+    ablated = evaluate(
+        codi_runner(model, max_new_tokens=12, fwd_hooks=zero_thoughts(range(1, 7))),
+        problems,
+        tmp_path / "b.jsonl",
+        batch_size=100,
+        progress=False,
+    )["correct"].mean()
     reported = card["summary"]["accuracy"]
     assert abs(with_thoughts - reported["latents"]) <= TOLERANCE
     assert abs(ablated - reported["zero_all_thoughts"]) <= TOLERANCE

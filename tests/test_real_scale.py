@@ -38,9 +38,19 @@ def test_expected_layout_of_real_checkpoints_matches_upstream_module(tmp_path, f
 def test_random_1b_checkpoint_loads_and_answers(tiny_checkpoint, tmp_path):
     tokenizer_dir = tiny_checkpoint("llama").base_dir
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "real_scale_load.py"), "--tokenizer", str(tokenizer_dir),
-         "--workdir", str(tmp_path), "--max-new-tokens", "4"],
-        capture_output=True, text=True, timeout=1200,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "real_scale_load.py"),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--workdir",
+            str(tmp_path),
+            "--max-new-tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])

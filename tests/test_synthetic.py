@@ -6,9 +6,9 @@ import re
 
 from codi_lens.answers import parse_gold_answer
 from codi_lens.data import count_steps, load_problems
-from codi_lens.synthetic import MAX_VALUE, STEP_MIX, build_tokenizer, generate_problems, make_splits, save_jsonl
+from codi_lens.synthetic import DAYS, MAX_VALUE, STEP_MIX, build_tokenizer, generate_problems, make_splits, save_jsonl
 
-EQUATION = re.compile(r"<<(\d+)([-+*])(\d+)=(\d+)>>")
+EQUATION = re.compile(r"<<(\d+)([-+*/])(\d+)=(\d+)>>")
 
 
 def test_generator_is_deterministic_and_seeded():
@@ -36,12 +36,21 @@ def test_chains_are_correct_and_in_range():
         previous = None
         for (a, op, b, result), value in zip(equations, p.intermediates):
             a, b, result = int(a), int(b), int(result)
-            assert {"+": a + b, "-": a - b, "*": a * b}[op] == result == value  # independent re-evaluation
+            assert {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op] == result == value  # independent re-evaluation
             assert 0 <= result <= MAX_VALUE
             if previous is not None:
                 assert a == previous  # each step uses the previous result
             previous = result
         assert p.answer_value == p.intermediates[-1] == parse_gold_answer(p.answer)
+        days = re.findall(r"On (\w+day)", p.question)
+        assert days == DAYS[: p.n_steps]  # each step is marked by its day, in order
+
+
+def test_operations_are_mostly_non_linear():
+    """Multiplication and halving make up at least 40% of all steps (no sum-of-operands shortcut)."""
+    ops = [op for p in generate_problems(2000, seed=6) for _, op, _, _ in EQUATION.findall(p.cot)]
+    assert set(ops) == {"+", "-", "*", "/"}
+    assert sum(op in "*/" for op in ops) / len(ops) >= 0.4
 
 
 def test_step_mix_is_weighted_to_multi_step():

@@ -8,11 +8,12 @@ from codi_lens import load_codi
 from codi_lens.synthetic import build_tokenizer, generate_problems
 from codi_lens.training import (
     CODIModule,
-    Trainer,
     TrainConfig,
+    Trainer,
     add_codi_tokens,
     build_llama_lm,
     codi_losses,
+    distillation_loss,
     export_codi,
     make_batch,
     student_forward,
@@ -27,6 +28,19 @@ def _setup(seed: int = 0, **cfg):
     base_vocab = add_codi_tokens(lm)
     config = TrainConfig(batch_size=8, prj_dim=48, warmup_steps=2, **cfg)
     return tok, CODIModule(lm, config.prj_dim), base_vocab, config
+
+
+def _assert_hooked_scores_match_training_pass(model, hooked, batch, problems, n_latents: int) -> None:
+    """codi_lens' teacher-forced answer logits equal the training student pass's (fp32, 1e-4)."""
+    model.eval()
+    with torch.no_grad():
+        logits, _ = student_forward(model, batch, n_latents)
+    scores = hooked.score_answers(
+        [p.question for p in problems], [f"The answer is: {p.answer_value}" for p in problems], append_eos=True
+    )
+    for i in range(len(problems)):
+        n = int(scores.answer_mask[i].sum())
+        assert (scores.logits[i, :n] - logits[i, :n]).abs().max() <= 1e-4
 
 
 def test_training_steps_decrease_all_three_losses_on_a_fixed_batch():
@@ -45,13 +59,31 @@ def test_training_steps_decrease_all_three_losses_on_a_fixed_batch():
     assert first["distill"] > 0
 
 
+def test_distillation_loss_by_hand_and_its_scale():
+    """Upstream form: SmoothL1 / teacher std; standardised form: SmoothL1 of states / teacher std."""
+    t = torch.tensor([[[0.0, 0.0], [1.0, 3.0]]])  # [batch 1, pos 2, d 2]; teacher std at pos 1 = sqrt(2)
+    s = torch.tensor([[[1.0, 3.5], [9.0, 9.0]]])  # student at pos 0 differs by (0, 0.5) from teacher pos 1
+    s_pos, t_pos = torch.tensor([0]), torch.tensor([1])
+    sigma = 2**0.5
+    upstream = distillation_loss([s], [t], s_pos, t_pos)  # smooth_l1 of (0, 0.5), beta 1: mean(0, 0.125)
+    assert torch.isclose(upstream, torch.tensor(0.0625 / sigma))
+    standardised = distillation_loss([s], [t], s_pos, t_pos, standardise=True)  # diffs (0, 0.5/sigma)
+    assert torch.isclose(standardised, torch.tensor(0.5 * 0.5 * (0.5 / sigma) ** 2))
+    # Scaling every state by c: the standardised loss is unchanged, upstream's scales with c.
+    c = 0.02
+    assert torch.isclose(distillation_loss([c * s], [c * t], s_pos, t_pos, standardise=True), standardised)
+    assert torch.isclose(distillation_loss([c * s], [c * t], s_pos, t_pos), c * c * upstream / c, rtol=1e-4)
+
+
 def test_batch_layout_marks_the_token_before_the_answer_number():
     tok, _, base_vocab, _ = _setup()
     problems = generate_problems(4, seed=1)
     batch = make_batch(problems, tok, base_vocab)
     for i, p in enumerate(problems):
         teacher = tok.convert_ids_to_tokens(batch.teacher_ids[i].tolist())
-        assert teacher[batch.teacher_distill_pos[i]] == ":" and teacher[batch.teacher_distill_pos[i] + 1] == str(p.answer_value)
+        assert teacher[batch.teacher_distill_pos[i]] == ":" and teacher[batch.teacher_distill_pos[i] + 1] == str(
+            p.answer_value
+        )
         answer = batch.answer_ids[i].tolist()
         assert answer[0] == base_vocab + 2  # EOT
         assert tok.convert_ids_to_tokens([answer[batch.student_distill_pos[i]]]) == [":"]
@@ -89,11 +121,52 @@ def test_export_loads_strictly_and_matches_the_training_loop(tmp_path):
     assert hooked.layout.uses_lora is False and hooked.layout.prj_dim == cfg.prj_dim
     # The training student pass and codi_lens' loop give the same answer logits (fp32, 1e-4).
     batch = make_batch(problems, tok, base_vocab)
-    model.eval()
-    with torch.no_grad():
-        logits, _ = student_forward(model, batch, cfg.n_latents)
-    scores = hooked.score_answers([p.question for p in problems], [f"The answer is: {p.answer_value}" for p in problems],
-                                  append_eos=True)
-    for i in range(len(problems)):
-        n = int(scores.answer_mask[i].sum())
-        assert (scores.logits[i, :n] - logits[i, :n]).abs().max() <= 1e-4
+    _assert_hooked_scores_match_training_pass(model, hooked, batch, problems, cfg.n_latents)
+
+
+def test_lora_training_on_gpt2_exports_the_upstream_lora_layout(tmp_path):
+    """Training works on another HF family with peft LoRA; the export is upstream's LoRA layout and
+    codi_lens' loop reproduces the training student pass (fp32, 1e-4)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
+    base_vocab = add_codi_tokens(lm)
+    lm = get_peft_model(
+        lm,
+        LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True
+        ),
+    )
+    cfg = TrainConfig(batch_size=8, prj_dim=24, lr=3e-3)
+    model = CODIModule(lm, cfg.prj_dim)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n or n.startswith("prj.") for n in trainable)
+
+    problems = generate_problems(8, seed=5)
+    batch = make_batch(problems, tok, base_vocab)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    first = codi_losses(model, batch, cfg)["loss"].item()
+    for _ in range(15):
+        losses = codi_losses(model, batch, cfg)
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+    assert codi_losses(model, batch, cfg)["loss"].item() < first
+
+    export_codi(model, tok, tmp_path / "export")
+    hooked = load_codi(tmp_path / "export", tmp_path / "export", lora_alpha=8)
+    assert hooked.layout.family == "gpt2" and hooked.layout.uses_lora and hooked.layout.lora_rank == 4
+    _assert_hooked_scores_match_training_pass(model, hooked, batch, problems, cfg.n_latents)

@@ -23,8 +23,14 @@ Family = Literal["llama", "gpt2"]
 GSM8K_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+}
 
 
 def save_tiny_tokenizer(path: str | Path, family: Family, vocab_size: int = 512) -> PreTrainedTokenizerFast:
@@ -39,10 +45,16 @@ def save_tiny_tokenizer(path: str | Path, family: Family, vocab_size: int = 512)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     if family == "llama":
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     else:
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
@@ -59,18 +71,46 @@ def make_base_dir(path: str | Path, family: Family, *, size: str = "tiny") -> Pa
     if family == "gpt2" and size == "gpt2":
         config = GPT2Config()  # the released GPT-2 small: vocab 50257, 12 layers, d_model 768
     elif family == "gpt2":
-        config = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=512,
-                            bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+        config = GPT2Config(
+            vocab_size=len(tok),
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=512,
+            bos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
     elif size == "llama-3.2-1b":
-        config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                             num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
-                             rope_parameters=dict(LLAMA3_ROPE), max_position_embeddings=131072,
-                             tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128009)
+        config = LlamaConfig(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            rms_norm_eps=1e-5,
+            rope_parameters=dict(LLAMA3_ROPE),
+            max_position_embeddings=131072,
+            tie_word_embeddings=True,
+            bos_token_id=128000,
+            eos_token_id=128009,
+        )
     else:
-        config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-                             rope_parameters=dict(LLAMA3_ROPE), max_position_embeddings=2048,
-                             tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-5,
+            rope_parameters=dict(LLAMA3_ROPE),
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
     config.save_pretrained(str(path))
     return path
 
@@ -118,15 +158,24 @@ def build_codi_module(
             p.data = p.data.to(torch.bfloat16)
         if use_lora:
             gpt2 = config.model_type == "gpt2"
-            lm = get_peft_model(lm, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
-                                               target_modules=GPT2_TARGETS if gpt2 else LLAMA_TARGETS,
-                                               fan_in_fan_out=gpt2))
+            lm = get_peft_model(
+                lm,
+                LoraConfig(
+                    r=lora_r,
+                    lora_alpha=lora_alpha,
+                    lora_dropout=0.0,
+                    target_modules=GPT2_TARGETS if gpt2 else LLAMA_TARGETS,
+                    fan_in_fan_out=gpt2,
+                ),
+            )
             if device != "meta":
                 with torch.no_grad():
                     for name, p in lm.named_parameters():
                         if "lora_" in name:
                             p.copy_(torch.randn(p.shape) * 0.05)
-        module = UpstreamCODI(lm, config.hidden_size if hasattr(config, "hidden_size") else config.n_embd, prj_dim, prj_ln)
+        module = UpstreamCODI(
+            lm, config.hidden_size if hasattr(config, "hidden_size") else config.n_embd, prj_dim, prj_ln
+        )
     return module.eval()
 
 
@@ -144,8 +193,17 @@ def save_codi_checkpoint(module: nn.Module, path: str | Path, fmt: Literal["bin"
     return file
 
 
-def make_tiny_codi(root: str | Path, family: Family, *, fmt: str = "safetensors", use_lora: bool = True,
-                   prj_ln: bool = True, seed: int = 0, lora_r: int = 8, prj_dim: int = 96) -> tuple[Path, Path]:
+def make_tiny_codi(
+    root: str | Path,
+    family: Family,
+    *,
+    fmt: str = "safetensors",
+    use_lora: bool = True,
+    prj_ln: bool = True,
+    seed: int = 0,
+    lora_r: int = 8,
+    prj_dim: int = 96,
+) -> tuple[Path, Path]:
     """Build a tiny base dir and a CODI checkpoint beside it; returns ``(checkpoint_dir, base_dir)``."""
     root = Path(root)
     base_dir = make_base_dir(root / "base", family)
