@@ -170,8 +170,8 @@ CARD_TEMPLATE = """# toy-arith: a small CODI model trained from scratch by codi_
 
 A LLaMA-architecture model (RMSNorm, rope, GQA, tied embeddings; {shape}) trained with the CODI
 objective on synthetic multi-step arithmetic word problems (`codi_lens.synthetic`, data {data}):
-1-5 dependent operations (+, -, x, halving; mostly the non-linear ones, so no sum-of-operands
-shortcut), one per day ("On Tuesday Ava loses 3."), every value 0..40 and one token.
+1-5 dependent operations (+, -, x, halving; mostly the non-linear ones, against a
+sum-of-operands shortcut), one per day ("On Tuesday Ava loses 3."), every value 0..40 and one token.
 Saved in the upstream CODI on-disk layout without LoRA (`codi.model.*`, `codi.lm_head.weight`,
 `prj.*`), with its HF config (base vocabulary, without the 3 CODI rows) and word-level tokenizer.
 Load it with `codi_lens.load_pretrained("toy-arith")`.
