@@ -5,7 +5,7 @@ week ("On Tuesday Ava loses 3."), every value kept in ``0..MAX_VALUE`` so that e
 is one token of a word-level tokenizer (what logit-lens readouts need).
 
 Two choices are meant to make serial computation pay off over a one-pass shortcut (they do not
-force it: a 3-layer no-CoT model still solves most chains, see the toy-arith model card):
+force it: a 2-layer no-CoT model still solves most chains, see the toy-arith model card):
 
 - operations mix addition/subtraction with multiplication and halving, weighted to the non-linear
   ones (``OP_WEIGHTS``), so the answer is not a sum of the operands that one attention layer could

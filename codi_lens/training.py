@@ -46,7 +46,7 @@ BOOKKEEPING_FIELDS = ("threads", "val_every", "val_size", "checkpoint_every")
 class TrainConfig:
     """Everything that determines a training run (saved with every checkpoint)."""
 
-    steps: int = 3600
+    steps: int = 5000
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100

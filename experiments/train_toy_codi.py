@@ -3,7 +3,7 @@
     python -m experiments.train_toy_codi [--out runs/toy_arith] [--steps N] [--export DIR]
 
 Defaults reproduce ``codi_lens/pretrained/toy_arith``: data from ``codi_lens.synthetic`` (seed 0),
-a 3-layer LLaMA-architecture model trained with the CODI objective for a fixed step budget. The run
+a 2-layer LLaMA-architecture model trained with the CODI objective for a fixed step budget. The run
 resumes from ``--out/train_state.pt`` if killed. ``--no-cot`` trains the same architecture on
 question -> answer only (no teacher, no distillation, 0 latents): the no-CoT baseline.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 from codi_lens.synthetic import build_tokenizer, make_splits, save_jsonl
 from codi_lens.training import CODIModule, TrainConfig, Trainer, add_codi_tokens, build_llama_lm, export_codi
 
-MODEL_SHAPE = {"d_model": 128, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "d_mlp": 512}
+MODEL_SHAPE = {"d_model": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_mlp": 512}
 DATA = {"seed": 0, "n_train": 40000, "n_val": 500, "n_test": 1000}
 
 
