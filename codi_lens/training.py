@@ -225,10 +225,11 @@ def distillation_loss(
         s_sel, t_sel = _gather(s, s_pos), _gather(t, t_pos).detach()
         if standardise:
             sigma = t_sel.std().clamp_min(1e-6)
-            total = total + F.smooth_l1_loss(s_sel / sigma, t_sel / sigma)
-            continue
-        term = F.smooth_l1_loss(s_sel, t_sel)
-        total = total + (term / t_sel.std() if div_std else term)
+            term = F.smooth_l1_loss(s_sel / sigma, t_sel / sigma)
+        else:
+            term = F.smooth_l1_loss(s_sel, t_sel)
+            term = term / t_sel.std() if div_std else term
+        total = total + term
     return total / len(student_states)
 
 

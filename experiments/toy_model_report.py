@@ -141,6 +141,7 @@ def write_model_card(directory: Path, summary: dict, accuracy: pd.DataFrame, len
     card = {"summary": summary, "training": training}
     (directory / "card.json").write_text(json.dumps(card, indent=2))
     cfg, shape = training["config"], training["model_shape"]
+    wall_minutes = training.get("wall_seconds_total", training["wall_seconds_this_invocation"]) / 60
     text = CARD_TEMPLATE.format(
         shape=", ".join(f"{k} {v}" for k, v in shape.items()),
         steps=training["steps"],
@@ -149,7 +150,7 @@ def write_model_card(directory: Path, summary: dict, accuracy: pd.DataFrame, len
         lr=cfg["lr"],
         beta=cfg["distill_weight"],
         prj=cfg["prj_dim"],
-        wall=training.get("wall_seconds_total", training["wall_seconds_this_invocation"]) / 60,
+        wall=wall_minutes,
         n=summary["n_problems"],
         accuracy=_accuracy_markdown(accuracy),
         lens=_lens_markdown(lens),
@@ -159,9 +160,7 @@ def write_model_card(directory: Path, summary: dict, accuracy: pd.DataFrame, len
         gain=", projection LayerNorm gain started at the embeddings' std"
         if cfg.get("prj_gain_matches_embeddings")
         else "",
-        targets=_targets_markdown(
-            summary, training.get("wall_seconds_total", training["wall_seconds_this_invocation"]) / 60
-        ),
+        targets=_targets_markdown(summary, wall_minutes),
     )
     (directory / "MODEL_CARD.md").write_text(text)
 
