@@ -10,8 +10,14 @@ force it: a 2-layer no-CoT model still solves most chains, see the toy-arith mod
 - operations mix addition/subtraction with multiplication and halving, weighted to the non-linear
   ones (``OP_WEIGHTS``), so the answer is not a sum of the operands that one attention layer could
   add up along the question;
-- each step is marked by its day, so "the k-th operation" is found by content, which is what a
-  thought needs to fetch its operation from the question.
+- chains are weighted to 3-5 steps (``STEP_MIX``), each step marked by its day.
+
+Two harder variants are options, off by default (the shipped model was trained without them):
+``shuffle`` puts the day sentences in random order, so the running value cannot be built up left
+to right along the question; ``halve_odd`` halves odd values too, rounding down (``<<7//2=3>>``),
+so a chain is no longer a composition of affine maps. Neither helped CODI beat the no-CoT baseline
+in our runs: shuffled order slowed the CODI student far more than it learned, and a 2-layer no-CoT
+model still reached 85% validation accuracy with odd halving.
 
 Records carry the question, the equation-only chain of thought (``<<5+7=12>> <<12*3=36>>``), a
 GSM8K-style ``answer`` field ending in ``#### N`` (so the GSM8K loader and gold parser work
@@ -33,6 +39,8 @@ MAX_ADD, MAX_MUL = 10, 3
 STEP_MIX = {1: 0.05, 2: 0.15, 3: 0.25, 4: 0.3, 5: 0.25}
 #: Relative odds of each operation among those that keep the value in range.
 OP_WEIGHTS = {"+": 1.0, "-": 1.0, "*": 2.0, "/": 1.5}
+#: With ``halve_odd`` halving is weighted up further (about 39% of steps, 15% halve an odd value).
+OP_WEIGHTS_HALVE_ODD = {**OP_WEIGHTS, "/": 2.5}
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"]
 
 NAMES = [
@@ -84,6 +92,8 @@ ADDS = ["gets {x} more.", "buys {x} more.", "finds {x} more."]
 SUBS = ["gives away {x}.", "loses {x}.", "sells {x}."]
 MULS = ["multiplies them by {x}.", "ends up with {x} times as many."]
 HALVES = ["keeps half of them.", "gives away half of them."]
+#: Halving of any value (``halve_odd``): the text says how it rounds, the CoT writes ``//``.
+HALVES_FLOOR = ["keeps half of them, rounding down.", "gives away half of them, rounding up."]
 QUESTIONS = ["How many now?", "How many {item} at the end?"]
 #: Word-level pieces: calculator brackets, integers, words, single symbols.
 TOKEN_PATTERN = r"<<|>>|\d+|[A-Za-z]+|[^\sA-Za-z\d]"
@@ -103,16 +113,17 @@ class ArithmeticProblem:
     intermediates: tuple[int, ...]
 
 
-def _next_op(rng: random.Random, value: int) -> tuple[str, int, int]:
+def _next_op(rng: random.Random, value: int, halve_odd: bool) -> tuple[str, int, int]:
     """Pick an operation that keeps the value in range: (symbol, operand, result)."""
     feasible = {
         "+": value < MAX_VALUE,
         "-": value > 0,
         "*": 1 < value <= MAX_VALUE // 2,
-        "/": value >= 2 and value % 2 == 0,
+        "/": value >= 2 and (halve_odd or value % 2 == 0),
     }
     options = [op for op, ok in feasible.items() if ok]
-    op = rng.choices(options, [OP_WEIGHTS[o] for o in options])[0]
+    weights = OP_WEIGHTS_HALVE_ODD if halve_odd else OP_WEIGHTS
+    op = rng.choices(options, [weights[o] for o in options])[0]
     if op == "/":
         return op, 2, value // 2
     if op == "+":
@@ -125,25 +136,40 @@ def _next_op(rng: random.Random, value: int) -> tuple[str, int, int]:
     return op, x, value * x
 
 
-def generate_problem(rng: random.Random, n_steps: int) -> tuple[str, str, list[int]]:
-    """Question text, CoT and intermediate values of one random chain of ``n_steps`` operations."""
+def generate_problem(
+    rng: random.Random, n_steps: int, shuffle: bool = False, halve_odd: bool = False
+) -> tuple[str, str, list[int]]:
+    """Question text, CoT and intermediate values of one random chain of ``n_steps`` operations.
+
+    With ``shuffle`` the day sentences appear in random order in the question (the CoT stays in
+    day order). With ``halve_odd`` halving applies to odd values too and rounds down
+    (``<<7//2=3>>``); without it only even values are halved (``<<8/2=4>>``).
+    """
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     value = rng.randint(2, 20)
-    sentences = [rng.choice(STARTS).format(name=name, a=value, item=item)]
-    equations, intermediates = [], []
+    start = rng.choice(STARTS).format(name=name, a=value, item=item)
+    steps, equations, intermediates = [], [], []
     for day in DAYS[:n_steps]:
-        op, x, result = _next_op(rng, value)
-        template = {"+": ADDS, "-": SUBS, "*": MULS, "/": HALVES}[op]
-        sentences.append(f"On {day} {name} " + rng.choice(template).format(x=x))
-        equations.append(f"<<{value}{op}{x}={result}>>")
+        op, x, result = _next_op(rng, value, halve_odd)
+        template = {"+": ADDS, "-": SUBS, "*": MULS, "/": HALVES_FLOOR if halve_odd else HALVES}[op]
+        steps.append(f"On {day} {name} " + rng.choice(template).format(x=x))
+        symbol = "//" if op == "/" and halve_odd else op
+        equations.append(f"<<{value}{symbol}{x}={result}>>")
         intermediates.append(result)
         value = result
-    sentences.append(rng.choice(QUESTIONS).format(name=name, item=item))
-    return " ".join(sentences), " ".join(equations), intermediates
+    if shuffle:
+        rng.shuffle(steps)
+    question = " ".join([start, *steps, rng.choice(QUESTIONS).format(name=name, item=item)])
+    return question, " ".join(equations), intermediates
 
 
 def generate_problems(
-    n: int, seed: int, split: str = "all", step_mix: dict[int, float] = STEP_MIX
+    n: int,
+    seed: int,
+    split: str = "all",
+    step_mix: dict[int, float] = STEP_MIX,
+    shuffle: bool = False,
+    halve_odd: bool = False,
 ) -> list[ArithmeticProblem]:
     """``n`` distinct problems (unique question text) drawn with ``random.Random(seed)``."""
     rng = random.Random(seed)
@@ -152,7 +178,7 @@ def generate_problems(
     problems = []
     while len(problems) < n:
         n_steps = rng.choices(steps, weights)[0]
-        question, cot, intermediates = generate_problem(rng, n_steps)
+        question, cot, intermediates = generate_problem(rng, n_steps, shuffle, halve_odd)
         if question in seen:
             continue
         seen.add(question)
@@ -172,10 +198,15 @@ def generate_problems(
 
 
 def make_splits(
-    seed: int = 0, n_train: int = 40000, n_val: int = 500, n_test: int = 1000
+    seed: int = 0,
+    n_train: int = 40000,
+    n_val: int = 500,
+    n_test: int = 1000,
+    shuffle: bool = False,
+    halve_odd: bool = False,
 ) -> dict[str, list[ArithmeticProblem]]:
     """Fixed train/validation/test splits with no question text shared between them."""
-    pool = generate_problems(n_train + n_val + n_test, seed)
+    pool = generate_problems(n_train + n_val + n_test, seed, shuffle=shuffle, halve_odd=halve_odd)
     bounds = {
         "train": (0, n_train),
         "validation": (n_train, n_train + n_val),
@@ -207,16 +238,25 @@ def load_jsonl(path: str | Path) -> list[ArithmeticProblem]:
     return [ArithmeticProblem(**{**r, "intermediates": tuple(r["intermediates"])}) for r in rows]
 
 
-def vocabulary() -> list[str]:
-    """Every piece the generator can emit: numbers 0..MAX_VALUE first, then words and symbols (sorted)."""
+def _pieces(texts: list[str]) -> set[str]:
+    return {piece for text in texts for piece in re.findall(TOKEN_PATTERN, re.sub(r"\{\w+\}", " ", text))}
+
+
+def vocabulary(halve_odd: bool = False) -> list[str]:
+    """Every piece the generator can emit: numbers 0..MAX_VALUE first, then words and symbols (sorted).
+
+    ``halve_odd`` adds the words of the rounding templates (a different vocabulary from the default,
+    which is the shipped model's).
+    """
+    texts = [*NAMES, *ITEMS, *DAYS, *STARTS, *ADDS, *SUBS, *MULS, *HALVES, *QUESTIONS, "On", "The answer is:"]
     words: set[str] = set()
-    for text in [*NAMES, *ITEMS, *DAYS, *STARTS, *ADDS, *SUBS, *MULS, *HALVES, *QUESTIONS, "On", "The answer is:"]:
+    for text in texts + (HALVES_FLOOR if halve_odd else []):
         words.update(re.findall(TOKEN_PATTERN, re.sub(r"\{\w+\}", " ", text)))
     symbols = ["<<", ">>", "+", "-", "*", "/", "="]
     return [str(i) for i in range(MAX_VALUE + 1)] + sorted(words - set(symbols)) + symbols
 
 
-def build_tokenizer():
+def build_tokenizer(halve_odd: bool = False):
     """Word-level tokenizer over :func:`vocabulary`: every number 0..MAX_VALUE is one token.
 
     Adds ``<s>`` in front of each text (like LLaMA's BOS) and stops at ``</s>``.
@@ -225,7 +265,7 @@ def build_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>"]
-    vocab = {token: i for i, token in enumerate(specials + vocabulary())}
+    vocab = {token: i for i, token in enumerate(specials + vocabulary(halve_odd))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(TOKEN_PATTERN), behavior="isolated")]

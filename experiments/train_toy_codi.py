@@ -6,6 +6,8 @@ Defaults reproduce ``codi_lens/pretrained/toy_arith``: data from ``codi_lens.syn
 a 2-layer LLaMA-architecture model trained with the CODI objective for a fixed step budget. The run
 resumes from ``--out/train_state.pt`` if killed. ``--no-cot`` trains the same architecture on
 question -> answer only (no teacher, no distillation, 0 latents): the no-CoT baseline.
+``--halve-odd`` / ``--shuffle-days`` train on the harder variants of the generator (see
+``codi_lens.synthetic``); the shipped model uses neither.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="runs/toy_arith", help="work dir: resume state, log, export")
     parser.add_argument("--export", default=None, help="also export the final model here")
     parser.add_argument("--no-cot", action="store_true", help="train the no-CoT baseline instead")
+    parser.add_argument("--shuffle-days", action="store_true", help="data variant: day sentences in random order")
+    parser.add_argument("--halve-odd", action="store_true", help="data variant: halve odd values too, rounding down")
     parser.add_argument(
         "--stop-at", type=int, default=None, help="stop this invocation at that step (resume later); no export"
     )
@@ -49,8 +53,13 @@ def main(argv: list[str] | None = None) -> Path:
     if args.no_cot:
         cfg.use_teacher, cfg.n_latents = False, 0
     out = Path(args.out)
-    splits = make_splits(**DATA)
-    tokenizer = build_tokenizer()
+    data = dict(DATA)
+    if args.shuffle_days:
+        data["shuffle"] = True
+    if args.halve_odd:
+        data["halve_odd"] = True
+    splits = make_splits(**data)
+    tokenizer = build_tokenizer(halve_odd=data.get("halve_odd", False))
     lm = build_llama_lm(len(tokenizer), seed=cfg.seed, **{k: getattr(args, k) for k in MODEL_SHAPE})
     base_vocab = add_codi_tokens(lm)
     model = CODIModule(lm, cfg.prj_dim, cfg.prj_layernorm, cfg.prj_gain_matches_embeddings)
@@ -69,7 +78,7 @@ def main(argv: list[str] | None = None) -> Path:
             {
                 "config": asdict(cfg),
                 "model_shape": {k: getattr(args, k) for k in MODEL_SHAPE},
-                "data": DATA,
+                "data": data,
                 "wall_seconds_this_invocation": round(wall, 1),
                 "wall_seconds_total": round(trainer.wall_seconds, 1),
                 "steps": trainer.step,

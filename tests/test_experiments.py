@@ -74,3 +74,17 @@ def test_train_then_report_then_card(tmp_path, monkeypatch):
     card = (export / "MODEL_CARD.md").read_text()
     assert "| all |" in card and "python -m experiments.train_toy_codi" in card
     assert json.loads((export / "card.json").read_text())["summary"] == summary
+
+
+def test_training_on_a_data_variant_records_it(tmp_path, monkeypatch):
+    """``--halve-odd --shuffle-days`` train on the harder generator variants, with their vocabulary."""
+    monkeypatch.setattr(train_toy_codi, "DATA", {"seed": 0, "n_train": 64, "n_val": 8, "n_test": 40})
+    tiny = ["--steps", "1", "--batch-size", "4", "--d-model", "16", "--d-mlp", "32", "--prj-dim", "16"]
+    export = train_toy_codi.main(
+        ["--out", str(tmp_path / "run"), "--halve-odd", "--shuffle-days", "--val-size", "4", "--threads", "1", *tiny]
+    )
+    data = json.loads((export / "training.json").read_text())["data"]
+    assert data["halve_odd"] is True and data["shuffle"] is True
+    test_text = (export / "data" / "test.jsonl").read_text()
+    assert "//" in test_text and "rounding" in test_text
+    assert "rounding" in json.loads((export / "tokenizer.json").read_text())["model"]["vocab"]

@@ -8,7 +8,7 @@ from codi_lens.answers import parse_gold_answer
 from codi_lens.data import count_steps, load_problems
 from codi_lens.synthetic import DAYS, MAX_VALUE, STEP_MIX, build_tokenizer, generate_problems, make_splits, save_jsonl
 
-EQUATION = re.compile(r"<<(\d+)([-+*/])(\d+)=(\d+)>>")
+EQUATION = re.compile(r"<<(\d+)(//|[-+*/])(\d+)=(\d+)>>")
 
 
 def test_generator_is_deterministic_and_seeded():
@@ -36,14 +36,57 @@ def test_chains_are_correct_and_in_range():
         previous = None
         for (a, op, b, result), value in zip(equations, p.intermediates):
             a, b, result = int(a), int(b), int(result)
-            assert {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op] == result == value  # independent re-evaluation
+            assert {"+": a + b, "-": a - b, "*": a * b, "/": a / b, "//": a // b}[op] == result == value
             assert 0 <= result <= MAX_VALUE
             if previous is not None:
                 assert a == previous  # each step uses the previous result
             previous = result
         assert p.answer_value == p.intermediates[-1] == parse_gold_answer(p.answer)
-        days = re.findall(r"On (\w+day)", p.question)
-        assert days == DAYS[: p.n_steps]  # each step is marked by its day, in order
+
+
+def _solve_from_question(question: str) -> list[int]:
+    """Recompute the chain from the question text alone: start value, then the days in week order."""
+    value = int(re.search(r"(?:has|starts with|owns) (\d+)", question).group(1))
+    by_day = dict(re.findall(r"On (\w+day) \w+ ([^.]+)\.", question))
+    values = []
+    for day in DAYS[: len(by_day)]:
+        phrase = by_day[day]
+        x = int(re.search(r"\d+", phrase).group()) if re.search(r"\d+", phrase) else None
+        if "half" in phrase:
+            value //= 2
+        elif "times" in phrase or "multiplies" in phrase:
+            value *= x
+        elif "more" in phrase:
+            value += x
+        else:  # gives away / loses / sells x
+            value -= x
+        values.append(value)
+    return values
+
+
+def test_questions_state_the_chain_in_week_order():
+    for p in generate_problems(500, seed=1):
+        assert _solve_from_question(p.question) == list(p.intermediates)
+        assert re.findall(r"On (\w+day)", p.question) == DAYS[: p.n_steps]
+        for a, op, _, _ in EQUATION.findall(p.cot):
+            assert op != "//" and (op != "/" or int(a) % 2 == 0)  # by default only even values are halved
+
+
+def test_odd_halving_rounds_down():
+    problems = generate_problems(500, seed=1, halve_odd=True)
+    for p in problems:
+        assert _solve_from_question(p.question) == list(p.intermediates)
+    odd = [int(a) for p in problems for a, op, _, _ in EQUATION.findall(p.cot) if op == "//" and int(a) % 2]
+    assert len(odd) > 50
+
+
+def test_shuffled_questions_still_state_the_chain():
+    problems = generate_problems(500, seed=1, shuffle=True)
+    for p in problems:
+        assert _solve_from_question(p.question) == list(p.intermediates)
+        assert sorted(re.findall(r"On (\w+day)", p.question), key=DAYS.index) == DAYS[: p.n_steps]
+    in_text_order = [re.findall(r"On (\w+day)", p.question) == DAYS[: p.n_steps] for p in problems if p.n_steps >= 3]
+    assert 0 < sum(in_text_order) < 0.5 * len(in_text_order)
 
 
 def test_operations_are_mostly_non_linear():
@@ -69,6 +112,10 @@ def test_tokenizer_numbers_are_single_tokens_and_nothing_is_unknown():
     ids = tok(text)["input_ids"]
     assert ids[0] == tok.bos_token_id and tok.unk_token_id not in ids
     assert tok.decode(tok("The answer is: 37")["input_ids"], skip_special_tokens=True).endswith("37")
+    rounding = build_tokenizer(halve_odd=True)
+    assert set(tok.get_vocab()) < set(rounding.get_vocab())
+    text = " ".join(p.question + " " + p.cot for p in generate_problems(300, seed=5, halve_odd=True))
+    assert rounding.unk_token_id not in rounding(text)["input_ids"]
 
 
 def test_jsonl_round_trip_through_the_gsm8k_loader(tmp_path):
