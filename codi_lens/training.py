@@ -68,6 +68,11 @@ class TrainConfig:
     distill_standardise: bool = False
     drop_last_cot_step: bool = True
     use_teacher: bool = True
+    #: Split each batch into this many micro-batches of similar length (gradient accumulation), so
+    #: less compute goes into padding. Each micro-batch's losses are token/element means over that
+    #: micro-batch and the distillation std is the micro-batch's, so with more than 1 the objective
+    #: is close to, not identical with, the whole batch's. 1 keeps the original computation.
+    micro_batches: int = 1
     val_every: int = 150
     val_size: int = 200
     checkpoint_every: int = 150
@@ -359,20 +364,33 @@ class Trainer:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch))
         return order[offset * bs : (offset + 1) * bs].tolist()
 
-    def batch(self, step: int) -> CODIBatch:
+    def micro_batches(self, step: int) -> list[tuple[CODIBatch, float]]:
+        """The step's problems sorted by length and cut into ``cfg.micro_batches`` batches, each
+        with its share of the step's problems (the weight of its loss)."""
         problems = [self.train_problems[i] for i in self.batch_indices(step)]
-        return make_batch(problems, self.tokenizer, self.base_vocab, self.cfg.drop_last_cot_step)
+        if self.cfg.micro_batches > 1:
+            problems = sorted(problems, key=lambda p: len(p.question) + len(p.cot))
+        bounds = torch.linspace(0, len(problems), self.cfg.micro_batches + 1).round().long().tolist()
+        groups = [problems[lo:hi] for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+        return [
+            (make_batch(g, self.tokenizer, self.base_vocab, self.cfg.drop_last_cot_step), len(g) / len(problems))
+            for g in groups
+        ]
 
     def train_step(self) -> dict[str, float]:
         self.model.train()
-        losses = codi_losses(self.model, self.batch(self.step), self.cfg)
         self.optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        totals: dict[str, float] = {}
+        for batch, share in self.micro_batches(self.step):
+            losses = codi_losses(self.model, batch, self.cfg)
+            (losses["loss"] * share).backward()
+            for name, value in losses.items():
+                totals[name] = totals.get(name, 0.0) + value.item() * share
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return {k: v.item() for k, v in losses.items()}
+        return totals
 
     def validate(self) -> float:
         """Greedy CODI-loop accuracy on the first ``val_size`` validation problems (hooked model)."""
@@ -408,7 +426,7 @@ class Trainer:
         state = torch.load(path, weights_only=False)
         saved, current = (
             {k: v for k, v in config.items() if k not in BOOKKEEPING_FIELDS}
-            for config in (state["config"], asdict(self.cfg))
+            for config in ({"micro_batches": 1, **state["config"]}, asdict(self.cfg))  # older states: 1
         )
         if saved != current:
             changed = sorted(k for k in current if saved.get(k) != current[k])

@@ -170,3 +170,41 @@ def test_lora_training_on_gpt2_exports_the_upstream_lora_layout(tmp_path):
     hooked = load_codi(tmp_path / "export", tmp_path / "export", lora_alpha=8)
     assert hooked.layout.family == "gpt2" and hooked.layout.uses_lora and hooked.layout.lora_rank == 4
     _assert_hooked_scores_match_training_pass(model, hooked, batch, problems, cfg.n_latents)
+
+
+def _gradients_after_one_step(problems, **cfg) -> tuple[dict[str, float], list[torch.Tensor]]:
+    tok, model, base_vocab, config = _setup(distill_div_std=False, lr=0.0, **cfg)  # lr 0: weights stay
+    config.batch_size = len(problems)
+    losses = Trainer(model, tok, base_vocab, config, problems).train_step()
+    return losses, [p.grad.clone() for p in model.parameters()]
+
+
+def test_micro_batches_give_the_whole_batch_gradient_when_lengths_are_equal():
+    """With equal lengths (no padding anywhere) and no std division, splitting a batch in two and
+    weighting each half by its share is the same objective: same losses and gradients (fp32)."""
+    tok = build_tokenizer()
+    by_length: dict[tuple[int, int], list] = {}
+    for p in generate_problems(400, seed=7):
+        key = (len(tok(p.question)["input_ids"]), len(tok(p.cot)["input_ids"]))
+        by_length.setdefault(key, []).append(p)
+    problems = next(group for group in by_length.values() if len(group) >= 4)[:4]
+    whole_losses, whole = _gradients_after_one_step(problems, micro_batches=1)
+    split_losses, split = _gradients_after_one_step(problems, micro_batches=2)
+    for name in whole_losses:
+        assert abs(whole_losses[name] - split_losses[name]) <= 1e-6 * max(1.0, abs(whole_losses[name])), name
+    for a, b in zip(whole, split):
+        assert (a - b).abs().max() <= 1e-6 + 1e-4 * a.abs().max()
+
+
+def test_micro_batches_group_by_length_and_cut_padding():
+    tok, model, base_vocab, cfg = _setup(micro_batches=4)
+    cfg.batch_size = 32
+    trainer = Trainer(model, tok, base_vocab, cfg, generate_problems(64, seed=8))
+    parts = trainer.micro_batches(0)
+    assert [share for _, share in parts] == [0.25] * 4
+    assert sum(b.prompt_ids.shape[0] for b, _ in parts) == 32
+    cfg.micro_batches = 1
+    ((whole, _),) = trainer.micro_batches(0)
+    assert sum(b.teacher_ids.numel() for b, _ in parts) < 0.85 * whole.teacher_ids.numel()
+    widths = [b.teacher_ids.shape[1] for b, _ in parts]
+    assert widths == sorted(widths)

@@ -1,0 +1,58 @@
+"""Training-step speed with length-grouped micro-batches (``TrainConfig.micro_batches``) vs one padded batch.
+
+    python benchmarks/micro_batches.py [--steps 16] [--splits 2 3]
+
+Builds the shipped toy model's architecture (``experiments.train_toy_codi.MODEL_SHAPE``) on the
+shipped data, and times the same training steps from the same initial weights with the batch
+padded as one (the naive way) and cut into length-sorted micro-batches, interleaved step by step
+in this process. Prints seconds per step, the share of teacher tokens that are padding, and the
+speed ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from codi_lens.synthetic import build_tokenizer, make_splits
+from codi_lens.training import CODIModule, TrainConfig, Trainer, add_codi_tokens, build_llama_lm
+from experiments.train_toy_codi import DATA, MODEL_SHAPE
+
+
+def make_trainer(splits: int, problems, tokenizer) -> Trainer:
+    lm = build_llama_lm(len(tokenizer), seed=0, **MODEL_SHAPE)
+    base_vocab = add_codi_tokens(lm)
+    cfg = TrainConfig(micro_batches=splits)
+    return Trainer(CODIModule(lm, cfg.prj_dim), tokenizer, base_vocab, cfg, problems)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--splits", type=int, nargs="+", default=[2, 3])
+    args = parser.parse_args()
+    problems = make_splits(**DATA)["train"]
+    tokenizer = build_tokenizer()
+    torch.set_num_threads(TrainConfig().threads)
+    trainers = {n: make_trainer(n, problems, tokenizer) for n in [1, *args.splits]}
+    seconds = dict.fromkeys(trainers, 0.0)
+    for trainer in trainers.values():
+        trainer.train_step()  # warm-up
+    # Interleave the variants step by step, so drifts in machine speed hit all of them alike.
+    for _ in range(args.steps):
+        for n, trainer in trainers.items():
+            tick = time.perf_counter()
+            trainer.train_step()
+            seconds[n] += time.perf_counter() - tick
+    for n, trainer in trainers.items():
+        padding = [1 - b.teacher_mask.sum().item() / b.teacher_mask.numel() for b, _ in trainer.micro_batches(1)]
+        print(
+            f"micro_batches={n}: {seconds[n] / args.steps:.3f} s/step, teacher padding "
+            f"{100 * sum(padding) / len(padding):.0f}%, speed-up vs one padded batch {seconds[1] / seconds[n]:.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
