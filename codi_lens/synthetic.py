@@ -16,8 +16,8 @@ Two harder variants are options, off by default (the shipped model was trained w
 ``shuffle`` puts the day sentences in random order, so the running value cannot be built up left
 to right along the question; ``halve_odd`` halves odd values too, rounding down (``<<7//2=3>>``),
 so a chain is no longer a composition of affine maps. Neither helped CODI beat the no-CoT baseline
-in our runs: shuffled order slowed the CODI student far more than it learned, and a 2-layer no-CoT
-model still reached 85% validation accuracy with odd halving.
+in our runs: with shuffled order the CODI student learned far too slowly (31% validation accuracy
+after 2,500 of 4,000 steps), and a 2-layer no-CoT model still reached 85% with odd halving.
 
 Records carry the question, the equation-only chain of thought (``<<5+7=12>> <<12*3=36>>``), a
 GSM8K-style ``answer`` field ending in ``#### N`` (so the GSM8K loader and gold parser work
@@ -236,10 +236,6 @@ def save_jsonl(problems: list[ArithmeticProblem], path: str | Path) -> Path:
 def load_jsonl(path: str | Path) -> list[ArithmeticProblem]:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     return [ArithmeticProblem(**{**r, "intermediates": tuple(r["intermediates"])}) for r in rows]
-
-
-def _pieces(texts: list[str]) -> set[str]:
-    return {piece for text in texts for piece in re.findall(TOKEN_PATTERN, re.sub(r"\{\w+\}", " ", text))}
 
 
 def vocabulary(halve_odd: bool = False) -> list[str]:
