@@ -151,6 +151,7 @@ def write_model_card(directory: Path, summary: dict, accuracy: pd.DataFrame, len
         beta=cfg["distill_weight"],
         prj=cfg["prj_dim"],
         wall=wall_minutes,
+        per_step=60 * wall_minutes / training["steps"],
         n=summary["n_problems"],
         accuracy=_accuracy_markdown(accuracy),
         lens=_lens_markdown(lens),
@@ -185,9 +186,10 @@ python -m experiments.toy_model_report --baseline runs/no_cot/export --write-car
 
 Seed {seed}; {steps} steps of batch {batch}, AdamW lr {lr} (warm-up, cosine), distillation weight
 {beta}, projection width {prj}, 6 latents, {threads} torch thread(s){gain}. Wall time of the training
-run on this 2-core CPU machine: {wall:.1f} minutes, with no other heavy job running. The data order
-and initialisation are seeded; rerunning the command reproduces the logged losses exactly (checked
-for the first 10 steps).
+run on this 2-core CPU machine: {wall:.1f} minutes ({per_step:.2f} s per step), with no other heavy job
+running. Instances of this machine type differ in speed, so time the first steps of a rerun before
+relying on that figure. The data order and initialisation are seeded; rerunning the command
+reproduces the logged losses exactly (checked for the first 10 steps).
 
 ## Targets of the issue that asked for this model
 
