@@ -38,7 +38,8 @@ from codi_lens.loading import model_from_tensors
 from codi_lens.model import CODIModel
 
 ANSWER_PREFIX = "The answer is:"
-#: Config fields that do not change the computation (a resume may change them).
+#: Config fields that do not change what is computed (a resume may change them). The thread count
+#: can change float rounding: a run resumed with another one matches to rounding, not bit for bit.
 BOOKKEEPING_FIELDS = ("threads", "val_every", "val_size", "checkpoint_every")
 
 

@@ -188,8 +188,9 @@ Seed {seed}; {steps} steps of batch {batch}, AdamW lr {lr} (warm-up, cosine), di
 {beta}, projection width {prj}, 6 latents, {threads} torch thread(s){gain}. Wall time of the training
 run on this 2-core CPU machine: {wall:.1f} minutes ({per_step:.2f} s per step), with no other heavy job
 running. Instances of this machine type differ in speed, so time the first steps of a rerun before
-relying on that figure. The data order and initialisation are seeded; rerunning the command
-reproduces the logged losses exactly (checked for the first 10 steps).
+relying on that figure. The data order and initialisation are seeded; rerunning the command with the
+same thread count reproduces the logged losses exactly (checked for the first 10 steps; another
+thread count changes the last float bits).
 
 ## Targets of the issue that asked for this model
 

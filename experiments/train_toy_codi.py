@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.halve_odd:
         data["halve_odd"] = True
     splits = make_splits(**data)
-    tokenizer = build_tokenizer(halve_odd=data.get("halve_odd", False))
+    tokenizer = build_tokenizer(halve_odd=args.halve_odd)
     lm = build_llama_lm(len(tokenizer), seed=cfg.seed, **{k: getattr(args, k) for k in MODEL_SHAPE})
     base_vocab = add_codi_tokens(lm)
     model = CODIModule(lm, cfg.prj_dim, cfg.prj_layernorm, cfg.prj_gain_matches_embeddings)
