@@ -5,7 +5,8 @@ week ("On Tuesday Ava loses 3."), every value kept in ``0..MAX_VALUE`` so that e
 is one token of a word-level tokenizer (what logit-lens readouts need).
 
 Two choices are meant to make serial computation pay off over a one-pass shortcut (they do not
-force it: a 2-layer no-CoT model still solves most chains, see the toy-arith model card):
+force it: a 2-layer no-CoT model still solves 83.5% of the test chains, against 89.5% for the CODI
+model; see the toy-arith model card):
 
 - operations mix addition/subtraction with multiplication and halving, weighted to the non-linear
   ones (``OP_WEIGHTS``), so the answer is not a sum of the operands that one attention layer could
@@ -16,8 +17,9 @@ Two harder variants are options, off by default (the shipped model was trained w
 ``shuffle`` puts the day sentences in random order, so the running value cannot be built up left
 to right along the question; ``halve_odd`` halves odd values too, rounding down (``<<7//2=3>>``),
 so a chain is no longer a composition of affine maps. Neither helped CODI beat the no-CoT baseline
-in our runs: with shuffled order the CODI student learned far too slowly (31% validation accuracy
-after 2,500 of 4,000 steps), and a 2-layer no-CoT model still reached 85% with odd halving.
+in our runs with the earlier recipe (student weight 1, one batch a step): with shuffled order the
+CODI student learned far too slowly (31% validation accuracy after 2,500 of 4,000 steps), and a
+2-layer no-CoT model still reached 85% with odd halving.
 
 Records carry the question, the equation-only chain of thought (``<<5+7=12>> <<12*3=36>>``), a
 GSM8K-style ``answer`` field ending in ``#### N`` (so the GSM8K loader and gold parser work

@@ -149,6 +149,8 @@ def write_model_card(directory: Path, summary: dict, accuracy: pd.DataFrame, len
         batch=cfg["batch_size"],
         lr=cfg["lr"],
         beta=cfg["distill_weight"],
+        student=cfg["student_weight"],
+        micro=cfg.get("micro_batches", 1),
         prj=cfg["prj_dim"],
         wall=wall_minutes,
         per_step=60 * wall_minutes / training["steps"],
@@ -184,13 +186,14 @@ python -m experiments.train_toy_codi --no-cot --out runs/no_cot                 
 python -m experiments.toy_model_report --baseline runs/no_cot/export --write-card
 ```
 
-Seed {seed}; {steps} steps of batch {batch}, AdamW lr {lr} (warm-up, cosine), distillation weight
-{beta}, projection width {prj}, 6 latents, {threads} torch thread(s){gain}. Wall time of the training
-run on this 2-core CPU machine: {wall:.1f} minutes ({per_step:.2f} s per step), with no other heavy job
-running. Instances of this machine type differ in speed, so time the first steps of a rerun before
-relying on that figure. The data order and initialisation are seeded; rerunning the command with the
-same thread count reproduces the logged losses exactly (checked for the first 10 steps; another
-thread count changes the last float bits).
+Seed {seed}; {steps} steps of batch {batch} ({micro} length-grouped micro-batch(es) a step), AdamW
+lr {lr} (warm-up, cosine), student weight {student}, distillation weight {beta}, projection width
+{prj}, 6 latents, {threads} torch thread(s){gain}. Wall time of the training run on this 2-core CPU
+machine, as the run logged it: {wall:.1f} minutes ({per_step:.2f} s per step); the figure means
+something only if no other heavy job ran beside it. Instances of this machine type differ in speed, so
+time the first steps of a rerun before relying on that figure. The data order and initialisation are
+seeded; rerunning the command with the same thread count reproduces the logged losses exactly
+(checked for the first 10 steps; another thread count changes the last float bits).
 
 ## Targets of the issue that asked for this model
 

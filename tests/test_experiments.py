@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pandas as pd
 
+from codi_lens.loading import PRETRAINED
+from codi_lens.training import BOOKKEEPING_FIELDS, TrainConfig
 from experiments import toy_model_report, train_toy_codi
 
 
@@ -88,3 +91,19 @@ def test_training_on_a_data_variant_records_it(tmp_path, monkeypatch):
     test_text = (export / "data" / "test.jsonl").read_text()
     assert "//" in test_text and "rounding" in test_text
     assert "rounding" in json.loads((export / "tokenizer.json").read_text())["model"]["vocab"]
+
+
+def test_default_command_trains_the_shipped_recipe():
+    """``python -m experiments.train_toy_codi`` with no flags must train what ``training.json`` of the
+    shipped model records (config, model shape, data); the no-CoT baseline differs only where it must."""
+    shipped = json.loads((PRETRAINED["toy-arith"] / "training.json").read_text())
+    args = train_toy_codi.parse_args([])
+    config = {k: getattr(args, k) for k in asdict(TrainConfig())}
+    assert config == shipped["config"]
+    assert {k: getattr(args, k) for k in train_toy_codi.MODEL_SHAPE} == shipped["model_shape"]
+    assert shipped["data"] == train_toy_codi.DATA
+
+    no_cot = train_toy_codi.baseline_config(TrainConfig(**config))
+    changed = {k for k, v in asdict(no_cot).items() if v != config[k] and k not in BOOKKEEPING_FIELDS}
+    assert changed == {"use_teacher", "n_latents", "student_weight"}
+    assert no_cot.student_weight == 1.0 and no_cot.n_latents == 0
