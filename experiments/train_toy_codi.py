@@ -53,16 +53,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def baseline_config(cfg: TrainConfig) -> TrainConfig:
-    """The no-CoT baseline's config: no teacher (so no distillation), 0 latents, answer CE weight 1."""
-    return replace(cfg, use_teacher=False, n_latents=0, student_weight=1.0)
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The run's config from the parsed flags. The no-CoT baseline (``--no-cot``) has no teacher (so
+    no distillation), 0 latents and answer CE weight 1; everything else as given."""
+    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
+    return replace(cfg, use_teacher=False, n_latents=0, student_weight=1.0) if args.no_cot else cfg
 
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
-    if args.no_cot:
-        cfg = baseline_config(cfg)
+    cfg = train_config(args)
     out = Path(args.out)
     data = dict(DATA)
     if args.shuffle_days:

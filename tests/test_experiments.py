@@ -8,7 +8,7 @@ from dataclasses import asdict
 import pandas as pd
 
 from codi_lens.loading import PRETRAINED
-from codi_lens.training import BOOKKEEPING_FIELDS, TrainConfig
+from codi_lens.training import BOOKKEEPING_FIELDS
 from experiments import toy_model_report, train_toy_codi
 
 
@@ -98,12 +98,12 @@ def test_default_command_trains_the_shipped_recipe():
     shipped model records (config, model shape, data); the no-CoT baseline differs only where it must."""
     shipped = json.loads((PRETRAINED["toy-arith"] / "training.json").read_text())
     args = train_toy_codi.parse_args([])
-    config = {k: getattr(args, k) for k in asdict(TrainConfig())}
+    config = asdict(train_toy_codi.train_config(args))
     assert config == shipped["config"]
     assert {k: getattr(args, k) for k in train_toy_codi.MODEL_SHAPE} == shipped["model_shape"]
     assert shipped["data"] == train_toy_codi.DATA
 
-    no_cot = train_toy_codi.baseline_config(TrainConfig(**config))
+    no_cot = train_toy_codi.train_config(train_toy_codi.parse_args(["--no-cot"]))
     changed = {k for k, v in asdict(no_cot).items() if v != config[k] and k not in BOOKKEEPING_FIELDS}
     assert changed == {"use_teacher", "n_latents", "student_weight"}
     assert no_cot.student_weight == 1.0 and no_cot.n_latents == 0
