@@ -1,14 +1,25 @@
-"""Math word-problem data: GSM8K-format records from a local JSONL file or a hub dataset name.
+"""Math word problems: one :class:`Problem` type for GSM8K, local JSONL files and the synthetic data.
 
-Every record keeps its provenance (source and split) and its gold answer parsed with upstream's
-rule. Difficulty is the number of ``<<...>>`` calculator spans in the solution.
+Sources (:func:`load_problems`):
+
+- ``"gsm8k:test"`` / ``"gsm8k:train"``: the copy of GSM8K shipped inside the package (MIT licence,
+  ``codi_lens/datasets/gsm8k/LICENSE``), read with :mod:`importlib.resources`;
+- ``"toy:test"``: the shipped toy-arith model's held-out synthetic test split;
+- a local GSM8K-format ``.jsonl`` file (``question``, ``answer`` with ``<<...>>`` spans and a final
+  ``#### N`` line; an ``id`` field, when present, is kept as the record's id);
+- a hub dataset name (needs the optional ``datasets`` extra; never used by tests).
+
+Every problem carries its provenance (source, split, index in the file) and its gold answer parsed
+with upstream's rule. Difficulty is the number of ``<<...>>`` calculator spans in the solution.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 
 import pandas as pd
@@ -16,8 +27,16 @@ import pandas as pd
 from codi_lens.answers import parse_gold_answer
 
 CALC_SPAN = re.compile(r"<<([^<>]*)>>")
-#: Where the repository keeps GSM8K (MIT licence) beside the checkout.
-SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+#: Datasets shipped inside the package, by name: (package directory, file name).
+SHIPPED_DATASETS = {
+    "gsm8k:test": ("datasets/gsm8k", "test.jsonl"),
+    "gsm8k:train": ("datasets/gsm8k", "train.jsonl"),
+    "toy:test": ("pretrained/toy_arith/data", "test.jsonl"),
+}
+
+
+class DataError(ValueError):
+    """A data source that cannot be read as GSM8K-format problems (names the file and record)."""
 
 
 @dataclass(frozen=True)
@@ -25,12 +44,14 @@ class Problem:
     """One math word problem.
 
     Attributes:
-        id: ``"{source}:{split}:{index}"``, stable across runs.
+        id: the record's own ``id`` when it has one, else ``"{source}:{split}:{index}"`` where
+            ``source`` is the shipped dataset's name or, for a local file, its stem and a digest of its
+            content (two files named ``test.jsonl`` in different folders get different ids).
         question: the question text as stored (the model cleans it with upstream's rule).
         solution: the GSM8K-format solution (calculator spans, final ``#### N`` line).
         gold: the parsed gold answer.
         n_steps: number of ``<<...>>`` calculator spans (difficulty).
-        source, split, index: provenance.
+        source, split, index: provenance (``index`` is the record's line among the file's records).
         intermediates: the result of each calculator span in order (``<<a*b=c>>`` gives c), the
             ground truth for logit-lens and probing; spans whose result is not a number are skipped.
     """
@@ -44,6 +65,16 @@ class Problem:
     split: str
     index: int
     intermediates: tuple[float, ...] = ()
+
+    @property
+    def cot(self) -> str:
+        """The equation-only chain of thought (GSM8k-Aug format): ``"<<a*b=c>> <<c+d=e>>"``."""
+        return " ".join(f"<<{span}>>" for span in CALC_SPAN.findall(self.solution))
+
+    @property
+    def answer_value(self) -> int | float:
+        """The gold answer as the model writes it: an int when it is a whole number."""
+        return int(self.gold) if float(self.gold).is_integer() else self.gold
 
 
 def count_steps(solution: str) -> int:
@@ -63,27 +94,60 @@ def span_results(solution: str) -> tuple[float, ...]:
     return tuple(results)
 
 
-def _records_from_jsonl(path: Path) -> list[dict]:
+def problem_from_record(
+    row: dict, *, source: str, split: str, index: int, question_field: str = "question", answer_field: str = "answer"
+) -> Problem:
+    """Build a :class:`Problem` from one GSM8K-format record (raises :class:`DataError` naming the field)."""
+    for needed in (question_field, answer_field):
+        if needed not in row:
+            raise DataError(f"{source}: record {index} has no field {needed!r} (fields: {sorted(row)})")
+    solution = str(row[answer_field])
+    try:
+        gold = parse_gold_answer(solution)
+    except ValueError as exc:
+        raise DataError(f"{source}: record {index}: {exc}") from exc
+    return Problem(
+        id=str(row["id"]) if row.get("id") is not None else f"{source}:{split}:{index}",
+        question=row[question_field],
+        solution=solution,
+        gold=gold,
+        n_steps=count_steps(solution),
+        source=source,
+        split=split,
+        index=index,
+        intermediates=span_results(solution),
+    )
+
+
+def _records_from_jsonl(text: str, name: str) -> list[dict]:
     rows = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from exc
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{name}:{line_no}: not valid JSON ({exc.msg})") from exc
     return rows
 
 
 def _records_from_hub(name: str, split: str) -> list[dict]:
-    """Rows of a hub dataset (needs the ``datasets`` package and network or a local HF cache)."""
+    """Rows of a hub dataset (needs the optional ``datasets`` package and network or a local HF cache)."""
     try:
         from datasets import load_dataset
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("loading a hub dataset needs the 'datasets' package") from exc
+    except ImportError as exc:
+        raise DataError(
+            f"{name!r} is neither a local file nor a shipped dataset ({', '.join(SHIPPED_DATASETS)}); "
+            "loading a hub dataset needs the optional extra: pip install 'codi-lens[hub]'"
+        ) from exc
     config = "main" if name in ("gsm8k", "openai/gsm8k") else None
     return [dict(r) for r in load_dataset(name, config, split=split)]
+
+
+def shipped_dataset_text(name: str) -> str:
+    """The text of a dataset shipped inside the package (see ``SHIPPED_DATASETS``)."""
+    folder, file = SHIPPED_DATASETS[name]
+    return resources.files("codi_lens").joinpath(folder, file).read_text()
 
 
 def load_problems(
@@ -97,42 +161,49 @@ def load_problems(
     """Load GSM8K-format problems.
 
     Args:
-        source: a local ``.jsonl`` path (one ``{"question", "answer"}`` object per line) or a hub
-            dataset name such as ``"openai/gsm8k"`` (then ``split`` is required).
-        split: recorded as provenance; for a local file defaults to the file's stem.
+        source: a shipped dataset name (``"gsm8k:test"``, ``"gsm8k:train"``, ``"toy:test"``), a local
+            ``.jsonl`` path (one ``{"question", "answer"}`` object per line) or a hub dataset name such
+            as ``"openai/gsm8k"`` (then ``split`` is required).
+        split: recorded as provenance; defaults to the shipped name's split or the file's stem.
         question_field, answer_field: field names in each record.
-        limit: keep only the first ``limit`` problems.
+        limit: keep only the first ``limit`` problems (file order, so runs are comparable).
+
+    Raises:
+        FileNotFoundError: a path that looks like a file or folder does not exist.
+        DataError: a record is not valid JSON, lacks a field or has no ``#### N`` answer line.
     """
+    name = str(source)
     path = Path(source)
-    if path.is_file():
-        rows, split = _records_from_jsonl(path), split or path.stem
-        source_name = path.parent.name or str(path)
+    if name in SHIPPED_DATASETS:
+        text = shipped_dataset_text(name)
+        source_name, split = name.split(":")[0], split or name.split(":")[1]
+        rows = _records_from_jsonl(text, name)
+    elif path.is_file():
+        text = path.read_text()
+        digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+        source_name, split = f"{path.stem}-{digest}", split or path.stem
+        rows = _records_from_jsonl(text, str(path))
     elif path.suffix == ".jsonl" or path.is_dir():
-        raise FileNotFoundError(f"no JSONL file at {str(path)!r}")
+        raise FileNotFoundError(f"no JSONL file at {name!r}")
     else:
         if split is None:
-            raise ValueError(f"split is required to load hub dataset {source!r}")
-        rows, source_name = _records_from_hub(str(source), split), str(source)
-    problems = []
-    for index, row in enumerate(rows[:limit] if limit is not None else rows):
-        for needed in (question_field, answer_field):
-            if needed not in row:
-                raise KeyError(f"{source}: record {index} has no field {needed!r} (fields: {sorted(row)})")
-        solution = str(row[answer_field])
-        problems.append(
-            Problem(
-                id=f"{source_name}:{split}:{index}",
-                question=row[question_field],
-                solution=solution,
-                gold=parse_gold_answer(solution),
-                n_steps=count_steps(solution),
-                source=source_name,
-                split=split,
-                index=index,
-                intermediates=span_results(solution),
-            )
+            raise DataError(f"split is required to load hub dataset {name!r}")
+        rows, source_name = _records_from_hub(name, split), name
+    rows = rows[:limit] if limit is not None else rows
+    return [
+        problem_from_record(
+            row, source=source_name, split=split, index=i, question_field=question_field, answer_field=answer_field
         )
-    return problems
+        for i, row in enumerate(rows)
+    ]
+
+
+def problems_fingerprint(problems: list[Problem]) -> str:
+    """A digest of the problems' ids, questions and gold answers (recorded in ``run.json``)."""
+    digest = hashlib.sha256()
+    for p in problems:
+        digest.update(f"{p.id}\t{p.question}\t{p.gold}\n".encode())
+    return digest.hexdigest()
 
 
 def problems_frame(problems: list[Problem]) -> pd.DataFrame:

@@ -31,8 +31,10 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from pathlib import Path
+
+from codi_lens.data import Problem
 
 MAX_VALUE = 40
 #: Largest operand of an addition/subtraction and of a multiplication.
@@ -101,20 +103,6 @@ QUESTIONS = ["How many now?", "How many {item} at the end?"]
 TOKEN_PATTERN = r"<<|>>|\d+|[A-Za-z]+|[^\sA-Za-z\d]"
 
 
-@dataclass(frozen=True)
-class ArithmeticProblem:
-    """One synthetic problem (see module docstring). ``intermediates[-1]`` is the answer."""
-
-    id: str
-    split: str
-    question: str
-    cot: str
-    answer: str
-    answer_value: int
-    n_steps: int
-    intermediates: tuple[int, ...]
-
-
 def _next_op(rng: random.Random, value: int, halve_odd: bool) -> tuple[str, int, int]:
     """Pick an operation that keeps the value in range: (symbol, operand, result)."""
     feasible = {
@@ -172,7 +160,7 @@ def generate_problems(
     step_mix: dict[int, float] = STEP_MIX,
     shuffle: bool = False,
     halve_odd: bool = False,
-) -> list[ArithmeticProblem]:
+) -> list[Problem]:
     """``n`` distinct problems (unique question text) drawn with ``random.Random(seed)``."""
     rng = random.Random(seed)
     steps, weights = zip(*sorted(step_mix.items()))
@@ -184,19 +172,22 @@ def generate_problems(
         if question in seen:
             continue
         seen.add(question)
-        problems.append(
-            ArithmeticProblem(
-                id=f"toy:{split}:{len(problems)}",
-                split=split,
-                question=question,
-                cot=cot,
-                answer=f"{cot}\n#### {intermediates[-1]}",
-                answer_value=intermediates[-1],
-                n_steps=n_steps,
-                intermediates=tuple(intermediates),
-            )
-        )
+        problems.append(_problem(split, len(problems), question, cot, intermediates))
     return problems
+
+
+def _problem(split: str, index: int, question: str, cot: str, intermediates: list[int]) -> Problem:
+    return Problem(
+        id=f"toy:{split}:{index}",
+        question=question,
+        solution=f"{cot}\n#### {intermediates[-1]}",
+        gold=float(intermediates[-1]),
+        n_steps=len(intermediates),
+        source="toy",
+        split=split,
+        index=index,
+        intermediates=tuple(float(v) for v in intermediates),
+    )
 
 
 def make_splits(
@@ -206,7 +197,7 @@ def make_splits(
     n_test: int = 1000,
     shuffle: bool = False,
     halve_odd: bool = False,
-) -> dict[str, list[ArithmeticProblem]]:
+) -> dict[str, list[Problem]]:
     """Fixed train/validation/test splits with no question text shared between them."""
     pool = generate_problems(n_train + n_val + n_test, seed, shuffle=shuffle, halve_odd=halve_odd)
     bounds = {
@@ -216,28 +207,33 @@ def make_splits(
     }
     splits = {}
     for split, (lo, hi) in bounds.items():
-        splits[split] = [
-            ArithmeticProblem(
-                **{**asdict(p), "id": f"toy:{split}:{i}", "split": split, "intermediates": p.intermediates}
-            )
-            for i, p in enumerate(pool[lo:hi])
-        ]
+        splits[split] = [replace(p, id=f"toy:{split}:{i}", split=split, index=i) for i, p in enumerate(pool[lo:hi])]
     return splits
 
 
-def save_jsonl(problems: list[ArithmeticProblem], path: str | Path) -> Path:
+def to_record(p: Problem) -> dict:
+    """The on-disk record of a synthetic problem: GSM8K fields (``question``, ``answer``) plus its id,
+    split, equation chain, answer value, number of steps and intermediate values."""
+    return {
+        "id": p.id,
+        "split": p.split,
+        "question": p.question,
+        "cot": p.cot,
+        "answer": p.solution,
+        "answer_value": p.answer_value,
+        "n_steps": p.n_steps,
+        "intermediates": [int(v) for v in p.intermediates],
+    }
+
+
+def save_jsonl(problems: list[Problem], path: str | Path) -> Path:
     """Write problems as JSON Lines (readable by :func:`codi_lens.data.load_problems`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for p in problems:
-            f.write(json.dumps(asdict(p)) + "\n")
+            f.write(json.dumps(to_record(p)) + "\n")
     return path
-
-
-def load_jsonl(path: str | Path) -> list[ArithmeticProblem]:
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [ArithmeticProblem(**{**r, "intermediates": tuple(r["intermediates"])}) for r in rows]
 
 
 def vocabulary(halve_odd: bool = False) -> list[str]:

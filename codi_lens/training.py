@@ -32,10 +32,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from codi_lens.answers import clean_question
 from codi_lens.architectures import N_CODI_TOKENS, architecture_from_config
 from codi_lens.checkpoint import TensorInfo, validate_checkpoint
+from codi_lens.data import Problem
 from codi_lens.loading import model_from_tensors
 from codi_lens.model import CODIModel
+from codi_lens.padding import pad_rows
 
 ANSWER_PREFIX = "The answer is:"
 #: Config fields that do not change what is computed (a resume may change them). The thread count
@@ -126,24 +129,13 @@ class CODIBatch:
     student_distill_pos: Int[Tensor, " batch"]  # index within the answer chunk
 
 
-def _pad(rows: list[list[int]], value: int, left: bool) -> tuple[Tensor, Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(width - len(r), width) if left else slice(0, len(r))
-        ids[i, sl] = torch.as_tensor(r, dtype=torch.long)
-        mask[i, sl] = 1
-    return ids, mask
-
-
-def make_batch(problems: list[Any], tokenizer, base_vocab: int, drop_last_cot_step: bool = True) -> CODIBatch:
-    """Tokenize problems (objects with ``question``, ``cot``, ``answer_value``) into a CODIBatch."""
+def make_batch(problems: list[Problem], tokenizer, base_vocab: int, drop_last_cot_step: bool = True) -> CODIBatch:
+    """Tokenize problems (GSM8K or synthetic; see :class:`codi_lens.data.Problem`) into a CODIBatch."""
     pad, bot, eot, eos = base_vocab, base_vocab + 1, base_vocab + 2, tokenizer.eos_token_id
     enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     teacher, t_labels, t_pos, prompts, answers, a_labels, s_pos = [], [], [], [], [], [], []
     for p in problems:
-        question = tokenizer(p.question.strip().replace("  ", " "))["input_ids"]
+        question = tokenizer(clean_question(p.question))["input_ids"]
         steps = p.cot.split()
         cot = enc(" ".join(steps[:-1] if drop_last_cot_step else steps))
         prefix, number = enc(ANSWER_PREFIX), enc(f" {p.answer_value}")
@@ -155,11 +147,11 @@ def make_batch(problems: list[Any], tokenizer, base_vocab: int, drop_last_cot_st
         answers.append([eot] + prefix + number)
         a_labels.append(prefix + number + [eos])
         s_pos.append(len(prefix))  # [eot] + prefix: the last prefix token
-    teacher_ids, teacher_mask = _pad(teacher, pad, left=False)
-    teacher_labels, _ = _pad(t_labels, -100, left=False)
-    prompt_ids, prompt_mask = _pad(prompts, pad, left=True)
-    answer_ids, answer_mask = _pad(answers, pad, left=False)
-    answer_labels, _ = _pad(a_labels, -100, left=False)
+    teacher_ids, teacher_mask = pad_rows(teacher, pad, side="right")
+    teacher_labels, _ = pad_rows(t_labels, -100, side="right")
+    prompt_ids, prompt_mask = pad_rows(prompts, pad, side="left")
+    answer_ids, answer_mask = pad_rows(answers, pad, side="right")
+    answer_labels, _ = pad_rows(a_labels, -100, side="right")
     return CODIBatch(
         teacher_ids,
         teacher_mask,
@@ -327,8 +319,8 @@ def build_llama_lm(
 class Trainer:
     """Fixed-budget CODI training with periodic validation and exact resume.
 
-    ``train_problems`` / ``val_problems`` are objects with ``question``, ``cot``, ``answer_value``
-    (e.g. :class:`codi_lens.synthetic.ArithmeticProblem`). ``workdir`` receives ``train_state.pt``
+    ``train_problems`` / ``val_problems`` are :class:`codi_lens.data.Problem` records (GSM8K or
+    synthetic). ``workdir`` receives ``train_state.pt``
     (resume point), ``log.jsonl`` (losses and validation accuracy) and, at the end, the export.
     """
 
@@ -336,14 +328,19 @@ class Trainer:
     tokenizer: Any
     base_vocab: int
     cfg: TrainConfig
-    train_problems: list[Any]
-    val_problems: list[Any] = field(default_factory=list)
+    train_problems: list[Problem]
+    val_problems: list[Problem] = field(default_factory=list)
     workdir: Path | None = None
     step: int = 0
     #: Training wall time summed over every invocation (resumes included), seconds.
     wall_seconds: float = 0.0
 
     def __post_init__(self) -> None:
+        if len(self.train_problems) < self.cfg.batch_size:
+            raise ValueError(
+                f"{len(self.train_problems)} training problems cannot fill one batch of {self.cfg.batch_size}; "
+                "lower batch_size or give more problems"
+            )
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -424,7 +421,7 @@ class Trainer:
         path = None if self.workdir is None else self.workdir / "train_state.pt"
         if path is None or not path.exists():
             return False
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=True)
         saved, current = (
             {k: v for k, v in config.items() if k not in BOOKKEEPING_FIELDS}
             for config in ({"micro_batches": 1, **state["config"]}, asdict(self.cfg))  # older states: 1

@@ -11,10 +11,10 @@ import torch
 from hf_reference import ReferenceCODI
 from upstream_factory import make_tiny_codi
 
+from codi_lens.data import shipped_dataset_text
+
 torch.set_num_threads(2)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-GSM8K_TEST = SHARED / "data" / "gsm8k" / "test.jsonl"
 TINY_LORA_R = 8
 TINY_PRJ_DIM = 96
 
@@ -68,6 +68,6 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def questions() -> list[str]:
     """Real GSM8K test questions of clearly different lengths (shortest, median, a long one)."""
-    rows = [json.loads(line) for line in GSM8K_TEST.read_text().splitlines()]
+    rows = [json.loads(line) for line in shipped_dataset_text("gsm8k:test").splitlines()]
     by_length = sorted((r["question"] for r in rows[:200]), key=len)
     return [by_length[0], by_length[len(by_length) // 2], by_length[-40]]

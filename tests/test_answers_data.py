@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from codi_lens.answers import clean_question, extract_prediction, is_correct, parse_gold_answer
-from codi_lens.data import count_steps, load_problems, problems_frame
+from codi_lens.data import DataError, count_steps, load_problems, problems_frame, shipped_dataset_text
 
-GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+GSM8K_TEST = "gsm8k:test"
 
 
 @pytest.mark.parametrize(
@@ -44,7 +44,7 @@ def test_clean_question_matches_upstream():
 def test_all_1319_gsm8k_test_golds_parse():
     problems = load_problems(GSM8K_TEST)
     assert len(problems) == 1319
-    raw = [json.loads(line) for line in GSM8K_TEST.read_text().splitlines()]
+    raw = [json.loads(line) for line in shipped_dataset_text(GSM8K_TEST).splitlines()]
     for p, row in zip(problems, raw):
         # independent parse: the last line of the solution is "#### N"
         last_line = row["answer"].strip().splitlines()[-1]
@@ -68,7 +68,7 @@ def test_problems_frame_and_steps():
 def test_load_problems_errors_name_the_problem(tmp_path: Path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q2"}\n')
-    with pytest.raises(KeyError, match="record 1 has no field 'answer'"):
+    with pytest.raises(DataError, match="record 1 has no field 'answer'"):
         load_problems(bad)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"question": "q", "answer": "#### 1"}\n{not json\n')
@@ -76,7 +76,7 @@ def test_load_problems_errors_name_the_problem(tmp_path: Path):
         load_problems(broken)
     with pytest.raises(FileNotFoundError):
         load_problems(tmp_path / "missing.jsonl")
-    with pytest.raises(ValueError, match="split is required"):
+    with pytest.raises(DataError, match="split is required"):
         load_problems("openai/gsm8k")
 
 

@@ -32,7 +32,7 @@ def test_splits_are_disjoint_and_fixed():
 def test_chains_are_correct_and_in_range():
     for p in generate_problems(500, seed=1):
         equations = EQUATION.findall(p.cot)
-        assert len(equations) == p.n_steps == len(p.intermediates) == count_steps(p.answer)
+        assert len(equations) == p.n_steps == len(p.intermediates) == count_steps(p.solution)
         previous = None
         for (a, op, b, result), value in zip(equations, p.intermediates):
             a, b, result = int(a), int(b), int(result)
@@ -41,7 +41,7 @@ def test_chains_are_correct_and_in_range():
             if previous is not None:
                 assert a == previous  # each step uses the previous result
             previous = result
-        assert p.answer_value == p.intermediates[-1] == parse_gold_answer(p.answer)
+        assert p.answer_value == p.intermediates[-1] == parse_gold_answer(p.solution)
 
 
 def _solve_from_question(question: str) -> list[int]:

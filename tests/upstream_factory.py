@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from codi_lens.data import shipped_dataset_text
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -20,7 +21,6 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
 Family = Literal["llama", "gpt2"]
-GSM8K_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 LLAMA3_ROPE = {
@@ -39,7 +39,7 @@ def save_tiny_tokenizer(path: str | Path, family: Family, vocab_size: int = 512)
     "llama" prepends ``<s>`` (like LLaMA's BOS) and stops at ``</s>``; "gpt2" adds nothing and stops at
     ``<|endoftext|>``. Neither holds ``[PAD]`` (upstream adds it later as id V).
     """
-    lines = [json.loads(line) for line in GSM8K_TRAIN.read_text().splitlines()[:400]]
+    lines = [json.loads(line) for line in shipped_dataset_text("gsm8k:train").splitlines()[:400]]
     corpus = [r["question"] for r in lines] + [r["answer"] for r in lines] + ["The answer is: 0123456789"] * 20
     specials = ["<s>", "</s>"] if family == "llama" else ["<|endoftext|>"]
     tok = Tokenizer(models.BPE())
