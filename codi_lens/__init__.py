@@ -7,9 +7,18 @@ and :meth:`CODIModel.score_answers`. Thought hook names come from :func:`thought
 
 from codi_lens.answers import extract_prediction, parse_gold_answer
 from codi_lens.checkpoint import CheckpointError
-from codi_lens.hooks import positional_hook, replace_at_positions, thought_hook_name, zero_at_positions
+from codi_lens.hooks import (
+    CODIPositions,
+    PositionalHook,
+    PositionContextError,
+    PositionError,
+    positional_hook,
+    replace_at_positions,
+    thought_hook_name,
+    zero_at_positions,
+)
 from codi_lens.loading import PRETRAINED, load_codi, load_pretrained
-from codi_lens.model import AnswerScores, CODIModel, CODIPositions, CODIResult
+from codi_lens.model import AnswerScores, CODIModel, CODIResult
 
 __all__ = [
     "AnswerScores",
@@ -18,6 +27,9 @@ __all__ = [
     "CODIResult",
     "CheckpointError",
     "PRETRAINED",
+    "PositionContextError",
+    "PositionError",
+    "PositionalHook",
     "extract_prediction",
     "load_codi",
     "load_pretrained",

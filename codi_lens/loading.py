@@ -123,11 +123,19 @@ def model_from_tensors(
     *,
     lora_alpha: float = 32,
     dtype: torch.dtype = torch.float32,
+    checkpoint_file: Path | None = None,
 ) -> CODIModel:
     """Build a CPU :class:`CODIModel` from an (already validated) upstream-layout state dict."""
     cfg = to_hooked_config(arch, device="cpu", dtype=dtype)
     model = CODIModel(
-        cfg, tokenizer, tokens=_codi_tokens(arch, tokenizer), prj_dim=layout.prj_dim, prj_layernorm=layout.prj_layernorm
+        cfg,
+        tokenizer,
+        tokens=_codi_tokens(arch, tokenizer),
+        prj_dim=layout.prj_dim,
+        prj_layernorm=layout.prj_layernorm,
+        architecture=arch,
+        layout=layout,
+        checkpoint_file=checkpoint_file,
     )
     scale = lora_alpha / layout.lora_rank if layout.uses_lora else 0.0
     view = _MergedWeights(tensors, layout.prefix, scale, conv1d=arch.family == "gpt2")
@@ -138,8 +146,6 @@ def model_from_tensors(
     state.update(_prj_state(tensors, layout))
     _copy_into(model, state)
     model.store_weights_for_linear()
-    model.layout = layout
-    model.architecture = arch
     return model.eval()
 
 
@@ -176,8 +182,9 @@ def load_codi(
     tok = _resolve_tokenizer(tokenizer, base)
     weights_file = resolve_checkpoint_file(checkpoint)
     layout = validate_checkpoint(read_tensor_info(weights_file), arch, path=str(weights_file))
-    model = model_from_tensors(load_tensors(weights_file), layout, arch, tok, lora_alpha=lora_alpha, dtype=dtype)
-    model.checkpoint_file = weights_file
+    model = model_from_tensors(
+        load_tensors(weights_file), layout, arch, tok, lora_alpha=lora_alpha, dtype=dtype, checkpoint_file=weights_file
+    )
     if str(device) != "cpu":
         model.cfg.device = str(device)
         model.to(device)

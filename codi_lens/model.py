@@ -11,9 +11,11 @@ attention masks and per-example position ids so a batch gives the same result as
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +27,19 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.hook_points import HookPoint
 
 from codi_lens.answers import clean_question, extract_prediction
-from codi_lens.hooks import position_axis
+from codi_lens.architectures import BaseArchitecture
+from codi_lens.checkpoint import CheckpointLayout, file_sha256
+from codi_lens.hooks import (
+    ChunkContext,
+    CODIPositions,
+    PositionalHook,
+    PositionContextError,
+    PositionError,
+    parse_thought_hook,
+    position_axis,
+    spans_every_cached_position,
+)
+from codi_lens.padding import pad_rows
 
 DEFAULT_N_LATENTS = 6
 
@@ -72,34 +86,6 @@ class CODITokens:
     bot: int
     eot: int
     eos: int
-
-
-@dataclass
-class CODIPositions:
-    """Absolute positions in the left-padded CODI sequence (shared by the whole batch).
-
-    Attributes:
-        n_pad: left-padding tokens before each example's question, ``[batch]``.
-        bot: position of BOT. ``thoughts[k-1]`` is thought k. ``eot``: position of EOT.
-        answer_start: position fed the first answer token (the logits predicting answer token j
-            come from position ``eot + j``).
-        answer_lengths: answer tokens per example (generated or teacher-forced).
-    """
-
-    n_pad: list[int]
-    bot: int
-    thoughts: list[int]
-    eot: int
-    answer_start: int
-    answer_lengths: list[int]
-
-    def for_example(self, i: int) -> dict[str, object]:
-        """Named positions of example ``i``: question span, bot, thought_1.., eot, answer tokens."""
-        named: dict[str, object] = {"question": list(range(self.n_pad[i], self.bot)), "bot": self.bot}
-        named.update({f"thought_{k}": p for k, p in enumerate(self.thoughts, start=1)})
-        named["eot"] = self.eot
-        named["answer"] = list(range(self.answer_start, self.answer_start + self.answer_lengths[i]))
-        return named
 
 
 @dataclass
@@ -155,15 +141,27 @@ class AnswerScores:
 @dataclass
 class _LatentLoopState:
     kv_cache: TransformerLensKeyValueCache
+    layout: CODIPositions
     latent_states: list[Tensor] = field(default_factory=list)
     thought_embeds: list[Tensor] = field(default_factory=list)
     step_logits: list[Tensor] = field(default_factory=list)
+
+
+def _stack_steps(steps: list[Tensor], batch: int, d_model: int, like: Tensor) -> Tensor:
+    """``[batch, n_steps, d_model]`` from per-step tensors (an empty ``[batch, 0, d_model]`` for none)."""
+    if not steps:
+        return like.new_zeros((batch, 0, d_model))
+    return torch.stack(steps, dim=1)
 
 
 class CODIModel(HookedSAETransformer):
     """A CODI model as a TransformerLens ``HookedTransformer`` with thought hooks and the CODI loop.
 
     Build it with :func:`codi_lens.load_codi`; the constructor only creates the (empty) modules.
+
+    Attributes:
+        architecture, layout: the base architecture and the checkpoint layout it was loaded from.
+        checkpoint_file: the weights file (None for a model built in memory, e.g. during training).
     """
 
     def __init__(
@@ -175,20 +173,26 @@ class CODIModel(HookedSAETransformer):
         prj_dim: int,
         prj_layernorm: bool,
         n_thought_hooks: int = DEFAULT_N_LATENTS,
+        architecture: BaseArchitecture | None = None,
+        layout: CheckpointLayout | None = None,
+        checkpoint_file: str | Path | None = None,
     ):
         super().__init__(cfg)
         self.tokenizer = tokenizer
         self.codi_tokens = tokens
+        self.architecture = architecture
+        self.layout = layout
+        self.checkpoint_file = None if checkpoint_file is None else Path(checkpoint_file)
         self.prj = ProjectionHead(cfg.d_model, prj_dim, layernorm=prj_layernorm)
         self.thought = nn.ModuleList([ThoughtStep() for _ in range(n_thought_hooks + 1)])
         self.prj.to(device=cfg.device, dtype=cfg.dtype)
-        #: Absolute positions of the chunk being computed (read by position-aware hooks).
-        self.current_positions: Int[Tensor, " pos"] = torch.zeros(0, dtype=torch.long)
-        #: Counts forward chunks, so a cache can tell chunks apart (a hook may fire several times per chunk).
-        self.chunk_index = 0
-        #: Unembed every prompt position (not only the last); set while caching whole sequences.
-        self.logits_for_all_prompt_positions = False
+        self._chunk_context: ChunkContext | None = None
         self.setup()
+
+    @cached_property
+    def checkpoint_sha256(self) -> str | None:
+        """Content hash of the weights file (what ``run.json`` records), or None without a file."""
+        return None if self.checkpoint_file is None else file_sha256(self.checkpoint_file)
 
     # ------------------------------------------------------------------ set-up helpers
     def store_weights_for_linear(self) -> None:
@@ -221,20 +225,38 @@ class CODIModel(HookedSAETransformer):
 
         Returns ``(tokens, attention_mask)``, both ``[batch, max_len]``, padded with the pad id.
         """
-        if isinstance(questions, str):
-            raise TypeError("questions must be a list of strings, not a single string")
+        _check_questions(questions)
         ids = [self.tokenizer(clean_question(q))["input_ids"] for q in questions]
-        width = max(len(x) for x in ids)
-        tokens = torch.full((len(ids), width), self.codi_tokens.pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):
-            tokens[i, width - len(x) :] = torch.as_tensor(x, dtype=torch.long)
-            mask[i, width - len(x) :] = 1
+        tokens, mask = pad_rows(ids, self.codi_tokens.pad, side="left")
         return tokens.to(self.cfg.device), mask.to(self.cfg.device)
 
     def token_embeds(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
         """Input embeddings of token ids (rows of ``W_E``, including the BOT/EOT rows)."""
         return self.embed(tokens.to(self.cfg.device))
+
+    # ------------------------------------------------------------------ the position context
+    @property
+    def chunk_context(self) -> ChunkContext:
+        """The chunk being computed (positions and the run's position map); read by positional hooks.
+
+        Raises :class:`~codi_lens.hooks.PositionContextError` outside a CODI run (a plain
+        ``run_with_hooks`` does not track positions).
+        """
+        if self._chunk_context is None:
+            raise PositionContextError(
+                "a positional hook fired outside a CODI run: positions are known only inside run_codi, "
+                "run_codi_with_cache, score_answers and generate_explicit"
+            )
+        return self._chunk_context
+
+    @contextmanager
+    def _chunk_scope(self, context: ChunkContext) -> Iterator[None]:
+        """Publish ``context`` for one chunk; the previous context (an outer run's) comes back after."""
+        outer, self._chunk_context = self._chunk_context, context
+        try:
+            yield
+        finally:
+            self._chunk_context = outer
 
     # ------------------------------------------------------------------ one chunk under a KV cache
     def forward_embeds(
@@ -243,37 +265,41 @@ class CODIModel(HookedSAETransformer):
         attention_mask: Int[Tensor, "batch pos"],
         kv_cache: TransformerLensKeyValueCache | None = None,
         *,
+        layout: CODIPositions,
         logits_at: str = "last",
     ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch n d_vocab"] | None]:
         """Run the transformer on input embeddings, appending to ``kv_cache`` if given.
 
         Every input goes through ``hook_embed`` (and ``hook_pos_embed`` for GPT-2) exactly as token
         embeddings do, so caches cover thought positions too. Positions and padding come from the
-        attention mask (left padding is ignored by attention and does not shift positions).
+        attention mask (left padding is ignored by attention and does not shift positions). Hooks see
+        this chunk's positions as ``model.chunk_context`` (``layout`` is the run's position map).
 
         Returns ``(final, logits)``: ``final`` is the post-final-norm residual (with the gain)
         ``[batch, pos, d_model]``; ``logits`` is ``[batch, 1, d_vocab]`` for ``logits_at="last"``,
         ``[batch, pos, d_vocab]`` for ``"all"``, or None for ``"none"``.
         """
         n_past = 0 if kv_cache is None else kv_cache.previous_attention_mask.shape[1]
-        n_new = embeds.shape[1]
-        self.current_positions = torch.arange(n_past, n_past + n_new)
-        self.chunk_index += 1
+        positions = torch.arange(n_past, n_past + embeds.shape[1])
         attention_mask = attention_mask.to(self.cfg.device)
         full_mask = attention_mask if kv_cache is None else kv_cache.append_attention_mask(attention_mask)
-        residual = self.hook_embed(embeds.to(self.cfg.dtype))
-        if self.cfg.positional_embedding_type == "standard":
-            residual = residual + self.hook_pos_embed(self.pos_embed(attention_mask, n_past, full_mask))
-        for i, block in enumerate(self.blocks):
-            residual = block(
-                residual,
-                past_kv_cache_entry=None if kv_cache is None else kv_cache[i],
-                attention_mask=full_mask,
-            )
-        final = self.ln_final(residual)
-        if logits_at == "none":
-            return final, None
-        return final, self.unembed(final[:, -1:] if logits_at == "last" else final)
+        with self._chunk_scope(ChunkContext(positions, layout)):
+            residual = self.hook_embed(embeds.to(self.cfg.dtype))
+            if self.cfg.positional_embedding_type == "standard":
+                residual = residual + self.hook_pos_embed(self.pos_embed(attention_mask, n_past, full_mask))
+            for i, block in enumerate(self.blocks):
+                residual = block(
+                    residual,
+                    past_kv_cache_entry=None if kv_cache is None else kv_cache[i],
+                    attention_mask=full_mask,
+                )
+            final = self.ln_final(residual)
+            if logits_at == "none":
+                return final, None
+            if logits_at == "all":
+                return final, self.unembed(final)
+        with self._chunk_scope(ChunkContext(positions[-1:], layout)):  # the unembedding sees the last position only
+            return final, self.unembed(final[:, -1:])
 
     # ------------------------------------------------------------------ the latent loop
     def _project(self, k: int, h: Float[Tensor, "batch d_model"], state: _LatentLoopState) -> Tensor:
@@ -282,33 +308,36 @@ class CODIModel(HookedSAETransformer):
         state.latent_states.append(h)
         return self.thought[k].hook_projection(self.prj(h))
 
-    def _run_latents(self, tokens: Tensor, mask: Tensor, n_latents: int, keep_logits: bool) -> _LatentLoopState:
-        """Question + BOT, then ``n_latents`` fed-back thoughts, under one KV cache."""
+    def _new_state(self, batch: int, layout: CODIPositions) -> _LatentLoopState:
+        return _LatentLoopState(TransformerLensKeyValueCache.init_cache(self.cfg, self.cfg.device, batch), layout)
+
+    def _run_latents(
+        self, tokens: Tensor, mask: Tensor, layout: CODIPositions, *, keep_logits: bool, prompt_logits: str = "last"
+    ) -> _LatentLoopState:
+        """Question + BOT, then ``layout.n_latents`` fed-back thoughts, under one KV cache."""
         batch = tokens.shape[0]
-        state = _LatentLoopState(TransformerLensKeyValueCache.init_cache(self.cfg, self.cfg.device, batch))
+        state = self._new_state(batch, layout)
         bot = torch.full((batch, 1), self.codi_tokens.bot, dtype=torch.long, device=tokens.device)
         prompt = torch.cat([tokens, bot], dim=1)
         prompt_mask = torch.cat([mask, torch.ones_like(bot)], dim=1)
         final, logits = self.forward_embeds(
-            self.token_embeds(prompt),
-            prompt_mask,
-            state.kv_cache,
-            logits_at="all" if self.logits_for_all_prompt_positions else "last",
+            self.token_embeds(prompt), prompt_mask, state.kv_cache, layout=layout, logits_at=prompt_logits
         )
         if keep_logits:
             state.step_logits.append(logits[:, -1])
         z = self._project(0, final[:, -1], state)
         ones = torch.ones((batch, 1), dtype=torch.long, device=tokens.device)
-        for k in range(1, n_latents + 1):
+        for k in range(1, layout.n_latents + 1):
             fed = self.thought[k].hook_input(z)
             state.thought_embeds.append(fed)
-            final, logits = self.forward_embeds(fed[:, None], ones, state.kv_cache)
+            final, logits = self.forward_embeds(fed[:, None], ones, state.kv_cache, layout=layout)
             if keep_logits:
                 state.step_logits.append(logits[:, -1])
             z = self._project(k, final[:, -1], state)
         return state
 
-    def _positions(self, mask: Tensor, n_latents: int, answer_lengths: list[int]) -> CODIPositions:
+    @staticmethod
+    def _layout(mask: Tensor, n_latents: int, answer_lengths: list[int]) -> CODIPositions:
         width = mask.shape[1]
         return CODIPositions(
             n_pad=(width - mask.sum(1)).tolist(),
@@ -319,20 +348,50 @@ class CODIModel(HookedSAETransformer):
             answer_lengths=answer_lengths,
         )
 
+    def hook_names_of_run(self, n_latents: int = DEFAULT_N_LATENTS) -> list[str]:
+        """Every hook point that fires in a run with ``n_latents`` thoughts (SAE hook points included)."""
+        self.ensure_thought_hooks(n_latents)
+
+        def fires(name: str) -> bool:
+            thought = parse_thought_hook(name)
+            return thought is None or (1 if thought[1] == "input" else 0) <= thought[0] <= n_latents
+
+        return [name for name in self.hook_dict if fires(name)]
+
+    def _check_hooks(self, fwd_hooks: Sequence[tuple], layout: CODIPositions) -> None:
+        """Refuse, before anything runs, hooks aimed at thoughts or positions this run does not reach."""
+        n = layout.n_latents
+        for name, fn in fwd_hooks:
+            if isinstance(name, str):
+                thought = parse_thought_hook(name)
+                if thought is not None:
+                    k, kind = thought
+                    if not (1 if kind == "input" else 0) <= k <= n:
+                        raise PositionError(
+                            f"{name} is outside this run: it has {n} thoughts (thought.k.hook_input for k = 1..{n}, "
+                            f"hook_hidden / hook_projection for k = 0..{n})"
+                        )
+                elif name not in self.hook_dict:
+                    raise KeyError(f"no hook point named {name!r} (see model.hook_dict)")
+            if isinstance(fn, PositionalHook):
+                if fn.model is not self:
+                    raise ValueError(f"the positional hook on {name} was built for another model")
+                fn.resolve(layout)
+
     def _greedy_decode(
         self,
         state: _LatentLoopState,
-        batch: int,
         max_new_tokens: int,
         keep_logits: bool,
         first_logits: Tensor | None = None,
     ) -> list[list[int]]:
         """Feed EOT, then greedy tokens (argmax excluding only EOT) until EOS or the budget.
 
-        With ``first_logits`` (``[batch, d_vocab]``), nothing is fed first: the first token is
-        chosen from those logits (plain decoding after a prompt).
+        Rows stop at their own EOS (later tokens are not recorded); the batch stops when all have.
+        With ``first_logits`` (``[batch, d_vocab]``), nothing is fed first: the first token is chosen
+        from those logits (plain decoding after a prompt).
         """
-        device = self.cfg.device
+        device, batch = self.cfg.device, len(state.layout.n_pad)
         eos, n_allowed = self.codi_tokens.eos, self.cfg.d_vocab - 1
         ones = torch.ones((batch, 1), dtype=torch.long, device=device)
         next_input = torch.full((batch, 1), self.codi_tokens.eot, dtype=torch.long, device=device)
@@ -342,7 +401,9 @@ class CODIModel(HookedSAETransformer):
             if step == 0 and first_logits is not None:
                 logits = first_logits[:, None]
             else:
-                _, logits = self.forward_embeds(self.token_embeds(next_input), ones, state.kv_cache)
+                _, logits = self.forward_embeds(
+                    self.token_embeds(next_input), ones, state.kv_cache, layout=state.layout
+                )
             if keep_logits:
                 state.step_logits.append(logits[:, -1])
             chosen = logits[:, -1, :n_allowed].argmax(-1).cpu()
@@ -354,11 +415,36 @@ class CODIModel(HookedSAETransformer):
             next_input = chosen[:, None].to(device)
         return answers
 
+    def _result(self, state: _LatentLoopState, answers: list[list[int]], keep_logits: bool) -> CODIResult:
+        """The one place a :class:`CODIResult` is assembled from a finished run."""
+        batch, like = len(answers), state.kv_cache[0].past_keys
+        texts = [self.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+        layout = state.layout
+        positions = CODIPositions(
+            layout.n_pad, layout.bot, layout.thoughts, layout.eot, layout.answer_start, [len(a) for a in answers]
+        )
+        return CODIResult(
+            latent_states=_stack_steps(state.latent_states, batch, self.cfg.d_model, like),
+            thought_embeds=_stack_steps(state.thought_embeds, batch, self.cfg.d_model, like),
+            answer_tokens=answers,
+            answer_text=texts,
+            prediction=[extract_prediction(t) for t in texts],
+            positions=positions,
+            step_logits=torch.stack(state.step_logits, dim=1) if keep_logits else None,
+        )
+
     @contextmanager
-    def _hooks_for_run(self, fwd_hooks):
-        """Add hooks for one call and always remove them (no hook leaks into the next cell)."""
+    def _hooks_for_run(self, fwd_hooks: Sequence[tuple], layout: CODIPositions) -> Iterator[None]:
+        """Check hooks against the run, add them for one call and always remove them."""
+        self._check_hooks(fwd_hooks, layout)
         with self.hooks(fwd_hooks=list(fwd_hooks), reset_hooks_end=True):
             yield
+
+    def _prepare(self, questions: Sequence[str], n_latents: int) -> tuple[Tensor, Tensor]:
+        if n_latents < 0:
+            raise ValueError(f"n_latents must be >= 0, got {n_latents}")
+        self.ensure_thought_hooks(n_latents)
+        return self.tokenize_questions(questions)
 
     @torch.no_grad()
     def run_codi(
@@ -376,57 +462,44 @@ class CODIModel(HookedSAETransformer):
         ``z_{k+1} = prj(h_k)``, greedy decoding excluding only the EOT id, stopping at EOS.
 
         Args:
-            questions: raw question strings (cleaned with upstream's rule).
-            n_latents: number of fed-back continuous thoughts (6 in CODI).
-            max_new_tokens: answer-token budget.
+            questions: raw question strings (cleaned with upstream's rule), at least one.
+            n_latents: number of fed-back continuous thoughts (6 in CODI; 0 runs BOT, EOT, answer).
+            max_new_tokens: answer-token budget (upstream: 256).
             fwd_hooks: ``(name, fn)`` pairs (TransformerLens names at any layer, or thought hooks;
                 names may also be predicates) applied throughout the loop and removed afterwards.
-                Activations a hook sees cover the current chunk; ``self.current_positions`` gives
-                their absolute positions (see :func:`codi_lens.hooks.positional_hook`).
+                Activations a hook sees cover the current chunk; ``model.chunk_context`` gives their
+                positions (see :class:`codi_lens.hooks.PositionalHook`). A hook on a thought or
+                position this run does not reach raises :class:`~codi_lens.hooks.PositionError`.
             return_logits: also return every step's logits (memory: steps x d_vocab per example).
         """
-        self.ensure_thought_hooks(n_latents)
-        tokens, mask = self.tokenize_questions(questions)
-        with self._hooks_for_run(fwd_hooks):
-            state = self._run_latents(tokens, mask, n_latents, return_logits)
-            answers = self._greedy_decode(state, len(questions), max_new_tokens, return_logits)
-        texts = [self.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
-        return CODIResult(
-            latent_states=torch.stack(state.latent_states, dim=1),
-            thought_embeds=torch.stack(state.thought_embeds, dim=1)
-            if n_latents
-            else tokens.new_zeros((len(questions), 0, self.cfg.d_model), dtype=self.cfg.dtype),
-            answer_tokens=answers,
-            answer_text=texts,
-            prediction=[extract_prediction(t) for t in texts],
-            positions=self._positions(mask, n_latents, [len(a) for a in answers]),
-            step_logits=torch.stack(state.step_logits, dim=1) if return_logits else None,
-        )
+        return self._run(questions, n_latents, max_new_tokens, fwd_hooks, return_logits, prompt_logits="last")
+
+    def _run(self, questions, n_latents, max_new_tokens, fwd_hooks, return_logits, prompt_logits) -> CODIResult:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        tokens, mask = self._prepare(questions, n_latents)
+        layout = self._layout(mask, n_latents, [max_new_tokens] * len(questions))
+        with self._hooks_for_run(fwd_hooks, layout):
+            state = self._run_latents(tokens, mask, layout, keep_logits=return_logits, prompt_logits=prompt_logits)
+            answers = self._greedy_decode(state, max_new_tokens, return_logits)
+        return self._result(state, answers, return_logits)
 
     @torch.no_grad()
-    def generate_explicit(self, questions: Sequence[str], *, max_new_tokens: int = 128) -> CODIResult:
+    def generate_explicit(self, questions: Sequence[str], *, max_new_tokens: int = 256) -> CODIResult:
         """Plain greedy decoding after the question, with no BOT and no thoughts.
 
         This is CODI's *teacher* mode: a model trained with the CODI objective also learned to write
         the explicit chain of thought (``<<a*b=c>> ... The answer is: N``). ``latent_states`` and
-        ``thought_embeds`` of the result are empty; ``positions.bot`` is where the answer starts.
+        ``thought_embeds`` of the result are empty; in its ``positions`` BOT, EOT and the answer start
+        all name the first generated position (no BOT or EOT is fed in this mode).
         """
         tokens, mask = self.tokenize_questions(questions)
-        batch = len(questions)
-        state = _LatentLoopState(TransformerLensKeyValueCache.init_cache(self.cfg, self.cfg.device, batch))
-        _, logits = self.forward_embeds(self.token_embeds(tokens), mask, state.kv_cache)
-        answers = self._greedy_decode(state, batch, max_new_tokens, False, first_logits=logits[:, -1])
-        texts = [self.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
-        empty = torch.zeros((batch, 0, self.cfg.d_model), dtype=self.cfg.dtype)
         width = mask.shape[1]
-        return CODIResult(
-            latent_states=empty,
-            thought_embeds=empty,
-            answer_tokens=answers,
-            answer_text=texts,
-            prediction=[extract_prediction(t) for t in texts],
-            positions=CODIPositions((width - mask.sum(1)).tolist(), width, [], width, width, [len(a) for a in answers]),
-        )
+        layout = CODIPositions((width - mask.sum(1)).tolist(), width, [], width, width, [max_new_tokens] * len(questions))
+        state = self._new_state(len(questions), layout)
+        _, logits = self.forward_embeds(self.token_embeds(tokens), mask, state.kv_cache, layout=layout)
+        answers = self._greedy_decode(state, max_new_tokens, False, first_logits=logits[:, -1])
+        return self._result(state, answers, False)
 
     def run_codi_with_cache(
         self,
@@ -434,7 +507,10 @@ class CODIModel(HookedSAETransformer):
         *,
         names_filter=None,
         device: str | torch.device | None = None,
-        **run_kwargs,
+        n_latents: int = DEFAULT_N_LATENTS,
+        max_new_tokens: int = 256,
+        fwd_hooks: Sequence[tuple] = (),
+        return_logits: bool = False,
     ) -> tuple[CODIResult, ActivationCache]:
         """:meth:`run_codi` plus an ``ActivationCache`` stitched across the KV-cache steps.
 
@@ -442,33 +518,36 @@ class CODIModel(HookedSAETransformer):
         tokens that were fed back) along their usual position axis; attention patterns are
         ``[batch, head, query_pos, key_pos]`` over that sequence (zero where a key was not yet
         visible). Thought hooks hold ``[batch, d_model]``; ``prj.*`` hooks are stacked per step to
-        ``[batch, n_latents + 1, ...]``.
+        ``[batch, n_latents + 1, ...]``. Logits are computed at every prompt position (the cache of
+        ``unembed.hook_out`` covers the whole sequence).
+
+        Memory: each chunk stores only its new positions (rotated keys, which cover every cached
+        position, are cut to the chunk's own when stored), so the cache grows linearly with length.
 
         Args:
             names_filter: None (all hooks), a name, a list of names or a predicate on names.
             device: where cached tensors are stored (default: the model's device).
         """
-        # name -> {chunk index -> activation}; a hook firing twice in one chunk (TransformerLens
+        # name -> {chunk start -> activation}; a hook firing twice in one chunk (TransformerLens
         # calls ln1 once each for queries, keys and values) keeps its last value.
         chunks: dict[str, dict[int, Tensor]] = defaultdict(dict)
-        chunk_len: dict[int, int] = {}
         keep = _as_name_predicate(names_filter)
 
         def store(acts: Tensor, hook: HookPoint) -> None:
-            chunks[hook.name][self.chunk_index] = acts.detach().to(device or acts.device)
-            chunk_len[self.chunk_index] = len(self.current_positions)
+            if position_axis(hook.name) is None:  # thought / projection hooks: one activation per step
+                key = len(chunks[hook.name])
+            else:
+                context = self.chunk_context
+                key = context.start
+                if spans_every_cached_position(hook.name):
+                    acts = acts.narrow(1, context.start, len(context.positions))
+            chunks[hook.name][key] = acts.detach().to(device or acts.device)
 
-        caching_hooks = [(name, store) for name in self.hook_dict if keep(name)]
-        self.logits_for_all_prompt_positions = True
-        try:
-            result = self.run_codi(
-                questions, fwd_hooks=[*run_kwargs.pop("fwd_hooks", ()), *caching_hooks], **run_kwargs
-            )
-        finally:
-            self.logits_for_all_prompt_positions = False
-        stitched = {
-            name: _stitch(name, list(parts.values()), [chunk_len[i] for i in parts]) for name, parts in chunks.items()
-        }
+        caching_hooks = [(name, store) for name in self.hook_names_of_run(n_latents) if keep(name)]
+        result = self._run(
+            questions, n_latents, max_new_tokens, [*fwd_hooks, *caching_hooks], return_logits, prompt_logits="all"
+        )
+        stitched = {name: _stitch(name, [parts[k] for k in sorted(parts)]) for name, parts in chunks.items()}
         return result, ActivationCache(stitched, self, has_batch_dim=True)
 
     # ------------------------------------------------------------------ teacher forcing
@@ -484,12 +563,9 @@ class CODIModel(HookedSAETransformer):
             + ([self.codi_tokens.eos] if append_eos else [])
             for a in answers
         ]
-        width = max(len(x) for x in ids)
-        tokens = torch.full((len(ids), width), self.codi_tokens.pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):
-            tokens[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
-            mask[i, : len(x)] = 1
+        if any(len(x) == 0 for x in ids):
+            raise ValueError("an answer is empty: give at least one answer token (or append_eos=True)")
+        tokens, mask = pad_rows(ids, self.codi_tokens.pad, side="right")
         return tokens.to(self.cfg.device), mask.to(self.cfg.device)
 
     @torch.no_grad()
@@ -509,25 +585,38 @@ class CODIModel(HookedSAETransformer):
         or token-id lists (e.g. a generation's ``answer_tokens``). Use it for KL and logit-difference
         metrics (e.g. at the first answer-number token of ``"The answer is: 18"``).
         """
-        if len(questions) != len(answers):
-            raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
-        self.ensure_thought_hooks(n_latents)
-        tokens, mask = self.tokenize_questions(questions)
+        if isinstance(answers, str) or len(questions) != len(answers):
+            raise ValueError(f"give one answer per question ({len(questions)} questions)")
+        tokens, mask = self._prepare(questions, n_latents)
         answer_tokens, answer_mask = self.tokenize_answers(answers, append_eos)
+        layout = self._layout(mask, n_latents, answer_mask.sum(1).tolist())
         eot = torch.full((len(questions), 1), self.codi_tokens.eot, dtype=torch.long, device=tokens.device)
         fed = torch.cat([eot, answer_tokens[:, :-1]], dim=1)
         fed_mask = torch.cat([torch.ones_like(eot), answer_mask[:, :-1]], dim=1)
-        with self._hooks_for_run(fwd_hooks):
-            state = self._run_latents(tokens, mask, n_latents, keep_logits=False)
-            _, logits = self.forward_embeds(self.token_embeds(fed), fed_mask, state.kv_cache, logits_at="all")
+        with self._hooks_for_run(fwd_hooks, layout):
+            state = self._run_latents(tokens, mask, layout, keep_logits=False)
+            _, logits = self.forward_embeds(
+                self.token_embeds(fed), fed_mask, state.kv_cache, layout=layout, logits_at="all"
+            )
+        batch, like = len(questions), state.kv_cache[0].past_keys
         return AnswerScores(
             logits=logits,
             answer_tokens=answer_tokens,
             answer_mask=answer_mask,
-            latent_states=torch.stack(state.latent_states, dim=1),
-            thought_embeds=torch.stack(state.thought_embeds, dim=1),
-            positions=self._positions(mask, n_latents, answer_mask.sum(1).tolist()),
+            latent_states=_stack_steps(state.latent_states, batch, self.cfg.d_model, like),
+            thought_embeds=_stack_steps(state.thought_embeds, batch, self.cfg.d_model, like),
+            positions=layout,
         )
+
+
+def _check_questions(questions: Sequence[str]) -> None:
+    if isinstance(questions, str):
+        raise TypeError("questions must be a list of strings, not a single string")
+    if len(questions) == 0:
+        raise ValueError("questions is empty: give at least one question")
+    bad = [i for i, q in enumerate(questions) if not isinstance(q, str)]
+    if bad:
+        raise TypeError(f"questions must be strings; item {bad[0]} is {type(questions[bad[0]]).__name__}")
 
 
 def _as_name_predicate(names_filter):
@@ -541,8 +630,8 @@ def _as_name_predicate(names_filter):
     return lambda name: name in allowed
 
 
-def _stitch(name: str, parts: list[Tensor], lengths: list[int]) -> Tensor:
-    """Join one hook's per-chunk activations into whole-sequence (or per-step) tensors."""
+def _stitch(name: str, parts: list[Tensor]) -> Tensor:
+    """Join one hook's per-chunk activations (in chunk order) into whole-sequence or per-step tensors."""
     axis = position_axis(name)
     if axis is None:
         return parts[0] if len(parts) == 1 else torch.stack(parts, dim=1)
@@ -551,5 +640,4 @@ def _stitch(name: str, parts: list[Tensor], lengths: list[int]) -> Tensor:
         fill = float("-inf") if name.endswith("hook_attn_scores") else 0.0
         parts = [F.pad(p, (0, total - p.shape[-1]), value=fill) for p in parts]
         return torch.cat(parts, dim=2)
-    # Some activations (rotated keys) cover every cached position; keep each chunk's new ones.
-    return torch.cat([p.narrow(1, p.shape[1] - n, n) for p, n in zip(parts, lengths)], dim=1)
+    return torch.cat(parts, dim=1)

@@ -61,7 +61,9 @@ def test_problems_frame_and_steps():
     problems = load_problems(GSM8K_TEST, limit=20)
     frame = problems_frame(problems)
     assert list(frame["index"]) == list(range(20))
-    assert (frame["n_steps"] == [count_steps(p.solution) for p in problems]).all()
+    # Independent count: every calculator span opens with "<<" in GSM8K solutions.
+    assert list(frame["n_steps"]) == [p.solution.count("<<") for p in problems]
+    assert list(frame["n_steps"][:3]) == [2, 2, 4]  # hand-checked: problems 0, 1 and 2 of the test split
     assert count_steps("<<1+2=3>> and <<3*4=12>>") == 2
 
 

@@ -105,10 +105,17 @@ def test_stitched_cache_equals_a_full_hf_pass(setup, questions):
         ]
         assert (pattern - out.attentions[-1][0]).abs().max() <= ATOL
         assert cache["hook_embed"].shape[1] == cache["blocks.0.hook_resid_pre"].shape[1]
-    for k in range(7):
-        assert torch.equal(cache[thought_hook_name(k, "hidden")], result.latent_states[:, k])
-    assert torch.equal(cache["prj.hook_in"], result.latent_states)
-    assert cache["prj.hook_out"].shape == (2, 7, model.cfg.d_model)
+        # Thought hooks against the full pass: h_k is HF's last hidden state (final norm applied) at
+        # BOT + k, and prj.hook_out is the reference projection head applied to it.
+        rel_bot = len(ids)
+        hf_latents = out.hidden_states[-1][0, rel_bot : rel_bot + 7]
+        for k in range(7):
+            assert (cache[thought_hook_name(k, "hidden")][i] - hf_latents[k]).abs().max() <= ATOL
+        with torch.no_grad():
+            hf_projected = ref.prj(hf_latents)
+        assert (cache["prj.hook_out"][i] - hf_projected).abs().max() <= ATOL
+        # What the loop fed at thought k is the projection of step k - 1.
+        assert torch.equal(cache["prj.hook_out"][i, :6], result.thought_embeds[i])
 
 
 def test_names_filter_and_zero_at_positions(setup, questions):

@@ -81,8 +81,14 @@ def test_teacher_forced_scores_match_reference_and_generation(tiny_checkpoint, q
     for i, tokens in enumerate(generated.answer_tokens):
         rows = generated.step_logits[i, n_latents + 1 : n_latents + 1 + len(tokens)]
         assert _max_diff(own.logits[i, : len(tokens)], rows) <= ATOL
+    # Log-probabilities of the forced tokens against the reference's own log-softmax.
     log_probs = scores.log_probs_of_answers()
-    assert log_probs.shape == scores.answer_mask.shape and (log_probs <= 0).all()
+    for i, (question, answer) in enumerate(zip(questions, answers)):
+        n = int(scores.answer_mask[i].sum())
+        ref = reference.teacher_forced_logits(question, answer, n_latents=n_latents).float().log_softmax(-1)
+        expected = ref.gather(-1, scores.answer_tokens[i, :n, None])[:, 0]
+        assert _max_diff(log_probs[i, :n], expected) <= ATOL
+        assert (log_probs[i, n:] == 0).all()
 
 
 def test_bfloat16_runs_close_to_float32(tiny_checkpoint, questions):
