@@ -73,6 +73,10 @@ BUILTIN_BASES: dict[str, dict[str, Any]] = {
 }
 
 
+class BaseModelError(ValueError):
+    """A base model (directory or name) codi_lens cannot describe."""
+
+
 @dataclass(frozen=True)
 class BaseArchitecture:
     """What codi_lens needs to know about the base model, read from its HF config.
@@ -173,7 +177,7 @@ def architecture_from_config(cfg: dict[str, Any], source: str = "<config>") -> B
             hf_config=cfg,
             source=str(base),
         )
-    raise ValueError(
+    raise BaseModelError(
         f"base {str(base)!r}: unsupported architecture model_type={model_type!r} "
         f"architectures={archs!r}; codi_lens supports LLaMA-family and GPT-2 bases"
     )
@@ -195,7 +199,7 @@ def _llama_rope_fields(cfg: dict[str, Any]) -> dict[str, Any]:
             NTK_original_ctx_len=int(scaling["original_max_position_embeddings"]),
         )
     elif rope_type != "default":
-        raise ValueError(f"unsupported rope scaling {rope_type!r}; codi_lens knows 'llama3' and none")
+        raise BaseModelError(f"unsupported rope scaling {rope_type!r}; codi_lens knows 'llama3' and none")
     return fields
 
 

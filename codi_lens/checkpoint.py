@@ -27,6 +27,8 @@ PLAIN_PREFIX = "codi."
 LLAMA_ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 LLAMA_MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+#: Models shipped inside the package: name -> directory holding the checkpoint, config and tokenizer.
+PRETRAINED = {"toy-arith": Path(__file__).parent / "pretrained" / "toy_arith"}
 #: How many offending keys an error message lists before summarising with counts.
 MAX_LISTED = 5
 
@@ -75,8 +77,9 @@ class CheckpointLayout:
 
 
 def resolve_checkpoint_file(checkpoint: str | Path) -> Path:
-    """The weights file of ``checkpoint``: the file itself, or the one CODI file inside a directory."""
-    path = Path(checkpoint)
+    """The weights file of ``checkpoint``: the file itself, the one CODI file inside a directory, or the
+    file of a shipped model named like ``"toy-arith"``."""
+    path = PRETRAINED.get(str(checkpoint), Path(checkpoint))
     if path.is_file():
         return path
     if not path.is_dir():

@@ -1,139 +1,188 @@
-"""GSM8K-format accuracy of a CODI checkpoint, resumable.
+"""Accuracy of a CODI checkpoint on GSM8K-format problems, resumable and refusing stale results.
 
-    python -m codi_lens.evaluate --checkpoint DIR --base DIR_OR_NAME --data PATH \\
-        [--limit N] [--batch-size B] --out predictions.jsonl
+    python -m codi_lens.evaluate [--checkpoint toy-arith] [--data toy:test] [--limit N] [--out DIR]
 
-Each prediction is appended to ``--out`` (JSON Lines) as soon as its batch finishes. Rerunning the
-same command after a kill skips the problems already in the file (a half-written last line is
-discarded), so no row is lost or duplicated. The last line printed is ``accuracy: X/N``.
+Writes to ``--out`` (default ``results/evaluate``): ``run.json`` (checkpoint content hash, data
+fingerprint, budget, ...), ``parts/`` (predictions as each batch finishes), ``results.parquet``
+(one row per problem) and ``summary.json``. Rerunning the same command after a kill continues where
+it stopped; rerunning with another checkpoint, data or budget into the same folder is refused (use
+``--overwrite`` or another ``--out``). The last line printed is ``accuracy: X/N``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
 from codi_lens.answers import is_correct
-from codi_lens.data import Problem, load_problems
-from codi_lens.loading import DEFAULT_MODEL, load_codi
-from codi_lens.model import CODIModel, CODIResult
+from codi_lens.cli import add_common_args, load_model, model_settings, run_main
+from codi_lens.data import Problem, load_problems, problems_fingerprint
+from codi_lens.model import CODIModel
+from codi_lens.runner import UNIT_COLUMN, ResultStore
 
 
-def read_finished_rows(path: Path) -> list[dict]:
-    """Rows already written to ``path``; drops a trailing partial line left by a kill."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(complete))
-    return [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
+@dataclass
+class Condition:
+    """One way of answering problems: a model, a mode and (optionally) an intervention.
+
+    Attributes:
+        name: label of the condition's rows (``condition`` column).
+        model: the model that answers.
+        mode: ``"latents"`` (the CODI loop) or ``"explicit"`` (teacher mode: plain decoding).
+        n_latents, max_new_tokens: loop length and answer budget.
+        fwd_hooks: an intervention (``(name, fn)`` pairs) applied in the loop.
+        intervention: a description of ``fwd_hooks`` recorded in ``run.json`` (required with hooks:
+            functions cannot be compared across runs, their description can).
+    """
+
+    name: str
+    model: CODIModel
+    mode: Literal["latents", "explicit"] = "latents"
+    n_latents: int = 6
+    max_new_tokens: int = 256
+    fwd_hooks: Sequence[tuple] = field(default_factory=tuple)
+    intervention: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.fwd_hooks and not self.intervention:
+            raise ValueError(f"condition {self.name!r} has hooks but no intervention description for run.json")
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "checkpoint_sha256": self.model.checkpoint_sha256,
+            "mode": self.mode,
+            "n_latents": self.n_latents if self.mode == "latents" else None,
+            "max_new_tokens": self.max_new_tokens,
+            "intervention": self.intervention,
+        }
+
+    def answer(self, questions: list[str]):
+        if self.mode == "explicit":
+            return self.model.generate_explicit(questions, max_new_tokens=self.max_new_tokens)
+        return self.model.run_codi(
+            questions, n_latents=self.n_latents, max_new_tokens=self.max_new_tokens, fwd_hooks=self.fwd_hooks
+        )
 
 
-def _batches(items: list[Problem], size: int) -> Iterator[list[Problem]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def unit_id(condition: Condition, problem: Problem) -> str:
+    """The unit of work of one problem under one condition: ``"{condition}/{problem id}"``."""
+    return f"{condition.name}/{problem.id}"
 
 
-Runner = Callable[[list[str]], CODIResult]
-
-
-def codi_runner(
-    model: CODIModel, *, n_latents: int = 6, max_new_tokens: int = 256, fwd_hooks: Sequence[tuple] = ()
-) -> Runner:
-    """A runner answering questions with the CODI loop (optionally under interventions)."""
-    return lambda questions: model.run_codi(
-        questions, n_latents=n_latents, max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks
+def answer_rows(condition: Condition, problems: list[Problem]) -> pd.DataFrame:
+    """Answer ``problems`` under ``condition``: one row per problem, scored with upstream's rule."""
+    result = condition.answer([p.question for p in problems])
+    return pd.DataFrame(
+        {
+            UNIT_COLUMN: [unit_id(condition, p) for p in problems],
+            "problem_id": [p.id for p in problems],
+            "condition": condition.name,
+            "source": [p.source for p in problems],
+            "split": [p.split for p in problems],
+            "index": [p.index for p in problems],
+            "n_steps": [p.n_steps for p in problems],
+            "gold": [p.gold for p in problems],
+            "prediction": [float("nan") if x is None else x for x in result.prediction],  # NaN: no number
+            "correct": [is_correct(pred, p.gold) for pred, p in zip(result.prediction, problems)],
+            "answer_text": result.answer_text,
+            "n_answer_tokens": [len(a) for a in result.answer_tokens],
+        }
     )
 
 
-def evaluate(
-    run: Runner,
+def evaluate_conditions(
+    conditions: Sequence[Condition],
     problems: list[Problem],
     out: str | Path,
     *,
     batch_size: int = 8,
-    condition: str = "latents",
+    settings: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, ResultStore]:
+    """Answer every problem under every condition into one resumable folder; rows in condition order.
+
+    ``run.json`` records each condition's settings, the problems' fingerprint and ``settings``.
+    """
+    names = [c.name for c in conditions]
+    if len(set(names)) != len(names):
+        raise ValueError(f"condition names must be unique: {names}")
+    store = ResultStore(
+        out,
+        {
+            **(settings or {}),
+            "data": problems_fingerprint(problems),
+            "n_problems": len(problems),
+            "conditions": {c.name: c.settings() for c in conditions},
+        },
+        overwrite=overwrite,
+    )
+    frames = []
+    for condition in conditions:
+        frames.append(
+            store.run(
+                problems,
+                lambda batch, c=condition: answer_rows(c, batch),
+                unit_id=lambda p, c=condition: unit_id(c, p),
+                batch_size=batch_size,
+                desc=f"{condition.name}",
+                progress=progress,
+            )
+        )
+    return pd.concat(frames, ignore_index=True), store
+
+
+def evaluate(
+    condition: Condition,
+    problems: list[Problem],
+    out: str | Path,
+    *,
+    batch_size: int = 8,
+    settings: dict[str, Any] | None = None,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Answer every problem not yet in ``out`` with ``run``; return all rows as a DataFrame.
-
-    ``run`` maps a list of questions to a :class:`CODIResult` (see :func:`codi_runner`;
-    ``model.generate_explicit`` evaluates the explicit-CoT teacher mode). ``condition`` labels rows.
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = {row["id"] for row in read_finished_rows(out)}
-    todo = [p for p in problems if p.id not in done]
-    bar = tqdm(
-        total=len(problems),
-        initial=len(problems) - len(todo),
-        desc=f"evaluate {condition}",
-        unit="problem",
-        disable=not progress,
+    """Answer every problem under one condition (resumable); writes ``results.parquet`` and returns it."""
+    table, store = evaluate_conditions(
+        [condition], problems, out, batch_size=batch_size, settings=settings, overwrite=overwrite, progress=progress
     )
-    with open(out, "a") as f:
-        for batch in _batches(todo, batch_size):
-            result = run([p.question for p in batch])
-            for p, text, pred in zip(batch, result.answer_text, result.prediction):
-                row = {
-                    "id": p.id,
-                    "condition": condition,
-                    "index": p.index,
-                    "split": p.split,
-                    "n_steps": p.n_steps,
-                    "gold": p.gold,
-                    "prediction": pred,
-                    "correct": is_correct(pred, p.gold),
-                    "answer_text": text,
-                }
-                f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            bar.update(len(batch))
-    bar.close()
-    wanted = {p.id for p in problems}
-    return pd.DataFrame([r for r in read_finished_rows(out) if r["id"] in wanted])
+    store.finish(table)
+    return table
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=DEFAULT_MODEL, help="checkpoint dir/file or shipped model name")
-    parser.add_argument("--base", default=None, help="base model dir or built-in name")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer dir (needed with a built-in base)")
-    parser.add_argument("--data", required=True, help="GSM8K-format JSONL path or hub dataset name")
-    parser.add_argument("--split", default=None, help="split name (required for a hub dataset)")
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--n-latents", type=int, default=6)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--lora-alpha", type=float, default=32)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--out", required=True, help="predictions JSONL (appended to; resumable)")
+    add_common_args(parser, out="results/evaluate", batch_size=8)
+    parser.add_argument("--n-latents", type=int, default=6, help="continuous thoughts fed back (CODI: 6)")
     args = parser.parse_args(argv)
 
-    model = load_codi(
-        args.checkpoint,
-        args.base,
-        tokenizer=args.tokenizer,
-        lora_alpha=args.lora_alpha,
-        device=args.device,
-        dtype=getattr(torch, args.dtype),
-    )
+    started = time.perf_counter()
+    model = load_model(args)
     problems = load_problems(args.data, split=args.split, limit=args.limit)
-    run = codi_runner(model, n_latents=args.n_latents, max_new_tokens=args.max_new_tokens)
-    frame = evaluate(run, problems, args.out, batch_size=args.batch_size)
-    print(f"accuracy: {int(frame['correct'].sum())}/{len(frame)}")
+    condition = Condition("latents", model, n_latents=args.n_latents, max_new_tokens=args.max_new_tokens)
+    settings = {**model_settings(model, args), "data_source": args.data, "limit": args.limit}
+    table, store = evaluate_conditions(
+        [condition], problems, args.out, batch_size=args.batch_size, settings=settings, overwrite=args.overwrite
+    )
+    n_correct = int(table["correct"].sum())
+    store.finish(
+        table,
+        {
+            "n_problems": len(table),
+            "n_correct": n_correct,
+            "accuracy": n_correct / max(1, len(table)),
+            "wall_seconds_this_invocation": round(time.perf_counter() - started, 1),
+        },
+    )
+    print(f"accuracy: {n_correct}/{len(table)}")
+    return table
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -149,9 +149,17 @@ class CODIPositions:
 
     def describe(self) -> str:
         """The run's range in words, for error messages."""
-        thoughts = f"thoughts 1..{self.n_latents} at {self.thoughts[0]}..{self.thoughts[-1]}" if self.thoughts else "no thoughts"
+        thoughts = (
+            f"thoughts 1..{self.n_latents} at {self.thoughts[0]}..{self.thoughts[-1]}"
+            if self.thoughts
+            else "no thoughts"
+        )
         last = self.answer_start + self.n_answer_positions - 1
-        answers = f"answer:0..{self.n_answer_positions - 1} at {self.answer_start}..{last}" if last >= self.answer_start else "no answer positions"
+        answers = (
+            f"answer:0..{self.n_answer_positions - 1} at {self.answer_start}..{last}"
+            if last >= self.answer_start
+            else "no answer positions"
+        )
         return f"bot {self.bot}, {thoughts}, eot {self.eot}, {answers}"
 
     def resolve(self, positions: Sequence[Position]) -> Int[Tensor, "batch n"]:
@@ -176,7 +184,9 @@ class CODIPositions:
             raise PositionError(f"a position is an int or a name like 'thought:3', not {spec!r}")
         if isinstance(spec, int):
             if not 0 <= spec <= max(last, self.eot):
-                raise PositionError(f"position {spec} is outside this run (0..{max(last, self.eot)}; {self.describe()})")
+                raise PositionError(
+                    f"position {spec} is outside this run (0..{max(last, self.eot)}; {self.describe()})"
+                )
             return torch.full((batch,), spec, dtype=torch.long)
         name, _, index = spec.partition(":")
         if name in ("bot", "eot") and not index:
@@ -188,7 +198,9 @@ class CODIPositions:
         j = int(index)
         if name == "thought":
             if not 0 <= j <= self.n_latents:
-                raise PositionError(f"{spec!r} is outside this run: it has thoughts 1..{self.n_latents} ({self.describe()})")
+                raise PositionError(
+                    f"{spec!r} is outside this run: it has thoughts 1..{self.n_latents} ({self.describe()})"
+                )
             return torch.full((batch,), self.bot + j, dtype=torch.long)
         if name == "answer":
             if not 0 <= j < self.n_answer_positions:

@@ -21,6 +21,7 @@ from codi_lens.checkpoint import (
     read_tensor_info,
     resolve_checkpoint_file,
 )
+from codi_lens.cli import run_main
 
 
 def summarize_checkpoint(path: str | Path) -> dict:
@@ -73,7 +74,7 @@ def format_summary(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", help="checkpoint directory or file")
+    parser.add_argument("path", help="checkpoint directory or file, or a shipped model name (toy-arith)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = parser.parse_args(argv)
     summary = summarize_checkpoint(args.path)
@@ -81,4 +82,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

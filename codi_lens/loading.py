@@ -18,6 +18,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from codi_lens.architectures import BaseArchitecture, describe_base, to_hooked_config
 from codi_lens.checkpoint import (
+    PRETRAINED,
+    CheckpointError,
     CheckpointLayout,
     load_tensors,
     read_tensor_info,
@@ -26,9 +28,6 @@ from codi_lens.checkpoint import (
 )
 from codi_lens.model import CODIModel, CODITokens
 
-PRETRAINED_DIR = Path(__file__).parent / "pretrained"
-#: Models shipped inside the package: name -> directory holding the checkpoint, config and tokenizer.
-PRETRAINED = {"toy-arith": PRETRAINED_DIR / "toy_arith"}
 DEFAULT_MODEL = "toy-arith"
 
 
@@ -73,7 +72,7 @@ def _resolve_tokenizer(tokenizer: Any, base: str | Path) -> PreTrainedTokenizerB
         return tokenizer
     source = tokenizer if tokenizer is not None else base
     if not Path(source).is_dir():
-        raise ValueError(
+        raise CheckpointError(
             f"no tokenizer: base {str(base)!r} is a built-in architecture without files; pass "
             "tokenizer= a local tokenizer directory (codi_lens never downloads one)"
         )
@@ -177,10 +176,12 @@ def load_codi(
         checkpoint = PRETRAINED[str(checkpoint)]
         base = checkpoint if base is None else base
     if base is None:
-        raise ValueError("base is required unless checkpoint names a shipped model")
+        raise CheckpointError(
+            f"--base is required for checkpoint {str(checkpoint)!r}: a base model directory or a built-in name"
+        )
+    weights_file = resolve_checkpoint_file(checkpoint)
     arch = describe_base(base)
     tok = _resolve_tokenizer(tokenizer, base)
-    weights_file = resolve_checkpoint_file(checkpoint)
     layout = validate_checkpoint(read_tensor_info(weights_file), arch, path=str(weights_file))
     model = model_from_tensors(
         load_tensors(weights_file), layout, arch, tok, lora_alpha=lora_alpha, dtype=dtype, checkpoint_file=weights_file

@@ -495,7 +495,9 @@ class CODIModel(HookedSAETransformer):
         """
         tokens, mask = self.tokenize_questions(questions)
         width = mask.shape[1]
-        layout = CODIPositions((width - mask.sum(1)).tolist(), width, [], width, width, [max_new_tokens] * len(questions))
+        layout = CODIPositions(
+            (width - mask.sum(1)).tolist(), width, [], width, width, [max_new_tokens] * len(questions)
+        )
         state = self._new_state(len(questions), layout)
         _, logits = self.forward_embeds(self.token_embeds(tokens), mask, state.kv_cache, layout=layout)
         answers = self._greedy_decode(state, max_new_tokens, False, first_logits=logits[:, -1])

@@ -8,8 +8,12 @@
 2. Logit lens on every latent state: for each intermediate value of each problem, the latent steps
    where its token is top-1 / top-5.
 
-Writes to ``--out``: ``predictions.parquet``, ``accuracy.parquet``, ``logit_lens.parquet``,
-``summary.json``, and the figures ``accuracy.html`` and ``logit_lens.html``.
+Writes to ``--out``: ``run.json`` (settings and checkpoint hashes), ``parts/`` and
+``results.parquet`` (one row per problem and condition, written as batches finish: a rerun after a
+kill continues), ``accuracy.parquet``, ``logit_lens.parquet``, ``summary.json``, and the figures
+``accuracy.html`` and ``logit_lens.html``. Answers get upstream's 256-token budget unless
+``--max-new-tokens`` says otherwise: with a thought zeroed the model often writes an explicit chain
+first, and a short budget cuts those answers off and scores them wrong.
 """
 
 from __future__ import annotations
@@ -19,31 +23,27 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from codi_lens import load_codi
+from codi_lens.cli import add_common_args, load_model, model_settings, run_main
 from codi_lens.data import load_problems
-from codi_lens.evaluate import codi_runner, evaluate
+from codi_lens.evaluate import Condition, evaluate_conditions
 from codi_lens.interventions import zero_thoughts
 from codi_lens.lens import intermediate_readout
-from codi_lens.loading import DEFAULT_MODEL, PRETRAINED
 from codi_lens.metrics import accuracy_table
 from codi_lens.plotting import accuracy_bars, latent_readout_heatmap
 
 N_LATENTS = 6
-DEFAULT_DATA = PRETRAINED[DEFAULT_MODEL] / "data" / "test.jsonl"
+#: The budget the v4 card used by mistake; the card reports the ablation at it beside upstream's 256.
+SHORT_BUDGET = 16
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=DEFAULT_MODEL)
-    parser.add_argument("--base", default=None)
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    add_common_args(parser, out="results/toy_model_report")
     parser.add_argument("--baseline", default=None, help="a no-CoT baseline export (0 latents) to compare")
-    parser.add_argument("--out", default="results/toy_model_report")
     parser.add_argument(
         "--write-card",
         action="store_true",
@@ -56,18 +56,25 @@ def logit_lens_frame(model, problems, batch_size: int) -> pd.DataFrame:
     """Intermediate-value readout for every problem (the latent loop only; answers are not needed).
 
     Rows with ``control=True`` read out the intermediates of *another* problem (the next one in the
-    batch) from the same latent states: the chance level the real readout must beat.
+    whole list, the last reading the first) from the same latent states: the chance level the real
+    readout must beat. With a single problem there is no other problem, and no control row.
     """
-    frames = []
+    latent_states = []
     for start in tqdm(range(0, len(problems), batch_size), desc="logit lens", unit="batch"):
         batch = problems[start : start + batch_size]
-        result = model.run_codi([p.question for p in batch], n_latents=N_LATENTS, max_new_tokens=1)
-        values = [p.intermediates for p in batch]
-        for control, targets in ((False, values), (True, values[1:] + values[:1])):
-            frame = intermediate_readout(model, result.latent_states, targets)
-            frame["id"] = [batch[i].id for i in frame["example"]]
-            frame["control"] = control
-            frames.append(frame.drop(columns="example"))
+        latent_states.append(
+            model.run_codi([p.question for p in batch], n_latents=N_LATENTS, max_new_tokens=1).latent_states
+        )
+    states = torch.cat(latent_states)
+    values = [p.intermediates for p in problems]
+    frames = []
+    for control, targets in ((False, values), (True, values[1:] + values[:1])):
+        if control and len(problems) < 2:
+            continue
+        frame = intermediate_readout(model, states, targets)
+        frame["id"] = [problems[i].id for i in frame["example"]]
+        frame["control"] = control
+        frames.append(frame.drop(columns="example"))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -84,7 +91,17 @@ def _accuracy_markdown(accuracy: pd.DataFrame) -> str:
     table = accuracy.pivot(index="group", columns="condition", values="accuracy")
     counts = accuracy[accuracy["condition"] == "latents"].set_index("group")["n"]
     order = [g for g in table.index if g != "all"] + ["all"]
-    columns = [c for c in ("latents", "zero_all_thoughts", "no_cot_baseline", "teacher_explicit_cot") if c in table]
+    columns = [
+        c
+        for c in (
+            "latents",
+            "zero_all_thoughts",
+            f"zero_all_thoughts_{SHORT_BUDGET}_tokens",
+            "no_cot_baseline",
+            "teacher_explicit_cot",
+        )
+        if c in table
+    ]
     lines = ["| steps | n | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for group in order:
         cells = " | ".join(f"{100 * table.loc[group, c]:.1f}%" for c in columns)
@@ -122,12 +139,13 @@ def _targets_markdown(summary: dict, wall_minutes: float) -> str:
             summary["ablation_drop_points"] >= 25,
         ),
     ]
-    if "no_cot_baseline" in acc:
+    no_cot = acc.get("no_cot_baseline", summary.get("no_cot_baseline_carried_over", {}).get("accuracy"))
+    if no_cot is not None:
         rows.append(
             (
                 "CODI beats a no-CoT model of the same size and budget",
-                f"{100 * acc['latents']:.1f}% vs {100 * acc['no_cot_baseline']:.1f}%",
-                acc["latents"] > acc["no_cot_baseline"],
+                f"{100 * acc['latents']:.1f}% vs {100 * no_cot:.1f}%",
+                acc["latents"] > no_cot,
             )
         )
     lines = ["| target | measured | met |", "|---|---|---|"]
@@ -135,9 +153,48 @@ def _targets_markdown(summary: dict, wall_minutes: float) -> str:
     return "\n".join(lines)
 
 
-def write_model_card(directory: Path, summary: dict, accuracy: pd.DataFrame, lens: pd.DataFrame) -> None:
-    """MODEL_CARD.md and card.json beside the checkpoint, from this report and ``training.json``."""
+def _budget_markdown(summary: dict) -> str:
+    short = summary["accuracy"].get(f"zero_all_thoughts_{SHORT_BUDGET}_tokens")
+    lines = []
+    if short is not None:
+        drop = round(100 * (summary["accuracy"]["latents"] - short), 1)
+        lines.append(
+            f"The answer budget changes the ablation figure: with a {SHORT_BUDGET}-token budget the zeroed model "
+            f"scores {100 * short:.1f}% (a {drop}-point drop), against "
+            f"{100 * summary['accuracy']['zero_all_thoughts']:.1f}% at {summary['max_new_tokens']} tokens. With its "
+            "thoughts zeroed the model often writes an explicit chain before its answer; a short budget cuts "
+            "those answers off and scores them wrong."
+        )
+    carried = summary.get("no_cot_baseline_carried_over")
+    if carried is not None:
+        lines.append(
+            f"The no-CoT baseline was not re-run for this card: the previous card measured "
+            f"{100 * carried['accuracy']:.1f}% with a {carried['max_new_tokens']}-token budget (its answers are "
+            "`The answer is: N`, a handful of tokens)."
+        )
+    return "\n\n".join(lines)
+
+
+def write_model_card(
+    directory: Path, summary: dict, accuracy: pd.DataFrame, lens: pd.DataFrame, predictions: pd.DataFrame
+) -> None:
+    """MODEL_CARD.md, card.json and predictions.parquet beside the checkpoint, from this report and
+    ``training.json``."""
+    columns = ["problem_id", "condition", "n_steps", "gold", "prediction", "correct", "n_answer_tokens"]
+    predictions[columns].to_parquet(directory / "predictions.parquet", index=False)
     training = json.loads((directory / "training.json").read_text())
+    previous = json.loads((directory / "card.json").read_text()) if (directory / "card.json").exists() else {}
+    if "no_cot_baseline" not in summary["accuracy"]:
+        carried = previous.get("summary", {}).get("no_cot_baseline_carried_over")
+        old_accuracy = previous.get("summary", {}).get("accuracy", {})
+        if carried is None and "no_cot_baseline" in old_accuracy:
+            carried = {
+                "accuracy": old_accuracy["no_cot_baseline"],
+                "max_new_tokens": previous["summary"].get("max_new_tokens", SHORT_BUDGET),
+                "note": "not re-run for this card; measured by the previous card's report",
+            }
+        if carried is not None:
+            summary = {**summary, "no_cot_baseline_carried_over": carried}
     card = {"summary": summary, "training": training}
     (directory / "card.json").write_text(json.dumps(card, indent=2))
     cfg, shape = training["config"], training["model_shape"]
@@ -164,6 +221,8 @@ def write_model_card(directory: Path, summary: dict, accuracy: pd.DataFrame, len
         if cfg.get("prj_gain_matches_embeddings")
         else "",
         targets=_targets_markdown(summary, wall_minutes),
+        budget=summary["max_new_tokens"],
+        budget_note=_budget_markdown(summary),
     )
     (directory / "MODEL_CARD.md").write_text(text)
 
@@ -208,7 +267,11 @@ with 0 latents (`no_cot_baseline`); the same CODI model writing its chain of tho
 
 {accuracy}
 
-Zero-ablating all 6 thoughts costs {drop} points.
+Zero-ablating all 6 thoughts costs {drop} points. Every answer had a budget of {budget} tokens
+(upstream's). `predictions.parquet` beside this card holds every problem's prediction under each
+condition; the test suite re-runs a subset and compares problem by problem.
+
+{budget_note}
 
 ## Intermediate values in the logit lens
 
@@ -228,34 +291,43 @@ Numbers are produced by `experiments/toy_model_report.py`; `card.json` holds the
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = load_codi(args.checkpoint, args.base)
-    problems = load_problems(args.data, limit=args.limit)
+    model = load_model(args)
+    problems = load_problems(args.data, split=args.split, limit=args.limit)
 
-    conditions = {
-        "latents": codi_runner(model, n_latents=N_LATENTS, max_new_tokens=args.max_new_tokens),
-        "zero_all_thoughts": codi_runner(
+    budget = args.max_new_tokens
+    conditions = [
+        Condition("latents", model, n_latents=N_LATENTS, max_new_tokens=budget),
+        Condition(
+            "zero_all_thoughts",
             model,
             n_latents=N_LATENTS,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=budget,
             fwd_hooks=zero_thoughts(range(1, N_LATENTS + 1)),
+            intervention="zero_thoughts(1..6)",
         ),
-        "teacher_explicit_cot": lambda qs: model.generate_explicit(qs, max_new_tokens=8 * N_LATENTS + 16),
-    }
+        Condition("teacher_explicit_cot", model, mode="explicit", max_new_tokens=budget),
+    ]
+    if args.write_card:  # the card says how the answer budget changes the ablation figure
+        conditions.append(
+            Condition(
+                f"zero_all_thoughts_{SHORT_BUDGET}_tokens",
+                model,
+                n_latents=N_LATENTS,
+                max_new_tokens=SHORT_BUDGET,
+                fwd_hooks=zero_thoughts(range(1, N_LATENTS + 1)),
+                intervention="zero_thoughts(1..6)",
+            )
+        )
     if args.baseline:
-        baseline = load_codi(args.baseline, args.baseline)
-        conditions["no_cot_baseline"] = codi_runner(baseline, n_latents=0, max_new_tokens=args.max_new_tokens)
-    predictions = pd.concat(
-        [
-            evaluate(run, problems, out / f"predictions_{name}.jsonl", batch_size=args.batch_size, condition=name)
-            for name, run in conditions.items()
-        ],
-        ignore_index=True,
+        baseline = load_codi(args.baseline, args.baseline, device=args.device)
+        conditions.append(Condition("no_cot_baseline", baseline, n_latents=0, max_new_tokens=budget))
+    settings = {**model_settings(model, args), "data_source": args.data, "limit": args.limit}
+    predictions, store = evaluate_conditions(
+        conditions, problems, out, batch_size=args.batch_size, settings=settings, overwrite=args.overwrite
     )
     accuracy = accuracy_table(predictions)
     lens = logit_lens_frame(model, problems, args.batch_size)
 
-    predictions.to_parquet(out / "predictions.parquet")
     accuracy.to_parquet(out / "accuracy.parquet")
     lens.to_parquet(out / "logit_lens.parquet")
     accuracy_bars(accuracy, title=f"{args.checkpoint}: accuracy with and without its thoughts").write_html(
@@ -266,24 +338,27 @@ def main(argv: list[str] | None = None) -> dict:
     overall = accuracy[accuracy["group"] == "all"].set_index("condition")["accuracy"]
     real, control = lens[~lens["control"]], lens[lens["control"]]
     summary = {
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": Path(str(args.checkpoint)).name,
+        "checkpoint_sha256": model.checkpoint_sha256,
         "n_problems": len(problems),
+        "max_new_tokens": budget,
         "accuracy": overall.to_dict(),
         "ablation_drop_points": round(100 * (overall["latents"] - overall["zero_all_thoughts"]), 1),
+        "conditions": {c.name: c.settings() for c in conditions},
         "accuracy_by_steps": {
             f"{r.condition}/{r.group}": round(r.accuracy, 4) for r in accuracy.itertuples() if r.group != "all"
         },
         "logit_lens": {
             "top1_any": round(float(real["top1_any"].mean()), 4),
             "top5_any": round(float(real["topk_any"].mean()), 4),
-            "top1_any_control": round(float(control["top1_any"].mean()), 4),
-            "top5_any_control": round(float(control["topk_any"].mean()), 4),
+            "top1_any_control": round(float(control["top1_any"].mean()), 4) if len(control) else None,
+            "top5_any_control": round(float(control["topk_any"].mean()), 4) if len(control) else None,
             "single_token_values": round(float(real["token"].notna().mean()), 4),
         },
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    store.finish(predictions, summary)
     if args.write_card:
-        write_model_card(Path(model.checkpoint_file).parent, summary, accuracy, lens)
+        write_model_card(Path(model.checkpoint_file).parent, summary, accuracy, lens, predictions)
     print(accuracy.to_string(index=False))
     print(json.dumps(summary["logit_lens"]))
     print(f"ablation drop: {summary['ablation_drop_points']} points; results in {out}")
@@ -291,4 +366,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

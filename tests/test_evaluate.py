@@ -1,23 +1,25 @@
-"""The evaluate CLI: progress, predictions written as produced, resumable without loss or duplicates."""
+"""The evaluate CLI and the shared runner: rows against the reference, resume after a kill, no stale rows."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 
-from conftest import GSM8K_TEST
+import pandas as pd
+import pytest
 
 from codi_lens.answers import extract_prediction
-from codi_lens.data import load_problems
+from codi_lens.data import load_problems, shipped_dataset_text
 from codi_lens.evaluate import main as evaluate_main
+from codi_lens.runner import ResultStore, SettingsMismatchError
 
 LIMIT = 5
+DATA = "gsm8k:test"
 
 
-def _rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def _run(ckpt, out, capsys, batch_size):
+def _run(ckpt, out, capsys, *extra: str):
     evaluate_main(
         [
             "--checkpoint",
@@ -25,48 +27,113 @@ def _run(ckpt, out, capsys, batch_size):
             "--base",
             str(ckpt.base_dir),
             "--data",
-            str(GSM8K_TEST),
+            DATA,
             "--limit",
             str(LIMIT),
-            "--batch-size",
-            str(batch_size),
             "--max-new-tokens",
             "6",
             "--out",
             str(out),
+            *extra,
         ]
     )
     return capsys.readouterr().out.strip().splitlines()[-1]
 
 
-def test_evaluate_matches_reference_and_resumes(tiny_checkpoint, tmp_path, capsys):
+def test_evaluate_matches_reference_and_resumes_after_a_kill(tiny_checkpoint, tmp_path, capsys):
     ckpt = tiny_checkpoint("llama")
-    out = tmp_path / "preds.jsonl"
-    last_line = _run(ckpt, out, capsys, batch_size=2)
-    rows = _rows(out)
-    problems = load_problems(GSM8K_TEST, limit=LIMIT)
-    assert [r["id"] for r in rows] == [p.id for p in problems]
+    out = tmp_path / "eval"
+    last_line = _run(ckpt, out, capsys, "--batch-size", "2")
+    rows = pd.read_parquet(out / "results.parquet")
+    problems = load_problems(DATA, limit=LIMIT)
+    assert list(rows["problem_id"]) == [p.id for p in problems] == [f"gsm8k:test:{i}" for i in range(LIMIT)]
 
     # Every row agrees with the independent reference run one question at a time.
     reference = ckpt.reference()
-    for row, problem in zip(rows, problems):
+    for row, problem in zip(rows.itertuples(), problems):
         ref = reference.run(problem.question, n_latents=6, max_new_tokens=6)
-        assert row["answer_text"] == ref["answer_text"]
-        assert row["prediction"] == extract_prediction(ref["answer_text"])
-        assert row["gold"] == problem.gold
-        assert row["correct"] == (row["prediction"] == problem.gold)
-    assert last_line == f"accuracy: {sum(r['correct'] for r in rows)}/{LIMIT}"
+        assert row.answer_text == ref["answer_text"]
+        expected = extract_prediction(ref["answer_text"])
+        assert pd.isna(row.prediction) if expected is None else row.prediction == expected
+        assert row.gold == problem.gold and row.correct == (row.prediction == problem.gold)
+    assert last_line == f"accuracy: {int(rows['correct'].sum())}/{LIMIT}"
 
-    # Simulate a kill after two rows, in the middle of writing the third.
-    lines = out.read_text().splitlines(keepends=True)
-    out.write_text("".join(lines[:2]) + lines[2][:15])
-    last_line_again = _run(ckpt, out, capsys, batch_size=3)
-    resumed = _rows(out)
-    assert [r["id"] for r in resumed] == [r["id"] for r in rows]  # nothing lost, nothing duplicated
-    assert resumed == rows
-    assert last_line_again == last_line
+    # Simulate kill -9 after the first part and in the middle of writing the second: the finished
+    # part stays, the half-written temporary file is discarded, and the rerun loses and repeats nothing.
+    parts = sorted((out / "parts").glob("part-*.parquet"))
+    assert len(parts) == 3  # batches of 2, 2, 1
+    for part in parts[1:]:
+        part.unlink()
+    (out / "parts" / ".tmp-part-000001-deadbeef.parquet").write_bytes(b"PAR1 half a file")
+    (out / "results.parquet").unlink()
+    assert _run(ckpt, out, capsys, "--batch-size", "3") == last_line
+    resumed = pd.read_parquet(out / "results.parquet")
+    pd.testing.assert_frame_equal(resumed, rows)
+    assert not list((out / "parts").glob(".tmp-*"))
 
-    # A finished file is left alone.
-    before = out.read_text()
-    _run(ckpt, out, capsys, batch_size=2)
-    assert out.read_text() == before
+    # A finished folder is left alone: nothing is recomputed.
+    before = sorted(p.name for p in (out / "parts").iterdir())
+    _run(ckpt, out, capsys, "--batch-size", "2")
+    assert sorted(p.name for p in (out / "parts").iterdir()) == before
+
+
+def test_a_folder_of_another_run_is_refused_not_mixed(tiny_checkpoint, tmp_path, capsys):
+    """Another checkpoint, budget or data into the same folder used to return the old predictions."""
+    llama, gpt2 = tiny_checkpoint("llama"), tiny_checkpoint("gpt2")
+    out = tmp_path / "eval"
+    _run(llama, out, capsys)
+    with pytest.raises(SettingsMismatchError, match="checkpoint_sha256"):
+        _run(gpt2, out, capsys)
+    with pytest.raises(SettingsMismatchError, match=r"max_new_tokens \(6 there, 7 now\)"):
+        _run(llama, out, capsys, "--max-new-tokens", "7")
+    # A checkpoint file with the same name but other content is caught by its hash, not its path.
+    copy = tmp_path / "ckpt"
+    shutil.copytree(llama.checkpoint_dir, copy)
+    same_path = ["--checkpoint", str(copy), "--base", str(llama.base_dir), "--limit", "2", "--data", DATA]
+    evaluate_main([*same_path, "--max-new-tokens", "2", "--out", str(tmp_path / "eval2")])
+    (copy / llama.file.name).write_bytes(tiny_checkpoint("llama", use_lora=False).file.read_bytes())
+    with pytest.raises(SettingsMismatchError, match="checkpoint_sha256"):
+        evaluate_main([*same_path, "--max-new-tokens", "2", "--out", str(tmp_path / "eval2")])
+    # --overwrite starts afresh.
+    _run(gpt2, out, capsys, "--overwrite")
+    assert json.loads((out / "run.json").read_text())["settings"]["checkpoint"] == str(gpt2.checkpoint_dir)
+
+
+def test_cli_errors_are_one_line_naming_the_problem(tmp_path):
+    command = ["--checkpoint", str(tmp_path / "nope"), "--base", "gpt2", "--out", str(tmp_path / "o")]
+    proc = subprocess.run([sys.executable, "-m", "codi_lens.evaluate", *command], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: checkpoint {str(tmp_path / 'nope')!r} does not exist"]
+
+
+def test_two_local_files_with_the_same_name_get_different_ids(tmp_path):
+    rows = [json.loads(line) for line in shipped_dataset_text("gsm8k:test").splitlines()[:4]]
+    for folder, chosen in (("a", rows[:2]), ("b", rows[2:])):
+        (tmp_path / folder / "data").mkdir(parents=True)
+        (tmp_path / folder / "data" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chosen))
+    a = load_problems(tmp_path / "a" / "data" / "test.jsonl")
+    b = load_problems(tmp_path / "b" / "data" / "test.jsonl")
+    assert not {p.id for p in a} & {p.id for p in b}
+    own = tmp_path / "own.jsonl"
+    own.write_text(json.dumps({**rows[0], "id": "my-problem-7"}) + "\n")
+    assert load_problems(own)[0].id == "my-problem-7"
+
+
+def test_result_store_keeps_units_without_rows_and_refuses_foreign_rows(tmp_path):
+    store = ResultStore(tmp_path / "r", {"x": 1})
+    units = ["a", "b", "c"]
+    calls = []
+
+    def work(batch):
+        calls.append(list(batch))
+        return pd.DataFrame({"unit_id": [u for u in batch if u != "b"], "value": [1.0 for u in batch if u != "b"]})
+
+    first = store.run(units, work, unit_id=str, batch_size=2, progress=False)
+    assert list(first["unit_id"]) == ["a", "c"] and calls == [["a", "b"], ["c"]]
+    again = ResultStore(tmp_path / "r", {"x": 1}).run(units, work, unit_id=str, batch_size=2, progress=False)
+    assert calls == [["a", "b"], ["c"]]  # "b" yielded no row but is done: not recomputed
+    pd.testing.assert_frame_equal(again, first)
+    with pytest.raises(ValueError, match="outside its batch"):
+        ResultStore(tmp_path / "s", {}).run(
+            ["a"], lambda b: pd.DataFrame({"unit_id": ["z"]}), unit_id=str, batch_size=1, progress=False
+        )

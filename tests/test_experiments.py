@@ -53,7 +53,7 @@ def test_train_then_report_then_card(tmp_path, monkeypatch):
             "--limit",
             "12",
             "--batch-size",
-            "5",
+            "11",
             "--max-new-tokens",
             "4",
             "--baseline",
@@ -63,16 +63,28 @@ def test_train_then_report_then_card(tmp_path, monkeypatch):
             "--write-card",
         ]
     )
-    predictions = pd.read_parquet(out / "predictions.parquet")
-    assert set(predictions["condition"]) == {"latents", "zero_all_thoughts", "teacher_explicit_cot", "no_cot_baseline"}
+    predictions = pd.read_parquet(out / "results.parquet")
+    assert set(predictions["condition"]) == {
+        "latents",
+        "zero_all_thoughts",
+        "zero_all_thoughts_16_tokens",
+        "teacher_explicit_cot",
+        "no_cot_baseline",
+    }
     assert predictions.groupby("condition").size().eq(12).all()
     accuracy = pd.read_parquet(out / "accuracy.parquet")
     overall = accuracy[accuracy["group"] == "all"].set_index("condition")
     recomputed = predictions.groupby("condition")["correct"].mean()
     assert (overall["accuracy"] - recomputed).abs().max() < 1e-12
     lens = pd.read_parquet(out / "logit_lens.parquet")
-    n_values = sum(len(v) for v in pd.read_json(export / "data" / "test.jsonl", lines=True)["intermediates"][:12])
-    assert (~lens["control"]).sum() == lens["control"].sum() == n_values
+    intermediates = pd.read_json(export / "data" / "test.jsonl", lines=True)["intermediates"][:12]
+    n_values = sum(len(v) for v in intermediates)
+    assert (~lens["control"]).sum() == n_values
+    # The control reads the next problem's values (the last problem reads the first's), so its row
+    # count is the same and its values are another problem's, even for a last batch of one problem.
+    control = lens[lens["control"]]
+    assert len(control) == n_values
+    assert list(control[control["id"] == control["id"].iloc[-1]]["value"]) == list(intermediates[0])
     assert (out / "accuracy.html").stat().st_size > 1000 and (out / "logit_lens.html").stat().st_size > 1000
     card = (export / "MODEL_CARD.md").read_text()
     assert "| all |" in card and "python -m experiments.train_toy_codi" in card

@@ -129,7 +129,9 @@ def test_named_thought_position_is_the_thought_fed_there(tiny, questions):
         )
         by_thought = tiny.run_codi(questions, max_new_tokens=3, fwd_hooks=zero_thoughts([k]))
         assert (by_name.latent_states - by_thought.latent_states).abs().max() <= 1e-6
-        assert torch.equal(by_name.latent_states[:, :k], tiny.run_codi(questions, max_new_tokens=1).latent_states[:, :k])
+        assert torch.equal(
+            by_name.latent_states[:, :k], tiny.run_codi(questions, max_new_tokens=1).latent_states[:, :k]
+        )
 
 
 def test_replace_at_positions_keeps_the_callers_order_and_refuses_duplicates(tiny, questions):
@@ -162,11 +164,15 @@ def test_interventions_outside_the_run_raise_naming_its_range(tiny, questions):
         tiny.score_answers(questions[:1], ["The answer is: 1"], fwd_hooks=zero_thoughts([7]))
     with pytest.raises(PositionError, match=r"thoughts 1\.\.6"):
         tiny.run_codi(
-            questions[:1], max_new_tokens=2, fwd_hooks=[("blocks.0.hook_resid_post", zero_at_positions(tiny, ["thought:7"]))]
+            questions[:1],
+            max_new_tokens=2,
+            fwd_hooks=[("blocks.0.hook_resid_post", zero_at_positions(tiny, ["thought:7"]))],
         )
     with pytest.raises(PositionError, match="outside this run"):
         tiny.run_codi(
-            questions[:1], max_new_tokens=4, fwd_hooks=[("blocks.0.hook_resid_post", zero_at_positions(tiny, ["answer:3"]))]
+            questions[:1],
+            max_new_tokens=4,
+            fwd_hooks=[("blocks.0.hook_resid_post", zero_at_positions(tiny, ["answer:3"]))],
         )
     with pytest.raises(PositionError, match="outside this run"):
         tiny.run_codi(
@@ -174,7 +180,9 @@ def test_interventions_outside_the_run_raise_naming_its_range(tiny, questions):
         )
     with pytest.raises(PositionError, match="unknown position name"):
         tiny.run_codi(
-            questions[:1], max_new_tokens=2, fwd_hooks=[("blocks.0.hook_resid_post", zero_at_positions(tiny, ["thougt:2"]))]
+            questions[:1],
+            max_new_tokens=2,
+            fwd_hooks=[("blocks.0.hook_resid_post", zero_at_positions(tiny, ["thougt:2"]))],
         )
     with pytest.raises(KeyError, match="blocks.0.hook_resid_pots"):
         tiny.run_codi(questions[:1], max_new_tokens=2, fwd_hooks=[("blocks.0.hook_resid_pots", lambda a, h: a)])
@@ -214,7 +222,9 @@ def test_patching_every_position_of_a_layer_reproduces_the_clean_run(toy):
     for layer in range(toy.cfg.n_layers):
         acts = cache[f"blocks.{layer}.hook_resid_post"]
         hook = replace_at_positions(toy, list(range(acts.shape[1])), acts)
-        patched = toy.run_codi([CORRUPTED], max_new_tokens=budget, fwd_hooks=[(f"blocks.{layer}.hook_resid_post", hook)])
+        patched = toy.run_codi(
+            [CORRUPTED], max_new_tokens=budget, fwd_hooks=[(f"blocks.{layer}.hook_resid_post", hook)]
+        )
         assert torch.equal(patched.latent_states, clean.latent_states), layer
         assert patched.answer_tokens == clean.answer_tokens
     # Patching nothing reproduces the corrupted run.

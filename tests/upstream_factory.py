@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from codi_lens.data import shipped_dataset_text
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+
+from codi_lens.data import shipped_dataset_text
 
 Family = Literal["llama", "gpt2"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -1,0 +1,91 @@
+"""Command-line plumbing shared by ``codi_lens.evaluate`` and every ``python -m experiments.<name>``.
+
+One set of flags (``add_common_args``), one way to load the model they name (``load_model``), and
+one way to fail (``run_main``): a bad flag, a missing file or a checkpoint that does not load stops
+with a single ``error: ...`` line on stderr and exit status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from codi_lens.architectures import BaseModelError
+from codi_lens.checkpoint import CheckpointError
+from codi_lens.data import DataError
+from codi_lens.hooks import PositionError
+from codi_lens.loading import DEFAULT_MODEL, load_codi
+from codi_lens.model import CODIModel
+from codi_lens.runner import SettingsMismatchError
+
+#: Errors that mean "the input was wrong", reported in one line without a traceback.
+USER_ERRORS = (
+    BaseModelError,
+    CheckpointError,
+    DataError,
+    SettingsMismatchError,
+    PositionError,
+    FileNotFoundError,
+    KeyError,
+)
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, out: str, data: str = "toy:test", batch_size: int = 64) -> None:
+    """The flags every command shares (see ``shared/docs/experiment-conventions.md``)."""
+    parser.add_argument("--checkpoint", default=DEFAULT_MODEL, help="checkpoint dir/file or shipped model name")
+    parser.add_argument("--base", default=None, help="base model dir or built-in name (not needed for toy-arith)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer dir (needed with a built-in base)")
+    parser.add_argument(
+        "--data", default=data, help="gsm8k:test, gsm8k:train, toy:test, a local GSM8K-format .jsonl, or a hub name"
+    )
+    parser.add_argument("--split", default=None, help="split name (required for a hub dataset)")
+    parser.add_argument("--limit", type=int, default=None, help="the first N records in file order")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="problems per forward pass")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="answer-token budget (upstream: 256)")
+    parser.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha of the checkpoint (CODI: 32)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--out", default=out, help=f"output folder (default {out})")
+    parser.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def load_model(args: argparse.Namespace) -> CODIModel:
+    """The model the common flags name."""
+    return load_codi(
+        args.checkpoint,
+        args.base,
+        tokenizer=args.tokenizer,
+        lora_alpha=args.lora_alpha,
+        device=args.device,
+        dtype=getattr(torch, args.dtype),
+    )
+
+
+def model_settings(model: CODIModel, args: argparse.Namespace) -> dict[str, Any]:
+    """Result-changing settings of the model: its content hash, base, precision and device kind."""
+    return {
+        "checkpoint": str(args.checkpoint),
+        "checkpoint_sha256": model.checkpoint_sha256,
+        "base": None if args.base is None else str(args.base),
+        "lora_alpha": args.lora_alpha,
+        "dtype": args.dtype,
+        "device": str(args.device).split(":")[0],
+    }
+
+
+def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> Any:
+    """Call ``main(argv)``; user errors become one ``error:`` line on stderr and exit status 2."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        return main(args)
+    except USER_ERRORS as exc:
+        if "--debug" in args:
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
