@@ -11,7 +11,8 @@ library way calls ``run_codi_with_cache``. Both cache every hook of a random-wei
 1B layout (16 layers, d_model 2048, GQA 32/8, vocabulary 128,259) in float32 on the CPU, for one
 question and ``--max-new-tokens`` generated tokens (random weights seldom stop early; the answer
 length is printed). It checks that the two stitched rotated keys agree and prints the peak resident
-memory of each and, on its last line, ``memory_ratio <naive / library>``. ``--quick`` uses 4 layers
+memory during each run (sampled every 5 ms; the model's own memory included, shown apart) and, on
+its last line, ``memory_ratio <naive / library>``. ``--quick`` uses 4 layers
 and 32 tokens.
 """
 
@@ -19,16 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
+import threading
 import time
 
 import torch
 
 from codi_lens.architectures import BUILTIN_BASES, architecture_from_config, to_hooked_config
-from codi_lens.hooks import position_axis
-from codi_lens.model import CODIModel, CODITokens
+from codi_lens.hooks import position_axis, spans_every_cached_position
+from codi_lens.model import CODIModel, CODITokens, _stitch
 from codi_lens.synthetic import build_tokenizer
 
 QUESTION = "Ava has 16 coins. On Monday Ava buys 4 more. On Tuesday Ava keeps half of them. How many now?"
@@ -44,13 +46,45 @@ def random_1b_shape_model(n_layers: int | None = None) -> CODIModel:
     tokenizer = build_tokenizer()
     tokens = CODITokens(pad=arch.pad_id, bot=arch.bot_id, eot=arch.eot_id, eos=int(tokenizer.eos_token_id))
     model = CODIModel(to_hooked_config(arch), tokenizer, tokens=tokens, prj_dim=2048, prj_layernorm=True)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.fill_(1.0) if name.endswith(("ln1.w", "ln2.w", "ln_final.w", "prj.ln.weight")) else param.normal_(
+                0, 0.02
+            )
+    model.store_weights_for_linear()  # as load_codi does
     return model.eval()
 
 
+def resident_gb() -> float:
+    """This process's resident memory now (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+class PeakSampler(threading.Thread):
+    """Samples resident memory every few milliseconds; ``peak`` is the largest seen while running."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak, self._done = resident_gb(), threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(0.005):
+            self.peak = max(self.peak, resident_gb())
+
+    def stop(self) -> float:
+        self._done.set()
+        self.join()
+        return max(self.peak, resident_gb())
+
+
 def measure(mode: str, n_layers: int | None, max_new_tokens: int) -> dict:
-    """Run one way in this process; returns its peak RSS and a checksum of the stitched rotated keys."""
+    """Run one way in this process; returns the peak resident memory during the run (the model's own
+    memory included) and a checksum of the stitched rotated keys."""
     model = random_1b_shape_model(n_layers)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = resident_gb()
+    sampler = PeakSampler()
+    sampler.start()
     start = time.perf_counter()
     if mode == "library":
         result, cache = model.run_codi_with_cache([QUESTION], max_new_tokens=max_new_tokens)
@@ -66,12 +100,18 @@ def measure(mode: str, n_layers: int | None, max_new_tokens: int) -> dict:
         result = model.run_codi(
             [QUESTION], max_new_tokens=max_new_tokens, fwd_hooks=[(n, record) for n in model.hook_names_of_run()]
         )
-        parts = [v for _, v in sorted(stored["blocks.0.attn.hook_rot_k"].items())]
-        rot_k = torch.cat([parts[0]] + [p[:, -1:] for p in parts[1:]], dim=1)
+        cache = {}
+        for name, chunks in stored.items():  # stitch as before: rotated keys are cut only now
+            parts = [v for _, v in sorted(chunks.items())]
+            if spans_every_cached_position(name):
+                parts = [parts[0]] + [p[:, -1:] for p in parts[1:]]
+            cache[name] = _stitch(name, parts)
+        rot_k = cache["blocks.0.attn.hook_rot_k"]
+    peak = sampler.stop()
     return {
         "mode": mode,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "model_rss_gb": before / 2**20,
+        "peak_rss_gb": peak,
+        "model_rss_gb": before,
         "seconds": time.perf_counter() - start,
         "answer_tokens": len(result.answer_tokens[0]),
         "rot_k_sum": float(rot_k.double().sum()),

@@ -58,6 +58,29 @@ def write_random_checkpoint(path: Path, fmt: str, seed: int = 0) -> tuple[Path, 
     return out, len(tensors)
 
 
+def greedy_without_cache(model, question: str, thoughts: torch.Tensor, max_new_tokens: int) -> dict:
+    """The answer computed another way: whole-sequence forwards with no KV cache, one per token, over
+    ``[question, BOT, the loop's thoughts, EOT, answer so far]``. Returns its greedy tokens and the
+    post-norm hidden states at BOT and the thoughts (which must equal the loop's latent states)."""
+    tokens, mask = model.tokenize_questions([question])
+    ids = model.codi_tokens
+    head = model.token_embeds(torch.cat([tokens, torch.tensor([[ids.bot]])], dim=1))
+    answer: list[int] = []
+    with torch.no_grad():
+        for step in range(max_new_tokens):
+            tail = model.token_embeds(torch.tensor([[ids.eot, *answer]]))
+            embeds = torch.cat([head, thoughts.to(head.dtype), tail], dim=1)
+            full_mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+            layout = model._layout(mask, thoughts.shape[1], [max_new_tokens])
+            final, logits = model.forward_embeds(embeds, full_mask, None, layout=layout)
+            if step == 0:
+                latents = final[0, tokens.shape[1] : tokens.shape[1] + thoughts.shape[1] + 1]
+            answer.append(int(logits[0, -1, : model.cfg.d_vocab - 1].argmax()))
+            if answer[-1] == ids.eos:
+                break
+    return {"answer_tokens": answer, "latents": latents}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", required=True)
@@ -71,8 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
     t1 = time.perf_counter()
     model = load_codi(workdir, BASE, tokenizer=args.tokenizer)
     t2 = time.perf_counter()
-    result = model.run_codi(["Janet has 16 eggs and eats 3. How many are left?"], max_new_tokens=args.max_new_tokens)
+    question = "Janet has 16 eggs and eats 3. How many are left?"
+    result = model.run_codi([question], max_new_tokens=args.max_new_tokens)
     t3 = time.perf_counter()
+    reference = greedy_without_cache(model, question, result.thought_embeds, args.max_new_tokens)
     report = {
         "file_bytes": file.stat().st_size,
         "n_keys": n_keys,
@@ -80,6 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
         "load_s": round(t2 - t1, 1),
         "answer_s": round(t3 - t2, 1),
         "answer_tokens": result.answer_tokens[0],
+        "reference_answer_tokens": reference["answer_tokens"],
+        "latent_max_abs_diff": float((reference["latents"] - result.latent_states[0]).abs().max()),
         "latent_shape": list(result.latent_states.shape),
         "latents_finite": bool(torch.isfinite(result.latent_states).all()),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),

@@ -1,7 +1,9 @@
 """Interventions on continuous thoughts, as ``(hook_name, fn)`` lists for ``run_codi(fwd_hooks=...)``.
 
 All act on ``thought.{k}.hook_input``, the embedding fed at thought k (1-based), so later thoughts are
-recomputed by the real latent loop from the changed input.
+recomputed by the real latent loop from the changed input. A thought the run does not reach (``k = 0``
+or ``k > n_latents``) is refused by the run with a :class:`~codi_lens.hooks.PositionError` naming its
+range, before anything runs.
 """
 
 from __future__ import annotations

@@ -549,7 +549,10 @@ class CODIModel(HookedSAETransformer):
         result = self._run(
             questions, n_latents, max_new_tokens, [*fwd_hooks, *caching_hooks], return_logits, prompt_logits="all"
         )
-        stitched = {name: _stitch(name, [parts[k] for k in sorted(parts)]) for name, parts in chunks.items()}
+        stitched = {}
+        for name in list(chunks):  # free each hook's chunks once joined: the peak stays near one cache
+            parts = chunks.pop(name)
+            stitched[name] = _stitch(name, [parts[k] for k in sorted(parts)])
         return result, ActivationCache(stitched, self, has_batch_dim=True)
 
     # ------------------------------------------------------------------ teacher forcing

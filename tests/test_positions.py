@@ -162,34 +162,22 @@ def test_interventions_outside_the_run_raise_naming_its_range(tiny, questions):
         tiny.run_codi(questions[:1], max_new_tokens=2, fwd_hooks=zero_thoughts([7]))
     with pytest.raises(PositionError, match=r"it has 6 thoughts"):
         tiny.score_answers(questions[:1], ["The answer is: 1"], fwd_hooks=zero_thoughts([7]))
-    with pytest.raises(PositionError, match=r"thoughts 1\.\.6"):
-        tiny.run_codi(
-            questions[:1],
-            max_new_tokens=2,
-            fwd_hooks=[("blocks.0.hook_resid_post", zero_at_positions(tiny, ["thought:7"]))],
-        )
-    with pytest.raises(PositionError, match="outside this run"):
-        tiny.run_codi(
-            questions[:1],
-            max_new_tokens=4,
-            fwd_hooks=[("blocks.0.hook_resid_post", zero_at_positions(tiny, ["answer:3"]))],
-        )
-    with pytest.raises(PositionError, match="outside this run"):
-        tiny.run_codi(
-            questions[:1], max_new_tokens=4, fwd_hooks=[("blocks.0.hook_resid_post", zero_at_positions(tiny, [10_000]))]
-        )
-    with pytest.raises(PositionError, match="unknown position name"):
-        tiny.run_codi(
-            questions[:1],
-            max_new_tokens=2,
-            fwd_hooks=[("blocks.0.hook_resid_post", zero_at_positions(tiny, ["thougt:2"]))],
-        )
+    for position, match in (
+        ("thought:7", r"thoughts 1\.\.6"),
+        ("answer:3", "outside this run"),  # a 4-token budget feeds answer tokens 0..2
+        (10_000, "outside this run"),
+        ("thougt:2", "unknown position name"),
+    ):
+        with pytest.raises(PositionError, match=match):
+            _zero_resid_at(tiny, questions[:1], position)
     with pytest.raises(KeyError, match="blocks.0.hook_resid_pots"):
         tiny.run_codi(questions[:1], max_new_tokens=2, fwd_hooks=[("blocks.0.hook_resid_pots", lambda a, h: a)])
-    # The last reachable answer position works (answer:2 with a 4-token budget).
-    tiny.run_codi(
-        questions[:1], max_new_tokens=4, fwd_hooks=[("blocks.0.hook_resid_post", zero_at_positions(tiny, ["answer:2"]))]
-    )
+    _zero_resid_at(tiny, questions[:1], "answer:2")  # the last reachable answer position works
+
+
+def _zero_resid_at(model, questions, position):
+    hook = zero_at_positions(model, [position])
+    return model.run_codi(questions, max_new_tokens=4, fwd_hooks=[("blocks.0.hook_resid_post", hook)])
 
 
 def test_degenerate_calls_give_clear_errors_or_correct_results(tiny, questions):

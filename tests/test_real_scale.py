@@ -56,6 +56,13 @@ def test_random_1b_checkpoint_loads_and_answers(tiny_checkpoint, tmp_path):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     print(report)
     assert report["n_keys"] == 377
-    assert report["latent_shape"] == [1, 7, 2048] and report["latents_finite"]
-    assert len(report["answer_tokens"]) == 4
     assert 3.3e9 < report["file_bytes"] < 3.5e9  # codi-reference.md: about 3.39 GB
+    assert report["latent_shape"] == [1, 7, 2048] and report["latents_finite"]
+    # The KV-cache loop against whole-sequence forwards with no cache over the same thoughts.
+    assert report["answer_tokens"] == report["reference_answer_tokens"] and len(report["answer_tokens"]) == 4
+    assert report["latent_max_abs_diff"] <= 1e-3  # float32, 16 layers, d_model 2048
+    # What the test is for: the real 1B layout loads on this 2-core, 24 GiB machine in bounded time and
+    # memory (measured: load about 40-90 s depending on the instance, peak about 15 GB with the file
+    # written in the same process).
+    assert report["load_s"] <= 300
+    assert report["peak_rss_gb"] <= 18
