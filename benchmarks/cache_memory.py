@@ -1,19 +1,25 @@
 """Peak memory of ``run_codi_with_cache`` for a 256-token answer on the LLaMA-3.2-1B shape.
 
-    python -m benchmarks.cache_memory [--max-new-tokens 256] [--quick]
+    python -m benchmarks.cache_memory [--max-new-tokens 256] [--limit-gb G] [--quick]
 
-Rotated keys (``blocks.L.attn.hook_rot_k``) cover every cached position at every chunk. Storing them
-whole per chunk and trimming only when stitching (what codi_lens did before) makes the cache grow
-with the square of the sequence length; ``run_codi_with_cache`` now cuts each chunk's rotated keys to
-its own positions when it stores them. This script runs both ways in fresh processes (so each peak is
-its own): the naive way caches every hook with a plain recording hook that keeps whole tensors, the
-library way calls ``run_codi_with_cache``. Both cache every hook of a random-weight model with the
-1B layout (16 layers, d_model 2048, GQA 32/8, vocabulary 128,259) in float32 on the CPU, for one
-question and ``--max-new-tokens`` generated tokens (random weights seldom stop early; the answer
-length is printed). It checks that the two stitched rotated keys agree and prints the peak resident
-memory during each run (sampled every 5 ms; the model's own memory included, shown apart) and, on
-its last line, ``memory_ratio <naive / library>``. ``--quick`` uses 4 layers
-and 32 tokens.
+Two ways of caching every hook of a CODI run, each in a fresh process so each peak is its own:
+
+- ``naive``, what codi_lens did before: a recording hook keeps every chunk's activation whole
+  (rotated keys, which cover every cached position, included) and the chunks are joined at the end.
+  Memory grows with the square of the sequence length through the rotated keys, and on the CPU the
+  thousands of small long-lived tensors keep glibc from giving back the pages of each step's freed
+  temporaries, which costs far more.
+- ``library``: ``run_codi_with_cache``, which writes each chunk into one whole-sequence buffer per
+  hook (see ``codi_lens.cache``).
+
+Both run a random-weight model with the 1B layout (16 layers, d_model 2048, GQA 32/8, vocabulary
+128,259) in float32 on the CPU, for one question and ``--max-new-tokens`` generated tokens (random
+weights seldom stop early; the answer length is printed), under ``torch.no_grad``. The script checks
+that both caches' rotated keys agree and prints each peak resident memory during the run (sampled
+every 5 ms; the model's own memory shown apart) and, last, ``memory_ratio <naive / library>`` of the
+runs' own memory (the peak less the model's). A run whose memory passes ``--limit-gb`` (default: 80%
+of this machine's memory) stops itself and is reported as exceeding it; the ratio is then a lower
+bound (``memory_ratio >= R``). ``--quick`` uses 4 layers and 32 tokens.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ import threading
 import time
 
 import torch
+import torch.nn.functional as F
 
 from codi_lens.architectures import BUILTIN_BASES, architecture_from_config, to_hooked_config
 from codi_lens.hooks import position_axis, spans_every_cached_position
-from codi_lens.model import CODIModel, CODITokens, _stitch
+from codi_lens.model import CODIModel, CODITokens
 from codi_lens.synthetic import build_tokenizer
 
 QUESTION = "Ava has 16 coins. On Monday Ava buys 4 more. On Tuesday Ava keeps half of them. How many now?"
@@ -55,22 +62,46 @@ def random_1b_shape_model(n_layers: int | None = None) -> CODIModel:
     return model.eval()
 
 
+def stitch_chunks(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The old way's join of one hook's per-chunk tensors (in chunk order) into one tensor."""
+    axis = position_axis(name)
+    if axis is None:
+        return parts[0] if len(parts) == 1 else torch.stack(parts, dim=1)
+    if axis == 2:  # attention: widen keys to the full length, then join queries
+        total = parts[-1].shape[-1]
+        fill = float("-inf") if name.endswith("hook_attn_scores") else 0.0
+        return torch.cat([F.pad(p, (0, total - p.shape[-1]), value=fill) for p in parts], dim=2)
+    return torch.cat(parts, dim=1)
+
+
 def resident_gb() -> float:
     """This process's resident memory now (Linux ``/proc/self/statm``)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
-class PeakSampler(threading.Thread):
-    """Samples resident memory every few milliseconds; ``peak`` is the largest seen while running."""
+def machine_gb() -> float:
+    """Physical memory of this machine."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
 
-    def __init__(self) -> None:
+
+class PeakSampler(threading.Thread):
+    """Samples resident memory every few milliseconds; ``peak`` is the largest seen while running.
+
+    Past ``limit_gb`` it prints ``{"exceeded_gb": limit}`` and ends the process (exit status 3), so a
+    run that would exhaust the machine is reported instead of being killed by the kernel.
+    """
+
+    def __init__(self, limit_gb: float) -> None:
         super().__init__(daemon=True)
-        self.peak, self._done = resident_gb(), threading.Event()
+        self.peak, self.limit_gb, self._done = resident_gb(), limit_gb, threading.Event()
 
     def run(self) -> None:
         while not self._done.wait(0.005):
             self.peak = max(self.peak, resident_gb())
+            if self.peak > self.limit_gb:
+                print(json.dumps({"exceeded_gb": self.limit_gb}), flush=True)
+                os._exit(3)
 
     def stop(self) -> float:
         self._done.set()
@@ -78,12 +109,12 @@ class PeakSampler(threading.Thread):
         return max(self.peak, resident_gb())
 
 
-def measure(mode: str, n_layers: int | None, max_new_tokens: int) -> dict:
+def measure(mode: str, n_layers: int | None, max_new_tokens: int, limit_gb: float) -> dict:
     """Run one way in this process; returns the peak resident memory during the run (the model's own
     memory included) and a checksum of the stitched rotated keys."""
     model = random_1b_shape_model(n_layers)
     before = resident_gb()
-    sampler = PeakSampler()
+    sampler = PeakSampler(limit_gb)
     sampler.start()
     start = time.perf_counter()
     if mode == "library":
@@ -105,7 +136,7 @@ def measure(mode: str, n_layers: int | None, max_new_tokens: int) -> dict:
             parts = [v for _, v in sorted(chunks.items())]
             if spans_every_cached_position(name):
                 parts = [parts[0]] + [p[:, -1:] for p in parts[1:]]
-            cache[name] = _stitch(name, parts)
+            cache[name] = stitch_chunks(name, parts)
         rot_k = cache["blocks.0.attn.hook_rot_k"]
     peak = sampler.stop()
     return {
@@ -119,34 +150,50 @@ def measure(mode: str, n_layers: int | None, max_new_tokens: int) -> dict:
     }
 
 
+def run_child(mode: str, layers: int | None, tokens: int, limit_gb: float) -> dict:
+    """One way in a fresh process; its report, or ``{"exceeded_gb": ...}`` when it passed the limit."""
+    command = [sys.executable, "-m", "benchmarks.cache_memory", "--child", mode, "--max-new-tokens", str(tokens)]
+    command += ["--limit-gb", str(limit_gb)] + (["--layers", str(layers)] if layers else [])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode not in (0, 3):
+        raise RuntimeError(f"the {mode} run failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--limit-gb", type=float, default=round(0.8 * machine_gb(), 1))
     parser.add_argument("--quick", action="store_true", help="4 layers, 32 tokens (a CI-sized check)")
     parser.add_argument("--child", choices=["naive", "library"], help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.child, args.layers, args.max_new_tokens)))
+        torch.set_grad_enabled(False)
+        print(json.dumps(measure(args.child, args.layers, args.max_new_tokens, args.limit_gb)))
         return
     layers = 4 if args.quick else None
     tokens = 32 if args.quick else args.max_new_tokens
-    reports = {}
-    for mode in ("naive", "library"):
-        command = [sys.executable, "-m", "benchmarks.cache_memory", "--child", mode, "--max-new-tokens", str(tokens)]
-        if layers:
-            command += ["--layers", str(layers)]
-        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        reports[mode] = json.loads(out.strip().splitlines()[-1])
-        r = reports[mode]
+    print(f"{layers or 16} layers, {tokens} new tokens, float32, CPU, limit {args.limit_gb} GB")
+    reports = {mode: run_child(mode, layers, tokens, args.limit_gb) for mode in ("naive", "library")}
+    for mode, r in reports.items():
+        if "exceeded_gb" in r:
+            print(f"{mode:8s} passed the {r['exceeded_gb']} GB limit and was stopped")
+            continue
         print(
-            f"{mode:8s} peak {r['peak_rss_gb']:.2f} GB (model alone {r['model_rss_gb']:.2f} GB), "
+            f"{mode:8s} peak {r['peak_rss_gb']:.2f} GB, model alone {r['model_rss_gb']:.2f} GB, "
+            f"the run's own {r['peak_rss_gb'] - r['model_rss_gb']:.2f} GB; "
             f"{r['answer_tokens']} answer tokens, {r['rot_k_positions']} positions, {r['seconds']:.0f} s"
         )
     naive, library = reports["naive"], reports["library"]
-    diff = abs(naive["rot_k_sum"] - library["rot_k_sum"])
-    print(f"rotated keys agree: |sum difference| {diff:.3g}")
-    print(f"memory_ratio {naive['peak_rss_gb'] / library['peak_rss_gb']:.2f}")
+    if "exceeded_gb" in library:
+        raise SystemExit("the library run passed the memory limit")
+    library_own = library["peak_rss_gb"] - library["model_rss_gb"]
+    if "exceeded_gb" in naive:  # a lower bound: the naive run needed more than the limit
+        print(f"memory_ratio >= {(naive['exceeded_gb'] - library['model_rss_gb']) / library_own:.1f}")
+        return
+    print(f"rotated keys agree: |sum difference| {abs(naive['rot_k_sum'] - library['rot_k_sum']):.3g}")
+    print(f"memory_ratio {(naive['peak_rss_gb'] - naive['model_rss_gb']) / library_own:.2f}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ attention masks and per-example position ids so a batch gives the same result as
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from transformer_lens.hook_points import HookPoint
 
 from codi_lens.answers import clean_question, extract_prediction
 from codi_lens.architectures import BaseArchitecture
+from codi_lens.cache import ActivationRecorder
 from codi_lens.checkpoint import CheckpointLayout, file_sha256
 from codi_lens.hooks import (
     ChunkContext,
@@ -36,8 +36,6 @@ from codi_lens.hooks import (
     PositionContextError,
     PositionError,
     parse_thought_hook,
-    position_axis,
-    spans_every_cached_position,
 )
 from codi_lens.padding import pad_rows
 
@@ -503,6 +501,7 @@ class CODIModel(HookedSAETransformer):
         answers = self._greedy_decode(state, max_new_tokens, False, first_logits=logits[:, -1])
         return self._result(state, answers, False)
 
+    @torch.no_grad()
     def run_codi_with_cache(
         self,
         questions: Sequence[str],
@@ -523,37 +522,22 @@ class CODIModel(HookedSAETransformer):
         ``[batch, n_latents + 1, ...]``. Logits are computed at every prompt position (the cache of
         ``unembed.hook_out`` covers the whole sequence).
 
-        Memory: each chunk stores only its new positions (rotated keys, which cover every cached
-        position, are cut to the chunk's own when stored), so the cache grows linearly with length.
+        Memory: each chunk's activations are written into one whole-sequence buffer per hook
+        (rotated keys, which cover every cached position, cut to the chunk's own), so the cache
+        grows linearly with length (attention patterns quadratically) and is a few large tensors
+        (see :mod:`codi_lens.cache`).
 
         Args:
             names_filter: None (all hooks), a name, a list of names or a predicate on names.
             device: where cached tensors are stored (default: the model's device).
         """
-        # name -> {chunk start -> activation}; a hook firing twice in one chunk (TransformerLens
-        # calls ln1 once each for queries, keys and values) keeps its last value.
-        chunks: dict[str, dict[int, Tensor]] = defaultdict(dict)
+        recorder = ActivationRecorder(lambda: self.chunk_context, device)
         keep = _as_name_predicate(names_filter)
-
-        def store(acts: Tensor, hook: HookPoint) -> None:
-            if position_axis(hook.name) is None:  # thought / projection hooks: one activation per step
-                key = len(chunks[hook.name])
-            else:
-                context = self.chunk_context
-                key = context.start
-                if spans_every_cached_position(hook.name):
-                    acts = acts.narrow(1, context.start, len(context.positions))
-            chunks[hook.name][key] = acts.detach().to(device or acts.device)
-
-        caching_hooks = [(name, store) for name in self.hook_names_of_run(n_latents) if keep(name)]
+        caching_hooks = [(name, recorder) for name in self.hook_names_of_run(n_latents) if keep(name)]
         result = self._run(
             questions, n_latents, max_new_tokens, [*fwd_hooks, *caching_hooks], return_logits, prompt_logits="all"
         )
-        stitched = {}
-        for name in list(chunks):  # free each hook's chunks once joined: the peak stays near one cache
-            parts = chunks.pop(name)
-            stitched[name] = _stitch(name, [parts[k] for k in sorted(parts)])
-        return result, ActivationCache(stitched, self, has_batch_dim=True)
+        return result, ActivationCache(recorder.tensors(), self, has_batch_dim=True)
 
     # ------------------------------------------------------------------ teacher forcing
     def tokenize_answers(
@@ -633,16 +617,3 @@ def _as_name_predicate(names_filter):
         return names_filter
     allowed = set(names_filter)
     return lambda name: name in allowed
-
-
-def _stitch(name: str, parts: list[Tensor]) -> Tensor:
-    """Join one hook's per-chunk activations (in chunk order) into whole-sequence or per-step tensors."""
-    axis = position_axis(name)
-    if axis is None:
-        return parts[0] if len(parts) == 1 else torch.stack(parts, dim=1)
-    if axis == 2:  # attention [batch, head, query, key]: widen keys to the full length, then join queries
-        total = parts[-1].shape[-1]
-        fill = float("-inf") if name.endswith("hook_attn_scores") else 0.0
-        parts = [F.pad(p, (0, total - p.shape[-1]), value=fill) for p in parts]
-        return torch.cat(parts, dim=2)
-    return torch.cat(parts, dim=1)

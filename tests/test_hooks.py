@@ -116,6 +116,10 @@ def test_stitched_cache_equals_a_full_hf_pass(setup, questions):
         assert (cache["prj.hook_out"][i] - hf_projected).abs().max() <= ATOL
         # What the loop fed at thought k is the projection of step k - 1.
         assert torch.equal(cache["prj.hook_out"][i, :6], result.thought_embeds[i])
+    # No autograd graph is kept (the weights require grad): a graph held through the KV cache grew
+    # the 1B-shape run by tens of MB per generated token.
+    assert any(p.requires_grad for p in model.parameters())
+    assert not result.latent_states.requires_grad and not result.thought_embeds.requires_grad
 
 
 def test_names_filter_and_zero_at_positions(setup, questions):
