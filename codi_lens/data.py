@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -209,3 +210,25 @@ def problems_fingerprint(problems: list[Problem]) -> str:
 def problems_frame(problems: list[Problem]) -> pd.DataFrame:
     """The problems as a tidy DataFrame, one row per problem."""
     return pd.DataFrame([asdict(p) for p in problems])
+
+
+#: Difficulty buckets by number of calculator spans, as past CODI work grouped GSM8K.
+DIFFICULTY_BUCKETS = ("<=2", "3", "4", "5+")
+
+
+def difficulty_bucket(n_steps: int) -> str:
+    """``"<=2"``, ``"3"``, ``"4"`` or ``"5+"``."""
+    if n_steps <= 2:
+        return "<=2"
+    return "5+" if n_steps >= 5 else str(n_steps)
+
+
+def stratified_sample(problems: list[Problem], n_per_bucket: int, *, seed: int) -> list[Problem]:
+    """Up to ``n_per_bucket`` problems from each difficulty bucket, drawn with ``random.Random(seed)``,
+    returned in their original order (a bucket with fewer problems gives all of them)."""
+    rng = random.Random(seed)
+    chosen: set[int] = set()
+    for bucket in DIFFICULTY_BUCKETS:
+        members = [i for i, p in enumerate(problems) if difficulty_bucket(p.n_steps) == bucket]
+        chosen.update(rng.sample(members, min(n_per_bucket, len(members))))
+    return [p for i, p in enumerate(problems) if i in chosen]

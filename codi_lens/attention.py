@@ -1,0 +1,134 @@
+"""Attention to the continuous thoughts, read from the stitched cache of a CODI run.
+
+Positions follow :mod:`codi_lens.hooks`: ``thought = 0`` is BOT, ``thought = k`` the position fed
+the k-th continuous thought. Patterns come from ``blocks.L.attn.hook_pattern``
+(``[batch, head, query_pos, key_pos]``, one row per query head; with grouped-query attention the
+``kv_head`` column names the key/value head a query head shares with its group).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+from transformer_lens import ActivationCache
+
+from codi_lens.hooks import CODIPositions
+from codi_lens.metrics import clustered_bootstrap_ci
+
+
+def pattern_hook_names(n_layers: int) -> list[str]:
+    """The cache names :func:`attention_to_thoughts` needs (a ``names_filter``)."""
+    return [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
+
+
+def _thought_names(n_latents: int) -> list[str]:
+    return ["bot", *[f"thought:{k}" for k in range(1, n_latents + 1)]]
+
+
+def attention_to_thoughts(
+    cache: ActivationCache,
+    positions: CODIPositions,
+    problem_ids: Sequence[str],
+    *,
+    n_kv_heads: int | None = None,
+) -> pd.DataFrame:
+    """Attention from EOT and from each fed answer position to BOT and every thought.
+
+    One row per (problem, layer, head, source, thought): ``source`` is ``"eot"`` or ``"answer:j"``
+    (the position holding answer token j), ``thought`` 0 = BOT .. n, ``weight`` the attention
+    probability. ``kv_head`` is ``head // (n_heads / n_kv_heads)``.
+    """
+    layers = sorted(int(name.split(".")[1]) for name in cache.cache_dict if name.endswith("attn.hook_pattern"))
+    if not layers:
+        raise KeyError("the cache holds no attention patterns (cache blocks.L.attn.hook_pattern)")
+    targets = positions.resolve(_thought_names(positions.n_latents))  # [batch, n + 1]
+    eot = positions.resolve(["eot"])[:, 0]
+    frames = []
+    for layer in layers:
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"].float().cpu()  # [batch, head, q, k]
+        n_heads, n_targets = pattern.shape[1], targets.shape[1]
+        group = n_heads // (n_kv_heads or n_heads)
+        for i, problem_id in enumerate(problem_ids):
+            n_fed = max(positions.answer_lengths[i] - 1, 0)
+            names = ["eot"] + [f"answer:{j}" for j in range(n_fed)]
+            queries = torch.tensor([int(eot[i])] + [positions.answer_start + j for j in range(n_fed)])
+            weights = pattern[i][:, queries][:, :, targets[i]]  # [head, source, n + 1]
+            head, source, thought = np.meshgrid(
+                np.arange(n_heads), np.arange(len(names)), np.arange(n_targets), indexing="ij"
+            )
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "problem_id": problem_id,
+                        "layer": layer,
+                        "head": head.ravel(),
+                        "kv_head": head.ravel() // group,
+                        "source": np.asarray(names, dtype=object)[source.ravel()],
+                        "thought": thought.ravel(),
+                        "weight": weights.numpy().ravel(),
+                    }
+                )
+            )
+    return pd.concat(frames, ignore_index=True)
+
+
+def thought_to_thought(cache: ActivationCache, positions: CODIPositions, problem_ids: Sequence[str]) -> pd.DataFrame:
+    """The (n+1) x (n+1) attention among BOT and the thoughts, per problem, layer and head: one row per
+    (problem, layer, head, query_thought, key_thought) with ``weight`` (0 above the diagonal)."""
+    targets = positions.resolve(_thought_names(positions.n_latents))
+    rows = []
+    for name in sorted(n for n in cache.cache_dict if n.endswith("attn.hook_pattern")):
+        layer = int(name.split(".")[1])
+        pattern = cache[name].float().cpu()
+        for i, problem_id in enumerate(problem_ids):
+            idx = targets[i]
+            block = pattern[i][:, idx][:, :, idx]  # [head, n + 1, n + 1]
+            for head in range(block.shape[0]):
+                for q in range(block.shape[1]):
+                    for k in range(block.shape[2]):
+                        rows.append((problem_id, layer, head, q, k, float(block[head, q, k])))
+    return pd.DataFrame(rows, columns=["problem_id", "layer", "head", "query_thought", "key_thought", "weight"])
+
+
+def correlation_by_layer(
+    frame: pd.DataFrame,
+    x: str,
+    y: str,
+    *,
+    by: str = "layer",
+    cluster: str = "problem_id",
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Pearson and Spearman correlation of ``x`` and ``y`` per ``by`` value, each with a 95% percentile
+    bootstrap CI that resamples whole problems (rows of one problem move together).
+
+    Returns one row per group: ``n_rows, n_problems, pearson, pearson_low, pearson_high, spearman,
+    spearman_low, spearman_high``. A constant column gives NaN.
+    """
+    out = []
+    for key, group in frame.groupby(by, sort=True):
+        group = group[[cluster, x, y]].dropna().reset_index(drop=True)
+        row = {by: key, "n_rows": len(group), "n_problems": group[cluster].nunique()}
+        for name, fn in (("pearson", stats.pearsonr), ("spearman", stats.spearmanr)):
+
+            def statistic(rows: pd.DataFrame, fn=fn) -> float:
+                if rows[x].nunique() < 2 or rows[y].nunique() < 2:
+                    return float("nan")
+                return float(fn(rows[x].to_numpy(), rows[y].to_numpy())[0])
+
+            estimate, low, high = clustered_bootstrap_ci(
+                group, statistic, cluster=cluster, n_resamples=n_resamples, seed=seed
+            )
+            row.update({name: estimate, f"{name}_low": low, f"{name}_high": high})
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def mean_attention(frame: pd.DataFrame, by: Sequence[str] = ("problem_id", "layer", "thought")) -> pd.DataFrame:
+    """Mean attention weight over heads and sources, per ``by`` (``weight`` column)."""
+    return frame.groupby(list(by), sort=False)["weight"].mean().reset_index()

@@ -1,0 +1,367 @@
+"""Step importance: which continuous thoughts matter, measured inside the real latent loop.
+
+For each problem, the baseline run (no intervention) gives the prediction and the answer tokens.
+Every ablation (intervention x scope x thought) is then run twice: generated greedily (is the answer
+still right?) and teacher-forced on the baseline's own answer tokens up to the answer number, where
+``KL(baseline || ablated)`` is taken at the position predicting the number's first token (see
+:mod:`codi_lens.metrics`). Later thoughts are recomputed from the ablated one by the loop itself.
+
+Interventions on the fed thought (see :mod:`codi_lens.interventions`):
+
+- ``zero``: a zero vector;
+- ``mean``: the mean thought at that step over a reference set of problems;
+- ``noise``: the thought plus Gaussian noise of the thought's norm (seeded per problem, so a problem's
+  noise does not depend on its batch);
+- ``swap``: the thought of another problem (the next one in the problem list) at that step;
+- ``shuffle``: the baseline's own thoughts in a seeded shuffled order (all, or thoughts 1..k; a
+  single thought cannot be shuffled, so ``shuffle`` has no ``single`` scope and no ``cumulative``
+  scope at k = 1).
+
+Scopes: ``single`` (thought k), ``cumulative`` (thoughts 1..k), ``all`` (every thought; ``thought`` 0
+in tables).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from codi_lens.answers import is_correct
+from codi_lens.attention import attention_to_thoughts, pattern_hook_names
+from codi_lens.data import Problem, difficulty_bucket, problems_fingerprint
+from codi_lens.interventions import (
+    SCOPES,
+    Hooks,
+    Scope,
+    mean_thought_embeds,
+    mean_thoughts,
+    noise_thoughts,
+    shuffle_thoughts,
+    swap_thoughts,
+    thought_scope,
+    zero_thoughts,
+)
+from codi_lens.metrics import AnswerNumber, find_answer_number, kl_divergence, logits_at_answer
+from codi_lens.model import CODIModel, CODIResult
+from codi_lens.runner import UNIT_COLUMN, ResultStore
+
+INTERVENTIONS = ("zero", "mean", "noise", "swap", "shuffle")
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One condition: an intervention over a scope ending at ``thought`` (0 for scope ``all``)."""
+
+    intervention: str
+    scope: Scope
+    thought: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.intervention}/{self.scope}/{self.thought}"
+
+
+def ablation_grid(
+    interventions: Sequence[str] = INTERVENTIONS, scopes: Sequence[Scope] = SCOPES, *, n_latents: int = 6
+) -> list[Ablation]:
+    """Every (intervention, scope, thought) condition, in that order (see the module docstring for
+    the combinations ``shuffle`` skips)."""
+    unknown = [i for i in interventions if i not in INTERVENTIONS]
+    if unknown:
+        raise ValueError(f"unknown intervention {unknown[0]!r}; expected some of {INTERVENTIONS}")
+    bad_scopes = [s for s in scopes if s not in SCOPES]
+    if bad_scopes:
+        raise ValueError(f"unknown scope {bad_scopes[0]!r}; expected some of {SCOPES}")
+    grid = []
+    for intervention in interventions:
+        for scope in scopes:
+            thoughts = [0] if scope == "all" else range(1, n_latents + 1)
+            for k in thoughts:
+                covered = n_latents if scope == "all" else (1 if scope == "single" else k)
+                if intervention == "shuffle" and covered < 2:
+                    continue
+                grid.append(Ablation(intervention, scope, k))
+    return grid
+
+
+def problem_seed(problem_id: str, seed: int) -> int:
+    """A seed for one problem that does not depend on its batch (CRC32 of seed and id)."""
+    return zlib.crc32(f"{seed}:{problem_id}".encode())
+
+
+@dataclass
+class AblationInputs:
+    """What the interventions of one batch draw on.
+
+    Attributes:
+        baseline_thoughts: the batch's own fed thoughts ``[batch, n_latents, d_model]`` (for shuffle).
+        donor_thoughts: each problem's donor's fed thoughts ``[batch, n_latents, d_model]`` (for swap).
+        means: reference mean thoughts ``[n_latents, d_model]`` (for mean), or None.
+        seeds: one noise seed per problem.
+        seed: the run's seed (the shuffle permutation).
+    """
+
+    baseline_thoughts: Tensor
+    donor_thoughts: Tensor | None
+    means: Tensor | None
+    seeds: list[int]
+    seed: int
+
+
+def ablation_hooks(ablation: Ablation, inputs: AblationInputs, n_latents: int) -> Hooks:
+    """The ``fwd_hooks`` of one ablation for one batch."""
+    thoughts = thought_scope(ablation.scope, ablation.thought, n_latents)
+    kind = ablation.intervention
+    if kind == "zero":
+        return zero_thoughts(thoughts)
+    if kind == "mean":
+        if inputs.means is None:
+            raise ValueError("the mean intervention needs reference means")
+        return mean_thoughts(thoughts, inputs.means)
+    if kind == "noise":
+        return noise_thoughts(thoughts, inputs.seeds)
+    if kind == "swap":
+        if inputs.donor_thoughts is None:
+            raise ValueError("the swap intervention needs donor thoughts")
+        return swap_thoughts(thoughts, inputs.donor_thoughts)
+    if kind == "shuffle":
+        return shuffle_thoughts(thoughts, inputs.baseline_thoughts, seed=inputs.seed)
+    raise ValueError(f"unknown intervention {kind!r}")
+
+
+def answer_numbers(model: CODIModel, baseline: CODIResult) -> list[AnswerNumber | None]:
+    """The baseline answer's number position per problem (None where the answer has no number)."""
+    return [find_answer_number(model.tokenizer, tokens) for tokens in baseline.answer_tokens]
+
+
+def _forced(numbers: list[AnswerNumber | None], baseline: CODIResult) -> list[AnswerNumber]:
+    """Numbers to teacher-force, with a stand-in (the first answer token) where there is none."""
+    return [
+        n if n is not None else AnswerNumber(0, (), baseline.answer_tokens[i][0], "") for i, n in enumerate(numbers)
+    ]
+
+
+def importance_rows(
+    model: CODIModel,
+    problems: list[Problem],
+    ablations: Sequence[Ablation],
+    inputs_for: Any,
+    *,
+    n_latents: int = 6,
+    max_new_tokens: int = 256,
+    baseline: CODIResult | None = None,
+) -> pd.DataFrame:
+    """One row per (problem, ablation) for one batch (``unit_id`` = problem id).
+
+    ``inputs_for(baseline)`` returns the batch's :class:`AblationInputs`. Columns: ``problem_id,
+    n_steps, difficulty, gold, intervention, scope, thought, baseline_prediction, baseline_correct,
+    prediction, correct, answer_text, kl`` (nats, ``KL(baseline || ablated)`` at the answer number;
+    NaN when the baseline answer has no number).
+    """
+    questions = [p.question for p in problems]
+    if baseline is None:
+        baseline = model.run_codi(questions, n_latents=n_latents, max_new_tokens=max_new_tokens)
+    numbers = answer_numbers(model, baseline)
+    forced = _forced(numbers, baseline)
+    has_number = torch.tensor([n is not None for n in numbers])
+    reference = logits_at_answer(model, questions, forced, n_latents=n_latents)
+    inputs = inputs_for(baseline)
+    frames = []
+    for ablation in ablations:
+        hooks = ablation_hooks(ablation, inputs, n_latents)
+        result = model.run_codi(questions, n_latents=n_latents, max_new_tokens=max_new_tokens, fwd_hooks=hooks)
+        logits = logits_at_answer(model, questions, forced, n_latents=n_latents, fwd_hooks=hooks)
+        kl = kl_divergence(reference, logits).cpu().where(has_number, torch.tensor(float("nan"), dtype=torch.float64))
+        frames.append(
+            pd.DataFrame(
+                {
+                    UNIT_COLUMN: [p.id for p in problems],
+                    "problem_id": [p.id for p in problems],
+                    "n_steps": [p.n_steps for p in problems],
+                    "difficulty": [difficulty_bucket(p.n_steps) for p in problems],
+                    "gold": [p.gold for p in problems],
+                    "intervention": ablation.intervention,
+                    "scope": ablation.scope,
+                    "thought": ablation.thought,
+                    "baseline_prediction": [_nan(x) for x in baseline.prediction],
+                    "baseline_correct": [is_correct(x, p.gold) for x, p in zip(baseline.prediction, problems)],
+                    "prediction": [_nan(x) for x in result.prediction],
+                    "correct": [is_correct(x, p.gold) for x, p in zip(result.prediction, problems)],
+                    "answer_text": result.answer_text,
+                    "kl": kl.numpy(),
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def _nan(x: float | None) -> float:
+    return float("nan") if x is None else x
+
+
+def step_importance(
+    model: CODIModel,
+    problems: list[Problem],
+    out: str | Path,
+    *,
+    interventions: Sequence[str] = INTERVENTIONS,
+    scopes: Sequence[Scope] = SCOPES,
+    n_latents: int = 6,
+    max_new_tokens: int = 256,
+    reference: list[Problem] | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    settings: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, ResultStore]:
+    """Every ablation of :func:`ablation_grid` on every problem, resumable in ``out``.
+
+    ``reference``: the problems whose mean thoughts the ``mean`` intervention feeds (default: the
+    problems themselves). The swap donor of problem i is problem i + 1 (the last one's is the
+    first). Returns the rows (problem order, then ablation order) and the store (``finish`` it).
+    """
+    if "swap" in interventions and len(problems) < 2:
+        raise ValueError("the swap intervention needs at least two problems")
+    ablations = ablation_grid(interventions, scopes, n_latents=n_latents)
+    reference = problems if reference is None else reference
+    means = None
+    if "mean" in interventions:
+        means = mean_thought_embeds(model, [p.question for p in reference], n_latents=n_latents, batch_size=batch_size)
+    donor = {p.id: problems[(i + 1) % len(problems)] for i, p in enumerate(problems)}
+    store = ResultStore(
+        out,
+        {
+            **(settings or {}),
+            "checkpoint_sha256": model.checkpoint_sha256,
+            "data": problems_fingerprint(problems),
+            "n_problems": len(problems),
+            "reference": problems_fingerprint(reference) if means is not None else None,
+            "ablations": [a.name for a in ablations],
+            "n_latents": n_latents,
+            "max_new_tokens": max_new_tokens,
+            "seed": seed,
+        },
+        overwrite=overwrite,
+    )
+
+    def inputs_for(batch: list[Problem]):
+        def make(baseline: CODIResult) -> AblationInputs:
+            donors = None
+            if "swap" in interventions:
+                donor_questions = [donor[p.id].question for p in batch]
+                donors = model.run_codi(donor_questions, n_latents=n_latents, max_new_tokens=1).thought_embeds
+            return AblationInputs(
+                baseline_thoughts=baseline.thought_embeds,
+                donor_thoughts=donors,
+                means=means,
+                seeds=[problem_seed(p.id, seed) for p in batch],
+                seed=seed,
+            )
+
+        return make
+
+    rows = store.run(
+        problems,
+        lambda batch: importance_rows(
+            model, batch, ablations, inputs_for(batch), n_latents=n_latents, max_new_tokens=max_new_tokens
+        ),
+        unit_id=lambda p: p.id,
+        batch_size=batch_size,
+        desc="step importance",
+        progress=progress,
+    )
+    return rows, store
+
+
+def attention_importance_rows(
+    model: CODIModel, problems: list[Problem], *, n_latents: int = 6, max_new_tokens: int = 256
+) -> pd.DataFrame:
+    """Attention and zero-ablation importance of every thought on the same problems (one batch).
+
+    One row per (problem, layer, head, thought), thought 0 = BOT: ``attention_eot`` (from EOT),
+    ``attention_answer`` (mean over the fed answer positions; NaN when none was fed) and, for thoughts
+    1..n, ``kl`` and ``flipped`` (baseline right, ablated wrong) of zeroing that one thought (NaN at BOT,
+    which is a token, not a fed thought).
+    """
+    questions = [p.question for p in problems]
+    baseline, cache = model.run_codi_with_cache(
+        questions,
+        names_filter=pattern_hook_names(model.cfg.n_layers),
+        n_latents=n_latents,
+        max_new_tokens=max_new_tokens,
+    )
+    attention = attention_to_thoughts(
+        cache, baseline.positions, [p.id for p in problems], n_kv_heads=model.cfg.n_key_value_heads
+    )
+    del cache
+    attention["source_kind"] = attention["source"].str.split(":").str[0]
+    keys = ["problem_id", "layer", "head", "kv_head", "thought"]
+    wide = attention.pivot_table(index=keys, columns="source_kind", values="weight", aggfunc="mean").reset_index()
+    wide = wide.rename(columns={"eot": "attention_eot", "answer": "attention_answer"})
+    if "attention_answer" not in wide:
+        wide["attention_answer"] = float("nan")
+    ablations = ablation_grid(["zero"], ["single"], n_latents=n_latents)
+    importance = importance_rows(
+        model,
+        problems,
+        ablations,
+        lambda b: AblationInputs(b.thought_embeds, None, None, [0] * len(problems), 0),
+        n_latents=n_latents,
+        max_new_tokens=max_new_tokens,
+        baseline=baseline,
+    )
+    importance["flipped"] = importance["baseline_correct"] & ~importance["correct"]
+    merged = wide.merge(
+        importance[["problem_id", "thought", "n_steps", "difficulty", "baseline_correct", "correct", "flipped", "kl"]],
+        on=["problem_id", "thought"],
+        how="left",
+    )
+    merged.insert(0, UNIT_COLUMN, merged["problem_id"])
+    order = {p.id: i for i, p in enumerate(problems)}
+    return merged.sort_values(
+        ["problem_id", "layer", "head", "thought"], key=lambda s: s.map(order) if s.name == "problem_id" else s
+    ).reset_index(drop=True)
+
+
+def attention_importance(
+    model: CODIModel,
+    problems: list[Problem],
+    out: str | Path,
+    *,
+    n_latents: int = 6,
+    max_new_tokens: int = 256,
+    batch_size: int = 32,
+    settings: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, ResultStore]:
+    """:func:`attention_importance_rows` over every problem, resumable in ``out``."""
+    store = ResultStore(
+        out,
+        {
+            **(settings or {}),
+            "checkpoint_sha256": model.checkpoint_sha256,
+            "data": problems_fingerprint(problems),
+            "n_problems": len(problems),
+            "n_latents": n_latents,
+            "max_new_tokens": max_new_tokens,
+        },
+        overwrite=overwrite,
+    )
+    rows = store.run(
+        problems,
+        lambda batch: attention_importance_rows(model, batch, n_latents=n_latents, max_new_tokens=max_new_tokens),
+        unit_id=lambda p: p.id,
+        batch_size=batch_size,
+        desc="attention and importance",
+        progress=progress,
+    )
+    return rows, store

@@ -1,0 +1,91 @@
+"""Clean/corrupted pairs that change one number in a question, with the answer recomputed from the chain.
+
+    python -m experiments.make_pairs [--data toy:test] [--limit N] [--deltas 1,-1,2,-2] [--out DIR]
+    python -m experiments.make_pairs --import FILE [--data gsm8k:test] [--out DIR]
+
+Building: for each problem, the question's integers are tried in order, each changed by each delta,
+and the first change whose re-evaluated chain passes every check gives the pair (see
+``codi_lens.pairs`` for the checks and the rejection reasons). Data from the shipped synthetic set
+(``toy:test``) keeps values in the model's number range (0..40).
+
+Checking (``--import FILE``): a JSON list or JSONL of ``clean_question``, ``corrupted_question`` and
+optionally ``pair_id``, ``clean_answer``, ``corrupted_answer``. Each clean question is matched in
+GSM8K (both splits, as shipped; or ``--data`` when given), the changed number is found, both answers
+are recomputed and compared with the claimed ones.
+
+Writes to ``--out`` (default ``results/make_pairs``): ``pairs.parquet`` (``pair_id, clean_id,
+clean_question, corrupted_question, clean_answer, corrupted_answer, changed_from, changed_to, ...``)
+and ``rejections.parquet`` (every rejected candidate, by reason), or ``import_report.parquet``
+(``pair_id, status, reason, claimed_corrupted_answer, recomputed_corrupted_answer, ...``); and
+``summary.json`` with the counts by reason. This needs no model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from codi_lens.cli import run_main
+from codi_lens.data import load_problems
+from codi_lens.pairs import DEFAULT_DELTAS, check_pairs, make_pairs, read_pair_file
+from codi_lens.synthetic import MAX_VALUE
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None, help="problems (default: toy:test; with --import: GSM8K)")
+    parser.add_argument("--split", default=None, help="split name (required for a hub dataset)")
+    parser.add_argument("--limit", type=int, default=None, help="the first N records in file order")
+    parser.add_argument("--deltas", default=",".join(str(d) for d in DEFAULT_DELTAS), help="changes to try, in order")
+    parser.add_argument("--max-value", type=float, default=None, help="largest value allowed (toy data: 40)")
+    parser.add_argument("--import", dest="import_file", default=None, help="check a pair file made elsewhere")
+    parser.add_argument("--out", default="results/make_pairs", help="output folder")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if args.import_file:
+        rows = read_pair_file(args.import_file)
+        problems = load_problems(args.data, split=args.split, limit=args.limit) if args.data else None
+        report = check_pairs(rows, problems)
+        report.to_parquet(out / "import_report.parquet", index=False)
+        summary = {
+            "pair_file": str(args.import_file),
+            "n_pairs": len(report),
+            "status": report["status"].value_counts().to_dict(),
+            "rejected_by_reason": report.loc[report["status"] == "rejected", "reason"]
+            .str.split(":")
+            .str[0]
+            .value_counts()
+            .to_dict(),
+        }
+    else:
+        data = args.data or "toy:test"
+        problems = load_problems(data, split=args.split, limit=args.limit)
+        max_value = args.max_value if args.max_value is not None else (MAX_VALUE if data.startswith("toy:") else None)
+        try:
+            deltas = [float(d) for d in args.deltas.split(",") if d.strip()]
+        except ValueError as exc:
+            raise KeyError(f"--deltas must be comma-separated numbers, got {args.deltas!r}") from exc
+        pairs, rejections = make_pairs(problems, deltas=deltas, max_value=max_value)
+        pairs.to_parquet(out / "pairs.parquet", index=False)
+        rejections.to_parquet(out / "rejections.parquet", index=False)
+        without = rejections[~rejections["has_pair"]].drop_duplicates("problem_id")
+        summary = {
+            "data": data,
+            "n_problems": len(problems),
+            "n_pairs": len(pairs),
+            "problems_without_pair_by_first_reason": without["reason"].value_counts().to_dict(),
+            "rejected_candidates_by_reason": rejections["reason"].value_counts().to_dict(),
+            "deltas": deltas,
+            "max_value": max_value,
+        }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    run_main(main)
