@@ -99,21 +99,22 @@ def correlation_by_layer(
     x: str,
     y: str,
     *,
-    by: str = "layer",
+    by: str | Sequence[str] = "layer",
     cluster: str = "problem_id",
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Pearson and Spearman correlation of ``x`` and ``y`` per ``by`` value, each with a 95% percentile
+    """Pearson and Spearman correlation of ``x`` and ``y`` per ``by`` group, each with a 95% percentile
     bootstrap CI that resamples whole problems (rows of one problem move together).
 
     Returns one row per group: ``n_rows, n_problems, pearson, pearson_low, pearson_high, spearman,
     spearman_low, spearman_high``. A constant column gives NaN.
     """
     out = []
-    for key, group in frame.groupby(by, sort=True):
+    keys = [by] if isinstance(by, str) else list(by)
+    for key, group in frame.groupby(keys, sort=True):
         group = group[[cluster, x, y]].dropna().reset_index(drop=True)
-        row = {by: key, "n_rows": len(group), "n_problems": group[cluster].nunique()}
+        row = {**dict(zip(keys, key)), "n_rows": len(group), "n_problems": group[cluster].nunique()}
         for name, fn in (("pearson", stats.pearsonr), ("spearman", stats.spearmanr)):
 
             def statistic(rows: pd.DataFrame, fn=fn) -> float:

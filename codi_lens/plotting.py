@@ -157,3 +157,26 @@ def attention_vs_importance(
     )
     fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
     return fig
+
+
+def attention_by_head(
+    attention: pd.DataFrame, title: str = "Attention from EOT and the answer to each thought, by head"
+) -> go.Figure:
+    """Head x thought heatmaps of the mean attention weight (over problems and sources), one panel per layer."""
+    grid = attention.groupby(["layer", "head", "thought"])["weight"].mean().reset_index()
+    fig = px.density_heatmap(
+        grid,
+        x="thought",
+        y="head",
+        z="weight",
+        facet_col="layer",
+        facet_col_wrap=4,
+        histfunc="avg",
+        color_continuous_scale="Blues",
+        template=TEMPLATE,
+        title=title,
+        labels={"thought": "thought k (0 = BOT)", "head": "query head", "weight": "attention"},
+        nbinsx=int(grid["thought"].max()) + 1,
+        nbinsy=int(grid["head"].max()) + 1,
+    )
+    return fig

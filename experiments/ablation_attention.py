@@ -12,8 +12,11 @@ correlate only as much as the thoughts' average profile does.
 
 Writes to ``--out`` (default ``results/ablation_attention``): ``run.json``, ``parts/``,
 ``results.parquet`` (one row per problem x layer x head x thought: ``attention_eot``,
-``attention_answer``, ``kl``, ``flipped``, ...), ``correlations.parquet``, ``summary.json``, and the
-figures ``attention.html`` (layer x thought, by source) and ``attention_vs_importance.html``.
+``attention_answer``, ``kl``, ``flipped``, ...), ``correlations.parquet`` (per layer, and the control),
+``correlations_within_thought.parquet`` (per layer and thought, across problems: the profile of
+attention over thoughts cannot drive it), ``summary.json``, and the
+figures ``attention.html`` (layer x thought, by source), ``attention_heads.html`` (head x thought per
+layer) and ``attention_vs_importance.html``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import pandas as pd
 from codi_lens.attention import correlation_by_layer
 from codi_lens.cli import add_common_args, load_model, model_settings, run_main
 from codi_lens.importance import attention_importance
-from codi_lens.plotting import attention_by_layer, attention_vs_importance, write_html
+from codi_lens.plotting import attention_by_head, attention_by_layer, attention_vs_importance, write_html
 from experiments.step_importance import add_selection_args, select_problems
 
 
@@ -82,6 +85,10 @@ def main(argv: list[str] | None = None) -> dict:
     control = correlation_by_layer(frame, "attention", "kl_other", seed=args.seed)
     both = pd.concat([correlations.assign(pairing="same problem"), control.assign(pairing="control: next problem")])
     both.to_parquet(out / "correlations.parquet", index=False)
+    # Across problems at a fixed thought: does a problem that attends more to thought k depend more on it?
+    # (The per-layer correlation above also reflects the thoughts' average profile, which the control shares.)
+    within = correlation_by_layer(frame, "attention", "kl", by=["layer", "thought"], seed=args.seed)
+    within.to_parquet(out / "correlations_within_thought.parquet", index=False)
 
     long = rows.melt(
         id_vars=["problem_id", "layer", "head", "thought"],
@@ -91,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     long["source"] = long["source"].str.replace("attention_", "")
     write_html(attention_by_layer(long.dropna(subset=["weight"])), out / "attention.html")
+    write_html(attention_by_head(long.dropna(subset=["weight"])), out / "attention_heads.html")
     write_html(attention_vs_importance(frame, correlations), out / "attention_vs_importance.html")
 
     def ci(r) -> dict:
@@ -105,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         "n_rows": len(rows),
         "correlation_by_layer": {int(r.layer): ci(r) for r in correlations.itertuples()},
         "control_next_problem": {int(r.layer): ci(r) for r in control.itertuples()},
+        "within_thought": {f"{int(r.layer)}/{int(r.thought)}": ci(r) for r in within.itertuples()},
         "wall_seconds_this_invocation": round(time.perf_counter() - started, 1),
     }
     store.finish(rows, summary)
