@@ -115,19 +115,24 @@ def correlation_by_layer(
     for key, group in frame.groupby(keys, sort=True):
         group = group[[cluster, x, y]].dropna().reset_index(drop=True)
         row = {**dict(zip(keys, key)), "n_rows": len(group), "n_problems": group[cluster].nunique()}
-        for name, fn in (("pearson", stats.pearsonr), ("spearman", stats.spearmanr)):
-
-            def statistic(rows: pd.DataFrame, fn=fn) -> float:
-                if rows[x].nunique() < 2 or rows[y].nunique() < 2:
-                    return float("nan")
-                return float(fn(rows[x].to_numpy(), rows[y].to_numpy())[0])
-
+        for name, fn in (("pearson", _pearson), ("spearman", _spearman)):
             estimate, low, high = clustered_bootstrap_ci(
-                group, statistic, cluster=cluster, n_resamples=n_resamples, seed=seed
+                group, fn, [x, y], cluster=cluster, n_resamples=n_resamples, seed=seed
             )
             row.update({name: estimate, f"{name}_low": low, f"{name}_high": high})
         out.append(row)
     return pd.DataFrame(out)
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 2 or np.all(a == a[0]) or np.all(b == b[0]):
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of the ranks (ties get their average rank), as ``scipy.stats.spearmanr``."""
+    return _pearson(stats.rankdata(a), stats.rankdata(b))
 
 
 def mean_attention(frame: pd.DataFrame, by: Sequence[str] = ("problem_id", "layer", "thought")) -> pd.DataFrame:

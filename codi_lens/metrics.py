@@ -177,27 +177,34 @@ def bootstrap_ci(
 
 def clustered_bootstrap_ci(
     frame: pd.DataFrame,
-    statistic: Callable[[pd.DataFrame], float],
+    statistic: Callable[..., float],
+    columns: Sequence[str],
     *,
     cluster: str = "problem_id",
     confidence: float = 0.95,
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> tuple[float, float, float]:
-    """``(estimate, low, high)`` of ``statistic(frame)`` with a percentile bootstrap that resamples
-    whole clusters (problems), so rows of one problem move together (``scipy.stats.bootstrap`` over
-    cluster indices)."""
-    groups = [g.index.to_numpy() for _, g in frame.groupby(cluster, sort=False)]
-    estimate = float(statistic(frame))
-    if len(groups) < 2:
+    """``(estimate, low, high)`` of ``statistic(*arrays)`` (one NumPy array per name in ``columns``)
+    with a percentile bootstrap that resamples whole clusters (problems), so rows of one problem move
+    together (``scipy.stats.bootstrap`` over cluster indices). Fewer than two clusters give NaN bounds."""
+    if len(frame) == 0:
+        return float("nan"), float("nan"), float("nan")
+    arrays = [frame[c].to_numpy() for c in columns]
+    codes, _ = pd.factorize(frame[cluster], sort=False)
+    order = np.argsort(codes, kind="stable")
+    starts = np.searchsorted(codes[order], np.arange(codes.max() + 2))
+    members = [order[starts[i] : starts[i + 1]] for i in range(len(starts) - 1)]
+    estimate = float(statistic(*arrays))
+    if len(members) < 2:
         return estimate, float("nan"), float("nan")
 
     def resampled(chosen: np.ndarray) -> float:
-        rows = np.concatenate([groups[int(i)] for i in chosen])
-        return float(statistic(frame.loc[rows]))
+        rows = np.concatenate([members[int(i)] for i in chosen])
+        return float(statistic(*(a[rows] for a in arrays)))
 
     result = stats.bootstrap(
-        (np.arange(len(groups)),),
+        (np.arange(len(members)),),
         resampled,
         confidence_level=confidence,
         n_resamples=n_resamples,

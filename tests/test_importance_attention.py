@@ -64,6 +64,10 @@ def test_correlation_by_layer_matches_scipy_and_its_ci_covers_it():
     assert table.spearman == pytest.approx(1.0) and table.n_problems == 40
     assert table.pearson == pytest.approx(stats.pearsonr(frame.attention, frame.kl)[0])
     assert table.pearson_low <= table.pearson <= table.pearson_high
+    noisy = frame.assign(kl=frame.kl + torch.rand(240, generator=rng).numpy())
+    table = correlation_by_layer(noisy, "attention", "kl", n_resamples=200).iloc[0]
+    assert table.spearman == pytest.approx(stats.spearmanr(noisy.attention, noisy.kl)[0])
+    assert table.spearman_low < table.spearman < table.spearman_high
 
 
 @pytest.fixture(scope="module")
