@@ -180,3 +180,94 @@ def attention_by_head(
         nbinsy=int(grid["head"].max()) + 1,
     )
     return fig
+
+
+def _ci_frame(rows: pd.DataFrame, by: list[str], value: str) -> pd.DataFrame:
+    from codi_lens.metrics import bootstrap_ci
+
+    out = []
+    for key, group in rows.groupby(by, dropna=False, sort=True):
+        mean, low, high = bootstrap_ci(group[value].to_numpy(dtype=float))
+        out.append(
+            {
+                **dict(zip(by, key if isinstance(key, tuple) else (key,))),
+                "n": len(group),
+                "mean": mean,
+                "low": low,
+                "high": high,
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def patching_heatmap(
+    rows: pd.DataFrame, positions: list[str], value: str = "recovery", title: str | None = None
+) -> go.Figure:
+    """Layer x position heatmap of the mean ``value`` over pairs, with the 95% bootstrap CI and the
+    number of pairs in each cell's hover (rows of one hook kind)."""
+    table = _ci_frame(rows, ["layer", "position"], value)
+    layers = sorted(table["layer"].unique())
+    grid = table.pivot(index="layer", columns="position", values="mean").reindex(index=layers, columns=positions)
+    text = table.assign(
+        t=[f"n={r.n}<br>mean {r.mean:.3f}<br>95% CI [{r.low:.3f}, {r.high:.3f}]" for r in table.itertuples()]
+    )
+    hover = text.pivot(index="layer", columns="position", values="t").reindex(index=layers, columns=positions)
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.to_numpy(),
+            x=positions,
+            y=[f"layer {int(layer)}" for layer in layers],
+            text=hover.to_numpy(),
+            hovertemplate="%{y}, %{x}<br>%{text}<extra></extra>",
+            colorscale="RdBu",
+            zmid=0,
+            colorbar={"title": value},
+        )
+    )
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title or f"Mean {value} when the clean activation is patched in (hover: n pairs and 95% CI)",
+        xaxis_title="position (changed = the changed number's tokens; thoughts = every thought at once)",
+    )
+    return fig
+
+
+def patching_bars(rows: pd.DataFrame, x: str, value: str = "recovery", title: str = "") -> go.Figure:
+    """Bars of the mean ``value`` per ``x`` with 95% bootstrap CI bars over pairs."""
+    table = _ci_frame(rows, [x], value)
+    fig = px.bar(
+        table,
+        x=x,
+        y="mean",
+        error_y=table["high"] - table["mean"],
+        error_y_minus=table["mean"] - table["low"],
+        hover_data=["n", "low", "high"],
+        template=TEMPLATE,
+        title=title,
+        labels={"mean": f"mean {value}"},
+    )
+    return fig
+
+
+def trajectory_lines(rows: pd.DataFrame, value: str = "cos_clean", title: str | None = None) -> go.Figure:
+    """Mean ``value`` by thought with 95% CI bars: chained against parallel patching, one line per
+    (mode, start thought), one panel per layer."""
+    table = _ci_frame(rows, ["layer", "mode", "start_thought", "thought"], value)
+    table["run"] = table["mode"] + " from thought " + table["start_thought"].astype(int).astype(str)
+    fig = px.line(
+        table,
+        x="thought",
+        y="mean",
+        color="run",
+        line_dash="mode",
+        facet_col="layer",
+        markers=True,
+        error_y=table["high"] - table["mean"],
+        error_y_minus=table["mean"] - table["low"],
+        hover_data=["n", "low", "high"],
+        template=TEMPLATE,
+        title=title or f"{value} of the patched run at each later thought (95% CI over pairs)",
+        labels={"mean": value, "thought": "thought k"},
+    )
+    fig.update_xaxes(dtick=1)
+    return fig

@@ -1,0 +1,557 @@
+"""Activation patching inside the real latent loop.
+
+The clean run's activation at (hook, position) is written into the corrupted run, and the corrupted
+run's own loop goes on from there: a patched thought changes what the model computes and feeds back
+afterwards. Positions are matched by name (thought k to thought k, EOT to EOT), never by raw index,
+so clean and corrupted questions of different lengths patch the same thought. The changed number's
+own question tokens are matched by their index in each question.
+
+Metrics per cell, at the answer (the position predicting the first token of the answer number,
+teacher-forced on the clean run's own answer tokens before it; see :mod:`codi_lens.metrics`):
+
+- ``logit_diff``: ``LD = logit[clean answer token] - logit[corrupted answer token]`` of the patched run;
+- ``recovery``: ``(LD_patched - LD_corrupted) / (LD_clean - LD_corrupted)`` (NaN when the denominator is 0);
+- ``kl``: ``KL(clean || patched)`` in nats;
+- ``answer_class`` (only with ``generate=True``): the patched run's generated answer is the clean
+  one, the corrupted one, or other.
+
+Cells (:class:`Cell`): a hook (``blocks.L.hook_resid_post``, ``..._pre``, ``hook_attn_out``,
+``hook_mlp_out``, one head of ``attn.hook_z``, or the fed thought ``thought.k.hook_input``) at one
+position (``question:-1``, the changed number's tokens, BOT, thought k, EOT), or at every thought of
+one layer at once (layer-only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from codi_lens.answers import clean_question, is_correct
+from codi_lens.hooks import PositionalHook
+from codi_lens.interventions import Hooks, replace_thoughts
+from codi_lens.metrics import (
+    AnswerNumber,
+    classify_answer,
+    find_answer_number,
+    kl_divergence,
+    logit_difference,
+    logits_at_answer,
+    normalised_recovery,
+)
+from codi_lens.model import CODIModel
+from codi_lens.pairs import question_numbers
+from codi_lens.runner import UNIT_COLUMN, ResultStore
+
+#: Hook kinds a sweep can patch, by the suffix of their TransformerLens name.
+HOOK_KINDS = ("resid_post", "resid_pre", "attn_out", "mlp_out", "z", "thought_input")
+#: Positions a sweep can patch, besides the thoughts.
+EXTRA_POSITIONS = ("changed", "question:-1", "bot", "eot")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One patch: ``kind`` at ``layer`` (and ``head`` for ``z``) at ``position``.
+
+    ``position`` is a name (``"thought:3"``, ``"bot"``, ``"eot"``, ``"question:-1"``), ``"changed"``
+    (the changed number's question tokens) or ``"thoughts"`` (every thought 1..n at once: layer-only).
+    For ``thought_input`` the layer is None and the position is ``thought:k``.
+    """
+
+    kind: str
+    layer: int | None
+    position: str
+    head: int | None = None
+
+    @property
+    def hook(self) -> str:
+        if self.kind == "thought_input":
+            return f"thought.{self.thought}.hook_input"
+        if self.kind == "z":
+            return f"blocks.{self.layer}.attn.hook_z"
+        if self.kind in ("attn_out", "mlp_out"):
+            return f"blocks.{self.layer}.hook_{self.kind}"
+        return f"blocks.{self.layer}.hook_{self.kind}"
+
+    @property
+    def thought(self) -> int | None:
+        """0 for BOT, k for thought k, None for other positions."""
+        if self.position == "bot":
+            return 0
+        if self.position.startswith("thought:"):
+            return int(self.position.split(":")[1])
+        return None
+
+
+def sweep_cells(
+    n_layers: int,
+    n_latents: int = 6,
+    *,
+    kinds: Sequence[str] = ("resid_post",),
+    positions: Sequence[str] | None = None,
+    n_heads: int | None = None,
+    layer_only: bool = False,
+) -> list[Cell]:
+    """Every (hook, position) cell of a sweep. Default positions: the changed number's tokens, the last
+    question token, BOT, thoughts 1..n, EOT. ``layer_only`` adds, per layer and kind, one cell patching
+    every thought at once. ``thought_input`` cells (the fed thought, position only) cover thoughts 1..n."""
+    unknown = [k for k in kinds if k not in HOOK_KINDS]
+    if unknown:
+        raise ValueError(f"unknown hook kind {unknown[0]!r}; expected some of {HOOK_KINDS}")
+    if positions is None:
+        positions = ["changed", "question:-1", "bot", *[f"thought:{k}" for k in range(1, n_latents + 1)], "eot"]
+    cells = []
+    for kind in kinds:
+        if kind == "thought_input":
+            cells += [Cell(kind, None, f"thought:{k}") for k in range(1, n_latents + 1)]
+            continue
+        for layer in range(n_layers):
+            heads = range(n_heads or 0) if kind == "z" else [None]
+            for head in heads:
+                cells += [Cell(kind, layer, p, head) for p in positions]
+                if layer_only:
+                    cells.append(Cell(kind, layer, "thoughts", head))
+    return cells
+
+
+# ---------------------------------------------------------------------- one batch of pairs
+@dataclass
+class PairBatch:
+    """What a sweep needs about a batch of pairs, computed once.
+
+    Attributes:
+        clean_numbers: the clean answer's number position (teacher-forcing prefix, clean token).
+        corrupted_tokens: the corrupted answer number's first token, written after the same prefix.
+        changed_tokens: per pair, the question-token indices of the changed number in the clean and the
+            corrupted question (equal lengths), or None when they tokenize to different lengths.
+        clean_logits, corrupted_logits: ``[batch, d_vocab]`` at the answer (float32).
+        clean_cache: the clean run's activations for the sweep's hooks.
+        clean_thoughts: the clean run's fed thoughts ``[batch, n, d_model]``.
+        clean_positions: the clean run's position map.
+    """
+
+    clean_numbers: list[AnswerNumber]
+    corrupted_tokens: Tensor
+    changed_tokens: list[tuple[list[int], list[int]] | None]
+    clean_logits: Tensor
+    corrupted_logits: Tensor
+    clean_cache: Any
+    clean_thoughts: Tensor
+    clean_positions: Any
+
+    @property
+    def ld_clean(self) -> Tensor:
+        return logit_difference(self.clean_logits, self._clean_tokens, self.corrupted_tokens)
+
+    @property
+    def ld_corrupted(self) -> Tensor:
+        return logit_difference(self.corrupted_logits, self._clean_tokens, self.corrupted_tokens)
+
+    @property
+    def _clean_tokens(self) -> Tensor:
+        return torch.tensor([n.token for n in self.clean_numbers])
+
+
+def number_tokens(model: CODIModel, question: str, number_index: int) -> list[int]:
+    """Indices, among the question's tokens as the model tokenizes it (BOS included), of the tokens
+    that spell the question's ``number_index``-th number (see :func:`codi_lens.pairs.question_numbers`)."""
+    text = clean_question(question)
+    start, written, _ = question_numbers(text)[number_index]
+    encoded = model.tokenizer(text, return_offsets_mapping=True)
+    end = start + len(written)
+    return [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if b > a and a < end and b > start]
+
+
+def _changed_index(clean: str, corrupted: str) -> int | None:
+    a, b = question_numbers(clean_question(clean)), question_numbers(clean_question(corrupted))
+    if len(a) != len(b):
+        return None
+    changed = [i for i, (x, y) in enumerate(zip(a, b)) if x[2] != y[2]]
+    return changed[0] if len(changed) == 1 else None
+
+
+def corrupted_answer_token(model: CODIModel, number: AnswerNumber, corrupted_answer: float) -> int | None:
+    """The first token of ``corrupted_answer`` written after the clean answer's prefix (None when the
+    prefix would tokenize differently, so the two logits would not be comparable)."""
+    text = str(int(corrupted_answer)) if float(corrupted_answer).is_integer() else str(corrupted_answer)
+    prefix_text = model.tokenizer.decode(list(number.prefix), skip_special_tokens=True)
+    ids = model.tokenizer(prefix_text + text, add_special_tokens=False)["input_ids"]
+    if tuple(ids[: len(number.prefix)]) != number.prefix or len(ids) <= len(number.prefix):
+        # Word-level tokenizers decode with spaces between tokens: try the number as its own word.
+        ids = list(number.prefix) + model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    found = find_answer_number(model.tokenizer, ids)
+    if found is None or found.index != number.index or found.prefix != number.prefix:
+        return None
+    return found.token
+
+
+def replace_question_tokens(
+    model: CODIModel, hook_name: str, token_index: Sequence[Sequence[int]], values: Sequence[Tensor]
+) -> Hooks:
+    """Write ``values[i]`` (``[n_i, *rest]``) at question tokens ``token_index[i]`` of example i
+    (indices counted from each question's first token, as ``question:j``), in the question's chunk."""
+
+    def hook(acts: Tensor, hook) -> Tensor:
+        context = model.chunk_context
+        if context.start != 0:  # the question is computed in the first chunk only
+            return acts
+        out = acts.clone()
+        for i, (index, value) in enumerate(zip(token_index, values)):
+            if len(index):
+                where = torch.tensor(index, device=acts.device) + context.layout.n_pad[i]
+                out[i, where] = value.to(device=acts.device, dtype=acts.dtype)
+        return out
+
+    return [(hook_name, hook)]
+
+
+def cell_hooks(model: CODIModel, cell: Cell, batch: PairBatch, rows: Sequence[int] | None = None) -> Hooks:
+    """The ``fwd_hooks`` writing the clean activation of ``cell`` into the corrupted run."""
+    rows = list(range(len(batch.clean_numbers))) if rows is None else list(rows)
+    if cell.kind == "thought_input":
+        return replace_thoughts({cell.thought: batch.clean_thoughts[rows, cell.thought - 1]})
+    acts = batch.clean_cache[cell.hook][rows]
+    if cell.position == "changed":
+        index = [batch.changed_tokens[r] for r in rows]
+        clean_index = [x[0] if x else [] for x in index]
+        values = [
+            acts[i, torch.tensor(ci, dtype=torch.long) + batch.clean_positions.n_pad[r]]
+            for i, (ci, r) in enumerate(zip(clean_index, rows))
+        ]
+        corrupted_index = [x[1] if x else [] for x in index]
+        if cell.head is not None:
+            return _head_question_tokens(model, cell, corrupted_index, values)
+        return replace_question_tokens(model, cell.hook, corrupted_index, values)
+    names = (
+        [f"thought:{k}" for k in range(1, batch.clean_positions.n_latents + 1)]
+        if cell.position == "thoughts"
+        else [cell.position]
+    )
+    layout = batch.clean_positions
+    where = layout.resolve(names)[rows]  # [batch, n] in the clean run
+    values = torch.stack([acts[i, where[i]] for i in range(len(rows))])  # [batch, n, ...]
+    head = cell.head
+
+    def transform(current: Tensor, hook, which: Tensor) -> Tensor:
+        chosen = values.index_select(1, which.to(values.device)).to(device=current.device, dtype=current.dtype)
+        if head is None:
+            return chosen
+        out = current.clone()
+        out[:, :, head] = chosen[:, :, head]
+        return out
+
+    return [(cell.hook, PositionalHook(model, names, transform))]
+
+
+def _head_question_tokens(model, cell: Cell, index, values) -> Hooks:
+    head = cell.head
+
+    def hook(acts: Tensor, hook) -> Tensor:
+        context = model.chunk_context
+        if context.start != 0:
+            return acts
+        out = acts.clone()
+        for i, (idx, value) in enumerate(zip(index, values)):
+            if len(idx):
+                where = torch.tensor(idx, device=acts.device) + context.layout.n_pad[i]
+                out[i, where, head] = value[:, head].to(device=acts.device, dtype=acts.dtype)
+        return out
+
+    return [(cell.hook, hook)]
+
+
+def prepare_pairs(
+    model: CODIModel,
+    pairs: pd.DataFrame,
+    hooks: Sequence[str],
+    *,
+    n_latents: int = 6,
+    max_new_tokens: int = 256,
+) -> tuple[PairBatch | None, pd.DataFrame, pd.DataFrame]:
+    """Run the clean questions (cached) and find each pair's answer tokens.
+
+    Returns ``(batch, kept, skipped)``: the batch of usable pairs (None if none), their rows, and the
+    other pairs with a ``reason`` (clean answered wrong, no answer number, prefixes that tokenize
+    differently, clean and corrupted answers sharing their first token).
+    """
+    clean_q = pairs["clean_question"].tolist()
+    result, cache = model.run_codi_with_cache(
+        clean_q, names_filter=lambda n: n in set(hooks), n_latents=n_latents, max_new_tokens=max_new_tokens
+    )
+    reasons, numbers, corrupted_tokens, changed = [], [], [], []
+    for i, row in enumerate(pairs.itertuples()):
+        number = find_answer_number(model.tokenizer, result.answer_tokens[i])
+        token = None if number is None else corrupted_answer_token(model, number, row.corrupted_answer)
+        reason = ""
+        if not is_correct(result.prediction[i], row.clean_answer):
+            reason = "the model answers the clean question wrong"
+        elif number is None:
+            reason = "the clean answer has no number"
+        elif token is None:
+            reason = "the corrupted answer does not tokenize after the clean prefix"
+        elif token == number.token:
+            reason = "the clean and corrupted answers share their first token"
+        reasons.append(reason)
+        numbers.append(number)
+        corrupted_tokens.append(token)
+        which = _changed_index(row.clean_question, row.corrupted_question)
+        if which is None:
+            changed.append(None)
+        else:
+            a, b = number_tokens(model, row.clean_question, which), number_tokens(model, row.corrupted_question, which)
+            changed.append((a, b) if len(a) == len(b) and a else None)
+    keep = [i for i, r in enumerate(reasons) if not r]
+    skipped = pairs.assign(reason=reasons).iloc[[i for i, r in enumerate(reasons) if r]]
+    kept = pairs.iloc[keep].reset_index(drop=True)
+    if not keep:
+        return None, kept, skipped
+    kept_numbers = [numbers[i] for i in keep]
+    clean_logits = logits_at_answer(model, kept["clean_question"].tolist(), kept_numbers, n_latents=n_latents)
+    corrupted_logits = logits_at_answer(model, kept["corrupted_question"].tolist(), kept_numbers, n_latents=n_latents)
+    sub_cache = {name: cache[name][keep] for name in cache.cache_dict}
+    positions = result.positions
+    kept_positions = type(positions)(
+        [positions.n_pad[i] for i in keep],
+        positions.bot,
+        positions.thoughts,
+        positions.eot,
+        positions.answer_start,
+        [positions.answer_lengths[i] for i in keep],
+    )
+    batch = PairBatch(
+        clean_numbers=kept_numbers,
+        corrupted_tokens=torch.tensor([corrupted_tokens[i] for i in keep]),
+        changed_tokens=[changed[i] for i in keep],
+        clean_logits=clean_logits,
+        corrupted_logits=corrupted_logits,
+        clean_cache=sub_cache,
+        clean_thoughts=result.thought_embeds[keep],
+        clean_positions=kept_positions,
+    )
+    return batch, kept, skipped
+
+
+def patch_rows(
+    model: CODIModel,
+    pairs: pd.DataFrame,
+    cells: Sequence[Cell],
+    *,
+    n_latents: int = 6,
+    max_new_tokens: int = 256,
+    generate: bool = False,
+) -> pd.DataFrame:
+    """Every cell on a batch of pairs: one row per (pair, cell), plus one row per skipped pair with its
+    ``reason`` (and NaN metrics), so a resumed run knows it was seen."""
+    hooks = sorted({c.hook for c in cells if c.kind != "thought_input"})
+    batch, kept, skipped = prepare_pairs(model, pairs, hooks, n_latents=n_latents, max_new_tokens=max_new_tokens)
+    frames = [
+        pd.DataFrame({UNIT_COLUMN: skipped["pair_id"], "pair_id": skipped["pair_id"], "reason": skipped["reason"]})
+    ]
+    if batch is not None:
+        corrupted_q = kept["corrupted_question"].tolist()
+        ld_clean, ld_corrupted = batch.ld_clean, batch.ld_corrupted
+        for cell in cells:
+            rows = list(range(len(kept)))
+            if cell.position == "changed":
+                rows = [i for i in rows if batch.changed_tokens[i] is not None]
+                if not rows:
+                    continue
+            fwd = cell_hooks(model, cell, batch, rows)
+            questions = [corrupted_q[i] for i in rows]
+            numbers = [batch.clean_numbers[i] for i in rows]
+            logits = logits_at_answer(model, questions, numbers, n_latents=n_latents, fwd_hooks=fwd)
+            clean_tok = torch.tensor([n.token for n in numbers])
+            ld = logit_difference(logits, clean_tok, batch.corrupted_tokens[rows])
+            frame = pd.DataFrame(
+                {
+                    UNIT_COLUMN: kept["pair_id"].iloc[rows].to_numpy(),
+                    "pair_id": kept["pair_id"].iloc[rows].to_numpy(),
+                    "n_steps": kept["n_steps"].iloc[rows].to_numpy() if "n_steps" in kept else np.nan,
+                    "kind": cell.kind,
+                    "hook": cell.hook,
+                    "layer": np.nan if cell.layer is None else cell.layer,
+                    "head": np.nan if cell.head is None else cell.head,
+                    "position": cell.position,
+                    "thought": np.nan if cell.thought is None else cell.thought,
+                    "logit_diff": ld.cpu().numpy(),
+                    "ld_clean": ld_clean[rows].cpu().numpy(),
+                    "ld_corrupted": ld_corrupted[rows].cpu().numpy(),
+                    "recovery": normalised_recovery(ld, ld_corrupted[rows], ld_clean[rows]),
+                    "kl": kl_divergence(batch.clean_logits[rows], logits).cpu().numpy(),
+                    "reason": "",
+                }
+            )
+            if generate:
+                result = model.run_codi(questions, n_latents=n_latents, max_new_tokens=max_new_tokens, fwd_hooks=fwd)
+                frame["prediction"] = [np.nan if p is None else p for p in result.prediction]
+                frame["answer_class"] = [
+                    classify_answer(p, kept["clean_answer"].iloc[i], kept["corrupted_answer"].iloc[i])
+                    for p, i in zip(result.prediction, rows)
+                ]
+            frames.append(frame)
+    return pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else frames[0]
+
+
+def patch_sweep(
+    model: CODIModel,
+    pairs: pd.DataFrame,
+    out: str | Path,
+    *,
+    cells: Sequence[Cell] | None = None,
+    n_latents: int = 6,
+    max_new_tokens: int = 256,
+    generate: bool = False,
+    batch_size: int = 16,
+    settings: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, ResultStore]:
+    """Patch every cell (default: ``resid_post`` of every layer at every default position, plus the
+    layer-only cells) on every pair, resumable in ``out``. Returns the rows (skipped pairs carry a
+    ``reason``) and the store."""
+    if cells is None:
+        cells = sweep_cells(model.cfg.n_layers, n_latents, layer_only=True)
+    records = pairs.to_dict("records")
+    store = ResultStore(
+        out,
+        {
+            **(settings or {}),
+            "checkpoint_sha256": model.checkpoint_sha256,
+            "pairs": sorted(str(p) for p in pairs["pair_id"]),
+            "cells": [f"{c.hook}|{c.head}|{c.position}" for c in cells],
+            "n_latents": n_latents,
+            "max_new_tokens": max_new_tokens,
+            "generate": generate,
+        },
+        overwrite=overwrite,
+    )
+    rows = store.run(
+        records,
+        lambda batch: patch_rows(
+            model, pd.DataFrame(batch), cells, n_latents=n_latents, max_new_tokens=max_new_tokens, generate=generate
+        ),
+        unit_id=lambda r: str(r["pair_id"]),
+        batch_size=batch_size,
+        desc="patching",
+        progress=progress,
+    )
+    return rows, store
+
+
+# ---------------------------------------------------------------------- chained versus parallel
+def trajectory_rows(
+    model: CODIModel,
+    pairs: pd.DataFrame,
+    layers: Sequence[int],
+    *,
+    n_latents: int = 6,
+    max_new_tokens: int = 256,
+) -> pd.DataFrame:
+    """Chained versus parallel patching of ``blocks.L.hook_resid_post`` for one batch of pairs.
+
+    ``chained(L, k)`` writes the clean activation into thought k only and lets the corrupted run's loop
+    compute thoughts k+1.. from the patched state; ``parallel(L, k)`` writes the clean activation into
+    every thought k..n at once. For each (layer, start thought k, mode) one row per later thought j >= k:
+    ``cos_clean`` / ``cos_corrupted`` (cosine of the patched run's layer-L activation at thought j with
+    the clean / corrupted run's), ``fed_cos_clean`` / ``fed_cos_corrupted`` (the same for the thought fed
+    at j), and the run's final ``recovery``, ``logit_diff`` and ``kl`` at the answer.
+    """
+    hooks = [f"blocks.{layer}.hook_resid_post" for layer in layers]
+    batch, kept, skipped = prepare_pairs(model, pairs, hooks, n_latents=n_latents, max_new_tokens=max_new_tokens)
+    frames = [
+        pd.DataFrame({UNIT_COLUMN: skipped["pair_id"], "pair_id": skipped["pair_id"], "reason": skipped["reason"]})
+    ]
+    if batch is None:
+        return frames[0]
+    corrupted_q = kept["corrupted_question"].tolist()
+    corrupted, corrupted_cache = model.run_codi_with_cache(
+        corrupted_q, names_filter=lambda n: n in set(hooks), n_latents=n_latents, max_new_tokens=1
+    )
+    clean_tok = torch.tensor([n.token for n in batch.clean_numbers])
+    names = [f"thought:{k}" for k in range(1, n_latents + 1)]
+    for layer in layers:
+        hook = f"blocks.{layer}.hook_resid_post"
+        clean_acts = _at(batch.clean_cache[hook], batch.clean_positions, names)  # [batch, n, d]
+        corrupted_acts = _at(corrupted_cache[hook], corrupted.positions, names)
+        for start in range(1, n_latents + 1):
+            for mode in ("chained", "parallel"):
+                fwd = (
+                    chained(model, layer, start, clean_acts)
+                    if mode == "chained"
+                    else parallel(model, layer, range(start, n_latents + 1), clean_acts)
+                )
+                patched, patched_cache = model.run_codi_with_cache(
+                    corrupted_q, names_filter=hook, n_latents=n_latents, max_new_tokens=1, fwd_hooks=fwd
+                )
+                acts = _at(patched_cache[hook], patched.positions, names)
+                logits = logits_at_answer(model, corrupted_q, batch.clean_numbers, n_latents=n_latents, fwd_hooks=fwd)
+                ld = logit_difference(logits, clean_tok, batch.corrupted_tokens)
+                recovery = normalised_recovery(ld, batch.ld_corrupted, batch.ld_clean)
+                kl = kl_divergence(batch.clean_logits, logits).cpu().numpy()
+                for j in range(start, n_latents + 1):
+                    fed_clean = _cos(patched.thought_embeds[:, j - 1], batch.clean_thoughts[:, j - 1])
+                    fed_corr = _cos(patched.thought_embeds[:, j - 1], corrupted.thought_embeds[:, j - 1])
+                    frames.append(
+                        pd.DataFrame(
+                            {
+                                UNIT_COLUMN: kept["pair_id"].to_numpy(),
+                                "pair_id": kept["pair_id"].to_numpy(),
+                                "layer": layer,
+                                "start_thought": start,
+                                "mode": mode,
+                                "thought": j,
+                                "cos_clean": _cos(acts[:, j - 1], clean_acts[:, j - 1]),
+                                "cos_corrupted": _cos(acts[:, j - 1], corrupted_acts[:, j - 1]),
+                                "fed_cos_clean": fed_clean,
+                                "fed_cos_corrupted": fed_corr,
+                                "logit_diff": ld.cpu().numpy(),
+                                "recovery": recovery,
+                                "kl": kl,
+                                "reason": "",
+                            }
+                        )
+                    )
+    return pd.concat([f for f in frames if len(f)], ignore_index=True)
+
+
+def _at(acts: Tensor, positions, names: list[str]) -> Tensor:
+    where = positions.resolve(names)
+    return torch.stack([acts[i, where[i]] for i in range(acts.shape[0])])
+
+
+def _cos(a: Tensor, b: Tensor) -> np.ndarray:
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).cpu().numpy()
+
+
+def chained(model: CODIModel, layer: int, k: int, clean_acts: Tensor) -> Hooks:
+    """Write the clean ``blocks.{layer}.hook_resid_post`` of thought k (``clean_acts[:, k - 1]``, from
+    ``[batch, n, d_model]`` clean activations at thoughts 1..n) into thought k only."""
+    return _patch_thoughts(model, layer, [k], clean_acts)
+
+
+def parallel(model: CODIModel, layer: int, thoughts: Sequence[int], clean_acts: Tensor) -> Hooks:
+    """Write the clean ``blocks.{layer}.hook_resid_post`` into every thought of ``thoughts`` at once."""
+    return _patch_thoughts(model, layer, list(thoughts), clean_acts)
+
+
+def _patch_thoughts(model, layer: int, thoughts: list[int], clean_acts: Tensor) -> Hooks:
+    names = [f"thought:{k}" for k in thoughts]
+    values = clean_acts[:, [k - 1 for k in thoughts]]
+
+    def transform(current: Tensor, hook, which: Tensor) -> Tensor:
+        return values.index_select(1, which.to(values.device)).to(device=current.device, dtype=current.dtype)
+
+    return [(f"blocks.{layer}.hook_resid_post", PositionalHook(model, names, transform))]
+
+
+def clean_thought_activations(model: CODIModel, questions: Sequence[str], layer: int, *, n_latents: int = 6) -> Tensor:
+    """``blocks.{layer}.hook_resid_post`` at thoughts 1..n of a clean run, ``[batch, n, d_model]``."""
+    hook = f"blocks.{layer}.hook_resid_post"
+    result, cache = model.run_codi_with_cache(list(questions), names_filter=hook, n_latents=n_latents, max_new_tokens=1)
+    return _at(cache[hook], result.positions, [f"thought:{k}" for k in range(1, n_latents + 1)])

@@ -1,0 +1,190 @@
+"""Where does the changed number's information travel? Activation patching inside the latent loop.
+
+    python -m experiments.position_patching [--checkpoint toy-arith] [--data toy:test] [--limit 100]
+        [--pairs FILE] [--hooks resid_post,thought_input] [--generate] [--out DIR]
+
+For each clean/corrupted pair (made from ``--data`` with ``codi_lens.pairs``, or read from a
+``pairs.parquet`` written by ``experiments.make_pairs``), the clean run's activation at each (hook,
+position) cell is written into the corrupted run, whose loop then goes on from the patched state.
+Positions: the changed number's tokens, the last question token, BOT, thoughts 1..n, EOT, and every
+thought at once (layer-only); ``thought_input`` patches the fed thought itself (position-only).
+Metrics at the answer number, teacher-forced on the clean answer's prefix: logit difference,
+normalised recovery, KL(clean || patched); with ``--generate`` also the generated answer's class.
+Only pairs whose clean question the model answers right, and whose two answers start with different
+tokens, enter the metrics; the others are counted by reason.
+
+Writes to ``--out`` (default ``results/position_patching``): ``pairs.parquet`` (the pairs used),
+``run.json``, ``parts/``, ``results.parquet`` (``pair_id, hook, layer, thought, position, recovery,
+logit_diff, kl``, ...), ``cells.parquet`` (mean and 95% CI per cell), ``summary.json`` and the figures
+``heatmap.html`` (layer x position per hook kind, hover: n, mean, CI), ``layer_only.html`` and
+``position_only.html``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from codi_lens.cli import add_common_args, load_model, model_settings, run_main
+from codi_lens.data import load_problems
+from codi_lens.metrics import bootstrap_ci
+from codi_lens.pairs import make_pairs
+from codi_lens.patching import HOOK_KINDS, patch_sweep, sweep_cells
+from codi_lens.plotting import patching_bars, patching_heatmap, write_html
+from codi_lens.synthetic import MAX_VALUE
+
+
+def load_pairs(args: argparse.Namespace) -> pd.DataFrame:
+    """Pairs from ``--pairs`` (a pairs.parquet) or made from ``--data``."""
+    if args.pairs:
+        path = Path(args.pairs)
+        if not path.is_file():
+            raise FileNotFoundError(f"no pairs file at {str(path)!r}")
+        pairs = pd.read_parquet(path)
+        missing = {"pair_id", "clean_question", "corrupted_question", "clean_answer", "corrupted_answer"} - set(pairs)
+        if missing:
+            raise KeyError(f"{path} lacks the column {sorted(missing)[0]!r}")
+        return pairs
+    problems = load_problems(args.data, split=args.split, limit=args.limit)
+    max_value = MAX_VALUE if str(args.data).startswith("toy:") else None
+    pairs, _ = make_pairs(problems, max_value=max_value)
+    return pairs
+
+
+def add_pair_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pairs", default=None, help="a pairs.parquet from experiments.make_pairs (else made from --data)"
+    )
+    parser.add_argument("--n-latents", type=int, default=6, help="continuous thoughts fed back (CODI: 6)")
+    parser.set_defaults(limit=100, batch_size=16)
+
+
+def skipped_counts(rows: pd.DataFrame) -> dict:
+    skipped = rows[rows["reason"].fillna("") != ""].drop_duplicates("pair_id")
+    return skipped["reason"].value_counts().to_dict()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, out="results/position_patching")
+    add_pair_args(parser)
+    parser.add_argument(
+        "--hooks", default="resid_post,thought_input", help=f"comma-separated, of {', '.join(HOOK_KINDS)}"
+    )
+    parser.add_argument("--generate", action="store_true", help="also generate each patched answer (slower)")
+    args = parser.parse_args(argv)
+    kinds = [k.strip() for k in args.hooks.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in HOOK_KINDS]
+    if unknown or not kinds:
+        raise KeyError(
+            f"--hooks: unknown {unknown[0] if unknown else '(empty)'!r}; choose from {', '.join(HOOK_KINDS)}"
+        )
+
+    started = time.perf_counter()
+    model = load_model(args)
+    pairs = load_pairs(args)
+    out = Path(args.out)
+    cells = sweep_cells(model.cfg.n_layers, args.n_latents, kinds=kinds, n_heads=model.cfg.n_heads, layer_only=True)
+    settings = {**model_settings(model, args), "data_source": args.data, "limit": args.limit, "pairs_file": args.pairs}
+    rows, store = patch_sweep(
+        model,
+        pairs,
+        out,
+        cells=cells,
+        n_latents=args.n_latents,
+        max_new_tokens=args.max_new_tokens,
+        generate=args.generate,
+        batch_size=args.batch_size,
+        settings=settings,
+        overwrite=args.overwrite,
+    )
+    pairs.to_parquet(out / "pairs.parquet", index=False)
+    used = rows[rows["reason"].fillna("") == ""]
+    cell_rows = []
+    for key, group in used.groupby(["kind", "hook", "head", "position"], dropna=False, sort=False):
+        mean, low, high = bootstrap_ci(group["recovery"].to_numpy(dtype=float))
+        kl, kl_low, kl_high = bootstrap_ci(group["kl"].to_numpy(dtype=float))
+        cell_rows.append(
+            dict(
+                zip(["kind", "hook", "head", "position"], key),
+                layer=group["layer"].iloc[0],
+                n=len(group),
+                recovery=mean,
+                recovery_low=low,
+                recovery_high=high,
+                kl=kl,
+                kl_low=kl_low,
+                kl_high=kl_high,
+            )
+        )
+    cells_table = pd.DataFrame(cell_rows)
+    cells_table.to_parquet(out / "cells.parquet", index=False)
+
+    positions = [
+        "changed",
+        "question:-1",
+        "bot",
+        *[f"thought:{k}" for k in range(1, args.n_latents + 1)],
+        "eot",
+        "thoughts",
+    ]
+    for kind in kinds:
+        if kind in ("thought_input", "z"):
+            continue
+        write_html(
+            patching_heatmap(
+                used[used["kind"] == kind],
+                positions,
+                title=f"{kind}: mean recovery of the clean answer (hover: n pairs, 95% CI)",
+            ),
+            out / ("heatmap.html" if kind == kinds[0] else f"heatmap_{kind}.html"),
+        )
+    layer_only = used[used["position"] == "thoughts"]
+    if len(layer_only):
+        write_html(
+            patching_bars(
+                layer_only.assign(layer=layer_only["layer"].astype(int).astype(str) + " " + layer_only["kind"]),
+                "layer",
+                title="Layer-only: every thought of one layer patched at once (95% CI)",
+            ),
+            out / "layer_only.html",
+        )
+    position_only = used[used["kind"] == "thought_input"]
+    if len(position_only):
+        write_html(
+            patching_bars(position_only, "position", title="Position-only: the fed thought patched (95% CI)"),
+            out / "position_only.html",
+        )
+
+    best = cells_table.sort_values("recovery", ascending=False).head(5)
+    summary = {
+        "n_pairs": int(rows["pair_id"].nunique()),
+        "n_pairs_used": int(used["pair_id"].nunique()),
+        "skipped_by_reason": skipped_counts(rows),
+        "top_cells": [
+            {
+                "hook": r.hook,
+                "head": None if pd.isna(r.head) else int(r.head),
+                "position": r.position,
+                "n": int(r.n),
+                "recovery": [round(r.recovery, 4), round(r.recovery_low, 4), round(r.recovery_high, 4)],
+            }
+            for r in best.itertuples()
+        ],
+        "wall_seconds_this_invocation": round(time.perf_counter() - started, 1),
+    }
+    store.finish(rows, summary)
+    print(f"{summary['n_pairs_used']} of {summary['n_pairs']} pairs used; top cells:")
+    for cell in summary["top_cells"]:
+        print(
+            f"  {cell['hook']} {cell['position']}: recovery {cell['recovery'][0]:.3f} "
+            f"[{cell['recovery'][1]:.3f}, {cell['recovery'][2]:.3f}]"
+        )
+    return summary
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,176 @@
+"""Patching inside the latent loop: the two ends of the recovery scale, chained versus parallel,
+positions matched by name across lengths, and the batched sweep against pair-by-pair runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from codi_lens import load_codi, replace_at_positions
+from codi_lens.data import load_problems
+from codi_lens.metrics import logit_difference, logits_at_answer, normalised_recovery
+from codi_lens.pairs import make_pairs
+from codi_lens.patching import (
+    Cell,
+    PairBatch,
+    cell_hooks,
+    chained,
+    clean_thought_activations,
+    number_tokens,
+    parallel,
+    patch_rows,
+    prepare_pairs,
+    sweep_cells,
+)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    model = load_codi("toy-arith")
+    pairs, _ = make_pairs(load_problems("toy:test", limit=12), max_value=40)
+    return model, pairs
+
+
+def test_recovery_is_zero_unpatched_and_one_with_every_position_patched(toy):
+    model, pairs = toy
+    name = "blocks.0.hook_resid_post"
+    batch, kept, _ = prepare_pairs(model, pairs, [name], max_new_tokens=24)
+    corrupted = kept["corrupted_question"].tolist()
+    # Patching nothing: the corrupted run itself.
+    logits = logits_at_answer(model, corrupted, batch.clean_numbers)
+    clean_tok = torch.tensor([n.token for n in batch.clean_numbers])
+    ld = logit_difference(logits, clean_tok, batch.corrupted_tokens)
+    assert torch.equal(ld, batch.ld_corrupted)
+    assert (normalised_recovery(ld, batch.ld_corrupted, batch.ld_clean) == 0).all()
+    # Toy numbers are one token each, so clean and corrupted sequences align position by position: writing the
+    # clean layer-0 residual at every position (question, BOT, thoughts, EOT, the answer prefix) gives the clean run.
+    index = {n.index for n in batch.clean_numbers}
+    assert len(index) == 1  # "The answer is :" before every number
+    last = batch.clean_positions.eot + index.pop()
+    values = batch.clean_cache[name][:, : last + 1]
+    hook = [(name, replace_at_positions(model, list(range(last + 1)), values))]
+    logits = logits_at_answer(model, corrupted, batch.clean_numbers, fwd_hooks=hook)
+    assert (logits - batch.clean_logits).abs().max() <= 1e-5
+    ld = logit_difference(logits, clean_tok, batch.corrupted_tokens)
+    assert torch.allclose(
+        torch.as_tensor(normalised_recovery(ld, batch.ld_corrupted, batch.ld_clean)),
+        torch.ones(len(kept), dtype=torch.float64),
+        atol=1e-5,
+    )
+
+
+def test_chained_last_equals_parallel_last_and_leaves_earlier_thoughts(toy):
+    model, pairs = toy
+    clean_q, corrupted_q = pairs["clean_question"].tolist()[:4], pairs["corrupted_question"].tolist()[:4]
+    clean_acts = clean_thought_activations(model, clean_q, 1)
+    base = model.run_codi(corrupted_q, max_new_tokens=8)
+    last = model.run_codi(corrupted_q, max_new_tokens=8, fwd_hooks=chained(model, 1, 6, clean_acts))
+    together = model.run_codi(corrupted_q, max_new_tokens=8, fwd_hooks=parallel(model, 1, [6], clean_acts))
+    assert torch.equal(last.latent_states, together.latent_states) and last.answer_tokens == together.answer_tokens
+    for k in (2, 4):
+        patched = model.run_codi(corrupted_q, max_new_tokens=8, fwd_hooks=chained(model, 0, k, clean_acts))
+        assert torch.equal(patched.latent_states[:, :k], base.latent_states[:, :k])
+        assert torch.equal(patched.thought_embeds[:, :k], base.thought_embeds[:, :k])
+    # Parallel over every thought at the last layer fixes each h_k to the clean one's image under the final norm.
+    full = model.run_codi(corrupted_q, max_new_tokens=8, fwd_hooks=parallel(model, 1, range(1, 7), clean_acts))
+    clean = model.run_codi(clean_q, max_new_tokens=8)
+    assert (full.latent_states[:, 1:] - clean.latent_states[:, 1:]).abs().max() <= 1e-4
+
+
+def test_questions_of_different_lengths_patch_the_same_thought(tiny_checkpoint, questions):
+    ckpt = tiny_checkpoint("llama")
+    model = load_codi(ckpt.checkpoint_dir, ckpt.base_dir)
+    name = "blocks.0.hook_resid_post"
+    clean_q = [questions[0], questions[1]]  # short and median, as clean runs
+    corrupted_q = [questions[2], questions[0]]  # the long one padded beside a short one
+    clean, cache = model.run_codi_with_cache(clean_q, names_filter=name, max_new_tokens=1)
+    batch = PairBatch(
+        [None, None], torch.tensor([]), [], None, None, {name: cache[name]}, clean.thought_embeds, clean.positions
+    )
+    patched = model.run_codi(
+        corrupted_q, max_new_tokens=3, fwd_hooks=cell_hooks(model, Cell("resid_post", 0, "thought:2"), batch)
+    )
+    # Reference: each corrupted question alone (no padding), with the clean value written at absolute positions
+    # computed by hand: thought 2 sits at (number of question tokens) + 2 in an unpadded sequence.
+    clean_width = model.tokenize_questions(clean_q)[0].shape[1]  # the clean batch is padded to this width
+    for i, question in enumerate(corrupted_q):
+        clean_at = clean_width + 2
+        value = cache[name][i, clean_at][None, None]
+        own_tokens, _ = model.tokenize_questions([question])
+        alone = model.run_codi(
+            [question],
+            max_new_tokens=3,
+            fwd_hooks=[(name, replace_at_positions(model, [own_tokens.shape[1] + 2], value))],
+        )
+        assert (patched.latent_states[i] - alone.latent_states[0]).abs().max() <= 1e-5
+        assert patched.answer_tokens[i] == alone.answer_tokens[0]
+
+
+def test_changed_number_tokens(toy):
+    model, pairs = toy
+    row = pairs.iloc[0]
+    index = number_tokens(model, row.clean_question, 0)
+    tokens, _ = model.tokenize_questions([row.clean_question])
+    assert model.tokenizer.decode(tokens[0, index]) == str(int(row.changed_from))
+
+
+def test_batched_sweep_equals_pair_by_pair(toy):
+    model, pairs = toy
+    cells = sweep_cells(model.cfg.n_layers, kinds=("resid_post", "thought_input"), layer_only=True)
+    together = patch_rows(model, pairs.head(5), cells, max_new_tokens=24)
+    alone = pd.concat([patch_rows(model, pairs.iloc[[i]], cells, max_new_tokens=24) for i in range(5)])
+    key = ["pair_id", "hook", "position"]
+    a = together.sort_values(key).reset_index(drop=True)
+    b = alone.sort_values(key).reset_index(drop=True)
+    assert len(a) == len(b) == 5 * len(cells) - (a["reason"] != "").sum() * (len(cells) - 1)
+    pd.testing.assert_frame_equal(a[key], b[key])
+    for column in ("recovery", "kl", "logit_diff"):  # float32: batch shapes change the summation order
+        assert np.allclose(a[column], b[column], rtol=1e-5, atol=1e-5, equal_nan=True)
+    # Patching BOT's last-layer residual is patching the fed thought 1 (h_0 is BOT's final state).
+    bot = a[(a.hook == "blocks.1.hook_resid_post") & (a.position == "bot")]["recovery"].to_numpy()
+    fed = a[(a.hook == "thought.1.hook_input")]["recovery"].to_numpy()
+    assert abs(bot - fed).max() <= 1e-5
+
+
+def test_patching_experiments_run_end_to_end(tmp_path):
+    from experiments import iterative_patching, position_patching
+
+    summary = position_patching.main(["--limit", "8", "--max-new-tokens", "24", "--out", str(tmp_path / "pp")])
+    rows = pd.read_parquet(tmp_path / "pp" / "results.parquet")
+    assert {"pair_id", "hook", "layer", "thought", "position", "recovery", "logit_diff", "kl"} <= set(rows.columns)
+    assert len(pd.read_parquet(tmp_path / "pp" / "pairs.parquet")) == summary["n_pairs"]
+    used = rows[rows.reason == ""]
+    assert set(used.position) == {
+        "changed",
+        "question:-1",
+        "bot",
+        "eot",
+        "thoughts",
+        *[f"thought:{k}" for k in range(1, 7)],
+    }
+    assert summary["n_pairs_used"] + sum(summary["skipped_by_reason"].values()) == summary["n_pairs"]
+    for figure in ("heatmap.html", "layer_only.html", "position_only.html"):
+        assert "Plotly.newPlot" in (tmp_path / "pp" / figure).read_text()
+
+    summary = iterative_patching.main(
+        ["--limit", "8", "--max-new-tokens", "24", "--layers", "1", "--out", str(tmp_path / "ip")]
+    )
+    rows = pd.read_parquet(tmp_path / "ip" / "results.parquet")
+    assert {
+        "pair_id",
+        "layer",
+        "start_thought",
+        "mode",
+        "thought",
+        "cos_clean",
+        "cos_corrupted",
+        "recovery",
+        "kl",
+    } <= set(rows.columns)
+    used = rows[rows.reason == ""]
+    # Parallel patching writes the clean activation at every thought from the start on: cosine 1 there.
+    parallel_rows = used[used["mode"] == "parallel"]
+    assert np.allclose(parallel_rows["cos_clean"], 1.0, atol=1e-5)
+    assert set(summary["final_recovery"]) == {f"layer 1 from thought {k}" for k in range(1, 7)}
