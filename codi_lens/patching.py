@@ -192,10 +192,16 @@ def corrupted_answer_token(model: CODIModel, number: AnswerNumber, corrupted_ans
 
 
 def replace_question_tokens(
-    model: CODIModel, hook_name: str, token_index: Sequence[Sequence[int]], values: Sequence[Tensor]
+    model: CODIModel,
+    hook_name: str,
+    token_index: Sequence[Sequence[int]],
+    values: Sequence[Tensor],
+    *,
+    head: int | None = None,
 ) -> Hooks:
     """Write ``values[i]`` (``[n_i, *rest]``) at question tokens ``token_index[i]`` of example i
-    (indices counted from each question's first token, as ``question:j``), in the question's chunk."""
+    (indices counted from each question's first token, as ``question:j``), in the question's chunk;
+    with ``head``, only that head's slice of ``[..., head, d_head]`` activations."""
 
     def hook(acts: Tensor, hook) -> Tensor:
         context = model.chunk_context
@@ -205,7 +211,11 @@ def replace_question_tokens(
         for i, (index, value) in enumerate(zip(token_index, values)):
             if len(index):
                 where = torch.tensor(index, device=acts.device) + context.layout.n_pad[i]
-                out[i, where] = value.to(device=acts.device, dtype=acts.dtype)
+                value = value.to(device=acts.device, dtype=acts.dtype)
+                if head is None:
+                    out[i, where] = value
+                else:
+                    out[i, where, head] = value[:, head]
         return out
 
     return [(hook_name, hook)]
@@ -225,9 +235,7 @@ def cell_hooks(model: CODIModel, cell: Cell, batch: PairBatch, rows: Sequence[in
             for i, (ci, r) in enumerate(zip(clean_index, rows))
         ]
         corrupted_index = [x[1] if x else [] for x in index]
-        if cell.head is not None:
-            return _head_question_tokens(model, cell, corrupted_index, values)
-        return replace_question_tokens(model, cell.hook, corrupted_index, values)
+        return replace_question_tokens(model, cell.hook, corrupted_index, values, head=cell.head)
     names = (
         [f"thought:{k}" for k in range(1, batch.clean_positions.n_latents + 1)]
         if cell.position == "thoughts"
@@ -247,23 +255,6 @@ def cell_hooks(model: CODIModel, cell: Cell, batch: PairBatch, rows: Sequence[in
         return out
 
     return [(cell.hook, PositionalHook(model, names, transform))]
-
-
-def _head_question_tokens(model, cell: Cell, index, values) -> Hooks:
-    head = cell.head
-
-    def hook(acts: Tensor, hook) -> Tensor:
-        context = model.chunk_context
-        if context.start != 0:
-            return acts
-        out = acts.clone()
-        for i, (idx, value) in enumerate(zip(index, values)):
-            if len(idx):
-                where = torch.tensor(idx, device=acts.device) + context.layout.n_pad[i]
-                out[i, where, head] = value[:, head].to(device=acts.device, dtype=acts.dtype)
-        return out
-
-    return [(cell.hook, hook)]
 
 
 def prepare_pairs(
@@ -337,6 +328,11 @@ def prepare_pairs(
     return batch, kept, skipped
 
 
+def _skipped_rows(skipped: pd.DataFrame) -> pd.DataFrame:
+    """One row per skipped pair with its reason (so a resumed run knows it was seen)."""
+    return pd.DataFrame({UNIT_COLUMN: skipped["pair_id"], "pair_id": skipped["pair_id"], "reason": skipped["reason"]})
+
+
 def patch_rows(
     model: CODIModel,
     pairs: pd.DataFrame,
@@ -350,9 +346,7 @@ def patch_rows(
     ``reason`` (and NaN metrics), so a resumed run knows it was seen."""
     hooks = sorted({c.hook for c in cells if c.kind != "thought_input"})
     batch, kept, skipped = prepare_pairs(model, pairs, hooks, n_latents=n_latents, max_new_tokens=max_new_tokens)
-    frames = [
-        pd.DataFrame({UNIT_COLUMN: skipped["pair_id"], "pair_id": skipped["pair_id"], "reason": skipped["reason"]})
-    ]
+    frames = [_skipped_rows(skipped)]
     if batch is not None:
         corrupted_q = kept["corrupted_question"].tolist()
         ld_clean, ld_corrupted = batch.ld_clean, batch.ld_corrupted
@@ -464,9 +458,7 @@ def trajectory_rows(
     """
     hooks = [f"blocks.{layer}.hook_resid_post" for layer in layers]
     batch, kept, skipped = prepare_pairs(model, pairs, hooks, n_latents=n_latents, max_new_tokens=max_new_tokens)
-    frames = [
-        pd.DataFrame({UNIT_COLUMN: skipped["pair_id"], "pair_id": skipped["pair_id"], "reason": skipped["reason"]})
-    ]
+    frames = [_skipped_rows(skipped)]
     if batch is None:
         return frames[0]
     corrupted_q = kept["corrupted_question"].tolist()

@@ -111,26 +111,31 @@ def importance_by_difficulty(table: pd.DataFrame, metric: str = "importance", ti
     return fig
 
 
-def attention_by_layer(attention: pd.DataFrame, title: str = "Attention to BOT and each thought") -> go.Figure:
-    """Layer x thought heatmap of the mean attention weight (over problems, heads and sources), with
-    a dropdown-free facet per source kind (``eot`` / ``answer``)."""
-    frame = attention.assign(source_kind=attention["source"].str.split(":").str[0])
-    grid = frame.groupby(["source_kind", "layer", "thought"])["weight"].mean().reset_index()
-    fig = px.density_heatmap(
+def _mean_heatmap(grid: pd.DataFrame, y: str, facet: str, title: str, facet_wrap: int = 0) -> go.Figure:
+    """Heatmap of the mean ``weight`` over (thought, ``y``), one panel per ``facet`` value."""
+    return px.density_heatmap(
         grid,
         x="thought",
-        y="layer",
+        y=y,
         z="weight",
-        facet_col="source_kind",
+        facet_col=facet,
+        facet_col_wrap=facet_wrap,
         histfunc="avg",
         color_continuous_scale="Blues",
         template=TEMPLATE,
         title=title,
-        labels={"thought": "thought k (0 = BOT)", "layer": "layer", "weight": "attention"},
+        labels={"thought": "thought k (0 = BOT)", "head": "query head", "weight": "attention"},
         nbinsx=int(grid["thought"].max()) + 1,
-        nbinsy=int(grid["layer"].max()) + 1,
+        nbinsy=int(grid[y].max()) + 1,
     )
-    return fig
+
+
+def attention_by_layer(attention: pd.DataFrame, title: str = "Attention to BOT and each thought") -> go.Figure:
+    """Layer x thought heatmap of the mean attention weight (over problems, heads and sources), one
+    panel per source kind (``eot`` / ``answer``)."""
+    frame = attention.assign(source_kind=attention["source"].str.split(":").str[0])
+    grid = frame.groupby(["source_kind", "layer", "thought"])["weight"].mean().reset_index()
+    return _mean_heatmap(grid, "layer", "source_kind", title)
 
 
 def attention_vs_importance(
@@ -164,22 +169,7 @@ def attention_by_head(
 ) -> go.Figure:
     """Head x thought heatmaps of the mean attention weight (over problems and sources), one panel per layer."""
     grid = attention.groupby(["layer", "head", "thought"])["weight"].mean().reset_index()
-    fig = px.density_heatmap(
-        grid,
-        x="thought",
-        y="head",
-        z="weight",
-        facet_col="layer",
-        facet_col_wrap=4,
-        histfunc="avg",
-        color_continuous_scale="Blues",
-        template=TEMPLATE,
-        title=title,
-        labels={"thought": "thought k (0 = BOT)", "head": "query head", "weight": "attention"},
-        nbinsx=int(grid["thought"].max()) + 1,
-        nbinsy=int(grid["head"].max()) + 1,
-    )
-    return fig
+    return _mean_heatmap(grid, "head", "layer", title, facet_wrap=4)
 
 
 def _ci_frame(rows: pd.DataFrame, by: list[str], value: str) -> pd.DataFrame:
