@@ -309,10 +309,10 @@ class CODIModel(HookedSAETransformer):
     def _new_state(self, batch: int, layout: CODIPositions) -> _LatentLoopState:
         return _LatentLoopState(TransformerLensKeyValueCache.init_cache(self.cfg, self.cfg.device, batch), layout)
 
-    def _run_latents(
+    def _run_prompt(
         self, tokens: Tensor, mask: Tensor, layout: CODIPositions, *, keep_logits: bool, prompt_logits: str = "last"
-    ) -> _LatentLoopState:
-        """Question + BOT, then ``layout.n_latents`` fed-back thoughts, under one KV cache."""
+    ) -> tuple[_LatentLoopState, Tensor]:
+        """Question + BOT in one chunk; returns the state and ``prj(h_0)``, the input of thought 1."""
         batch = tokens.shape[0]
         state = self._new_state(batch, layout)
         bot = torch.full((batch, 1), self.codi_tokens.bot, dtype=torch.long, device=tokens.device)
@@ -323,15 +323,25 @@ class CODIModel(HookedSAETransformer):
         )
         if keep_logits:
             state.step_logits.append(logits[:, -1])
-        z = self._project(0, final[:, -1], state)
-        ones = torch.ones((batch, 1), dtype=torch.long, device=tokens.device)
-        for k in range(1, layout.n_latents + 1):
+        return state, self._project(0, final[:, -1], state)
+
+    def _run_thoughts(self, state: _LatentLoopState, z: Tensor, *, keep_logits: bool) -> None:
+        """Feed thoughts 1..n (``z`` is the input of thought 1) under the state's KV cache."""
+        ones = torch.ones((z.shape[0], 1), dtype=torch.long, device=z.device)
+        for k in range(1, state.layout.n_latents + 1):
             fed = self.thought[k].hook_input(z)
             state.thought_embeds.append(fed)
-            final, logits = self.forward_embeds(fed[:, None], ones, state.kv_cache, layout=layout)
+            final, logits = self.forward_embeds(fed[:, None], ones, state.kv_cache, layout=state.layout)
             if keep_logits:
                 state.step_logits.append(logits[:, -1])
             z = self._project(k, final[:, -1], state)
+
+    def _run_latents(
+        self, tokens: Tensor, mask: Tensor, layout: CODIPositions, *, keep_logits: bool, prompt_logits: str = "last"
+    ) -> _LatentLoopState:
+        """Question + BOT, then ``layout.n_latents`` fed-back thoughts, under one KV cache."""
+        state, z = self._run_prompt(tokens, mask, layout, keep_logits=keep_logits, prompt_logits=prompt_logits)
+        self._run_thoughts(state, z, keep_logits=keep_logits)
         return state
 
     @staticmethod
@@ -596,6 +606,96 @@ class CODIModel(HookedSAETransformer):
             thought_embeds=_stack_steps(state.thought_embeds, batch, self.cfg.d_model, like),
             positions=layout,
         )
+
+    @torch.no_grad()
+    def score_interventions(
+        self,
+        questions: Sequence[str],
+        answers: Sequence[str | Sequence[int]],
+        interventions: Sequence[Sequence[tuple]],
+        *,
+        n_latents: int = DEFAULT_N_LATENTS,
+        share_prompt: bool = False,
+    ) -> Float[Tensor, "n_interventions batch answer_pos d_vocab"]:
+        """:meth:`score_answers` under each of several interventions, all in one batched run.
+
+        Row block ``c`` of the run (``len(questions)`` rows) carries intervention ``c``; each of its hooks
+        sees only its block's rows and a position map of ``len(questions)`` examples, exactly as it would
+        in its own ``score_answers`` call, so results match one call per intervention (up to float
+        summation order).
+
+        ``share_prompt=True`` computes the question + BOT chunk (and ``prj(h_0)``) once, without any
+        intervention, and expands its KV cache to every block: use it only for interventions that leave
+        that chunk alone (positions from thought 1 on, ``thought.k.hook_input`` for k >= 1). Returns
+        ``[n_interventions, batch, answer_pos, d_vocab]`` logits (row j predicts answer token j).
+        """
+        if isinstance(answers, str) or len(questions) != len(answers):
+            raise ValueError(f"give one answer per question ({len(questions)} questions)")
+        if not interventions:
+            raise ValueError("give at least one intervention (an empty list of hooks is the unpatched run)")
+        tokens, mask = self._prepare(questions, n_latents)
+        answer_tokens, answer_mask = self.tokenize_answers(answers)
+        layout = self._layout(mask, n_latents, answer_mask.sum(1).tolist())
+        for hooks in interventions:
+            self._check_hooks(hooks, layout)
+        size, blocks = len(questions), len(interventions)
+        wide = CODIPositions(
+            layout.n_pad * blocks,
+            layout.bot,
+            layout.thoughts,
+            layout.eot,
+            layout.answer_start,
+            layout.answer_lengths * blocks,
+        )
+        block_hooks = [
+            (name, _BlockHook(self, fn, c * size, size, layout))
+            for c, hooks in enumerate(interventions)
+            for name, fn in hooks
+        ]
+        eot = torch.full((size * blocks, 1), self.codi_tokens.eot, dtype=torch.long, device=tokens.device)
+        fed = torch.cat([eot, answer_tokens[:, :-1].repeat(blocks, 1)], dim=1)
+        fed_mask = torch.cat([torch.ones_like(eot), answer_mask[:, :-1].repeat(blocks, 1)], dim=1)
+        if share_prompt:
+            state, z = self._run_prompt(tokens, mask, layout, keep_logits=False)
+            state.layout = wide
+            for entry in state.kv_cache.entries:
+                entry.past_keys = entry.past_keys.repeat(blocks, 1, 1, 1)
+                entry.past_values = entry.past_values.repeat(blocks, 1, 1, 1)
+            state.kv_cache.previous_attention_mask = state.kv_cache.previous_attention_mask.repeat(blocks, 1)
+            with self.hooks(fwd_hooks=block_hooks, reset_hooks_end=True):
+                self._run_thoughts(state, z.repeat(blocks, 1), keep_logits=False)
+                _, logits = self.forward_embeds(
+                    self.token_embeds(fed), fed_mask, state.kv_cache, layout=wide, logits_at="all"
+                )
+        else:
+            with self.hooks(fwd_hooks=block_hooks, reset_hooks_end=True):
+                state = self._run_latents(tokens.repeat(blocks, 1), mask.repeat(blocks, 1), wide, keep_logits=False)
+                _, logits = self.forward_embeds(
+                    self.token_embeds(fed), fed_mask, state.kv_cache, layout=wide, logits_at="all"
+                )
+        return logits.view(blocks, size, *logits.shape[1:])
+
+
+class _BlockHook:
+    """Applies ``fn`` to rows ``start .. start + size - 1`` only, inside a position context of those
+    rows (so positional hooks resolve against the block's own position map)."""
+
+    def __init__(self, model: CODIModel, fn, start: int, size: int, layout: CODIPositions):
+        self.model, self.fn, self.start, self.size, self.layout = model, fn, start, size, layout
+
+    def __call__(self, acts: Tensor, hook: HookPoint) -> Tensor:
+        rows = slice(self.start, self.start + self.size)
+        context = self.model._chunk_context  # None between chunks (thought hooks fire there)
+        if context is None:
+            out = self.fn(acts[rows], hook)
+        else:
+            with self.model._chunk_scope(ChunkContext(context.positions, self.layout)):
+                out = self.fn(acts[rows], hook)
+        if out is None:
+            return acts
+        new = acts.clone()
+        new[rows] = out
+        return new
 
 
 def _check_questions(questions: Sequence[str]) -> None:

@@ -19,6 +19,12 @@ Cells (:class:`Cell`): a hook (``blocks.L.hook_resid_post``, ``..._pre``, ``hook
 ``hook_mlp_out``, one head of ``attn.hook_z``, or the fed thought ``thought.k.hook_input``) at one
 position (``question:-1``, the changed number's tokens, BOT, thought k, EOT), or at every thought of
 one layer at once (layer-only).
+
+Speed: the clean run is computed once per batch of pairs; cells run several at a time as blocks of
+one batch (:meth:`CODIModel.score_interventions`), and cells that leave the question + BOT chunk alone
+(thoughts, EOT, fed thoughts) share one computation of it; metrics come from teacher forcing, and
+answers are generated only with ``generate=True``. ``python -m benchmarks.patching_sweep`` measures
+this against one forward per cell.
 """
 
 from __future__ import annotations
@@ -333,6 +339,45 @@ def _skipped_rows(skipped: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({UNIT_COLUMN: skipped["pair_id"], "pair_id": skipped["pair_id"], "reason": skipped["reason"]})
 
 
+def shares_prompt(cell: Cell) -> bool:
+    """Whether a cell leaves the question + BOT chunk alone (so that chunk can be computed once and
+    shared by every such cell): thought positions, EOT, every thought at once, fed thoughts."""
+    return cell.kind == "thought_input" or cell.position in ("eot", "thoughts") or cell.position.startswith("thought:")
+
+
+def cell_logits(
+    model: CODIModel,
+    batch: PairBatch,
+    questions: Sequence[str],
+    cells: Sequence[Cell],
+    *,
+    n_latents: int = 6,
+    cells_per_forward: int = 8,
+) -> list[Tensor]:
+    """The corrupted run's logits at the answer under each cell, ``[batch, d_vocab]`` per cell.
+
+    Cells run ``cells_per_forward`` at a time as blocks of one batch (:meth:`CODIModel.score_interventions`);
+    cells that leave the question + BOT chunk alone share one computation of it."""
+    answers = [list(n.prefix) + [n.token] for n in batch.clean_numbers]
+    rows = torch.arange(len(questions))
+    index = torch.tensor([n.index for n in batch.clean_numbers])
+    out: dict[int, Tensor] = {}
+    for shared in (True, False):
+        group = [i for i, cell in enumerate(cells) if shares_prompt(cell) == shared]
+        for start in range(0, len(group), cells_per_forward):
+            chunk = group[start : start + cells_per_forward]
+            logits = model.score_interventions(
+                list(questions),
+                answers,
+                [cell_hooks(model, cells[i], batch) for i in chunk],
+                n_latents=n_latents,
+                share_prompt=shared,
+            )
+            for block, i in enumerate(chunk):
+                out[i] = logits[block][rows, index.to(logits.device)].float()
+    return [out[i] for i in range(len(cells))]
+
+
 def patch_rows(
     model: CODIModel,
     pairs: pd.DataFrame,
@@ -341,27 +386,28 @@ def patch_rows(
     n_latents: int = 6,
     max_new_tokens: int = 256,
     generate: bool = False,
+    cells_per_forward: int = 8,
 ) -> pd.DataFrame:
     """Every cell on a batch of pairs: one row per (pair, cell), plus one row per skipped pair with its
-    ``reason`` (and NaN metrics), so a resumed run knows it was seen."""
+    ``reason`` (and NaN metrics), so a resumed run knows it was seen. The clean run is computed once;
+    cells are batched (see :func:`cell_logits`); only ``generate=True`` generates, one cell at a time."""
     hooks = sorted({c.hook for c in cells if c.kind != "thought_input"})
     batch, kept, skipped = prepare_pairs(model, pairs, hooks, n_latents=n_latents, max_new_tokens=max_new_tokens)
     frames = [_skipped_rows(skipped)]
     if batch is not None:
         corrupted_q = kept["corrupted_question"].tolist()
         ld_clean, ld_corrupted = batch.ld_clean, batch.ld_corrupted
-        for cell in cells:
+        clean_tok = torch.tensor([n.token for n in batch.clean_numbers])
+        all_logits = cell_logits(
+            model, batch, corrupted_q, cells, n_latents=n_latents, cells_per_forward=cells_per_forward
+        )
+        for cell, logits in zip(cells, all_logits):
             rows = list(range(len(kept)))
-            if cell.position == "changed":
+            if cell.position == "changed":  # pairs whose changed number tokenizes alike in both questions
                 rows = [i for i in rows if batch.changed_tokens[i] is not None]
                 if not rows:
                     continue
-            fwd = cell_hooks(model, cell, batch, rows)
-            questions = [corrupted_q[i] for i in rows]
-            numbers = [batch.clean_numbers[i] for i in rows]
-            logits = logits_at_answer(model, questions, numbers, n_latents=n_latents, fwd_hooks=fwd)
-            clean_tok = torch.tensor([n.token for n in numbers])
-            ld = logit_difference(logits, clean_tok, batch.corrupted_tokens[rows])
+            ld = logit_difference(logits, clean_tok, batch.corrupted_tokens)[rows]
             frame = pd.DataFrame(
                 {
                     UNIT_COLUMN: kept["pair_id"].iloc[rows].to_numpy(),
@@ -377,11 +423,13 @@ def patch_rows(
                     "ld_clean": ld_clean[rows].cpu().numpy(),
                     "ld_corrupted": ld_corrupted[rows].cpu().numpy(),
                     "recovery": normalised_recovery(ld, ld_corrupted[rows], ld_clean[rows]),
-                    "kl": kl_divergence(batch.clean_logits[rows], logits).cpu().numpy(),
+                    "kl": kl_divergence(batch.clean_logits[rows], logits[rows]).cpu().numpy(),
                     "reason": "",
                 }
             )
             if generate:
+                fwd = cell_hooks(model, cell, batch, rows)
+                questions = [corrupted_q[i] for i in rows]
                 result = model.run_codi(questions, n_latents=n_latents, max_new_tokens=max_new_tokens, fwd_hooks=fwd)
                 frame["prediction"] = [np.nan if p is None else p for p in result.prediction]
                 frame["answer_class"] = [
@@ -402,13 +450,15 @@ def patch_sweep(
     max_new_tokens: int = 256,
     generate: bool = False,
     batch_size: int = 16,
+    cells_per_forward: int = 8,
     settings: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, ResultStore]:
     """Patch every cell (default: ``resid_post`` of every layer at every default position, plus the
-    layer-only cells) on every pair, resumable in ``out``. Returns the rows (skipped pairs carry a
-    ``reason``) and the store."""
+    layer-only cells) on every pair, resumable in ``out``: ``batch_size`` pairs at a time, and
+    ``cells_per_forward`` cells batched into one forward (memory grows with their product). Returns the
+    rows (skipped pairs carry a ``reason``) and the store."""
     if cells is None:
         cells = sweep_cells(model.cfg.n_layers, n_latents, layer_only=True)
     records = pairs.to_dict("records")
@@ -428,7 +478,13 @@ def patch_sweep(
     rows = store.run(
         records,
         lambda batch: patch_rows(
-            model, pd.DataFrame(batch), cells, n_latents=n_latents, max_new_tokens=max_new_tokens, generate=generate
+            model,
+            pd.DataFrame(batch),
+            cells,
+            n_latents=n_latents,
+            max_new_tokens=max_new_tokens,
+            generate=generate,
+            cells_per_forward=cells_per_forward,
         ),
         unit_id=lambda r: str(r["pair_id"]),
         batch_size=batch_size,

@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--hooks", default="resid_post,thought_input", help=f"comma-separated, of {', '.join(HOOK_KINDS)}"
     )
     parser.add_argument("--generate", action="store_true", help="also generate each patched answer (slower)")
+    parser.add_argument(
+        "--cells-per-forward", type=int, default=8, help="cells batched into one forward (x --batch-size rows)"
+    )
     args = parser.parse_args(argv)
     kinds = [k.strip() for k in args.hooks.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in HOOK_KINDS]
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         max_new_tokens=args.max_new_tokens,
         generate=args.generate,
         batch_size=args.batch_size,
+        cells_per_forward=args.cells_per_forward,
         settings=settings,
         overwrite=args.overwrite,
     )

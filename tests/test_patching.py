@@ -16,14 +16,22 @@ from codi_lens.patching import (
     Cell,
     PairBatch,
     cell_hooks,
+    cell_logits,
     chained,
     clean_thought_activations,
     number_tokens,
     parallel,
     patch_rows,
     prepare_pairs,
+    shares_prompt,
     sweep_cells,
 )
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_checkpoint):
+    ckpt = tiny_checkpoint("llama")
+    return load_codi(ckpt.checkpoint_dir, ckpt.base_dir)
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +87,8 @@ def test_chained_last_equals_parallel_last_and_leaves_earlier_thoughts(toy):
     assert (full.latent_states[:, 1:] - clean.latent_states[:, 1:]).abs().max() <= 1e-4
 
 
-def test_questions_of_different_lengths_patch_the_same_thought(tiny_checkpoint, questions):
-    ckpt = tiny_checkpoint("llama")
-    model = load_codi(ckpt.checkpoint_dir, ckpt.base_dir)
+def test_questions_of_different_lengths_patch_the_same_thought(llama, questions):
+    model = llama
     name = "blocks.0.hook_resid_post"
     clean_q = [questions[0], questions[1]]  # short and median, as clean runs
     corrupted_q = [questions[2], questions[0]]  # the long one padded beside a short one
@@ -174,3 +181,35 @@ def test_patching_experiments_run_end_to_end(tmp_path):
     parallel_rows = used[used["mode"] == "parallel"]
     assert np.allclose(parallel_rows["cos_clean"], 1.0, atol=1e-5)
     assert set(summary["final_recovery"]) == {f"layer 1 from thought {k}" for k in range(1, 7)}
+
+
+def test_cells_batched_in_one_forward_with_a_shared_prompt_equal_one_run_per_cell(toy):
+    model, pairs = toy
+    cells = sweep_cells(model.cfg.n_layers, kinds=("resid_post", "thought_input"), layer_only=True)
+    hooks = sorted({c.hook for c in cells if c.kind != "thought_input"})
+    batch, kept, _ = prepare_pairs(model, pairs, hooks, max_new_tokens=24)
+    questions = kept["corrupted_question"].tolist()
+    batched = cell_logits(model, batch, questions, cells, cells_per_forward=7)
+    assert any(shares_prompt(c) for c in cells) and not all(shares_prompt(c) for c in cells)
+    for cell, logits in zip(cells, batched):
+        one = logits_at_answer(model, questions, batch.clean_numbers, fwd_hooks=cell_hooks(model, cell, batch))
+        assert (logits - one).abs().max() <= 1e-5, cell
+
+
+def test_score_interventions_equals_score_answers_per_intervention(llama, questions):
+    from codi_lens.interventions import knockout_attention, steer, zero_thoughts
+
+    model = llama
+    answers = [[5, 6, 7], [8, 9], [10]]
+    interventions = [
+        [],
+        zero_thoughts([3]),
+        steer(model, "blocks.1.hook_resid_post", ["thought:2", "eot"], torch.randn(model.cfg.d_model)),
+        knockout_attention(model, ["thought:1"], layers=[0]),
+    ]
+    for share in (False, True):
+        together = model.score_interventions(questions, answers, interventions, share_prompt=share)
+        for c, hooks in enumerate(interventions):
+            alone = model.score_answers(questions, answers, fwd_hooks=hooks).logits
+            mask = model.tokenize_answers(answers)[1].bool()
+            assert (together[c][mask] - alone[mask]).abs().max() <= 1e-5
