@@ -18,6 +18,7 @@ from codi_lens.interventions import (
     mean_activation,
     mean_thought_embeds,
     mean_thoughts,
+    noise_at,
     noise_thoughts,
     random_direction,
     replace_at,
@@ -146,6 +147,25 @@ def test_positional_edits_touch_only_their_positions(llama, questions):
     eot, bot = base.positions.resolve(["eot"])[:, 0], base.positions.resolve(["bot"])[:, 0]
     assert both[name][rows, eot].abs().max() == 0
     assert torch.equal(both[name][rows, bot], value.expand(3, -1))
+
+
+def test_noise_at_a_position_is_seeded_per_row_and_touches_only_it(llama, questions):
+    model, _ = llama
+    name = "blocks.0.hook_resid_post"
+    base, clean = model.run_codi_with_cache(questions, names_filter=name, max_new_tokens=1)
+    hooks = noise_at(model, name, ["thought:2"], seeds=[7, 8, 9])
+    _, noisy = model.run_codi_with_cache(questions, names_filter=name, max_new_tokens=1, fwd_hooks=hooks)
+    where = base.positions.resolve(["thought:2"])[:, 0]
+    rows = torch.arange(len(questions))
+    added = noisy[name][rows, where] - clean[name][rows, where]
+    expected = gaussian_noise_like(clean[name][rows, where], [7, 8, 9])  # seed + position index 0
+    assert torch.allclose(added, expected, atol=1e-5)
+    assert torch.equal(noisy[name][:, : int(where.min())], clean[name][:, : int(where.min())])
+    _, alone = model.run_codi_with_cache(
+        questions[1:2], names_filter=name, max_new_tokens=1, fwd_hooks=noise_at(model, name, ["thought:2"], seeds=[8])
+    )
+    own = int(model.run_codi(questions[1:2], max_new_tokens=1).positions.resolve(["thought:2"])[0, 0])
+    assert torch.allclose(alone[name][0, own], noisy[name][1, where[1]], atol=1e-5)
 
 
 def test_random_direction_control_has_the_same_norm():
