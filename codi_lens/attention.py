@@ -25,6 +25,21 @@ def pattern_hook_names(n_layers: int) -> list[str]:
     return [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
 
 
+def _pattern_layers(cache: ActivationCache) -> list[int]:
+    """The layers whose attention pattern the cache holds, in layer order."""
+    layers = sorted(int(name.split(".")[1]) for name in cache.cache_dict if name.endswith("attn.hook_pattern"))
+    if not layers:
+        raise KeyError("the cache holds no attention patterns (cache blocks.L.attn.hook_pattern)")
+    return layers
+
+
+def _long_frame(weights: torch.Tensor, axes: Sequence[str], **constant) -> pd.DataFrame:
+    """A ``[d0, d1, d2]`` weight array as one row per index triple: columns ``axes`` and ``weight``."""
+    grids = np.meshgrid(*[np.arange(n) for n in weights.shape], indexing="ij")
+    columns = {name: grid.ravel() for name, grid in zip(axes, grids)}
+    return pd.DataFrame({**constant, **columns, "weight": weights.numpy().ravel()})
+
+
 def _thought_names(n_latents: int) -> list[str]:
     return ["bot", *[f"thought:{k}" for k in range(1, n_latents + 1)]]
 
@@ -42,37 +57,21 @@ def attention_to_thoughts(
     (the position holding answer token j), ``thought`` 0 = BOT .. n, ``weight`` the attention
     probability. ``kv_head`` is ``head // (n_heads / n_kv_heads)``.
     """
-    layers = sorted(int(name.split(".")[1]) for name in cache.cache_dict if name.endswith("attn.hook_pattern"))
-    if not layers:
-        raise KeyError("the cache holds no attention patterns (cache blocks.L.attn.hook_pattern)")
     targets = positions.resolve(_thought_names(positions.n_latents))  # [batch, n + 1]
     eot = positions.resolve(["eot"])[:, 0]
     frames = []
-    for layer in layers:
+    for layer in _pattern_layers(cache):
         pattern = cache[f"blocks.{layer}.attn.hook_pattern"].float().cpu()  # [batch, head, q, k]
-        n_heads, n_targets = pattern.shape[1], targets.shape[1]
-        group = n_heads // (n_kv_heads or n_heads)
+        group = pattern.shape[1] // (n_kv_heads or pattern.shape[1])
         for i, problem_id in enumerate(problem_ids):
             n_fed = max(positions.answer_lengths[i] - 1, 0)
             names = ["eot"] + [f"answer:{j}" for j in range(n_fed)]
             queries = torch.tensor([int(eot[i])] + [positions.answer_start + j for j in range(n_fed)])
             weights = pattern[i][:, queries][:, :, targets[i]]  # [head, source, n + 1]
-            head, source, thought = np.meshgrid(
-                np.arange(n_heads), np.arange(len(names)), np.arange(n_targets), indexing="ij"
-            )
-            frames.append(
-                pd.DataFrame(
-                    {
-                        "problem_id": problem_id,
-                        "layer": layer,
-                        "head": head.ravel(),
-                        "kv_head": head.ravel() // group,
-                        "source": np.asarray(names, dtype=object)[source.ravel()],
-                        "thought": thought.ravel(),
-                        "weight": weights.numpy().ravel(),
-                    }
-                )
-            )
+            frame = _long_frame(weights, ["head", "source", "thought"], problem_id=problem_id, layer=layer)
+            frame.insert(3, "kv_head", frame["head"] // group)
+            frame["source"] = np.asarray(names, dtype=object)[frame["source"].to_numpy()]
+            frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 
 
@@ -80,18 +79,14 @@ def thought_to_thought(cache: ActivationCache, positions: CODIPositions, problem
     """The (n+1) x (n+1) attention among BOT and the thoughts, per problem, layer and head: one row per
     (problem, layer, head, query_thought, key_thought) with ``weight`` (0 above the diagonal)."""
     targets = positions.resolve(_thought_names(positions.n_latents))
-    rows = []
-    for name in sorted(n for n in cache.cache_dict if n.endswith("attn.hook_pattern")):
-        layer = int(name.split(".")[1])
-        pattern = cache[name].float().cpu()
+    frames = []
+    for layer in _pattern_layers(cache):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"].float().cpu()
         for i, problem_id in enumerate(problem_ids):
-            idx = targets[i]
-            block = pattern[i][:, idx][:, :, idx]  # [head, n + 1, n + 1]
-            for head in range(block.shape[0]):
-                for q in range(block.shape[1]):
-                    for k in range(block.shape[2]):
-                        rows.append((problem_id, layer, head, q, k, float(block[head, q, k])))
-    return pd.DataFrame(rows, columns=["problem_id", "layer", "head", "query_thought", "key_thought", "weight"])
+            block = pattern[i][:, targets[i]][:, :, targets[i]]  # [head, n + 1, n + 1]
+            axes = ["head", "query_thought", "key_thought"]
+            frames.append(_long_frame(block, axes, problem_id=problem_id, layer=layer))
+    return pd.concat(frames, ignore_index=True)
 
 
 def correlation_by_layer(

@@ -120,7 +120,8 @@ def problem_from_record(
     )
 
 
-def _records_from_jsonl(text: str, name: str) -> list[dict]:
+def records_from_jsonl(text: str, name: str) -> list[dict]:
+    """One JSON object per non-empty line (raises :class:`DataError` naming ``name`` and the line)."""
     rows = []
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -178,12 +179,12 @@ def load_problems(
     if name in SHIPPED_DATASETS:
         text = shipped_dataset_text(name)
         source_name, split = name.split(":")[0], split or name.split(":")[1]
-        rows = _records_from_jsonl(text, name)
+        rows = records_from_jsonl(text, name)
     elif path.is_file():
         text = path.read_text()
         digest = hashlib.sha256(text.encode()).hexdigest()[:8]
         source_name, split = f"{path.stem}-{digest}", split or path.stem
-        rows = _records_from_jsonl(text, str(path))
+        rows = records_from_jsonl(text, str(path))
     elif path.suffix == ".jsonl" or path.is_dir():
         raise FileNotFoundError(f"no JSONL file at {name!r}")
     else:

@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from codi_lens.hooks import HookFn, Position, PositionalHook, thought_hook_name
+from codi_lens.hooks import HookFn, Position, PositionalHook, thought_hook_name, zero_at_positions
 
 Scope = Literal["single", "cumulative", "all"]
 SCOPES: tuple[Scope, ...] = ("single", "cumulative", "all")
@@ -145,7 +145,7 @@ def mean_thought_embeds(
 # ---------------------------------------------------------------------- at named positions
 def zero_at(model, hook_name: str, positions: Sequence[Position]) -> Hooks:
     """Zero ``hook_name`` at ``positions`` only."""
-    return [(hook_name, PositionalHook(model, positions, lambda acts, hook, which: torch.zeros_like(acts)))]
+    return [(hook_name, zero_at_positions(model, positions))]
 
 
 def replace_at(

@@ -119,11 +119,22 @@ def logits_at_answer(
     Teacher-forces ``number.prefix + [number.token]`` (the reference run's own tokens), and returns
     the row predicting ``number.token`` (float32, on the model's device).
     """
-    answers = [list(n.prefix) + [n.token] for n in numbers]
-    scores = model.score_answers(list(questions), answers, n_latents=n_latents, fwd_hooks=fwd_hooks)
-    rows = torch.arange(len(numbers), device=scores.logits.device)
-    index = torch.tensor([n.index for n in numbers], device=scores.logits.device)
-    return scores.logits[rows, index].float()
+    scores = model.score_answers(list(questions), forced_answers(numbers), n_latents=n_latents, fwd_hooks=fwd_hooks)
+    return rows_at_answer(scores.logits, numbers)
+
+
+def forced_answers(numbers: Sequence[AnswerNumber]) -> list[list[int]]:
+    """The answer tokens to teacher-force for each number: its prefix and its first token."""
+    return [list(n.prefix) + [n.token] for n in numbers]
+
+
+def rows_at_answer(
+    logits: Float[Tensor, "batch answer_pos d_vocab"], numbers: Sequence[AnswerNumber]
+) -> Float[Tensor, "batch d_vocab"]:
+    """The row of teacher-forced answer logits predicting each number's first token (float32)."""
+    rows = torch.arange(len(numbers), device=logits.device)
+    index = torch.tensor([n.index for n in numbers], device=logits.device)
+    return logits[rows, index].float()
 
 
 # ---------------------------------------------------------------------- frame-level
@@ -173,6 +184,17 @@ def bootstrap_ci(
         vectorized=True,
     )
     return estimate, float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def mean_ci_table(rows: pd.DataFrame, by: Sequence[str], value: str) -> pd.DataFrame:
+    """Per group of ``by``: ``n``, the ``mean`` of ``value`` and its 95% bootstrap CI (``low``,
+    ``high``), with one row per problem or pair in each group (see :func:`bootstrap_ci`)."""
+    out = []
+    for key, group in rows.groupby(list(by), dropna=False, sort=True):
+        mean, low, high = bootstrap_ci(group[value].to_numpy(dtype=float))
+        keys = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        out.append({**keys, "n": len(group), "mean": mean, "low": low, "high": high})
+    return pd.DataFrame(out)
 
 
 def clustered_bootstrap_ci(

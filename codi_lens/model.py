@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -428,9 +428,7 @@ class CODIModel(HookedSAETransformer):
         batch, like = len(answers), state.kv_cache[0].past_keys
         texts = [self.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
         layout = state.layout
-        positions = CODIPositions(
-            layout.n_pad, layout.bot, layout.thoughts, layout.eot, layout.answer_start, [len(a) for a in answers]
-        )
+        positions = replace(layout, answer_lengths=[len(a) for a in answers])
         return CODIResult(
             latent_states=_stack_steps(state.latent_states, batch, self.cfg.d_model, like),
             thought_embeds=_stack_steps(state.thought_embeds, batch, self.cfg.d_model, like),
@@ -567,6 +565,14 @@ class CODIModel(HookedSAETransformer):
         tokens, mask = pad_rows(ids, self.codi_tokens.pad, side="right")
         return tokens.to(self.cfg.device), mask.to(self.cfg.device)
 
+    def _teacher_forced_input(self, answer_tokens: Tensor, answer_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """``[EOT] + answer tokens[:-1]`` and its mask: what teacher forcing feeds after the thoughts."""
+        eot = torch.full(
+            (answer_tokens.shape[0], 1), self.codi_tokens.eot, dtype=torch.long, device=answer_tokens.device
+        )
+        fed = torch.cat([eot, answer_tokens[:, :-1]], dim=1)
+        return fed, torch.cat([torch.ones_like(eot), answer_mask[:, :-1]], dim=1)
+
     @torch.no_grad()
     def score_answers(
         self,
@@ -589,9 +595,7 @@ class CODIModel(HookedSAETransformer):
         tokens, mask = self._prepare(questions, n_latents)
         answer_tokens, answer_mask = self.tokenize_answers(answers, append_eos)
         layout = self._layout(mask, n_latents, answer_mask.sum(1).tolist())
-        eot = torch.full((len(questions), 1), self.codi_tokens.eot, dtype=torch.long, device=tokens.device)
-        fed = torch.cat([eot, answer_tokens[:, :-1]], dim=1)
-        fed_mask = torch.cat([torch.ones_like(eot), answer_mask[:, :-1]], dim=1)
+        fed, fed_mask = self._teacher_forced_input(answer_tokens, answer_mask)
         with self._hooks_for_run(fwd_hooks, layout):
             state = self._run_latents(tokens, mask, layout, keep_logits=False)
             _, logits = self.forward_embeds(
@@ -639,40 +643,28 @@ class CODIModel(HookedSAETransformer):
         for hooks in interventions:
             self._check_hooks(hooks, layout)
         size, blocks = len(questions), len(interventions)
-        wide = CODIPositions(
-            layout.n_pad * blocks,
-            layout.bot,
-            layout.thoughts,
-            layout.eot,
-            layout.answer_start,
-            layout.answer_lengths * blocks,
-        )
+        wide = replace(layout, n_pad=layout.n_pad * blocks, answer_lengths=layout.answer_lengths * blocks)
         block_hooks = [
             (name, _BlockHook(self, fn, c * size, size, layout))
             for c, hooks in enumerate(interventions)
             for name, fn in hooks
         ]
-        eot = torch.full((size * blocks, 1), self.codi_tokens.eot, dtype=torch.long, device=tokens.device)
-        fed = torch.cat([eot, answer_tokens[:, :-1].repeat(blocks, 1)], dim=1)
-        fed_mask = torch.cat([torch.ones_like(eot), answer_mask[:, :-1].repeat(blocks, 1)], dim=1)
-        if share_prompt:
+        fed, fed_mask = self._teacher_forced_input(answer_tokens.repeat(blocks, 1), answer_mask.repeat(blocks, 1))
+        if share_prompt:  # the question + BOT chunk once, without interventions, its KV cache copied per block
             state, z = self._run_prompt(tokens, mask, layout, keep_logits=False)
             state.layout = wide
             for entry in state.kv_cache.entries:
                 entry.past_keys = entry.past_keys.repeat(blocks, 1, 1, 1)
                 entry.past_values = entry.past_values.repeat(blocks, 1, 1, 1)
             state.kv_cache.previous_attention_mask = state.kv_cache.previous_attention_mask.repeat(blocks, 1)
-            with self.hooks(fwd_hooks=block_hooks, reset_hooks_end=True):
+        with self.hooks(fwd_hooks=block_hooks, reset_hooks_end=True):
+            if share_prompt:
                 self._run_thoughts(state, z.repeat(blocks, 1), keep_logits=False)
-                _, logits = self.forward_embeds(
-                    self.token_embeds(fed), fed_mask, state.kv_cache, layout=wide, logits_at="all"
-                )
-        else:
-            with self.hooks(fwd_hooks=block_hooks, reset_hooks_end=True):
+            else:
                 state = self._run_latents(tokens.repeat(blocks, 1), mask.repeat(blocks, 1), wide, keep_logits=False)
-                _, logits = self.forward_embeds(
-                    self.token_embeds(fed), fed_mask, state.kv_cache, layout=wide, logits_at="all"
-                )
+            _, logits = self.forward_embeds(
+                self.token_embeds(fed), fed_mask, state.kv_cache, layout=wide, logits_at="all"
+            )
         return logits.view(blocks, size, *logits.shape[1:])
 
 

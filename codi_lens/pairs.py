@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from codi_lens.data import CALC_SPAN, DataError, Problem, load_problems
+from codi_lens.data import CALC_SPAN, DataError, Problem, load_problems, records_from_jsonl
 
 #: An integer or decimal in a question, with optional thousands separators ("1,200").
 QUESTION_NUMBER = re.compile(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d])|(?<![\d.,])\d+(?:\.\d+)?(?![\d])")
@@ -337,13 +337,7 @@ def read_pair_file(path: str | Path) -> list[dict]:
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
     else:
-        rows = []
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from exc
+        rows = records_from_jsonl(text, str(path))
     for i, row in enumerate(rows):
         missing = [f for f in ("clean_question", "corrupted_question") if f not in row]
         if missing:
@@ -399,7 +393,7 @@ def check_pairs(rows: Sequence[dict], problems: Iterable[Problem] | None = None)
             problem = by_question.get(_normalised(row["clean_question"]))
             if problem is None:
                 raise Rejected(Reason.NOT_FOUND)
-            which, new = _changed_number(problem.question, row["corrupted_question"])
+            which, new = changed_number(problem.question, row["corrupted_question"])
             pair = corrupt(problem, question_numbers(problem.question)[which][0], new)
             entry.update(
                 clean_id=problem.id,
@@ -422,7 +416,7 @@ def check_pairs(rows: Sequence[dict], problems: Iterable[Problem] | None = None)
     return pd.DataFrame(report)
 
 
-def _changed_number(clean: str, corrupted: str) -> tuple[int, float]:
+def changed_number(clean: str, corrupted: str) -> tuple[int, float]:
     """Which number of ``clean`` (its index among the question's numbers) differs, and its new value,
     for two questions that are otherwise identical (up to whitespace)."""
     clean, corrupted = _normalised(clean), _normalised(corrupted)

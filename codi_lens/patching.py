@@ -30,7 +30,7 @@ this against one forward per cell.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,25 +40,26 @@ import torch
 from torch import Tensor
 
 from codi_lens.answers import clean_question, is_correct
+from codi_lens.cache import ActivationRecorder
 from codi_lens.hooks import PositionalHook
-from codi_lens.interventions import Hooks, replace_thoughts
+from codi_lens.interventions import Hooks, replace_at, replace_thoughts
 from codi_lens.metrics import (
     AnswerNumber,
     classify_answer,
     find_answer_number,
+    forced_answers,
     kl_divergence,
     logit_difference,
     logits_at_answer,
     normalised_recovery,
+    rows_at_answer,
 )
 from codi_lens.model import CODIModel
-from codi_lens.pairs import question_numbers
+from codi_lens.pairs import Rejected, changed_number, question_numbers
 from codi_lens.runner import UNIT_COLUMN, ResultStore
 
 #: Hook kinds a sweep can patch, by the suffix of their TransformerLens name.
 HOOK_KINDS = ("resid_post", "resid_pre", "attn_out", "mlp_out", "z", "thought_input")
-#: Positions a sweep can patch, besides the thoughts.
-EXTRA_POSITIONS = ("changed", "question:-1", "bot", "eot")
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,6 @@ class Cell:
             return f"thought.{self.thought}.hook_input"
         if self.kind == "z":
             return f"blocks.{self.layer}.attn.hook_z"
-        if self.kind in ("attn_out", "mlp_out"):
-            return f"blocks.{self.layer}.hook_{self.kind}"
         return f"blocks.{self.layer}.hook_{self.kind}"
 
     @property
@@ -175,11 +174,11 @@ def number_tokens(model: CODIModel, question: str, number_index: int) -> list[in
 
 
 def _changed_index(clean: str, corrupted: str) -> int | None:
-    a, b = question_numbers(clean_question(clean)), question_numbers(clean_question(corrupted))
-    if len(a) != len(b):
+    """Which of the question's numbers the pair changed (None unless exactly one differs)."""
+    try:
+        return changed_number(clean, corrupted)[0]
+    except Rejected:
         return None
-    changed = [i for i, (x, y) in enumerate(zip(a, b)) if x[2] != y[2]]
-    return changed[0] if len(changed) == 1 else None
 
 
 def corrupted_answer_token(model: CODIModel, number: AnswerNumber, corrupted_answer: float) -> int | None:
@@ -247,17 +246,15 @@ def cell_hooks(model: CODIModel, cell: Cell, batch: PairBatch, rows: Sequence[in
         if cell.position == "thoughts"
         else [cell.position]
     )
-    layout = batch.clean_positions
-    where = layout.resolve(names)[rows]  # [batch, n] in the clean run
+    where = batch.clean_positions.resolve(names)[rows]  # [batch, n] in the clean run
     values = torch.stack([acts[i, where[i]] for i in range(len(rows))])  # [batch, n, ...]
+    if cell.head is None:
+        return replace_at(model, cell.hook, names, values)
     head = cell.head
 
     def transform(current: Tensor, hook, which: Tensor) -> Tensor:
-        chosen = values.index_select(1, which.to(values.device)).to(device=current.device, dtype=current.dtype)
-        if head is None:
-            return chosen
         out = current.clone()
-        out[:, :, head] = chosen[:, :, head]
+        out[:, :, head] = values[:, which.to(values.device), head].to(device=current.device, dtype=current.dtype)
         return out
 
     return [(cell.hook, PositionalHook(model, names, transform))]
@@ -279,7 +276,7 @@ def prepare_pairs(
     """
     clean_q = pairs["clean_question"].tolist()
     result, cache = model.run_codi_with_cache(
-        clean_q, names_filter=lambda n: n in set(hooks), n_latents=n_latents, max_new_tokens=max_new_tokens
+        clean_q, names_filter=list(hooks), n_latents=n_latents, max_new_tokens=max_new_tokens
     )
     reasons, numbers, corrupted_tokens, changed = [], [], [], []
     for i, row in enumerate(pairs.itertuples()):
@@ -313,13 +310,10 @@ def prepare_pairs(
     corrupted_logits = logits_at_answer(model, kept["corrupted_question"].tolist(), kept_numbers, n_latents=n_latents)
     sub_cache = {name: cache[name][keep] for name in cache.cache_dict}
     positions = result.positions
-    kept_positions = type(positions)(
-        [positions.n_pad[i] for i in keep],
-        positions.bot,
-        positions.thoughts,
-        positions.eot,
-        positions.answer_start,
-        [positions.answer_lengths[i] for i in keep],
+    kept_positions = replace(
+        positions,
+        n_pad=[positions.n_pad[i] for i in keep],
+        answer_lengths=[positions.answer_lengths[i] for i in keep],
     )
     batch = PairBatch(
         clean_numbers=kept_numbers,
@@ -358,9 +352,7 @@ def cell_logits(
 
     Cells run ``cells_per_forward`` at a time as blocks of one batch (:meth:`CODIModel.score_interventions`);
     cells that leave the question + BOT chunk alone share one computation of it."""
-    answers = [list(n.prefix) + [n.token] for n in batch.clean_numbers]
-    rows = torch.arange(len(questions))
-    index = torch.tensor([n.index for n in batch.clean_numbers])
+    answers = forced_answers(batch.clean_numbers)
     out: dict[int, Tensor] = {}
     for shared in (True, False):
         group = [i for i, cell in enumerate(cells) if shares_prompt(cell) == shared]
@@ -374,7 +366,7 @@ def cell_logits(
                 share_prompt=shared,
             )
             for block, i in enumerate(chunk):
-                out[i] = logits[block][rows, index.to(logits.device)].float()
+                out[i] = rows_at_answer(logits[block], batch.clean_numbers)
     return [out[i] for i in range(len(cells))]
 
 
@@ -519,9 +511,10 @@ def trajectory_rows(
         return frames[0]
     corrupted_q = kept["corrupted_question"].tolist()
     corrupted, corrupted_cache = model.run_codi_with_cache(
-        corrupted_q, names_filter=lambda n: n in set(hooks), n_latents=n_latents, max_new_tokens=1
+        corrupted_q, names_filter=hooks, n_latents=n_latents, max_new_tokens=1
     )
     clean_tok = torch.tensor([n.token for n in batch.clean_numbers])
+    answers = forced_answers(batch.clean_numbers)
     names = [f"thought:{k}" for k in range(1, n_latents + 1)]
     for layer in layers:
         hook = f"blocks.{layer}.hook_resid_post"
@@ -534,11 +527,13 @@ def trajectory_rows(
                     if mode == "chained"
                     else parallel(model, layer, range(start, n_latents + 1), clean_acts)
                 )
-                patched, patched_cache = model.run_codi_with_cache(
-                    corrupted_q, names_filter=hook, n_latents=n_latents, max_new_tokens=1, fwd_hooks=fwd
+                # One teacher-forced run gives both the patched loop's activations and the answer logits.
+                recorder = ActivationRecorder(lambda: model.chunk_context)
+                patched = model.score_answers(
+                    corrupted_q, answers, n_latents=n_latents, fwd_hooks=[*fwd, (hook, recorder)]
                 )
-                acts = _at(patched_cache[hook], patched.positions, names)
-                logits = logits_at_answer(model, corrupted_q, batch.clean_numbers, n_latents=n_latents, fwd_hooks=fwd)
+                acts = _at(recorder.tensors()[hook], patched.positions, names)
+                logits = rows_at_answer(patched.logits, batch.clean_numbers)
                 ld = logit_difference(logits, clean_tok, batch.corrupted_tokens)
                 recovery = normalised_recovery(ld, batch.ld_corrupted, batch.ld_clean)
                 kl = kl_divergence(batch.clean_logits, logits).cpu().numpy()
@@ -589,13 +584,8 @@ def parallel(model: CODIModel, layer: int, thoughts: Sequence[int], clean_acts: 
 
 
 def _patch_thoughts(model, layer: int, thoughts: list[int], clean_acts: Tensor) -> Hooks:
-    names = [f"thought:{k}" for k in thoughts]
     values = clean_acts[:, [k - 1 for k in thoughts]]
-
-    def transform(current: Tensor, hook, which: Tensor) -> Tensor:
-        return values.index_select(1, which.to(values.device)).to(device=current.device, dtype=current.dtype)
-
-    return [(f"blocks.{layer}.hook_resid_post", PositionalHook(model, names, transform))]
+    return replace_at(model, f"blocks.{layer}.hook_resid_post", [f"thought:{k}" for k in thoughts], values)
 
 
 def clean_thought_activations(model: CODIModel, questions: Sequence[str], layer: int, *, n_latents: int = 6) -> Tensor:

@@ -6,6 +6,8 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
+from codi_lens.metrics import mean_ci_table
+
 TEMPLATE = "plotly_white"
 
 
@@ -172,30 +174,12 @@ def attention_by_head(
     return _mean_heatmap(grid, "head", "layer", title, facet_wrap=4)
 
 
-def _ci_frame(rows: pd.DataFrame, by: list[str], value: str) -> pd.DataFrame:
-    from codi_lens.metrics import bootstrap_ci
-
-    out = []
-    for key, group in rows.groupby(by, dropna=False, sort=True):
-        mean, low, high = bootstrap_ci(group[value].to_numpy(dtype=float))
-        out.append(
-            {
-                **dict(zip(by, key if isinstance(key, tuple) else (key,))),
-                "n": len(group),
-                "mean": mean,
-                "low": low,
-                "high": high,
-            }
-        )
-    return pd.DataFrame(out)
-
-
 def patching_heatmap(
     rows: pd.DataFrame, positions: list[str], value: str = "recovery", title: str | None = None
 ) -> go.Figure:
     """Layer x position heatmap of the mean ``value`` over pairs, with the 95% bootstrap CI and the
     number of pairs in each cell's hover (rows of one hook kind)."""
-    table = _ci_frame(rows, ["layer", "position"], value)
+    table = mean_ci_table(rows, ["layer", "position"], value)
     layers = sorted(table["layer"].unique())
     grid = table.pivot(index="layer", columns="position", values="mean").reindex(index=layers, columns=positions)
     text = table.assign(
@@ -224,7 +208,7 @@ def patching_heatmap(
 
 def patching_bars(rows: pd.DataFrame, x: str, value: str = "recovery", title: str = "") -> go.Figure:
     """Bars of the mean ``value`` per ``x`` with 95% bootstrap CI bars over pairs."""
-    table = _ci_frame(rows, [x], value)
+    table = mean_ci_table(rows, [x], value)
     fig = px.bar(
         table,
         x=x,
@@ -242,7 +226,7 @@ def patching_bars(rows: pd.DataFrame, x: str, value: str = "recovery", title: st
 def trajectory_lines(rows: pd.DataFrame, value: str = "cos_clean", title: str | None = None) -> go.Figure:
     """Mean ``value`` by thought with 95% CI bars: chained against parallel patching, one line per
     (mode, start thought), one panel per layer."""
-    table = _ci_frame(rows, ["layer", "mode", "start_thought", "thought"], value)
+    table = mean_ci_table(rows, ["layer", "mode", "start_thought", "thought"], value)
     table["run"] = table["mode"] + " from thought " + table["start_thought"].astype(int).astype(str)
     fig = px.line(
         table,

@@ -30,7 +30,7 @@ import pandas as pd
 
 from codi_lens.cli import add_common_args, load_model, model_settings, run_main
 from codi_lens.data import load_problems
-from codi_lens.metrics import bootstrap_ci
+from codi_lens.metrics import mean_ci_table
 from codi_lens.pairs import make_pairs
 from codi_lens.patching import HOOK_KINDS, patch_sweep, sweep_cells
 from codi_lens.plotting import patching_bars, patching_heatmap, write_html
@@ -107,24 +107,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     pairs.to_parquet(out / "pairs.parquet", index=False)
     used = rows[rows["reason"].fillna("") == ""]
-    cell_rows = []
-    for key, group in used.groupby(["kind", "hook", "head", "position"], dropna=False, sort=False):
-        mean, low, high = bootstrap_ci(group["recovery"].to_numpy(dtype=float))
-        kl, kl_low, kl_high = bootstrap_ci(group["kl"].to_numpy(dtype=float))
-        cell_rows.append(
-            dict(
-                zip(["kind", "hook", "head", "position"], key),
-                layer=group["layer"].iloc[0],
-                n=len(group),
-                recovery=mean,
-                recovery_low=low,
-                recovery_high=high,
-                kl=kl,
-                kl_low=kl_low,
-                kl_high=kl_high,
-            )
-        )
-    cells_table = pd.DataFrame(cell_rows)
+    by = ["kind", "hook", "head", "position", "layer"]
+    recovery = mean_ci_table(used, by, "recovery").rename(
+        columns={"mean": "recovery", "low": "recovery_low", "high": "recovery_high"}
+    )
+    kl = mean_ci_table(used, by, "kl").rename(columns={"mean": "kl", "low": "kl_low", "high": "kl_high"})
+    cells_table = recovery.merge(kl.drop(columns="n"), on=by)
     cells_table.to_parquet(out / "cells.parquet", index=False)
 
     positions = [
@@ -135,16 +123,15 @@ def main(argv: list[str] | None = None) -> dict:
         "eot",
         "thoughts",
     ]
-    for kind in kinds:
-        if kind in ("thought_input", "z"):
-            continue
+    mapped = [kind for kind in kinds if kind not in ("thought_input", "z")]  # per-position kinds
+    for kind in mapped:
         write_html(
             patching_heatmap(
                 used[used["kind"] == kind],
                 positions,
                 title=f"{kind}: mean recovery of the clean answer (hover: n pairs, 95% CI)",
             ),
-            out / ("heatmap.html" if kind == kinds[0] else f"heatmap_{kind}.html"),
+            out / ("heatmap.html" if kind == mapped[0] else f"heatmap_{kind}.html"),
         )
     layer_only = used[used["position"] == "thoughts"]
     if len(layer_only):
