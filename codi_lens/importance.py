@@ -1,10 +1,12 @@
 """Step importance: which continuous thoughts matter, measured inside the real latent loop.
 
 For each problem, the baseline run (no intervention) gives the prediction and the answer tokens.
-Every ablation (intervention x scope x thought) is then run twice: generated greedily (is the answer
-still right?) and teacher-forced on the baseline's own answer tokens up to the answer number, where
+Every ablation (intervention x scope x thought) is then generated greedily (is the answer still
+right?) and teacher-forced on the baseline's own answer tokens up to the answer number, where
 ``KL(baseline || ablated)`` is taken at the position predicting the number's first token (see
 :mod:`codi_lens.metrics`). Later thoughts are recomputed from the ablated one by the loop itself.
+Each ablation branches off the baseline run at the first thought it changes, and ablations are
+batched (see :mod:`codi_lens.branching` and ``python -m benchmarks.step_importance``).
 
 Interventions on the fed thought (see :mod:`codi_lens.interventions`):
 
@@ -35,6 +37,7 @@ from torch import Tensor
 
 from codi_lens.answers import is_correct
 from codi_lens.attention import attention_to_thoughts, pattern_hook_names
+from codi_lens.branching import Branch, grow_trunk, run_branches
 from codi_lens.data import Problem, difficulty_bucket, problems_fingerprint
 from codi_lens.interventions import (
     SCOPES,
@@ -48,8 +51,8 @@ from codi_lens.interventions import (
     thought_scope,
     zero_thoughts,
 )
-from codi_lens.metrics import AnswerNumber, find_answer_number, kl_divergence, logits_at_answer
-from codi_lens.model import CODIModel, CODIResult
+from codi_lens.metrics import AnswerNumber, find_answer_number, forced_answers, kl_divergence
+from codi_lens.model import CODIModel
 from codi_lens.runner import UNIT_COLUMN, ResultStore
 
 INTERVENTIONS = ("zero", "mean", "noise", "swap", "shuffle")
@@ -136,16 +139,28 @@ def ablation_hooks(ablation: Ablation, inputs: AblationInputs, n_latents: int) -
     raise ValueError(f"unknown intervention {kind!r}")
 
 
-def answer_numbers(model: CODIModel, baseline: CODIResult) -> list[AnswerNumber | None]:
-    """The baseline answer's number position per problem (None where the answer has no number)."""
-    return [find_answer_number(model.tokenizer, tokens) for tokens in baseline.answer_tokens]
+def answer_numbers(model: CODIModel, answer_tokens: Sequence[Sequence[int]]) -> list[AnswerNumber | None]:
+    """Each generated answer's number position (None where the answer has no number)."""
+    return [find_answer_number(model.tokenizer, tokens) for tokens in answer_tokens]
 
 
-def _forced(numbers: list[AnswerNumber | None], baseline: CODIResult) -> list[AnswerNumber]:
+def _forced(numbers: list[AnswerNumber | None], answer_tokens: Sequence[Sequence[int]]) -> list[AnswerNumber]:
     """Numbers to teacher-force, with a stand-in (the first answer token) where there is none."""
-    return [
-        n if n is not None else AnswerNumber(0, (), baseline.answer_tokens[i][0], "") for i, n in enumerate(numbers)
-    ]
+    return [n if n is not None else AnswerNumber(0, (), answer_tokens[i][0], "") for i, n in enumerate(numbers)]
+
+
+def ablation_start(ablation: Ablation, n_latents: int) -> int:
+    """The first thought an ablation changes (where its branch leaves the baseline run)."""
+    return min(thought_scope(ablation.scope, ablation.thought, n_latents))
+
+
+@dataclass
+class Baseline:
+    """A batch's run without interventions: its fed thoughts, generated answers and predictions."""
+
+    thought_embeds: Tensor
+    answer_tokens: list[list[int]]
+    prediction: list[float | None]
 
 
 def importance_rows(
@@ -156,29 +171,44 @@ def importance_rows(
     *,
     n_latents: int = 6,
     max_new_tokens: int = 256,
-    baseline: CODIResult | None = None,
+    max_rows: int = 256,
 ) -> pd.DataFrame:
     """One row per (problem, ablation) for one batch (``unit_id`` = problem id).
 
-    ``inputs_for(baseline)`` returns the batch's :class:`AblationInputs`. Columns: ``problem_id,
-    n_steps, difficulty, gold, intervention, scope, thought, baseline_prediction, baseline_correct,
-    prediction, correct, answer_text, kl`` (nats, ``KL(baseline || ablated)`` at the answer number;
-    NaN when the baseline answer has no number).
+    The baseline run is computed once, and every ablation branches off it at the first thought it
+    changes (:mod:`codi_lens.branching`): the thoughts before are the baseline's, ablations with the
+    same start run as blocks of one forward (at most ``max_rows`` rows), each generates its answer
+    (rows leave the batch at their EOS) and is teacher-forced on the baseline's answer up to the
+    number, with logits computed at that one row.
+
+    ``inputs_for(baseline)`` returns the batch's :class:`AblationInputs` from a :class:`Baseline`.
+    Columns: ``problem_id, n_steps, difficulty, gold, intervention, scope, thought,
+    baseline_prediction, baseline_correct, prediction, correct, answer_text, kl`` (nats,
+    ``KL(baseline || ablated)`` at the answer number; NaN when the baseline answer has no number) and
+    ``kl_first_token`` (the same at the first answer token, defined for every answer).
     """
     questions = [p.question for p in problems]
-    if baseline is None:
-        baseline = model.run_codi(questions, n_latents=n_latents, max_new_tokens=max_new_tokens)
-    numbers = answer_numbers(model, baseline)
-    forced = _forced(numbers, baseline)
+    trunk = grow_trunk(model, questions, n_latents=n_latents)
+    unpatched = Branch((), n_latents + 1)
+    baseline_tokens = run_branches(model, trunk, [unpatched], max_new_tokens=max_new_tokens)[0].answer_tokens
+    baseline = Baseline(trunk.thought_inputs[:, :n_latents], baseline_tokens, model.decode_answers(baseline_tokens)[1])
+    numbers = answer_numbers(model, baseline_tokens)
+    forced = _forced(numbers, baseline_tokens)
     has_number = torch.tensor([n is not None for n in numbers])
-    reference = logits_at_answer(model, questions, forced, n_latents=n_latents)
     inputs = inputs_for(baseline)
+    branches = [Branch(ablation_hooks(a, inputs, n_latents), ablation_start(a, n_latents)) for a in ablations]
+    answers, rows = forced_answers(forced), [[0, n.index] for n in forced]  # the first answer token, the number
+    reference = run_branches(model, trunk, [unpatched], answers, answer_index=rows)[0].logits.float()
+    outputs = run_branches(
+        model, trunk, branches, answers, answer_index=rows, max_new_tokens=max_new_tokens, max_rows=max_rows
+    )
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
     frames = []
-    for ablation in ablations:
-        hooks = ablation_hooks(ablation, inputs, n_latents)
-        result = model.run_codi(questions, n_latents=n_latents, max_new_tokens=max_new_tokens, fwd_hooks=hooks)
-        logits = logits_at_answer(model, questions, forced, n_latents=n_latents, fwd_hooks=hooks)
-        kl = kl_divergence(reference, logits).cpu().where(has_number, torch.tensor(float("nan"), dtype=torch.float64))
+    for ablation, output in zip(ablations, outputs):
+        texts, predictions = model.decode_answers(output.answer_tokens)
+        logits = output.logits.float()
+        kl = kl_divergence(reference[:, 1], logits[:, 1]).cpu().where(has_number, nan)
+        kl_first = kl_divergence(reference[:, 0], logits[:, 0]).cpu()
         frames.append(
             pd.DataFrame(
                 {
@@ -192,10 +222,11 @@ def importance_rows(
                     "thought": ablation.thought,
                     "baseline_prediction": [_nan(x) for x in baseline.prediction],
                     "baseline_correct": [is_correct(x, p.gold) for x, p in zip(baseline.prediction, problems)],
-                    "prediction": [_nan(x) for x in result.prediction],
-                    "correct": [is_correct(x, p.gold) for x, p in zip(result.prediction, problems)],
-                    "answer_text": result.answer_text,
+                    "prediction": [_nan(x) for x in predictions],
+                    "correct": [is_correct(x, p.gold) for x, p in zip(predictions, problems)],
+                    "answer_text": texts,
                     "kl": kl.numpy(),
+                    "kl_first_token": kl_first.numpy(),
                 }
             )
         )
@@ -218,11 +249,13 @@ def step_importance(
     reference: list[Problem] | None = None,
     seed: int = 0,
     batch_size: int = 32,
+    max_rows: int = 256,
     settings: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, ResultStore]:
-    """Every ablation of :func:`ablation_grid` on every problem, resumable in ``out``.
+    """Every ablation of :func:`ablation_grid` on every problem, resumable in ``out``: ``batch_size``
+    problems at a time, ablations branching off each batch's baseline (see :func:`importance_rows`).
 
     ``reference``: the problems whose mean thoughts the ``mean`` intervention feeds (default: the
     problems themselves). The swap donor of problem i is problem i + 1 (the last one's is the
@@ -253,7 +286,7 @@ def step_importance(
     )
 
     def inputs_for(batch: list[Problem]):
-        def make(baseline: CODIResult) -> AblationInputs:
+        def make(baseline: Baseline) -> AblationInputs:
             donors = None
             if "swap" in interventions:
                 donor_questions = [donor[p.id].question for p in batch]
@@ -271,7 +304,13 @@ def step_importance(
     rows = store.run(
         problems,
         lambda batch: importance_rows(
-            model, batch, ablations, inputs_for(batch), n_latents=n_latents, max_new_tokens=max_new_tokens
+            model,
+            batch,
+            ablations,
+            inputs_for(batch),
+            n_latents=n_latents,
+            max_new_tokens=max_new_tokens,
+            max_rows=max_rows,
         ),
         unit_id=lambda p: p.id,
         batch_size=batch_size,
@@ -316,7 +355,6 @@ def attention_importance_rows(
         lambda b: AblationInputs(b.thought_embeds, None, None, [0] * len(problems), 0),
         n_latents=n_latents,
         max_new_tokens=max_new_tokens,
-        baseline=baseline,
     )
     importance["flipped"] = importance["baseline_correct"] & ~importance["correct"]
     merged = wide.merge(

@@ -275,7 +275,10 @@ class CODIModel(HookedSAETransformer):
 
         Returns ``(final, logits)``: ``final`` is the post-final-norm residual (with the gain)
         ``[batch, pos, d_model]``; ``logits`` is ``[batch, 1, d_vocab]`` for ``logits_at="last"``,
-        ``[batch, pos, d_vocab]`` for ``"all"``, or None for ``"none"``.
+        ``[batch, pos, d_vocab]`` for ``"all"``, or None for ``"none"``; a ``[batch]`` (or
+        ``[batch, k]``) tensor of indices into this chunk gives ``[batch, 1 (or k), d_vocab]`` at each
+        row's own indices (the unembedding, the largest matmul of a small model with a large
+        vocabulary, then runs only there).
         """
         n_past = 0 if kv_cache is None else kv_cache.previous_attention_mask.shape[1]
         positions = torch.arange(n_past, n_past + embeds.shape[1])
@@ -292,12 +295,25 @@ class CODIModel(HookedSAETransformer):
                     attention_mask=full_mask,
                 )
             final = self.ln_final(residual)
+            if isinstance(logits_at, Tensor):
+                index = logits_at.to(final.device)
+                index = index[:, None] if index.dim() == 1 else index
+                rows = torch.arange(final.shape[0], device=final.device)[:, None]
+                return final, self.unembed(final[rows, index])
             if logits_at == "none":
                 return final, None
             if logits_at == "all":
                 return final, self.unembed(final)
         with self._chunk_scope(ChunkContext(positions[-1:], layout)):  # the unembedding sees the last position only
             return final, self.unembed(final[:, -1:])
+
+    def _logits_hooked(self) -> bool:
+        """Whether a hook watches the unembedding (then every step's logits are computed, as it expects)."""
+        return any(point._forward_hooks for point in (self.unembed.hook_in, self.unembed.hook_out))
+
+    def _step_logits(self, keep_logits: bool) -> str:
+        """What a latent step computes at the unembedding: nothing unless kept or hooked."""
+        return "last" if keep_logits or self._logits_hooked() else "none"
 
     # ------------------------------------------------------------------ the latent loop
     def _project(self, k: int, h: Float[Tensor, "batch d_model"], state: _LatentLoopState) -> Tensor:
@@ -318,6 +334,8 @@ class CODIModel(HookedSAETransformer):
         bot = torch.full((batch, 1), self.codi_tokens.bot, dtype=torch.long, device=tokens.device)
         prompt = torch.cat([tokens, bot], dim=1)
         prompt_mask = torch.cat([mask, torch.ones_like(bot)], dim=1)
+        if prompt_logits == "last":
+            prompt_logits = self._step_logits(keep_logits)
         final, logits = self.forward_embeds(
             self.token_embeds(prompt), prompt_mask, state.kv_cache, layout=layout, logits_at=prompt_logits
         )
@@ -325,16 +343,24 @@ class CODIModel(HookedSAETransformer):
             state.step_logits.append(logits[:, -1])
         return state, self._project(0, final[:, -1], state)
 
-    def _run_thoughts(self, state: _LatentLoopState, z: Tensor, *, keep_logits: bool) -> None:
-        """Feed thoughts 1..n (``z`` is the input of thought 1) under the state's KV cache."""
+    def _run_thoughts(
+        self, state: _LatentLoopState, z: Tensor, *, keep_logits: bool, first: int = 1, last: int | None = None
+    ) -> Tensor:
+        """Feed thoughts ``first``..``last`` (default: n; ``z`` is the input of thought ``first``) under the
+        state's KV cache; returns ``prj(h_last)``, the input of the thought after ``last``."""
         ones = torch.ones((z.shape[0], 1), dtype=torch.long, device=z.device)
-        for k in range(1, state.layout.n_latents + 1):
+        logits_at = self._step_logits(keep_logits)
+        last = state.layout.n_latents if last is None else last
+        for k in range(first, last + 1):
             fed = self.thought[k].hook_input(z)
             state.thought_embeds.append(fed)
-            final, logits = self.forward_embeds(fed[:, None], ones, state.kv_cache, layout=state.layout)
+            final, logits = self.forward_embeds(
+                fed[:, None], ones, state.kv_cache, layout=state.layout, logits_at=logits_at
+            )
             if keep_logits:
                 state.step_logits.append(logits[:, -1])
             z = self._project(k, final[:, -1], state)
+        return z
 
     def _run_latents(
         self, tokens: Tensor, mask: Tensor, layout: CODIPositions, *, keep_logits: bool, prompt_logits: str = "last"
@@ -392,41 +418,54 @@ class CODIModel(HookedSAETransformer):
         max_new_tokens: int,
         keep_logits: bool,
         first_logits: Tensor | None = None,
+        *,
+        compact: bool = False,
     ) -> list[list[int]]:
         """Feed EOT, then greedy tokens (argmax excluding only EOT) until EOS or the budget.
 
         Rows stop at their own EOS (later tokens are not recorded); the batch stops when all have.
         With ``first_logits`` (``[batch, d_vocab]``), nothing is fed first: the first token is chosen
-        from those logits (plain decoding after a prompt).
+        from those logits (plain decoding after a prompt). With ``compact=True`` finished rows leave
+        the batch (their KV-cache rows are dropped), so later steps compute only the rows still
+        writing; use it only when no hook that indexes rows is live during decoding. ``compact``
+        does not keep logits.
         """
+        if compact and keep_logits:
+            raise ValueError("compact decoding does not keep logits")
         device, batch = self.cfg.device, len(state.layout.n_pad)
         eos, n_allowed = self.codi_tokens.eos, self.cfg.d_vocab - 1
-        ones = torch.ones((batch, 1), dtype=torch.long, device=device)
         next_input = torch.full((batch, 1), self.codi_tokens.eot, dtype=torch.long, device=device)
         answers: list[list[int]] = [[] for _ in range(batch)]
+        active = torch.arange(batch)  # the original row of each row still in the batch
         finished = torch.zeros(batch, dtype=torch.bool)
         for step in range(max_new_tokens):
             if step == 0 and first_logits is not None:
                 logits = first_logits[:, None]
             else:
+                ones = torch.ones((len(next_input), 1), dtype=torch.long, device=device)
                 _, logits = self.forward_embeds(
                     self.token_embeds(next_input), ones, state.kv_cache, layout=state.layout
                 )
             if keep_logits:
                 state.step_logits.append(logits[:, -1])
             chosen = logits[:, -1, :n_allowed].argmax(-1).cpu()
-            for i in torch.nonzero(~finished).flatten().tolist():
-                answers[i].append(int(chosen[i]))
-            finished |= chosen == eos
+            for row, original in enumerate(active.tolist()):
+                if not finished[original]:
+                    answers[original].append(int(chosen[row]))
+            finished[active] |= chosen == eos
             if bool(finished.all()):
                 break
+            still = ~finished[active]
+            if compact and not bool(still.all()):
+                _keep_rows(state.kv_cache, torch.nonzero(still).flatten().to(device))
+                active, chosen = active[still], chosen[still]
             next_input = chosen[:, None].to(device)
         return answers
 
     def _result(self, state: _LatentLoopState, answers: list[list[int]], keep_logits: bool) -> CODIResult:
         """The one place a :class:`CODIResult` is assembled from a finished run."""
         batch, like = len(answers), state.kv_cache[0].past_keys
-        texts = [self.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+        texts, predictions = self.decode_answers(answers)
         layout = state.layout
         positions = replace(layout, answer_lengths=[len(a) for a in answers])
         return CODIResult(
@@ -434,10 +473,16 @@ class CODIModel(HookedSAETransformer):
             thought_embeds=_stack_steps(state.thought_embeds, batch, self.cfg.d_model, like),
             answer_tokens=answers,
             answer_text=texts,
-            prediction=[extract_prediction(t) for t in texts],
+            prediction=predictions,
             positions=positions,
             step_logits=torch.stack(state.step_logits, dim=1) if keep_logits else None,
         )
+
+    def decode_answers(self, answers: Sequence[Sequence[int]]) -> tuple[list[str], list[float | None]]:
+        """Generated answer tokens as text (special tokens skipped) and the number each predicts
+        (upstream's rule: the last number in the text; None if there is none)."""
+        texts = [self.tokenizer.decode(list(a), skip_special_tokens=True) for a in answers]
+        return texts, [extract_prediction(t) for t in texts]
 
     @contextmanager
     def _hooks_for_run(self, fwd_hooks: Sequence[tuple], layout: CODIPositions) -> Iterator[None]:
@@ -611,83 +656,15 @@ class CODIModel(HookedSAETransformer):
             positions=layout,
         )
 
-    @torch.no_grad()
-    def score_interventions(
-        self,
-        questions: Sequence[str],
-        answers: Sequence[str | Sequence[int]],
-        interventions: Sequence[Sequence[tuple]],
-        *,
-        n_latents: int = DEFAULT_N_LATENTS,
-        share_prompt: bool = False,
-    ) -> Float[Tensor, "n_interventions batch answer_pos d_vocab"]:
-        """:meth:`score_answers` under each of several interventions, all in one batched run.
 
-        Row block ``c`` of the run (``len(questions)`` rows) carries intervention ``c``; each of its hooks
-        sees only its block's rows and a position map of ``len(questions)`` examples, exactly as it would
-        in its own ``score_answers`` call, so results match one call per intervention (up to float
-        summation order).
-
-        ``share_prompt=True`` computes the question + BOT chunk (and ``prj(h_0)``) once, without any
-        intervention, and expands its KV cache to every block: use it only for interventions that leave
-        that chunk alone (positions from thought 1 on, ``thought.k.hook_input`` for k >= 1). Returns
-        ``[n_interventions, batch, answer_pos, d_vocab]`` logits (row j predicts answer token j).
-        """
-        if isinstance(answers, str) or len(questions) != len(answers):
-            raise ValueError(f"give one answer per question ({len(questions)} questions)")
-        if not interventions:
-            raise ValueError("give at least one intervention (an empty list of hooks is the unpatched run)")
-        tokens, mask = self._prepare(questions, n_latents)
-        answer_tokens, answer_mask = self.tokenize_answers(answers)
-        layout = self._layout(mask, n_latents, answer_mask.sum(1).tolist())
-        for hooks in interventions:
-            self._check_hooks(hooks, layout)
-        size, blocks = len(questions), len(interventions)
-        wide = replace(layout, n_pad=layout.n_pad * blocks, answer_lengths=layout.answer_lengths * blocks)
-        block_hooks = [
-            (name, _BlockHook(self, fn, c * size, size, layout))
-            for c, hooks in enumerate(interventions)
-            for name, fn in hooks
-        ]
-        fed, fed_mask = self._teacher_forced_input(answer_tokens.repeat(blocks, 1), answer_mask.repeat(blocks, 1))
-        if share_prompt:  # the question + BOT chunk once, without interventions, its KV cache copied per block
-            state, z = self._run_prompt(tokens, mask, layout, keep_logits=False)
-            state.layout = wide
-            for entry in state.kv_cache.entries:
-                entry.past_keys = entry.past_keys.repeat(blocks, 1, 1, 1)
-                entry.past_values = entry.past_values.repeat(blocks, 1, 1, 1)
-            state.kv_cache.previous_attention_mask = state.kv_cache.previous_attention_mask.repeat(blocks, 1)
-        with self.hooks(fwd_hooks=block_hooks, reset_hooks_end=True):
-            if share_prompt:
-                self._run_thoughts(state, z.repeat(blocks, 1), keep_logits=False)
-            else:
-                state = self._run_latents(tokens.repeat(blocks, 1), mask.repeat(blocks, 1), wide, keep_logits=False)
-            _, logits = self.forward_embeds(
-                self.token_embeds(fed), fed_mask, state.kv_cache, layout=wide, logits_at="all"
-            )
-        return logits.view(blocks, size, *logits.shape[1:])
-
-
-class _BlockHook:
-    """Applies ``fn`` to rows ``start .. start + size - 1`` only, inside a position context of those
-    rows (so positional hooks resolve against the block's own position map)."""
-
-    def __init__(self, model: CODIModel, fn, start: int, size: int, layout: CODIPositions):
-        self.model, self.fn, self.start, self.size, self.layout = model, fn, start, size, layout
-
-    def __call__(self, acts: Tensor, hook: HookPoint) -> Tensor:
-        rows = slice(self.start, self.start + self.size)
-        context = self.model._chunk_context  # None between chunks (thought hooks fire there)
-        if context is None:
-            out = self.fn(acts[rows], hook)
-        else:
-            with self.model._chunk_scope(ChunkContext(context.positions, self.layout)):
-                out = self.fn(acts[rows], hook)
-        if out is None:
-            return acts
-        new = acts.clone()
-        new[rows] = out
-        return new
+def _keep_rows(kv_cache: TransformerLensKeyValueCache, rows: Int[Tensor, " n_kept"]) -> None:
+    """Keep only ``rows`` of a KV cache (keys, values and attention mask), in that order."""
+    for entry in kv_cache.entries:
+        entry.past_keys = entry.past_keys[rows]
+        entry.past_values = entry.past_values[rows]
+    kv_cache.previous_attention_mask = kv_cache.previous_attention_mask[
+        rows.to(kv_cache.previous_attention_mask.device)
+    ]
 
 
 def _check_questions(questions: Sequence[str]) -> None:

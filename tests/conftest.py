@@ -11,6 +11,7 @@ import torch
 from hf_reference import ReferenceCODI
 from upstream_factory import make_tiny_codi
 
+from codi_lens import load_codi
 from codi_lens.data import shipped_dataset_text
 
 torch.set_num_threads(2)
@@ -71,3 +72,10 @@ def questions() -> list[str]:
     rows = [json.loads(line) for line in shipped_dataset_text("gsm8k:test").splitlines()]
     by_length = sorted((r["question"] for r in rows[:200]), key=len)
     return [by_length[0], by_length[len(by_length) // 2], by_length[-40]]
+
+
+@pytest.fixture(scope="session")
+def llama_model(tiny_checkpoint):
+    """The tiny LLaMA checkpoint loaded with codi_lens (float32)."""
+    ckpt = tiny_checkpoint("llama")
+    return load_codi(ckpt.checkpoint_dir, ckpt.base_dir)
