@@ -6,6 +6,14 @@ import re
 
 NUMBER_PATTERN = re.compile(r"-?\d+\.?\d*")
 
+#: How CODI writes its final answer (upstream's training targets end with it).
+ANSWER_TEMPLATE = "The answer is: {}"
+
+
+def format_answer(value: float) -> str:
+    """``value`` written as CODI writes an answer: ``"The answer is: 18"`` (integers without ``.0``)."""
+    return ANSWER_TEMPLATE.format(int(value) if float(value).is_integer() else value)
+
 
 def extract_prediction(text: str) -> float | None:
     """The model's numeric answer: commas removed, the LAST match of ``-?\\d+\\.?\\d*`` as a float.

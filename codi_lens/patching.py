@@ -20,11 +20,17 @@ Cells (:class:`Cell`): a hook (``blocks.L.hook_resid_post``, ``..._pre``, ``hook
 position (``question:-1``, the changed number's tokens, BOT, thought k, EOT), or at every thought of
 one layer at once (layer-only).
 
-Speed: the clean run is computed once per batch of pairs; cells run several at a time as blocks of
-one batch (:meth:`CODIModel.score_interventions`), and cells that leave the question + BOT chunk alone
-(thoughts, EOT, fed thoughts) share one computation of it; metrics come from teacher forcing, and
-answers are generated only with ``generate=True``. ``python -m benchmarks.patching_sweep`` measures
-this against one forward per cell.
+Attribution patching (``method="attribution"``, :func:`cell_attributions`): one corrupted forward with
+autograd and one backward pass give every cell's linear estimate ``(a_clean - a_corrupted) . dLD/da``,
+with gradients through the unrolled loop (:mod:`codi_lens.gradients`); :func:`rank_agreement` says how
+well it ranks cells against exact patching. ``python -m benchmarks.attribution`` measures both.
+
+Speed: the clean and the corrupted runs are computed once per batch of pairs; every cell branches off
+the corrupted run at the first step it changes (a cell at thought 4 reuses the corrupted run's KV
+cache over the question, BOT and thoughts 1..3), cells with the same start run as blocks of one
+forward, and the unembedding runs only at the answer row (:mod:`codi_lens.branching`). Metrics come
+from teacher forcing; answers are generated only with ``generate=True``.
+``python -m benchmarks.patch_sweep`` measures this against one full run per cell.
 """
 
 from __future__ import annotations
@@ -36,11 +42,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
-from codi_lens.answers import clean_question, is_correct
+from codi_lens.answers import clean_question, format_answer, is_correct
+from codi_lens.branching import QUESTION, Branch, grow_trunk, run_branches
 from codi_lens.cache import ActivationRecorder
+from codi_lens.gradients import LoopGradients, loop_gradients
 from codi_lens.hooks import PositionalHook
 from codi_lens.interventions import Hooks, replace_at, replace_thoughts
 from codi_lens.metrics import (
@@ -52,11 +62,13 @@ from codi_lens.metrics import (
     logit_difference,
     logits_at_answer,
     normalised_recovery,
-    rows_at_answer,
 )
 from codi_lens.model import CODIModel
 from codi_lens.pairs import Rejected, changed_number, question_numbers
 from codi_lens.runner import UNIT_COLUMN, ResultStore
+
+#: How a sweep measures a cell: by patching it, or by the gradient's linear estimate.
+METHODS = ("exact", "attribution")
 
 #: Hook kinds a sweep can patch, by the suffix of their TransformerLens name.
 HOOK_KINDS = ("resid_post", "resid_pre", "attn_out", "mlp_out", "z", "thought_input")
@@ -267,23 +279,38 @@ def prepare_pairs(
     *,
     n_latents: int = 6,
     max_new_tokens: int = 256,
+    answer_from: str = "model",
 ) -> tuple[PairBatch | None, pd.DataFrame, pd.DataFrame]:
     """Run the clean questions (cached) and find each pair's answer tokens.
+
+    ``answer_from="model"``: the clean run's own generated answer is teacher-forced, and pairs it
+    answers wrong are skipped. ``"gold"``: the clean answer written as CODI writes it
+    (:func:`codi_lens.answers.format_answer`) is teacher-forced whatever the model would say, and
+    nothing is generated (for models that do not answer right, e.g. random weights in benchmarks).
 
     Returns ``(batch, kept, skipped)``: the batch of usable pairs (None if none), their rows, and the
     other pairs with a ``reason`` (clean answered wrong, no answer number, prefixes that tokenize
     differently, clean and corrupted answers sharing their first token).
     """
+    if answer_from not in ("model", "gold"):
+        raise ValueError(f"answer_from must be 'model' or 'gold', got {answer_from!r}")
     clean_q = pairs["clean_question"].tolist()
+    gold = answer_from == "gold"
     result, cache = model.run_codi_with_cache(
-        clean_q, names_filter=list(hooks), n_latents=n_latents, max_new_tokens=max_new_tokens
+        clean_q, names_filter=list(hooks), n_latents=n_latents, max_new_tokens=1 if gold else max_new_tokens
     )
+    if gold:
+        answer_tokens = [
+            model.tokenizer(format_answer(a), add_special_tokens=False)["input_ids"] for a in pairs["clean_answer"]
+        ]
+    else:
+        answer_tokens = result.answer_tokens
     reasons, numbers, corrupted_tokens, changed = [], [], [], []
     for i, row in enumerate(pairs.itertuples()):
-        number = find_answer_number(model.tokenizer, result.answer_tokens[i])
+        number = find_answer_number(model.tokenizer, answer_tokens[i])
         token = None if number is None else corrupted_answer_token(model, number, row.corrupted_answer)
         reason = ""
-        if not is_correct(result.prediction[i], row.clean_answer):
+        if not gold and not is_correct(result.prediction[i], row.clean_answer):
             reason = "the model answers the clean question wrong"
         elif number is None:
             reason = "the clean answer has no number"
@@ -333,10 +360,21 @@ def _skipped_rows(skipped: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({UNIT_COLUMN: skipped["pair_id"], "pair_id": skipped["pair_id"], "reason": skipped["reason"]})
 
 
-def shares_prompt(cell: Cell) -> bool:
-    """Whether a cell leaves the question + BOT chunk alone (so that chunk can be computed once and
-    shared by every such cell): thought positions, EOT, every thought at once, fed thoughts."""
-    return cell.kind == "thought_input" or cell.position in ("eot", "thoughts") or cell.position.startswith("thought:")
+def cell_start(cell: Cell, n_latents: int) -> int:
+    """The first step of the run a cell changes (see :mod:`codi_lens.branching`): the question for
+    question-token cells, 0 for BOT, k for thought k (and 1 for every thought at once), n + 1 for EOT."""
+    if cell.position == "thoughts":
+        return 1
+    if cell.position == "eot":
+        return n_latents + 1
+    if cell.thought is not None:
+        return cell.thought
+    return QUESTION
+
+
+def cell_branches(model: CODIModel, batch: PairBatch, cells: Sequence[Cell], n_latents: int) -> list[Branch]:
+    """One branch of the corrupted run per cell."""
+    return [Branch(cell_hooks(model, cell, batch), cell_start(cell, n_latents)) for cell in cells]
 
 
 def cell_logits(
@@ -346,28 +384,99 @@ def cell_logits(
     cells: Sequence[Cell],
     *,
     n_latents: int = 6,
-    cells_per_forward: int = 8,
+    max_rows: int = 256,
 ) -> list[Tensor]:
-    """The corrupted run's logits at the answer under each cell, ``[batch, d_vocab]`` per cell.
+    """The corrupted run's logits at the answer under each cell, ``[batch, d_vocab]`` per cell (float32).
 
-    Cells run ``cells_per_forward`` at a time as blocks of one batch (:meth:`CODIModel.score_interventions`);
-    cells that leave the question + BOT chunk alone share one computation of it."""
-    answers = forced_answers(batch.clean_numbers)
-    out: dict[int, Tensor] = {}
-    for shared in (True, False):
-        group = [i for i, cell in enumerate(cells) if shares_prompt(cell) == shared]
-        for start in range(0, len(group), cells_per_forward):
-            chunk = group[start : start + cells_per_forward]
-            logits = model.score_interventions(
-                list(questions),
-                answers,
-                [cell_hooks(model, cells[i], batch) for i in chunk],
-                n_latents=n_latents,
-                share_prompt=shared,
-            )
-            for block, i in enumerate(chunk):
-                out[i] = rows_at_answer(logits[block], batch.clean_numbers)
-    return [out[i] for i in range(len(cells))]
+    The corrupted run is computed once; each cell branches off it at the first step it changes, cells
+    with the same start batched as blocks of one forward (at most ``max_rows`` rows), and the
+    unembedding runs only at the answer row (see :mod:`codi_lens.branching`)."""
+    return [out.logits[:, 0].float() for out in _run_cells(model, batch, questions, cells, n_latents, max_rows, 0)]
+
+
+def _run_cells(model, batch: PairBatch, questions, cells, n_latents: int, max_rows: int, max_new_tokens: int):
+    trunk = grow_trunk(model, list(questions), n_latents=n_latents)
+    return run_branches(
+        model,
+        trunk,
+        cell_branches(model, batch, cells, n_latents),
+        forced_answers(batch.clean_numbers),
+        answer_index=[n.index for n in batch.clean_numbers],
+        max_new_tokens=max_new_tokens,
+        max_rows=max_rows,
+    )
+
+
+def cell_attributions(
+    model: CODIModel, batch: PairBatch, questions: Sequence[str], cells: Sequence[Cell], *, n_latents: int = 6
+) -> list[Float[Tensor, " batch"]]:
+    """Attribution patching: the linear estimate of each cell's change in logit difference,
+    ``(a_clean - a_corrupted) . dLD/da`` summed over the cell's positions (and, for ``z``, its head).
+
+    One teacher-forced corrupted run with autograd and one backward pass serve every single-position
+    cell: the gradient flows through the unrolled loop (:mod:`codi_lens.gradients`), so a cell at
+    thought k counts, to first order, what its change does to thoughts k + 1..n. Layer-only cells
+    (every thought at once) take one more pass per hook, with partial derivatives at the thoughts.
+    Returns ``[batch]`` per cell."""
+    clean_tok = batch._clean_tokens
+
+    def gradients(hooks: list[str], hold=None, start: int = QUESTION) -> LoopGradients:
+        return loop_gradients(
+            model,
+            questions,
+            forced_answers(batch.clean_numbers),
+            [n.index for n in batch.clean_numbers],
+            lambda logits: logit_difference(
+                logits, clean_tok.to(logits.device), batch.corrupted_tokens.to(logits.device)
+            ),
+            hooks,
+            n_latents=n_latents,
+            hold=hold,
+            start=start,
+        )
+
+    single = [c for c in cells if c.position != "thoughts"]
+    start = min((cell_start(c, n_latents) for c in single), default=QUESTION)  # autograd from the first step asked
+    run = gradients(sorted({c.hook for c in single if c.kind != "thought_input"}), start=start)
+    # A cell replacing every thought at once cuts the paths from one thought through the next at its hook:
+    # its estimate needs partial derivatives there, one more backward pass per such hook.
+    every = [f"thought:{k}" for k in range(1, n_latents + 1)]
+    held = {h: gradients([h], {h: every}, start=1) for h in sorted({c.hook for c in cells if c.position == "thoughts"})}
+    return [
+        _cell_attribution(cell, batch, held.get(cell.hook, run) if cell.position == "thoughts" else run)
+        for cell in cells
+    ]
+
+
+def _cell_attribution(cell: Cell, batch: PairBatch, run: LoopGradients) -> Tensor:
+    if cell.kind == "thought_input":
+        k = cell.thought - 1
+        delta = batch.clean_thoughts[:, k].to(run.thought_inputs) - run.thought_inputs[:, k]
+        return (delta * run.thought_grads[:, k]).flatten(1).sum(1)
+    clean, acts, grads = batch.clean_cache[cell.hook], run.acts[cell.hook], run.grads[cell.hook]
+    size = len(batch.clean_numbers)
+    if cell.position == "changed":
+        where_clean, where_run = [], []
+        for i, index in enumerate(batch.changed_tokens):
+            a, b = index if index else ([], [])
+            where_clean.append(torch.tensor(a, dtype=torch.long) + batch.clean_positions.n_pad[i])
+            where_run.append(torch.tensor(b, dtype=torch.long) + run.positions.n_pad[i])
+    else:
+        names = (
+            [f"thought:{k}" for k in range(1, run.positions.n_latents + 1)]
+            if cell.position == "thoughts"
+            else [cell.position]
+        )
+        where_clean = list(batch.clean_positions.resolve(names))
+        where_run = list(run.positions.resolve(names))
+    total = []
+    for i in range(size):
+        delta = clean[i, where_clean[i]].to(acts) - acts[i, where_run[i]]
+        grad = grads[i, where_run[i]]
+        if cell.head is not None:
+            delta, grad = delta[:, cell.head], grad[:, cell.head]
+        total.append((delta * grad).sum())
+    return torch.stack(total)
 
 
 def patch_rows(
@@ -378,58 +487,103 @@ def patch_rows(
     n_latents: int = 6,
     max_new_tokens: int = 256,
     generate: bool = False,
-    cells_per_forward: int = 8,
+    max_rows: int = 256,
+    method: str = "exact",
 ) -> pd.DataFrame:
     """Every cell on a batch of pairs: one row per (pair, cell), plus one row per skipped pair with its
-    ``reason`` (and NaN metrics), so a resumed run knows it was seen. The clean run is computed once;
-    cells are batched (see :func:`cell_logits`); only ``generate=True`` generates, one cell at a time."""
+    ``reason`` (and NaN metrics), so a resumed run knows it was seen.
+
+    ``method="exact"``: the clean and the corrupted runs are computed once and cells branch off the
+    corrupted one (see :func:`cell_logits`); with ``generate=True`` each branch also generates its
+    answer, in the same forwards. ``method="attribution"``: every cell's logit difference is the
+    linear estimate of :func:`cell_attributions` (``kl`` is NaN: it has no linear estimate); the
+    ``method`` column says which."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if generate and method == "attribution":
+        raise ValueError("attribution patching estimates metrics; it cannot generate answers (generate=False)")
     hooks = sorted({c.hook for c in cells if c.kind != "thought_input"})
     batch, kept, skipped = prepare_pairs(model, pairs, hooks, n_latents=n_latents, max_new_tokens=max_new_tokens)
     frames = [_skipped_rows(skipped)]
-    if batch is not None:
-        corrupted_q = kept["corrupted_question"].tolist()
-        ld_clean, ld_corrupted = batch.ld_clean, batch.ld_corrupted
-        clean_tok = torch.tensor([n.token for n in batch.clean_numbers])
-        all_logits = cell_logits(
-            model, batch, corrupted_q, cells, n_latents=n_latents, cells_per_forward=cells_per_forward
+    if batch is None:
+        return frames[0]
+    corrupted_q = kept["corrupted_question"].tolist()
+    ld_clean, ld_corrupted = batch.ld_clean, batch.ld_corrupted
+    clean_tok = batch._clean_tokens
+    if method == "exact":
+        outputs = _run_cells(model, batch, corrupted_q, cells, n_latents, max_rows, max_new_tokens if generate else 0)
+        logits = [out.logits[:, 0].float() for out in outputs]
+        lds = [logit_difference(x, clean_tok, batch.corrupted_tokens) for x in logits]
+        kls = [kl_divergence(batch.clean_logits, x).cpu().numpy() for x in logits]
+    else:
+        outputs = [None] * len(cells)
+        lds = [
+            ld_corrupted + estimate.detach().cpu()
+            for estimate in cell_attributions(model, batch, corrupted_q, cells, n_latents=n_latents)
+        ]
+        kls = [np.full(len(kept), np.nan)] * len(cells)
+    for cell, output, ld_all, kl in zip(cells, outputs, lds, kls):
+        rows = list(range(len(kept)))
+        if cell.position == "changed":  # pairs whose changed number tokenizes alike in both questions
+            rows = [i for i in rows if batch.changed_tokens[i] is not None]
+            if not rows:
+                continue
+        ld = ld_all[rows]
+        frame = pd.DataFrame(
+            {
+                UNIT_COLUMN: kept["pair_id"].iloc[rows].to_numpy(),
+                "pair_id": kept["pair_id"].iloc[rows].to_numpy(),
+                "n_steps": kept["n_steps"].iloc[rows].to_numpy() if "n_steps" in kept else np.nan,
+                "method": method,
+                "kind": cell.kind,
+                "hook": cell.hook,
+                "layer": np.nan if cell.layer is None else cell.layer,
+                "head": np.nan if cell.head is None else cell.head,
+                "position": cell.position,
+                "thought": np.nan if cell.thought is None else cell.thought,
+                "logit_diff": ld.cpu().numpy(),
+                "ld_clean": ld_clean[rows].cpu().numpy(),
+                "ld_corrupted": ld_corrupted[rows].cpu().numpy(),
+                "recovery": normalised_recovery(ld, ld_corrupted[rows], ld_clean[rows]),
+                "kl": kl[rows],
+                "reason": "",
+            }
         )
-        for cell, logits in zip(cells, all_logits):
-            rows = list(range(len(kept)))
-            if cell.position == "changed":  # pairs whose changed number tokenizes alike in both questions
-                rows = [i for i in rows if batch.changed_tokens[i] is not None]
-                if not rows:
-                    continue
-            ld = logit_difference(logits, clean_tok, batch.corrupted_tokens)[rows]
-            frame = pd.DataFrame(
-                {
-                    UNIT_COLUMN: kept["pair_id"].iloc[rows].to_numpy(),
-                    "pair_id": kept["pair_id"].iloc[rows].to_numpy(),
-                    "n_steps": kept["n_steps"].iloc[rows].to_numpy() if "n_steps" in kept else np.nan,
-                    "kind": cell.kind,
-                    "hook": cell.hook,
-                    "layer": np.nan if cell.layer is None else cell.layer,
-                    "head": np.nan if cell.head is None else cell.head,
-                    "position": cell.position,
-                    "thought": np.nan if cell.thought is None else cell.thought,
-                    "logit_diff": ld.cpu().numpy(),
-                    "ld_clean": ld_clean[rows].cpu().numpy(),
-                    "ld_corrupted": ld_corrupted[rows].cpu().numpy(),
-                    "recovery": normalised_recovery(ld, ld_corrupted[rows], ld_clean[rows]),
-                    "kl": kl_divergence(batch.clean_logits[rows], logits[rows]).cpu().numpy(),
-                    "reason": "",
-                }
-            )
-            if generate:
-                fwd = cell_hooks(model, cell, batch, rows)
-                questions = [corrupted_q[i] for i in rows]
-                result = model.run_codi(questions, n_latents=n_latents, max_new_tokens=max_new_tokens, fwd_hooks=fwd)
-                frame["prediction"] = [np.nan if p is None else p for p in result.prediction]
-                frame["answer_class"] = [
-                    classify_answer(p, kept["clean_answer"].iloc[i], kept["corrupted_answer"].iloc[i])
-                    for p, i in zip(result.prediction, rows)
-                ]
-            frames.append(frame)
-    return pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else frames[0]
+        if generate:
+            _, predictions = model.decode_answers([output.answer_tokens[i] for i in rows])
+            frame["prediction"] = [np.nan if p is None else p for p in predictions]
+            frame["answer_class"] = [
+                classify_answer(p, kept["clean_answer"].iloc[i], kept["corrupted_answer"].iloc[i])
+                for p, i in zip(predictions, rows)
+            ]
+        frames.append(frame)
+    return pd.concat([f for f in frames if len(f)], ignore_index=True)
+
+
+def rank_agreement(exact: pd.DataFrame, estimated: pd.DataFrame, *, k: int = 10, value: str = "recovery") -> dict:
+    """How well an estimate (attribution) ranks cells against exact patching.
+
+    Both tables hold rows of the same cells and pairs (``patch_rows`` output); each cell's mean
+    ``value`` over pairs is compared: Spearman's rho over cells (``scipy.stats.spearmanr``), and the
+    share of exact's top ``k`` cells (largest mean) that are also in the estimate's top ``k``
+    (``k`` is cut to the number of cells). Returns ``{cells, spearman, k, top_k_overlap}``."""
+    keys = ["hook", "head", "position"]
+
+    def per_cell(rows: pd.DataFrame) -> pd.Series:
+        used = rows[rows["reason"].fillna("") == ""]
+        return used.fillna({"head": -1}).groupby(keys)[value].mean()
+
+    a, b = per_cell(exact).align(per_cell(estimated), join="inner")
+    if len(a) < 2:
+        raise ValueError("the two tables share fewer than two cells")
+    k = min(k, len(a))
+    top_a, top_b = set(a.nlargest(k).index), set(b.nlargest(k).index)
+    return {
+        "cells": len(a),
+        "spearman": float(scipy.stats.spearmanr(a.to_numpy(), b.to_numpy()).statistic),
+        "k": k,
+        "top_k_overlap": len(top_a & top_b) / k,
+    }
 
 
 def patch_sweep(
@@ -442,15 +596,18 @@ def patch_sweep(
     max_new_tokens: int = 256,
     generate: bool = False,
     batch_size: int = 16,
-    cells_per_forward: int = 8,
+    max_rows: int = 256,
+    method: str = "exact",
     settings: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, ResultStore]:
     """Patch every cell (default: ``resid_post`` of every layer at every default position, plus the
-    layer-only cells) on every pair, resumable in ``out``: ``batch_size`` pairs at a time, and
-    ``cells_per_forward`` cells batched into one forward (memory grows with their product). Returns the
-    rows (skipped pairs carry a ``reason``) and the store."""
+    layer-only cells) on every pair, resumable in ``out``: ``batch_size`` pairs at a time, cells
+    batched into forwards of at most ``max_rows`` rows (cells x pairs). Returns the rows (skipped pairs
+    carry a ``reason``) and the store. ``method``: ``"exact"`` (patch every cell) or ``"attribution"``
+    (one forward and one backward pass per batch give every cell's linear estimate; see
+    :func:`cell_attributions` and :func:`rank_agreement`)."""
     if cells is None:
         cells = sweep_cells(model.cfg.n_layers, n_latents, layer_only=True)
     records = pairs.to_dict("records")
@@ -464,6 +621,7 @@ def patch_sweep(
             "n_latents": n_latents,
             "max_new_tokens": max_new_tokens,
             "generate": generate,
+            "method": method,
         },
         overwrite=overwrite,
     )
@@ -476,7 +634,8 @@ def patch_sweep(
             n_latents=n_latents,
             max_new_tokens=max_new_tokens,
             generate=generate,
-            cells_per_forward=cells_per_forward,
+            max_rows=max_rows,
+            method=method,
         ),
         unit_id=lambda r: str(r["pair_id"]),
         batch_size=batch_size,
@@ -494,6 +653,7 @@ def trajectory_rows(
     *,
     n_latents: int = 6,
     max_new_tokens: int = 256,
+    max_rows: int = 256,
 ) -> pd.DataFrame:
     """Chained versus parallel patching of ``blocks.L.hook_resid_post`` for one batch of pairs.
 
@@ -503,6 +663,9 @@ def trajectory_rows(
     ``cos_clean`` / ``cos_corrupted`` (cosine of the patched run's layer-L activation at thought j with
     the clean / corrupted run's), ``fed_cos_clean`` / ``fed_cos_corrupted`` (the same for the thought fed
     at j), and the run's final ``recovery``, ``logit_diff`` and ``kl`` at the answer.
+
+    Every configuration branches off the corrupted run at its start thought (:mod:`codi_lens.branching`):
+    one teacher-forced forward per layer gives every configuration's activations and answer logits.
     """
     hooks = [f"blocks.{layer}.hook_resid_post" for layer in layers]
     batch, kept, skipped = prepare_pairs(model, pairs, hooks, n_latents=n_latents, max_new_tokens=max_new_tokens)
@@ -513,53 +676,59 @@ def trajectory_rows(
     corrupted, corrupted_cache = model.run_codi_with_cache(
         corrupted_q, names_filter=hooks, n_latents=n_latents, max_new_tokens=1
     )
-    clean_tok = torch.tensor([n.token for n in batch.clean_numbers])
-    answers = forced_answers(batch.clean_numbers)
+    trunk = grow_trunk(model, corrupted_q, n_latents=n_latents)
+    clean_tok = batch._clean_tokens
+    answers, index = forced_answers(batch.clean_numbers), [n.index for n in batch.clean_numbers]
     names = [f"thought:{k}" for k in range(1, n_latents + 1)]
     for layer in layers:
         hook = f"blocks.{layer}.hook_resid_post"
         clean_acts = _at(batch.clean_cache[hook], batch.clean_positions, names)  # [batch, n, d]
         corrupted_acts = _at(corrupted_cache[hook], corrupted.positions, names)
-        for start in range(1, n_latents + 1):
-            for mode in ("chained", "parallel"):
-                fwd = (
-                    chained(model, layer, start, clean_acts)
-                    if mode == "chained"
-                    else parallel(model, layer, range(start, n_latents + 1), clean_acts)
-                )
-                # One teacher-forced run gives both the patched loop's activations and the answer logits.
-                recorder = ActivationRecorder(lambda: model.chunk_context)
-                patched = model.score_answers(
-                    corrupted_q, answers, n_latents=n_latents, fwd_hooks=[*fwd, (hook, recorder)]
-                )
-                acts = _at(recorder.tensors()[hook], patched.positions, names)
-                logits = rows_at_answer(patched.logits, batch.clean_numbers)
-                ld = logit_difference(logits, clean_tok, batch.corrupted_tokens)
-                recovery = normalised_recovery(ld, batch.ld_corrupted, batch.ld_clean)
-                kl = kl_divergence(batch.clean_logits, logits).cpu().numpy()
-                for j in range(start, n_latents + 1):
-                    fed_clean = _cos(patched.thought_embeds[:, j - 1], batch.clean_thoughts[:, j - 1])
-                    fed_corr = _cos(patched.thought_embeds[:, j - 1], corrupted.thought_embeds[:, j - 1])
-                    frames.append(
-                        pd.DataFrame(
-                            {
-                                UNIT_COLUMN: kept["pair_id"].to_numpy(),
-                                "pair_id": kept["pair_id"].to_numpy(),
-                                "layer": layer,
-                                "start_thought": start,
-                                "mode": mode,
-                                "thought": j,
-                                "cos_clean": _cos(acts[:, j - 1], clean_acts[:, j - 1]),
-                                "cos_corrupted": _cos(acts[:, j - 1], corrupted_acts[:, j - 1]),
-                                "fed_cos_clean": fed_clean,
-                                "fed_cos_corrupted": fed_corr,
-                                "logit_diff": ld.cpu().numpy(),
-                                "recovery": recovery,
-                                "kl": kl,
-                                "reason": "",
-                            }
-                        )
+        configs = [(start, mode) for start in range(1, n_latents + 1) for mode in ("chained", "parallel")]
+        recorders = [ActivationRecorder(lambda: model.chunk_context) for _ in configs]
+        branches = [
+            Branch(
+                [
+                    *(
+                        chained(model, layer, start, clean_acts)
+                        if mode == "chained"
+                        else parallel(model, layer, range(start, n_latents + 1), clean_acts)
+                    ),
+                    (hook, recorder),
+                ],
+                start,
+            )
+            for (start, mode), recorder in zip(configs, recorders)
+        ]
+        outputs = run_branches(model, trunk, branches, answers, answer_index=index, max_rows=max_rows)
+        for (start, mode), recorder, output in zip(configs, recorders, outputs):
+            acts = _at(recorder.tensors()[hook], trunk.layout, names)  # thoughts before start are not recorded
+            logits = output.logits[:, 0].float()
+            ld = logit_difference(logits, clean_tok, batch.corrupted_tokens)
+            recovery = normalised_recovery(ld, batch.ld_corrupted, batch.ld_clean)
+            kl = kl_divergence(batch.clean_logits, logits).cpu().numpy()
+            for j in range(start, n_latents + 1):
+                fed = output.thought_inputs[:, j - start]
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            UNIT_COLUMN: kept["pair_id"].to_numpy(),
+                            "pair_id": kept["pair_id"].to_numpy(),
+                            "layer": layer,
+                            "start_thought": start,
+                            "mode": mode,
+                            "thought": j,
+                            "cos_clean": _cos(acts[:, j - 1], clean_acts[:, j - 1]),
+                            "cos_corrupted": _cos(acts[:, j - 1], corrupted_acts[:, j - 1]),
+                            "fed_cos_clean": _cos(fed, batch.clean_thoughts[:, j - 1]),
+                            "fed_cos_corrupted": _cos(fed, corrupted.thought_embeds[:, j - 1]),
+                            "logit_diff": ld.cpu().numpy(),
+                            "recovery": recovery,
+                            "kl": kl,
+                            "reason": "",
+                        }
                     )
+                )
     return pd.concat([f for f in frames if len(f)], ignore_index=True)
 
 

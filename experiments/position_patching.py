@@ -1,7 +1,8 @@
 """Where does the changed number's information travel? Activation patching inside the latent loop.
 
     python -m experiments.position_patching [--checkpoint toy-arith] [--data toy:test] [--limit 100]
-        [--pairs FILE] [--hooks resid_post,thought_input] [--generate] [--out DIR]
+        [--pairs FILE] [--hooks resid_post,thought_input] [--generate] [--method exact|attribution]
+        [--compare] [--out DIR]
 
 For each clean/corrupted pair (made from ``--data`` with ``codi_lens.pairs``, or read from a
 ``pairs.parquet`` written by ``experiments.make_pairs``), the clean run's activation at each (hook,
@@ -12,6 +13,12 @@ Metrics at the answer number, teacher-forced on the clean answer's prefix: logit
 normalised recovery, KL(clean || patched); with ``--generate`` also the generated answer's class.
 Only pairs whose clean question the model answers right, and whose two answers start with different
 tokens, enter the metrics; the others are counted by reason.
+
+``--method attribution`` estimates every cell from one corrupted forward and one backward pass per
+batch (attribution patching through the unrolled loop, ``codi_lens.patching.cell_attributions``;
+``kl`` is then NaN); ``--compare`` also runs the other method into ``OUT/<method>`` and reports in
+``summary.json`` how well attribution ranks the cells against exact patching (Spearman, top-10
+overlap).
 
 Writes to ``--out`` (default ``results/position_patching``): ``pairs.parquet`` (the pairs used),
 ``run.json``, ``parts/``, ``results.parquet`` (``pair_id, hook, layer, thought, position, recovery,
@@ -32,7 +39,7 @@ from codi_lens.cli import add_common_args, load_model, model_settings, run_main
 from codi_lens.data import load_problems
 from codi_lens.metrics import mean_ci_table
 from codi_lens.pairs import make_pairs
-from codi_lens.patching import HOOK_KINDS, patch_sweep, sweep_cells
+from codi_lens.patching import HOOK_KINDS, METHODS, patch_sweep, rank_agreement, sweep_cells
 from codi_lens.plotting import patching_bars, patching_heatmap, write_html
 from codi_lens.synthetic import MAX_VALUE
 
@@ -76,9 +83,22 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--generate", action="store_true", help="also generate each patched answer (slower)")
     parser.add_argument(
-        "--cells-per-forward", type=int, default=8, help="cells batched into one forward (x --batch-size rows)"
+        "--max-rows", type=int, default=256, help="at most this many rows (cells x pairs) in one forward"
+    )
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="exact",
+        help="exact: patch every cell; attribution: one forward and one backward pass per batch estimate them all",
+    )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also run the other method (into OUT/<method>) and report how the two rank the cells",
     )
     args = parser.parse_args(argv)
+    if args.generate and args.method == "attribution":
+        raise ValueError("--generate needs --method exact: attribution estimates metrics, it generates nothing")
     kinds = [k.strip() for k in args.hooks.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in HOOK_KINDS]
     if unknown or not kinds:
@@ -92,19 +112,23 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     cells = sweep_cells(model.cfg.n_layers, args.n_latents, kinds=kinds, n_heads=model.cfg.n_heads, layer_only=True)
     settings = {**model_settings(model, args), "data_source": args.data, "limit": args.limit, "pairs_file": args.pairs}
-    rows, store = patch_sweep(
-        model,
-        pairs,
-        out,
+    sweep = dict(
         cells=cells,
         n_latents=args.n_latents,
         max_new_tokens=args.max_new_tokens,
-        generate=args.generate,
         batch_size=args.batch_size,
-        cells_per_forward=args.cells_per_forward,
+        max_rows=args.max_rows,
         settings=settings,
         overwrite=args.overwrite,
     )
+    rows, store = patch_sweep(model, pairs, out, generate=args.generate, method=args.method, **sweep)
+    agreement = None
+    if args.compare:
+        other = "attribution" if args.method == "exact" else "exact"
+        other_rows, other_store = patch_sweep(model, pairs, out / other, method=other, **sweep)
+        other_store.finish(other_rows, {"method": other})
+        exact, estimate = (rows, other_rows) if args.method == "exact" else (other_rows, rows)
+        agreement = rank_agreement(exact, estimate)
     pairs.to_parquet(out / "pairs.parquet", index=False)
     used = rows[rows["reason"].fillna("") == ""]
     by = ["kind", "hook", "head", "position", "layer"]
@@ -165,6 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
             }
             for r in best.itertuples()
         ],
+        "method": args.method,
+        "attribution_vs_exact": agreement,
         "wall_seconds_this_invocation": round(time.perf_counter() - started, 1),
     }
     store.finish(rows, summary)
@@ -173,6 +199,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"  {cell['hook']} {cell['position']}: recovery {cell['recovery'][0]:.3f} "
             f"[{cell['recovery'][1]:.3f}, {cell['recovery'][2]:.3f}]"
+        )
+    if agreement:
+        print(
+            f"attribution against exact over {agreement['cells']} cells: Spearman {agreement['spearman']:.2f}, "
+            f"top-{agreement['k']} overlap {agreement['top_k_overlap']:.2f}"
         )
     return summary
 

@@ -10,28 +10,22 @@ import torch
 
 from codi_lens import load_codi, replace_at_positions
 from codi_lens.data import load_problems
-from codi_lens.metrics import logit_difference, logits_at_answer, normalised_recovery
+from codi_lens.metrics import forced_answers, logit_difference, logits_at_answer, normalised_recovery
 from codi_lens.pairs import make_pairs
 from codi_lens.patching import (
     Cell,
     PairBatch,
     cell_hooks,
     cell_logits,
+    cell_start,
     chained,
     clean_thought_activations,
     number_tokens,
     parallel,
     patch_rows,
     prepare_pairs,
-    shares_prompt,
     sweep_cells,
 )
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_checkpoint):
-    ckpt = tiny_checkpoint("llama")
-    return load_codi(ckpt.checkpoint_dir, ckpt.base_dir)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +81,8 @@ def test_chained_last_equals_parallel_last_and_leaves_earlier_thoughts(toy):
     assert (full.latent_states[:, 1:] - clean.latent_states[:, 1:]).abs().max() <= 1e-4
 
 
-def test_questions_of_different_lengths_patch_the_same_thought(llama, questions):
+def test_questions_of_different_lengths_patch_the_same_thought(llama_model, questions):
+    llama = llama_model
     model = llama
     name = "blocks.0.hook_resid_post"
     clean_q = [questions[0], questions[1]]  # short and median, as clean runs
@@ -183,33 +178,88 @@ def test_patching_experiments_run_end_to_end(tmp_path):
     assert set(summary["final_recovery"]) == {f"layer 1 from thought {k}" for k in range(1, 7)}
 
 
-def test_cells_batched_in_one_forward_with_a_shared_prompt_equal_one_run_per_cell(toy):
+def test_cells_branching_off_the_corrupted_run_equal_one_run_per_cell(toy):
     model, pairs = toy
     cells = sweep_cells(model.cfg.n_layers, kinds=("resid_post", "thought_input"), layer_only=True)
     hooks = sorted({c.hook for c in cells if c.kind != "thought_input"})
     batch, kept, _ = prepare_pairs(model, pairs, hooks, max_new_tokens=24)
     questions = kept["corrupted_question"].tolist()
-    batched = cell_logits(model, batch, questions, cells, cells_per_forward=7)
-    assert any(shares_prompt(c) for c in cells) and not all(shares_prompt(c) for c in cells)
+    batched = cell_logits(model, batch, questions, cells, max_rows=3 * len(kept))
+    assert {cell_start(c, 6) for c in cells} == {-1, 0, 1, 2, 3, 4, 5, 6, 7}
     for cell, logits in zip(cells, batched):
         one = logits_at_answer(model, questions, batch.clean_numbers, fwd_hooks=cell_hooks(model, cell, batch))
         assert (logits - one).abs().max() <= 1e-5, cell
 
 
-def test_score_interventions_equals_score_answers_per_intervention(llama, questions):
-    from codi_lens.interventions import knockout_attention, steer, zero_thoughts
+def test_attribution_is_the_derivative_through_the_loop_along_clean_minus_corrupted():
+    """For every kind of cell, the attribution estimate equals a central finite difference of the
+    logit difference when the corrupted activation moves a step eps towards the clean one (float64):
+    the gradient reaches earlier thoughts through the feedback loop, EOT through the teacher-forced
+    chunk, one head of z, the fed thoughts and the changed question tokens."""
+    from codi_lens.interventions import replace_at, replace_thoughts
+    from codi_lens.patching import cell_attributions, replace_question_tokens
 
-    model = llama
-    answers = [[5, 6, 7], [8, 9], [10]]
-    interventions = [
-        [],
-        zero_thoughts([3]),
-        steer(model, "blocks.1.hook_resid_post", ["thought:2", "eot"], torch.randn(model.cfg.d_model)),
-        knockout_attention(model, ["thought:1"], layers=[0]),
+    model = load_codi("toy-arith", dtype=torch.float64)
+    pairs, _ = make_pairs(load_problems("toy:test", limit=8), max_value=40)
+    cells = [
+        Cell("resid_post", 0, "thought:2"),
+        Cell("resid_post", 1, "bot"),
+        Cell("resid_pre", 1, "thoughts"),
+        Cell("mlp_out", 0, "eot"),
+        Cell("z", 0, "thought:1", head=1),
+        Cell("attn_out", 0, "question:-1"),
+        Cell("resid_post", 0, "changed"),
+        Cell("thought_input", None, "thought:3"),
     ]
-    for share in (False, True):
-        together = model.score_interventions(questions, answers, interventions, share_prompt=share)
-        for c, hooks in enumerate(interventions):
-            alone = model.score_answers(questions, answers, fwd_hooks=hooks).logits
-            mask = model.tokenize_answers(answers)[1].bool()
-            assert (together[c][mask] - alone[mask]).abs().max() <= 1e-5
+    hooks = sorted({c.hook for c in cells if c.kind != "thought_input"})
+    batch, kept, _ = prepare_pairs(model, pairs, hooks, max_new_tokens=24)
+    questions = kept["corrupted_question"].tolist()
+    estimates = cell_attributions(model, batch, questions, cells)
+    corrupted, cache = model.run_codi_with_cache(questions, names_filter=hooks, max_new_tokens=1)
+    clean_tok = batch._clean_tokens
+    eps = 1e-4
+
+    def moved_hooks(cell: Cell, step: float):
+        if cell.kind == "thought_input":
+            k = cell.thought - 1
+            corr = corrupted.thought_embeds[:, k]
+            return replace_thoughts({cell.thought: corr + step * (batch.clean_thoughts[:, k] - corr)})
+        acts = cache[cell.hook]
+        if cell.position == "changed":
+            values, index = [], []
+            for i, (a, b) in enumerate(batch.changed_tokens):
+                corr = acts[i, torch.tensor(b) + corrupted.positions.n_pad[i]]
+                clean = batch.clean_cache[cell.hook][i, torch.tensor(a) + batch.clean_positions.n_pad[i]]
+                values.append(corr + step * (clean - corr))
+                index.append(b)
+            return replace_question_tokens(model, cell.hook, index, values)
+        names = [f"thought:{k}" for k in range(1, 7)] if cell.position == "thoughts" else [cell.position]
+        where_corr, where_clean = corrupted.positions.resolve(names), batch.clean_positions.resolve(names)
+        corr = torch.stack([acts[i, where_corr[i]] for i in range(len(questions))])
+        clean = torch.stack([batch.clean_cache[cell.hook][i, where_clean[i]] for i in range(len(questions))])
+        moved = corr + step * (clean - corr)
+        if cell.head is not None:
+            moved = corr.clone()
+            moved[:, :, cell.head] += step * (clean - corr)[:, :, cell.head]
+        return replace_at(model, cell.hook, names, moved)
+
+    assert all(x is not None for x in batch.changed_tokens)
+    answers = forced_answers(batch.clean_numbers)
+    rows, index = torch.arange(len(questions)), torch.tensor([n.index for n in batch.clean_numbers])
+    for cell, estimate in zip(cells, estimates):
+        ld = [  # in float64 throughout (logits_at_answer would round to float32)
+            logit_difference(
+                model.score_answers(questions, answers, fwd_hooks=moved_hooks(cell, s)).logits[rows, index],
+                clean_tok,
+                batch.corrupted_tokens,
+            )
+            for s in (eps, -eps)
+        ]
+        derivative = (ld[0] - ld[1]) / (2 * eps)
+        assert estimate.abs().max() > 1e-3, cell  # a cell that moves nothing would pass trivially
+        assert torch.allclose(estimate, derivative, rtol=1e-6, atol=1e-7), (cell, estimate, derivative)
+    # Without question-token cells the graph starts at BOT (the question's keys are constants): same estimates.
+    late = [i for i, c in enumerate(cells) if c.position not in ("changed", "question:-1")]
+    late_estimates = cell_attributions(model, batch, questions, [cells[i] for i in late])
+    for i, estimate in zip(late, late_estimates):
+        assert torch.allclose(estimate, estimates[i], rtol=1e-9, atol=1e-12), cells[i]
