@@ -26,40 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import threading
 import time
 
 import torch
 import torch.nn.functional as F
 
-from codi_lens.architectures import BUILTIN_BASES, architecture_from_config, to_hooked_config
+from benchmarks.common import PeakSampler, machine_gb, random_1b_shape_model, resident_gb
 from codi_lens.hooks import position_axis, spans_every_cached_position
-from codi_lens.model import CODIModel, CODITokens
-from codi_lens.synthetic import build_tokenizer
 
 QUESTION = "Ava has 16 coins. On Monday Ava buys 4 more. On Tuesday Ava keeps half of them. How many now?"
-
-
-def random_1b_shape_model(n_layers: int | None = None) -> CODIModel:
-    """A random-weight CODI model with LLaMA-3.2-1B's shapes (optionally fewer layers)."""
-    config = dict(BUILTIN_BASES["llama-3.2-1b-instruct"])
-    if n_layers is not None:
-        config["num_hidden_layers"] = n_layers
-    arch = architecture_from_config(config, "llama-3.2-1b shape")
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    tokens = CODITokens(pad=arch.pad_id, bot=arch.bot_id, eot=arch.eot_id, eos=int(tokenizer.eos_token_id))
-    model = CODIModel(to_hooked_config(arch), tokenizer, tokens=tokens, prj_dim=2048, prj_layernorm=True)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.fill_(1.0) if name.endswith(("ln1.w", "ln2.w", "ln_final.w", "prj.ln.weight")) else param.normal_(
-                0, 0.02
-            )
-    model.store_weights_for_linear()  # as load_codi does
-    return model.eval()
 
 
 def stitch_chunks(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
@@ -72,41 +49,6 @@ def stitch_chunks(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
         fill = float("-inf") if name.endswith("hook_attn_scores") else 0.0
         return torch.cat([F.pad(p, (0, total - p.shape[-1]), value=fill) for p in parts], dim=2)
     return torch.cat(parts, dim=1)
-
-
-def resident_gb() -> float:
-    """This process's resident memory now (Linux ``/proc/self/statm``)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-
-
-def machine_gb() -> float:
-    """Physical memory of this machine."""
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-
-
-class PeakSampler(threading.Thread):
-    """Samples resident memory every few milliseconds; ``peak`` is the largest seen while running.
-
-    Past ``limit_gb`` it prints ``{"exceeded_gb": limit}`` and ends the process (exit status 3), so a
-    run that would exhaust the machine is reported instead of being killed by the kernel.
-    """
-
-    def __init__(self, limit_gb: float) -> None:
-        super().__init__(daemon=True)
-        self.peak, self.limit_gb, self._done = resident_gb(), limit_gb, threading.Event()
-
-    def run(self) -> None:
-        while not self._done.wait(0.005):
-            self.peak = max(self.peak, resident_gb())
-            if self.peak > self.limit_gb:
-                print(json.dumps({"exceeded_gb": self.limit_gb}), flush=True)
-                os._exit(3)
-
-    def stop(self) -> float:
-        self._done.set()
-        self.join()
-        return max(self.peak, resident_gb())
 
 
 def measure(mode: str, n_layers: int | None, max_new_tokens: int, limit_gb: float) -> dict:

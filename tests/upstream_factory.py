@@ -64,6 +64,26 @@ def save_tiny_tokenizer(path: str | Path, family: Family, vocab_size: int = 512)
     return fast
 
 
+def llama_1b_config(**overrides) -> LlamaConfig:
+    """LLaMA-3.2-1B's config (vocabulary 128256, 16 layers, GQA 32/8, llama3 RoPE), with ``overrides``."""
+    values = dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_parameters=dict(LLAMA3_ROPE),
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+        bos_token_id=128000,
+        eos_token_id=128009,
+    )
+    return LlamaConfig(**{**values, **overrides})
+
+
 def make_base_dir(path: str | Path, family: Family, *, size: str = "tiny") -> Path:
     """An HF base-model directory: ``config.json`` and a tokenizer (no weights needed)."""
     path = Path(path)
@@ -81,34 +101,26 @@ def make_base_dir(path: str | Path, family: Family, *, size: str = "tiny") -> Pa
             bos_token_id=tok.eos_token_id,
             eos_token_id=tok.eos_token_id,
         )
-    elif size == "llama-3.2-1b":
-        config = LlamaConfig(
-            vocab_size=128256,
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=64,
-            rms_norm_eps=1e-5,
-            rope_parameters=dict(LLAMA3_ROPE),
-            max_position_embeddings=131072,
-            tie_word_embeddings=True,
-            bos_token_id=128000,
-            eos_token_id=128009,
+    elif size == "llama-1b-layout-512":  # the benchmarks' model: 1B's layers, heads and vocabulary, d_model 512
+        config = llama_1b_config(
+            hidden_size=512,
+            intermediate_size=2048,
+            head_dim=16,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
         )
+    elif size == "llama-3.2-1b":
+        config = llama_1b_config()
     else:
-        config = LlamaConfig(
+        config = llama_1b_config(
             vocab_size=len(tok),
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            rms_norm_eps=1e-5,
-            rope_parameters=dict(LLAMA3_ROPE),
+            head_dim=16,
             max_position_embeddings=2048,
-            tie_word_embeddings=True,
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
         )

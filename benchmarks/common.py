@@ -1,0 +1,160 @@
+"""What the benchmarks share: the benchmark model, problems and pairs for it, timing, memory, devices.
+
+The benchmark model has LLaMA-3.2-1B's layer count (16), head layout (32 query heads, 8 key/value
+heads), vocabulary (128,256 + BOT, EOT, pad) and gated MLP, with a smaller width (``d_model`` 512,
+``d_head`` 16, ``d_mlp`` 2,048, projection 512): random weights, built in memory, the shipped
+synthetic tokenizer. Its logits are meaningless but its shapes make the costs of the real model's
+loop (per-layer work, a vocabulary-sized unembedding at every decoded token) show in the right
+proportions on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+import torch
+
+from codi_lens.architectures import BUILTIN_BASES, architecture_from_config, to_hooked_config
+from codi_lens.data import Problem, load_problems
+from codi_lens.importance import step_importance
+from codi_lens.model import CODIModel, CODITokens
+from codi_lens.pairs import make_pairs
+from codi_lens.synthetic import build_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+
+
+def random_1b_shape_model(
+    n_layers: int | None = None,
+    *,
+    d_model: int = 2048,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> CODIModel:
+    """A random-weight CODI model with LLaMA-3.2-1B's layout: its layer count (or ``n_layers``), 32/8
+    heads, vocabulary and gated MLP, at width ``d_model`` (2048 is the real width; ``d_head``, ``d_mlp``
+    and the projection scale with it)."""
+    config = dict(BUILTIN_BASES["llama-3.2-1b-instruct"])
+    config.update(hidden_size=d_model, head_dim=d_model // 32, intermediate_size=4 * d_model)
+    if n_layers is not None:
+        config["num_hidden_layers"] = n_layers
+    arch = architecture_from_config(config, "llama-3.2-1b layout")
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    tokens = CODITokens(pad=arch.pad_id, bot=arch.bot_id, eot=arch.eot_id, eos=int(tokenizer.eos_token_id))
+    model = CODIModel(to_hooked_config(arch), tokenizer, tokens=tokens, prj_dim=d_model, prj_layernorm=True)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("ln1.w", "ln2.w", "ln_final.w", "prj.ln.weight")):
+                param.fill_(1.0)
+            else:
+                param.normal_(0, 0.02)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+        model.cfg.dtype = dtype
+    if device != "cpu":
+        model.cfg.device = device
+        model.to(device)
+    model.store_weights_for_linear()  # as load_codi does (after any move: a copy would undo it)
+    return model.eval()
+
+
+def bench_model(args: argparse.Namespace, n_layers: int | None = None) -> CODIModel:
+    """The benchmark model (d_model 512) on ``--device`` in ``--dtype``."""
+    return random_1b_shape_model(n_layers, d_model=512, device=args.device, dtype=DTYPES[args.dtype])
+
+
+def bench_problems(n: int) -> list[Problem]:
+    """The first ``n`` problems of the shipped synthetic test split (1,000 problems)."""
+    return load_problems("toy:test", limit=n)
+
+
+def bench_pairs(n: int) -> pd.DataFrame:
+    """``n`` minimal pairs from the synthetic test split (one question number changed, answer recomputed)."""
+    pairs, _ = make_pairs(load_problems("toy:test", limit=4 * n + 8), max_value=40)
+    if len(pairs) < n:
+        raise RuntimeError(f"only {len(pairs)} pairs from the synthetic test split; asked for {n}")
+    return pairs.head(n).reset_index(drop=True)
+
+
+def zero_step_importance(model: CODIModel, problems: list[Problem], max_new_tokens: int) -> pd.DataFrame:
+    """codi_lens' step importance with zero-ablation of each thought, alone and cumulatively (12
+    ablations), in batches of 32 problems written to a temporary result store."""
+    with tempfile.TemporaryDirectory() as out:
+        rows, _ = step_importance(
+            model,
+            problems,
+            out,
+            interventions=["zero"],
+            scopes=["single", "cumulative"],
+            max_new_tokens=max_new_tokens,
+            progress=False,
+        )
+    return rows
+
+
+def best_time(fn: Callable[[], Any], repeats: int = 1) -> tuple[float, Any]:
+    """The best wall time of ``repeats`` calls (seconds) and the last call's result."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def describe(args: argparse.Namespace) -> str:
+    return f"{args.dtype}, {args.device}, {torch.get_num_threads()} threads"
+
+
+def resident_gb() -> float:
+    """This process's resident memory now (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def machine_gb() -> float:
+    """Physical memory of this machine."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+class PeakSampler(threading.Thread):
+    """Samples resident memory every few milliseconds; ``peak`` is the largest seen while running.
+
+    Past ``limit_gb`` it prints ``{"exceeded_gb": limit}`` and ends the process (exit status 3), so a
+    run that would exhaust the machine is reported instead of being killed by the kernel.
+    """
+
+    def __init__(self, limit_gb: float) -> None:
+        super().__init__(daemon=True)
+        self.peak, self.limit_gb, self._done = resident_gb(), limit_gb, threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(0.005):
+            self.peak = max(self.peak, resident_gb())
+            if self.peak > self.limit_gb:
+                print(json.dumps({"exceeded_gb": self.limit_gb}), flush=True)
+                os._exit(3)
+
+    def stop(self) -> float:
+        self._done.set()
+        self.join()
+        return max(self.peak, resident_gb())

@@ -1,0 +1,100 @@
+"""Speed of the hooked CODI loop (``run_codi``, no hooks) against the plain HF + peft loop.
+
+    python -m benchmarks.hooked_loop [--questions 8] [--max-new-tokens 32] [--quick] [--device cpu] [--dtype float32]
+
+One random checkpoint in the upstream layout with the benchmark model's shape (LLaMA-3.2-1B's 16
+layers, 32/8 heads and vocabulary at d_model 512; bf16 base weights, LoRA r=8 on every projection,
+projection head with LayerNorm) is written to a temporary directory and loaded twice:
+
+- ``hf``: the plain loop of upstream ``test.py`` (``tests/hf_reference.py``): the peft model with
+  LoRA unmerged, HF's default attention, ``inputs_embeds`` and a ``DynamicCache``, one question at a
+  time;
+- ``codi_lens``: ``load_codi`` and ``run_codi`` (LoRA merged at load, TransformerLens blocks with
+  every hook point in place, none attached), one question at a time, the same dtype.
+
+Each answers the same questions greedily to ``--max-new-tokens`` (random weights seldom stop early).
+Prints each way's time per question and, last, ``speedup <hf / codi_lens>x max_abs_diff <D>`` with D
+the largest difference of the latent states ``h_0..h_n`` and of every step's logits; a speedup of
+0.67 or more is "within 1.5x". ``--quick``: 2 questions, 8 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from benchmarks.common import DTYPES, add_device_args, bench_problems, best_time, describe
+from codi_lens import load_codi
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from hf_reference import ReferenceCODI  # noqa: E402
+from upstream_factory import build_codi_module, make_base_dir, save_codi_checkpoint  # noqa: E402
+
+LORA_R, PRJ_DIM = 8, 512
+
+
+def build_both(root: Path, dtype: torch.dtype, device: str):
+    base = make_base_dir(root / "base", "llama", size="llama-1b-layout-512")
+    module = build_codi_module(base, lora_r=LORA_R, prj_dim=PRJ_DIM, init_std=0.02)
+    checkpoint = save_codi_checkpoint(module, root / "checkpoint", "safetensors")
+    del module
+    hf_module = build_codi_module(base, lora_r=LORA_R, prj_dim=PRJ_DIM, attn_implementation="sdpa")
+    hf_module.load_state_dict(load_file(str(checkpoint)), strict=True)
+    hf_module = hf_module.to(device=device, dtype=dtype).eval()
+    from transformers import AutoTokenizer
+
+    reference = ReferenceCODI(hf_module, AutoTokenizer.from_pretrained(str(base)))
+    model = load_codi(checkpoint.parent, base, dtype=dtype, device=device)
+    return reference, model
+
+
+def main(argv: list[str] | None = None) -> float:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--questions", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2, help="timed repeats of each way (the best is kept)")
+    parser.add_argument("--quick", action="store_true", help="2 questions, 8 tokens")
+    add_device_args(parser)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes
+    n, tokens = (2, 8) if args.quick else (args.questions, args.max_new_tokens)
+    questions = [p.question for p in bench_problems(n)]
+    with tempfile.TemporaryDirectory() as tmp:
+        reference, model = build_both(Path(tmp), DTYPES[args.dtype], args.device)
+
+    def hf():
+        return [reference.run(q, max_new_tokens=tokens) for q in questions]
+
+    def ours():
+        return [model.run_codi([q], max_new_tokens=tokens) for q in questions]
+
+    hf_s, ref_out = best_time(hf, args.repeats)
+    ours_s, _ = best_time(ours, args.repeats)
+    difference = 0.0
+    for q, ref in zip(questions, ref_out):
+        mine = model.run_codi([q], max_new_tokens=tokens, return_logits=True)
+        steps = min(ref["step_logits"].shape[0], mine.step_logits.shape[1])
+        difference = max(
+            difference,
+            float((mine.latent_states[0].float() - ref["latent_states"].float()).abs().max()),
+            float((mine.step_logits[0, :steps].float() - ref["step_logits"][:steps].float()).abs().max()),
+        )
+        if mine.answer_tokens[0] != ref["answer_tokens"]:
+            print(f"answers differ on {q[:40]!r}")
+    print(f"{model.cfg.n_layers} layers, d_model {model.cfg.d_model}, vocabulary {model.cfg.d_vocab}; {describe(args)}")
+    print(f"{n} questions, one at a time, {tokens} new tokens each")
+    print(f"hf         {hf_s:7.2f} s  ({hf_s / n:.2f} s per question)")
+    print(f"codi_lens  {ours_s:7.2f} s  ({ours_s / n:.2f} s per question)")
+    ratio = hf_s / ours_s
+    print(f"speedup {ratio:.2f}x max_abs_diff {difference:.2e}")
+    return ratio
+
+
+if __name__ == "__main__":
+    main()
