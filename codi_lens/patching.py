@@ -96,6 +96,13 @@ class Cell:
             return f"blocks.{self.layer}.attn.hook_z"
         return f"blocks.{self.layer}.hook_{self.kind}"
 
+    def position_names(self, n_latents: int) -> list[str]:
+        """The named positions the cell writes: thoughts 1..n for ``"thoughts"``, else its own position
+        (not for ``"changed"``, whose tokens are found per question)."""
+        if self.position == "thoughts":
+            return [f"thought:{k}" for k in range(1, n_latents + 1)]
+        return [self.position]
+
     @property
     def thought(self) -> int | None:
         """0 for BOT, k for thought k, None for other positions."""
@@ -253,11 +260,7 @@ def cell_hooks(model: CODIModel, cell: Cell, batch: PairBatch, rows: Sequence[in
         ]
         corrupted_index = [x[1] if x else [] for x in index]
         return replace_question_tokens(model, cell.hook, corrupted_index, values, head=cell.head)
-    names = (
-        [f"thought:{k}" for k in range(1, batch.clean_positions.n_latents + 1)]
-        if cell.position == "thoughts"
-        else [cell.position]
-    )
+    names = cell.position_names(batch.clean_positions.n_latents)
     where = batch.clean_positions.resolve(names)[rows]  # [batch, n] in the clean run
     values = torch.stack([acts[i, where[i]] for i in range(len(rows))])  # [batch, n, ...]
     if cell.head is None:
@@ -462,11 +465,7 @@ def _cell_attribution(cell: Cell, batch: PairBatch, run: LoopGradients) -> Tenso
             where_clean.append(torch.tensor(a, dtype=torch.long) + batch.clean_positions.n_pad[i])
             where_run.append(torch.tensor(b, dtype=torch.long) + run.positions.n_pad[i])
     else:
-        names = (
-            [f"thought:{k}" for k in range(1, run.positions.n_latents + 1)]
-            if cell.position == "thoughts"
-            else [cell.position]
-        )
+        names = cell.position_names(run.positions.n_latents)
         where_clean = list(batch.clean_positions.resolve(names))
         where_run = list(run.positions.resolve(names))
     total = []
