@@ -69,6 +69,12 @@ from codi_lens.runner import UNIT_COLUMN, ResultStore
 
 #: How a sweep measures a cell: by patching it, or by the gradient's linear estimate.
 METHODS = ("exact", "attribution")
+#: Whose clean run a patch copies: the pair's own, or (the control) another pair's of the same batch.
+DONORS = ("clean", "other")
+
+#: Positions that stand for a span of latent steps (patched at once), with the first step each covers:
+#: every thought 1..n, or BOT and every thought (all the run computes between question and EOT).
+SPAN_STARTS = {"thoughts": 1, "latents": 0}
 
 #: Hook kinds a sweep can patch, by the suffix of their TransformerLens name.
 HOOK_KINDS = ("resid_post", "resid_pre", "attn_out", "mlp_out", "z", "thought_input")
@@ -79,7 +85,8 @@ class Cell:
     """One patch: ``kind`` at ``layer`` (and ``head`` for ``z``) at ``position``.
 
     ``position`` is a name (``"thought:3"``, ``"bot"``, ``"eot"``, ``"question:-1"``), ``"changed"``
-    (the changed number's question tokens) or ``"thoughts"`` (every thought 1..n at once: layer-only).
+    (the changed number's question tokens), ``"thoughts"`` (every thought 1..n at once) or ``"latents"``
+    (BOT and every thought at once); the last two are layer-only.
     For ``thought_input`` the layer is None and the position is ``thought:k``.
     """
 
@@ -97,10 +104,12 @@ class Cell:
         return f"blocks.{self.layer}.hook_{self.kind}"
 
     def position_names(self, n_latents: int) -> list[str]:
-        """The named positions the cell writes: thoughts 1..n for ``"thoughts"``, else its own position
-        (not for ``"changed"``, whose tokens are found per question)."""
-        if self.position == "thoughts":
-            return [f"thought:{k}" for k in range(1, n_latents + 1)]
+        """The named positions the cell writes: thoughts 1..n for ``"thoughts"``, BOT and thoughts 1..n
+        for ``"latents"``, else its own position (not for ``"changed"``, whose tokens are found per
+        question)."""
+        if self.position in SPAN_STARTS:
+            first = SPAN_STARTS[self.position]
+            return ["bot"] * (first == 0) + [f"thought:{k}" for k in range(1, n_latents + 1)]
         return [self.position]
 
     @property
@@ -123,8 +132,9 @@ def sweep_cells(
     layer_only: bool = False,
 ) -> list[Cell]:
     """Every (hook, position) cell of a sweep. Default positions: the changed number's tokens, the last
-    question token, BOT, thoughts 1..n, EOT. ``layer_only`` adds, per layer and kind, one cell patching
-    every thought at once. ``thought_input`` cells (the fed thought, position only) cover thoughts 1..n."""
+    question token, BOT, thoughts 1..n, EOT. ``layer_only`` adds, per layer and kind, two cells: every
+    thought at once (``"thoughts"``) and BOT with every thought (``"latents"``). ``thought_input`` cells
+    (the fed thought, position only) cover thoughts 1..n."""
     unknown = [k for k in kinds if k not in HOOK_KINDS]
     if unknown:
         raise ValueError(f"unknown hook kind {unknown[0]!r}; expected some of {HOOK_KINDS}")
@@ -140,7 +150,7 @@ def sweep_cells(
             for head in heads:
                 cells += [Cell(kind, layer, p, head) for p in positions]
                 if layer_only:
-                    cells.append(Cell(kind, layer, "thoughts", head))
+                    cells += [Cell(kind, layer, span, head) for span in SPAN_STARTS]
     return cells
 
 
@@ -358,6 +368,29 @@ def prepare_pairs(
     return batch, kept, skipped
 
 
+def from_other_problems(batch: PairBatch) -> PairBatch:
+    """The control donor: each pair's clean activations replaced by the next pair's clean run (the last
+    pair takes the first's), everything measured against the pair's own answers. A patch that
+    recovers the answer because it carries *this* problem's values recovers nothing from another's.
+    Needs two pairs or more; ``changed`` cells have no counterpart in another question."""
+    n = len(batch.clean_numbers)
+    if n < 2:
+        raise ValueError("patching from other problems needs at least two pairs in a batch")
+    order = [(i + 1) % n for i in range(n)]
+    positions = batch.clean_positions
+    return replace(
+        batch,
+        clean_cache={name: acts[order] for name, acts in batch.clean_cache.items()},
+        clean_thoughts=batch.clean_thoughts[order],
+        clean_positions=replace(
+            positions,
+            n_pad=[positions.n_pad[i] for i in order],
+            answer_lengths=[positions.answer_lengths[i] for i in order],
+        ),
+        changed_tokens=[None] * n,
+    )
+
+
 def _skipped_rows(skipped: pd.DataFrame) -> pd.DataFrame:
     """One row per skipped pair with its reason (so a resumed run knows it was seen)."""
     return pd.DataFrame({UNIT_COLUMN: skipped["pair_id"], "pair_id": skipped["pair_id"], "reason": skipped["reason"]})
@@ -365,9 +398,9 @@ def _skipped_rows(skipped: pd.DataFrame) -> pd.DataFrame:
 
 def cell_start(cell: Cell, n_latents: int) -> int:
     """The first step of the run a cell changes (see :mod:`codi_lens.branching`): the question for
-    question-token cells, 0 for BOT, k for thought k (and 1 for every thought at once), n + 1 for EOT."""
-    if cell.position == "thoughts":
-        return 1
+    question-token cells, 0 for BOT, k for thought k, the first step of a span, n + 1 for EOT."""
+    if cell.position in SPAN_STARTS:
+        return SPAN_STARTS[cell.position]
     if cell.position == "eot":
         return n_latents + 1
     if cell.thought is not None:
@@ -418,8 +451,9 @@ def cell_attributions(
 
     One teacher-forced corrupted run with autograd and one backward pass serve every single-position
     cell: the gradient flows through the unrolled loop (:mod:`codi_lens.gradients`), so a cell at
-    thought k counts, to first order, what its change does to thoughts k + 1..n. Layer-only cells
-    (every thought at once) take one more pass per hook, with partial derivatives at the thoughts.
+    thought k counts, to first order, what its change does to thoughts k + 1..n. Span cells (every
+    thought at once, or BOT and every thought) take one more pass per hook and span, with partial
+    derivatives at the span's positions.
     Returns ``[batch]`` per cell."""
     clean_tok = batch._clean_tokens
 
@@ -438,17 +472,17 @@ def cell_attributions(
             start=start,
         )
 
-    single = [c for c in cells if c.position != "thoughts"]
+    single = [c for c in cells if c.position not in SPAN_STARTS]
     start = min((cell_start(c, n_latents) for c in single), default=QUESTION)  # autograd from the first step asked
     run = gradients(sorted({c.hook for c in single if c.kind != "thought_input"}), start=start)
-    # A cell replacing every thought at once cuts the paths from one thought through the next at its hook:
-    # its estimate needs partial derivatives there, one more backward pass per such hook.
-    every = [f"thought:{k}" for k in range(1, n_latents + 1)]
-    held = {h: gradients([h], {h: every}, start=1) for h in sorted({c.hook for c in cells if c.position == "thoughts"})}
-    return [
-        _cell_attribution(cell, batch, held.get(cell.hook, run) if cell.position == "thoughts" else run)
-        for cell in cells
-    ]
+    # A cell replacing a span of steps at once cuts the paths from one step through the next at its hook:
+    # its estimate needs partial derivatives there, one more backward pass per such hook and span.
+    held = {
+        (c.hook, c.position): gradients([c.hook], {c.hook: c.position_names(n_latents)}, start=cell_start(c, n_latents))
+        for c in cells
+        if c.position in SPAN_STARTS
+    }
+    return [_cell_attribution(cell, batch, held.get((cell.hook, cell.position), run)) for cell in cells]
 
 
 def _cell_attribution(cell: Cell, batch: PairBatch, run: LoopGradients) -> Tensor:
@@ -488,9 +522,13 @@ def patch_rows(
     generate: bool = False,
     max_rows: int = 256,
     method: str = "exact",
+    donor: str = "clean",
 ) -> pd.DataFrame:
     """Every cell on a batch of pairs: one row per (pair, cell), plus one row per skipped pair with its
     ``reason`` (and NaN metrics), so a resumed run knows it was seen.
+
+    ``donor="other"`` is the control: each pair is patched with another pair's clean run
+    (:func:`from_other_problems`); a batch left with one usable pair skips it (``reason`` says so).
 
     ``method="exact"``: the clean and the corrupted runs are computed once and cells branch off the
     corrupted one (see :func:`cell_logits`); with ``generate=True`` each branch also generates its
@@ -501,11 +539,20 @@ def patch_rows(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if generate and method == "attribution":
         raise ValueError("attribution patching estimates metrics; it cannot generate answers (generate=False)")
+    if donor not in DONORS:
+        raise ValueError(f"donor must be one of {DONORS}, got {donor!r}")
+    if donor == "other" and any(c.position == "changed" for c in cells):
+        raise ValueError("'changed' cells have no counterpart in another problem's question; leave them out")
     hooks = sorted({c.hook for c in cells if c.kind != "thought_input"})
     batch, kept, skipped = prepare_pairs(model, pairs, hooks, n_latents=n_latents, max_new_tokens=max_new_tokens)
-    frames = [_skipped_rows(skipped)]
+    if donor == "other" and len(kept) == 1:
+        skipped = pd.concat([skipped, kept.assign(reason="no other usable pair in the batch to take values from")])
+        batch = None
+    frames = [_skipped_rows(skipped).assign(donor=donor)]
     if batch is None:
         return frames[0]
+    if donor == "other":
+        batch = from_other_problems(batch)
     corrupted_q = kept["corrupted_question"].tolist()
     ld_clean, ld_corrupted = batch.ld_clean, batch.ld_corrupted
     clean_tok = batch._clean_tokens
@@ -534,6 +581,7 @@ def patch_rows(
                 "pair_id": kept["pair_id"].iloc[rows].to_numpy(),
                 "n_steps": kept["n_steps"].iloc[rows].to_numpy() if "n_steps" in kept else np.nan,
                 "method": method,
+                "donor": donor,
                 "kind": cell.kind,
                 "hook": cell.hook,
                 "layer": np.nan if cell.layer is None else cell.layer,
@@ -597,6 +645,7 @@ def patch_sweep(
     batch_size: int = 16,
     max_rows: int = 256,
     method: str = "exact",
+    donor: str = "clean",
     settings: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -606,7 +655,8 @@ def patch_sweep(
     batched into forwards of at most ``max_rows`` rows (cells x pairs). Returns the rows (skipped pairs
     carry a ``reason``) and the store. ``method``: ``"exact"`` (patch every cell) or ``"attribution"``
     (one forward and one backward pass per batch give every cell's linear estimate; see
-    :func:`cell_attributions` and :func:`rank_agreement`)."""
+    :func:`cell_attributions` and :func:`rank_agreement`). ``donor="other"``: the control, each pair
+    patched from another pair's clean run (see :func:`patch_rows`)."""
     if cells is None:
         cells = sweep_cells(model.cfg.n_layers, n_latents, layer_only=True)
     records = pairs.to_dict("records")
@@ -621,6 +671,7 @@ def patch_sweep(
             "max_new_tokens": max_new_tokens,
             "generate": generate,
             "method": method,
+            "donor": donor,
         },
         overwrite=overwrite,
     )
@@ -635,6 +686,7 @@ def patch_sweep(
             generate=generate,
             max_rows=max_rows,
             method=method,
+            donor=donor,
         ),
         unit_id=lambda r: str(r["pair_id"]),
         batch_size=batch_size,

@@ -206,13 +206,18 @@ def patching_heatmap(
     return fig
 
 
-def patching_bars(rows: pd.DataFrame, x: str, value: str = "recovery", title: str = "") -> go.Figure:
-    """Bars of the mean ``value`` per ``x`` with 95% bootstrap CI bars over pairs."""
-    table = mean_ci_table(rows, [x], value)
+def patching_bars(
+    rows: pd.DataFrame, x: str, value: str = "recovery", title: str = "", color: str | None = None
+) -> go.Figure:
+    """Bars of the mean ``value`` per ``x`` (and per ``color``, side by side) with 95% bootstrap CI
+    bars over pairs."""
+    table = mean_ci_table(rows, [x] if color is None else [x, color], value)
     fig = px.bar(
         table,
         x=x,
         y="mean",
+        color=color,
+        barmode="group",
         error_y=table["high"] - table["mean"],
         error_y_minus=table["mean"] - table["low"],
         hover_data=["n", "low", "high"],

@@ -7,8 +7,9 @@
 For each clean/corrupted pair (made from ``--data`` with ``codi_lens.pairs``, or read from a
 ``pairs.parquet`` written by ``experiments.make_pairs``), the clean run's activation at each (hook,
 position) cell is written into the corrupted run, whose loop then goes on from the patched state.
-Positions: the changed number's tokens, the last question token, BOT, thoughts 1..n, EOT, and every
-thought at once (layer-only); ``thought_input`` patches the fed thought itself (position-only).
+Positions: the changed number's tokens, the last question token, BOT, thoughts 1..n, EOT, every
+thought at once and BOT with every thought at once (``thoughts`` and ``latents``: layer-only);
+``thought_input`` patches the fed thought itself (position-only).
 Metrics at the answer number, teacher-forced on the clean answer's prefix: logit difference,
 normalised recovery, KL(clean || patched); with ``--generate`` also the generated answer's class.
 Only pairs whose clean question the model answers right, and whose two answers start with different
@@ -39,7 +40,7 @@ from codi_lens.cli import add_common_args, load_model, model_settings, run_main
 from codi_lens.data import load_problems
 from codi_lens.metrics import mean_ci_table
 from codi_lens.pairs import make_pairs
-from codi_lens.patching import HOOK_KINDS, METHODS, patch_sweep, rank_agreement, sweep_cells
+from codi_lens.patching import HOOK_KINDS, METHODS, SPAN_STARTS, patch_sweep, rank_agreement, sweep_cells
 from codi_lens.plotting import patching_bars, patching_heatmap, write_html
 from codi_lens.synthetic import MAX_VALUE
 
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bot",
         *[f"thought:{k}" for k in range(1, args.n_latents + 1)],
         "eot",
-        "thoughts",
+        *SPAN_STARTS,
     ]
     mapped = [kind for kind in kinds if kind not in ("thought_input", "z")]  # per-position kinds
     for kind in mapped:
@@ -157,13 +158,15 @@ def main(argv: list[str] | None = None) -> dict:
             ),
             out / ("heatmap.html" if kind == mapped[0] else f"heatmap_{kind}.html"),
         )
-    layer_only = used[used["position"] == "thoughts"]
+    layer_only = used[used["position"].isin(list(SPAN_STARTS))]
     if len(layer_only):
+        label = layer_only["layer"].astype(int).astype(str) + " " + layer_only["kind"] + " " + layer_only["position"]
         write_html(
             patching_bars(
-                layer_only.assign(layer=layer_only["layer"].astype(int).astype(str) + " " + layer_only["kind"]),
+                layer_only.assign(layer=label),
                 "layer",
-                title="Layer-only: every thought of one layer patched at once (95% CI)",
+                title="Layer-only: every thought ('thoughts') or BOT and every thought ('latents') "
+                "of one layer patched at once (95% CI)",
             ),
             out / "layer_only.html",
         )
