@@ -41,6 +41,9 @@ MAX_VALUE = 40
 MAX_ADD, MAX_MUL = 10, 3
 #: Share of problems per number of steps: weighted to multi-step chains.
 STEP_MIX = {1: 0.05, 2: 0.15, 3: 0.25, 4: 0.3, 5: 0.25}
+#: Chains weighted to 4-6 steps (one per thought of a 6-thought model): a one-pass shortcut pays less.
+LONG_STEP_MIX = {2: 0.05, 3: 0.15, 4: 0.25, 5: 0.25, 6: 0.3}
+STEP_MIXES = {"default": STEP_MIX, "long": LONG_STEP_MIX}
 #: Relative odds of each operation among those that keep the value in range.
 OP_WEIGHTS = {"+": 1.0, "-": 1.0, "*": 2.0, "/": 1.5}
 #: With ``halve_odd`` halving is weighted up further (about 39% of steps, 15% halve an odd value).
@@ -127,13 +130,15 @@ def _next_op(rng: random.Random, value: int, halve_odd: bool) -> tuple[str, int,
 
 
 def generate_problem(
-    rng: random.Random, n_steps: int, shuffle: bool = False, halve_odd: bool = False
+    rng: random.Random, n_steps: int, shuffle: bool = False, halve_odd: bool = False, cot_days: bool = False
 ) -> tuple[str, str, list[int]]:
     """Question text, CoT and intermediate values of one random chain of ``n_steps`` operations.
 
     With ``shuffle`` the day sentences appear in random order in the question (the CoT stays in
     day order). With ``halve_odd`` halving applies to odd values too and rounds down
-    (``<<7//2=3>>``); without it only even values are halved (``<<8/2=4>>``).
+    (``<<7//2=3>>``); without it only even values are halved (``<<8/2=4>>``). With ``cot_days`` each
+    equation of the CoT is preceded by its day (``Monday <<5+7=12>> Tuesday <<12*3=36>>``), so the
+    explicit chain names the sentence each step reads; the questions drawn are the same.
     """
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     value = rng.randint(2, 20)
@@ -144,7 +149,7 @@ def generate_problem(
         template = {"+": ADDS, "-": SUBS, "*": MULS, "/": HALVES_FLOOR if halve_odd else HALVES}[op]
         steps.append(f"On {day} {name} " + rng.choice(template).format(x=x))
         symbol = "//" if op == "/" and halve_odd else op
-        equations.append(f"<<{value}{symbol}{x}={result}>>")
+        equations.append(f"{day} " * cot_days + f"<<{value}{symbol}{x}={result}>>")
         intermediates.append(result)
         value = result
     if shuffle:
@@ -160,6 +165,7 @@ def generate_problems(
     step_mix: dict[int, float] = STEP_MIX,
     shuffle: bool = False,
     halve_odd: bool = False,
+    cot_days: bool = False,
 ) -> list[Problem]:
     """``n`` distinct problems (unique question text) drawn with ``random.Random(seed)``."""
     rng = random.Random(seed)
@@ -168,7 +174,7 @@ def generate_problems(
     problems = []
     while len(problems) < n:
         n_steps = rng.choices(steps, weights)[0]
-        question, cot, intermediates = generate_problem(rng, n_steps, shuffle, halve_odd)
+        question, cot, intermediates = generate_problem(rng, n_steps, shuffle, halve_odd, cot_days)
         if question in seen:
             continue
         seen.add(question)
@@ -197,9 +203,23 @@ def make_splits(
     n_test: int = 1000,
     shuffle: bool = False,
     halve_odd: bool = False,
+    step_mix: str = "default",
+    cot_days: bool = False,
 ) -> dict[str, list[Problem]]:
-    """Fixed train/validation/test splits with no question text shared between them."""
-    pool = generate_problems(n_train + n_val + n_test, seed, shuffle=shuffle, halve_odd=halve_odd)
+    """Fixed train/validation/test splits with no question text shared between them.
+
+    ``step_mix`` names the share of problems per chain length (``STEP_MIXES``); ``cot_days`` puts
+    each step's day before its equation in the solutions (see :func:`generate_problem`)."""
+    if step_mix not in STEP_MIXES:
+        raise ValueError(f"unknown step_mix {step_mix!r}; choose from {sorted(STEP_MIXES)}")
+    pool = generate_problems(
+        n_train + n_val + n_test,
+        seed,
+        step_mix=STEP_MIXES[step_mix],
+        shuffle=shuffle,
+        halve_odd=halve_odd,
+        cot_days=cot_days,
+    )
     bounds = {
         "train": (0, n_train),
         "validation": (n_train, n_train + n_val),

@@ -10,7 +10,10 @@ One model plays both roles:
   layer at the token just before the answer number, each divided by the teacher's std, averaged over
   layers.
 
-``loss = w_student * CE_student + beta * distill + w_teacher * CE_teacher``. Training runs a fixed
+``loss = w_student * CE_student + beta * distill + w_teacher * CE_teacher``, plus, when
+``chain_distill_weight`` is set (not upstream), ``chain_distill_weight * chain``: thought ``j``'s states
+pulled toward the teacher's at the position that predicts its ``j``-th intermediate result
+(:func:`chain_loss`). Training runs a fixed
 step budget with a seeded data order, so a run reproduces; :class:`Trainer` checkpoints model,
 optimiser, scheduler and step, and resumes identically. The model is kept in upstream's module layout
 (``codi`` + ``prj``) so :func:`export_codi` writes the upstream on-disk format.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,7 +74,15 @@ class TrainConfig:
     distill_div_std: bool = True
     #: Standardise the states by the teacher's std before the SmoothL1 (see ``distillation_loss``).
     distill_standardise: bool = False
+    #: Weight of the *chain distillation* (0: off, upstream's objective): thought ``j``'s states (every
+    #: layer after the embeddings) are pulled toward the teacher's states at the position that predicts
+    #: intermediate result ``j`` of its chain. See ``chain_loss``.
+    chain_distill_weight: float = 0.0
     drop_last_cot_step: bool = True
+    #: The teacher's chain: ``"equations"`` (GSM8k-Aug: the ``<<...>>`` spans only, upstream),
+    #: ``"solution"`` (the solution's text before its ``####`` line, words between spans included) or
+    #: ``"results"`` (that text with each span replaced by its result). See ``teacher_chain``.
+    cot_text: str = "equations"
     use_teacher: bool = True
     #: Split each batch into this many micro-batches of similar length (gradient accumulation), so
     #: less compute goes into padding. Each micro-batch's losses are token/element means over that
@@ -127,17 +139,78 @@ class CODIBatch:
     answer_mask: Int[Tensor, "batch a_pos"]
     answer_labels: Int[Tensor, "batch a_pos"]
     student_distill_pos: Int[Tensor, " batch"]  # index within the answer chunk
+    #: Teacher position that predicts intermediate result ``j`` (column ``j-1``; see ``result_positions``),
+    #: -1 past a problem's last result.
+    teacher_result_pos: Int[Tensor, "batch n_results"] | None = None
 
 
-def make_batch(problems: list[Problem], tokenizer, base_vocab: int, drop_last_cot_step: bool = True) -> CODIBatch:
-    """Tokenize problems (GSM8K or synthetic; see :class:`codi_lens.data.Problem`) into a CODIBatch."""
+#: A calculator span ``<<expression=result>>``; group 1 is the result.
+CALC_SPAN = re.compile(r"<<[^=>]*=([^>]*)>>")
+#: The forms of the teacher's chain (:func:`teacher_chain`).
+COT_TEXTS = ("equations", "solution", "results")
+
+
+def teacher_chain(
+    problem: Problem, drop_last_cot_step: bool = True, cot_text: str = "equations"
+) -> tuple[str, list[int]]:
+    """The chain the teacher writes, and the character offset in it where each intermediate result
+    starts.
+
+    ``cot_text``: ``"equations"`` (``problem.cot``, the ``<<...>>`` spans only; upstream drops the last
+    one, ``drop_last_cot_step``), ``"solution"`` (the solution's text before its ``####`` line) or
+    ``"results"`` (that text with each span replaced by its result: ``Monday <<5+7=12>> Tuesday
+    <<12*3=36>>`` becomes ``Monday 12 Tuesday 36``; meant for chains written as spans, like the
+    synthetic ones). The last two keep every step.
+    """
+    if cot_text not in COT_TEXTS:
+        raise ValueError(f"cot_text must be one of {COT_TEXTS}, got {cot_text!r}")
+    if cot_text == "equations":
+        steps = problem.cot.split()
+        text = " ".join(steps[:-1] if drop_last_cot_step else steps)
+        return text, [m.start(1) for m in CALC_SPAN.finditer(text)]
+    if drop_last_cot_step:
+        raise ValueError(f"drop_last_cot_step needs cot_text='equations' (cot_text={cot_text!r} keeps every step)")
+    text = problem.solution.rsplit("####", 1)[0].strip()
+    if cot_text == "solution":
+        return text, [m.start(1) for m in CALC_SPAN.finditer(text)]
+    pieces, offsets, length, last = [], [], 0, 0
+    for m in CALC_SPAN.finditer(text):
+        before = text[last : m.start()]
+        offsets.append(length + len(before))
+        pieces += [before, m.group(1)]
+        length += len(before) + len(m.group(1))
+        last = m.end()
+    return "".join(pieces) + text[last:], offsets
+
+
+def result_positions(chain: str, offsets: list[int], tokenizer) -> list[int]:
+    """Token index, within the tokenized ``chain``, of the position that predicts each result (the
+    token before it: the ``=`` of an equation, or the word before a bare result).
+
+    Each index is the length of the tokenized text before the result (trailing spaces dropped), less
+    one: exact for tokenizers that do not merge a result with what precedes it (word-level, GPT-2 and
+    LLaMA-3 BPE, where a space-led number is its own token).
+    """
+    return [len(tokenizer(chain[:at].rstrip(), add_special_tokens=False)["input_ids"]) - 1 for at in offsets]
+
+
+def make_batch(
+    problems: list[Problem],
+    tokenizer,
+    base_vocab: int,
+    drop_last_cot_step: bool = True,
+    cot_text: str = "equations",
+) -> CODIBatch:
+    """Tokenize problems (GSM8K or synthetic; see :class:`codi_lens.data.Problem`) into a CODIBatch
+    (the teacher's chain from :func:`teacher_chain`)."""
     pad, bot, eot, eos = base_vocab, base_vocab + 1, base_vocab + 2, tokenizer.eos_token_id
     enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    teacher, t_labels, t_pos, prompts, answers, a_labels, s_pos = [], [], [], [], [], [], []
+    teacher, t_labels, t_pos, prompts, answers, a_labels, s_pos, result_pos = [], [], [], [], [], [], [], []
     for p in problems:
         question = tokenizer(clean_question(p.question))["input_ids"]
-        steps = p.cot.split()
-        cot = enc(" ".join(steps[:-1] if drop_last_cot_step else steps))
+        chain, offsets = teacher_chain(p, drop_last_cot_step, cot_text)
+        cot = enc(chain)
+        result_pos.append([len(question) + i for i in result_positions(chain, offsets, tokenizer)])
         prefix, number = enc(ANSWER_PREFIX), enc(f" {p.answer_value}")
         target = cot + prefix + number + [eos]
         teacher.append(question + target)
@@ -163,6 +236,7 @@ def make_batch(problems: list[Problem], tokenizer, base_vocab: int, drop_last_co
         answer_mask,
         answer_labels,
         torch.tensor(s_pos),
+        pad_rows([row or [-1] for row in result_pos], -1, side="right")[0],
     )
 
 
@@ -181,7 +255,9 @@ def _lm_step(lm, embeds, mask, positions, cache):
 def student_forward(model: CODIModule, batch: CODIBatch, n_latents: int):
     """The student pass: prompt, ``n_latents`` fed-back thoughts, then the answer chunk.
 
-    Returns ``(answer_logits [batch, a_pos, vocab], hidden_states tuple of [batch, a_pos, d])``.
+    Returns ``(answer_logits [batch, a_pos, vocab], hidden_states, thought_states)``: the answer
+    chunk's states, a tuple over layers (embeddings first) of ``[batch, a_pos, d]``, and the thoughts'
+    states, a tuple over the same layers of ``[batch, n_latents, d]`` (thought ``j`` in column ``j-1``).
     """
     from transformers import DynamicCache
 
@@ -193,15 +269,18 @@ def student_forward(model: CODIModule, batch: CODIBatch, n_latents: int):
     h = out.hidden_states[-1][:, -1]
     next_pos = positions[:, -1:] + 1
     ones = torch.ones_like(next_pos)
+    thought_states = []
     for _ in range(n_latents):
         mask = torch.cat([mask, ones], dim=1)
         out = _lm_step(lm, model.prj(h)[:, None], mask, next_pos, cache)
         h = out.hidden_states[-1][:, -1]
+        thought_states.append(out.hidden_states)
         next_pos = next_pos + 1
     mask = torch.cat([mask, batch.answer_mask], dim=1)
     answer_pos = next_pos + torch.arange(batch.answer_ids.shape[1])[None]
     out = _lm_step(lm, embed(batch.answer_ids), mask, answer_pos, cache)
-    return out.logits, out.hidden_states
+    by_layer = tuple(torch.cat(layer, dim=1) for layer in zip(*thought_states)) if thought_states else ()
+    return out.logits, out.hidden_states, by_layer
 
 
 def _gather(states: Float[Tensor, "batch pos d"], index: Int[Tensor, " batch"]) -> Float[Tensor, "batch d"]:
@@ -231,9 +310,32 @@ def distillation_loss(
     return total / len(student_states)
 
 
+def chain_loss(thought_states, teacher_states, result_pos: Int[Tensor, "batch n_results"]) -> Tensor:
+    """Mean over layers (embeddings excluded) of SmoothL1 between thought ``j``'s states and the
+    teacher's (detached) states at the position that predicts its result ``j`` (``result_pos``, see
+    :func:`result_positions`), both divided by the teacher's std.
+
+    Pairs exist for ``j <= min(n_results, n_latents)``; a thought past a problem's last result is left
+    free. The embedding layer is left out: it would pull every fed-back thought toward the embedding
+    of the token before a result. The standardised form is used because the from-scratch model's
+    states are small (see :func:`distillation_loss`).
+    """
+    n = min(result_pos.shape[1], thought_states[0].shape[1])
+    rows, steps = torch.nonzero(result_pos[:, :n] >= 0, as_tuple=True)
+    if rows.numel() == 0:
+        return thought_states[0].sum() * 0.0
+    cols = result_pos[rows, steps]
+    total = 0.0
+    for s, t in zip(thought_states[1:], teacher_states[1:]):
+        target = t[rows, cols].detach()
+        sigma = target.std().clamp_min(1e-6)
+        total = total + F.smooth_l1_loss(s[rows, steps] / sigma, target / sigma)
+    return total / (len(thought_states) - 1)
+
+
 def codi_losses(model: CODIModule, batch: CODIBatch, cfg: TrainConfig) -> dict[str, Tensor]:
     """The three CODI losses and their weighted sum (``loss``)."""
-    logits, s_states = student_forward(model, batch, cfg.n_latents)
+    logits, s_states, thought_states = student_forward(model, batch, cfg.n_latents)
     ce_student = F.cross_entropy(logits.flatten(0, 1).float(), batch.answer_labels.flatten(), ignore_index=-100)
     losses = {"ce_student": ce_student}
     if cfg.use_teacher:
@@ -253,6 +355,9 @@ def codi_losses(model: CODIModule, batch: CODIBatch, cfg: TrainConfig) -> dict[s
             + cfg.distill_weight * losses["distill"]
             + cfg.teacher_weight * losses["ce_teacher"]
         )
+        if cfg.chain_distill_weight and cfg.n_latents:
+            losses["chain"] = chain_loss(thought_states, t_out.hidden_states, batch.teacher_result_pos)
+            losses["loss"] = losses["loss"] + cfg.chain_distill_weight * losses["chain"]
     else:
         losses["loss"] = cfg.student_weight * ce_student
     return losses
@@ -371,7 +476,10 @@ class Trainer:
         bounds = torch.linspace(0, len(problems), self.cfg.micro_batches + 1).round().long().tolist()
         groups = [problems[lo:hi] for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
         return [
-            (make_batch(g, self.tokenizer, self.base_vocab, self.cfg.drop_last_cot_step), len(g) / len(problems))
+            (
+                make_batch(g, self.tokenizer, self.base_vocab, self.cfg.drop_last_cot_step, self.cfg.cot_text),
+                len(g) / len(problems),
+            )
             for g in groups
         ]
 
@@ -411,6 +519,9 @@ class Trainer:
                 "step": self.step,
                 "config": asdict(self.cfg),
                 "wall_seconds": self.wall_seconds,
+                # Plain tensors, so that a weights_only load restores them (the data order needs no
+                # state: it is a function of the seed and the step).
+                "torch_rng": torch.get_rng_state(),
             },
             self.workdir / "train_state.pt.tmp",
         )
@@ -434,6 +545,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         self.wall_seconds = state.get("wall_seconds", 0.0)
+        if "torch_rng" in state:  # older states did not keep it
+            torch.set_rng_state(state["torch_rng"])
         return True
 
     def _log(self, record: dict) -> None:

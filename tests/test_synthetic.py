@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from codi_lens.answers import parse_gold_answer
 from codi_lens.data import count_steps, load_problems
-from codi_lens.synthetic import DAYS, MAX_VALUE, STEP_MIX, build_tokenizer, generate_problems, make_splits, save_jsonl
+from codi_lens.synthetic import (
+    DAYS,
+    LONG_STEP_MIX,
+    MAX_VALUE,
+    STEP_MIX,
+    build_tokenizer,
+    generate_problems,
+    make_splits,
+    save_jsonl,
+)
 
 EQUATION = re.compile(r"<<(\d+)(//|[-+*/])(\d+)=(\d+)>>")
 
@@ -125,3 +135,23 @@ def test_jsonl_round_trip_through_the_gsm8k_loader(tmp_path):
     assert [p.question for p in loaded] == [p.question for p in problems]
     assert [p.gold for p in loaded] == [float(p.answer_value) for p in problems]
     assert [p.intermediates for p in loaded] == [tuple(float(v) for v in p.intermediates) for p in problems]
+
+
+def test_long_step_mix_and_day_labelled_chains():
+    """``step_mix="long"`` draws chains of 2-6 steps in about the stated shares; ``cot_days`` puts each
+    step's day before its equation and changes nothing else (same questions, spans and answers)."""
+    splits = make_splits(seed=0, n_train=2000, n_val=10, n_test=10, step_mix="long")
+    counts = Counter(p.n_steps for p in splits["train"])
+    assert set(counts) == set(LONG_STEP_MIX)
+    for n, share in LONG_STEP_MIX.items():
+        assert abs(counts[n] / 2000 - share) < 0.04, (n, counts[n])
+    labelled = make_splits(seed=0, n_train=2000, n_val=10, n_test=10, step_mix="long", cot_days=True)
+    for plain, days in zip(splits["train"][:200], labelled["train"][:200]):
+        assert (days.question, days.cot, days.gold, days.intermediates) == (
+            plain.question,
+            plain.cot,
+            plain.gold,
+            plain.intermediates,
+        )
+        chain = days.solution.split("\n")[0]
+        assert chain == " ".join(f"{day} {eq}" for day, eq in zip(DAYS, plain.cot.split()))

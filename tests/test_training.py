@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
 import torch
 
 from codi_lens import load_codi
-from codi_lens.synthetic import build_tokenizer, generate_problems
+from codi_lens.synthetic import DAYS, build_tokenizer, generate_problems
 from codi_lens.training import (
     CODIModule,
     TrainConfig,
     Trainer,
     add_codi_tokens,
     build_llama_lm,
+    chain_loss,
     codi_losses,
     distillation_loss,
     export_codi,
     make_batch,
+    result_positions,
     student_forward,
 )
 
@@ -34,7 +39,7 @@ def _assert_hooked_scores_match_training_pass(model, hooked, batch, problems, n_
     """codi_lens' teacher-forced answer logits equal the training student pass's (fp32, 1e-4)."""
     model.eval()
     with torch.no_grad():
-        logits, _ = student_forward(model, batch, n_latents)
+        logits, _, _ = student_forward(model, batch, n_latents)
     scores = hooked.score_answers(
         [p.question for p in problems], [f"The answer is: {p.answer_value}" for p in problems], append_eos=True
     )
@@ -75,6 +80,63 @@ def test_distillation_loss_by_hand_and_its_scale():
     assert torch.isclose(distillation_loss([c * s], [c * t], s_pos, t_pos), c * c * upstream / c, rtol=1e-4)
 
 
+def test_result_positions_point_at_the_token_before_each_intermediate_result():
+    """In the teacher sequence, the token after each chain position is that step's result, for every
+    step (the whole chain when the last step is kept): the ``=`` of each equation, or the day word
+    before each bare result of the ``results`` form."""
+    tok, _, base_vocab, _ = _setup()
+    problems = generate_problems(6, seed=3)
+    batch = make_batch(problems, tok, base_vocab, drop_last_cot_step=False)
+    for i, p in enumerate(problems):
+        tokens = tok.convert_ids_to_tokens(batch.teacher_ids[i].tolist())
+        positions = [j for j in batch.teacher_result_pos[i].tolist() if j >= 0]
+        assert [tokens[j] for j in positions] == ["="] * p.n_steps
+        assert [int(tokens[j + 1]) for j in positions] == [int(v) for v in p.intermediates]
+    labels = [" ".join(f"{d} {eq}" for d, eq in zip(DAYS, p.cot.split())) for p in problems]
+    days = [replace(p, solution=f"{label}\n#### {p.answer_value}") for p, label in zip(problems, labels)]
+    labelled = make_batch(days, tok, base_vocab, drop_last_cot_step=False, cot_text="solution")
+    results = make_batch(days, tok, base_vocab, drop_last_cot_step=False, cot_text="results")
+    for i, p in enumerate(days):
+        tokens = tok.convert_ids_to_tokens(labelled.teacher_ids[i].tolist())
+        positions = [j for j in labelled.teacher_result_pos[i].tolist() if j >= 0]
+        assert [tokens[j - 5] for j in positions] == DAYS[: p.n_steps]  # Monday << a op x =
+        assert [int(tokens[j + 1]) for j in positions] == [int(v) for v in p.intermediates]
+        # "Monday 6 Tuesday 18 ...": the question, then day and result alternating
+        tokens = tok.convert_ids_to_tokens(results.teacher_ids[i].tolist())
+        positions = [j for j in results.teacher_result_pos[i].tolist() if j >= 0]
+        assert [tokens[j] for j in positions] == DAYS[: p.n_steps]
+        assert [int(tokens[j + 1]) for j in positions] == [int(v) for v in p.intermediates]
+        assert positions == [positions[0] + 2 * k for k in range(p.n_steps)]
+    for form in ("solution", "results"):
+        with pytest.raises(ValueError, match="drop_last_cot_step"):
+            make_batch(days, tok, base_vocab, cot_text=form)
+    with pytest.raises(ValueError, match="cot_text"):
+        make_batch(days, tok, base_vocab, cot_text="words")
+    dropped = make_batch(problems, tok, base_vocab)  # upstream: the last step is not in the teacher's chain
+    assert [int((row >= 0).sum()) for row in dropped.teacher_result_pos] == [p.n_steps - 1 for p in problems]
+    chain = "<<3+4=7>> <<7*2=14>>"  # << 3 + 4 = 7 >> << 7 * 2 = 14 >>
+    assert result_positions(chain, [6, 16], tok) == [4, 11]
+    assert result_positions("Monday 7 Tuesday 14", [7, 17], tok) == [0, 2]
+
+
+def test_chain_loss_by_hand():
+    """Thought j against the teacher at the position predicting result j, embeddings left out, pairs
+    past a problem's last result (or past the last thought) ignored, states divided by the teacher's std."""
+    teacher = [torch.full((2, 5, 2), 7.0), torch.zeros(2, 5, 2)]  # [embeddings, layer 1]: batch 2, pos 5, d 2
+    teacher[1][0, 1] = torch.tensor([1.0, 3.0])  # problem 0, equation 1 at position 1
+    teacher[1][1, 4] = torch.tensor([3.0, 1.0])  # problem 1, equation 1 at position 4
+    equal_pos = torch.tensor([[1, -1, -1], [4, 2, 3]])  # problem 1 has a third equation but only 2 thoughts
+    thoughts = [torch.zeros(2, 2, 2), torch.zeros(2, 2, 2)]  # [batch, n_latents 2, d]
+    thoughts[1][0, 0] = torch.tensor([1.0, 3.5])  # differs by 0.5 in one element
+    thoughts[1][1, 0] = torch.tensor([3.0, 1.0])  # equal
+    thoughts[1][1, 1] = torch.tensor([0.0, 0.0])  # equation 2 of problem 1 at position 2 holds (0, 0): equal
+    target = torch.stack([teacher[1][0, 1], teacher[1][1, 4], teacher[1][1, 2]])
+    sigma = target.std()
+    expected = 0.5 * (0.5 / sigma) ** 2 / 6  # one element of six differs, quadratic part of SmoothL1
+    assert torch.isclose(chain_loss(thoughts, teacher, equal_pos), expected)
+    assert chain_loss(thoughts, teacher, torch.full((2, 3), -1)) == 0
+
+
 def test_batch_layout_marks_the_token_before_the_answer_number():
     tok, _, base_vocab, _ = _setup()
     problems = generate_problems(4, seed=1)
@@ -107,6 +169,8 @@ def test_resume_continues_identically(tmp_path):
     straight.fit(progress=False)
     first_half = trainer(tmp_path / "b", 4)
     first_half.fit(progress=False, stop_at=2)  # as if killed after the step-2 checkpoint
+    state = torch.load(tmp_path / "b" / "train_state.pt", weights_only=True)  # no pickled objects
+    assert {"model", "optimizer", "scheduler", "torch_rng"} <= set(state) and state["optimizer"]["state"]
     resumed = trainer(tmp_path / "b", 4)
     assert resumed.load_state() and resumed.step == 2
     resumed.fit(progress=False)
