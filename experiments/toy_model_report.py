@@ -22,6 +22,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -32,8 +33,11 @@ from codi_lens.data import load_problems
 from codi_lens.evaluate import Condition, evaluate_conditions
 from codi_lens.interventions import zero_thoughts
 from codi_lens.lens import intermediate_readout
-from codi_lens.metrics import accuracy_table
-from codi_lens.plotting import accuracy_bars, latent_readout_heatmap
+from codi_lens.metrics import accuracy_table, mean_ci_table
+from codi_lens.pairs import make_pairs
+from codi_lens.patching import DONORS, SPAN_STARTS, Cell, patch_sweep
+from codi_lens.plotting import accuracy_bars, latent_readout_heatmap, patching_bars, write_html
+from codi_lens.synthetic import MAX_VALUE, STEP_MIXES
 
 N_LATENTS = 6
 #: The budget the v4 card used by mistake; the card reports the ablation at it beside upstream's 256.
@@ -76,6 +80,63 @@ def logit_lens_frame(model, problems, batch_size: int) -> pd.DataFrame:
         frame["control"] = control
         frames.append(frame.drop(columns="example"))
     return pd.concat(frames, ignore_index=True)
+
+
+UPSTREAM_OBJECTIVE = (
+    "The objective is upstream CODI's: the teacher's cross-entropy on its explicit chain, the student's on\n"
+    "the answer, and the distillation of the student's states toward the teacher's at the token before the\n"
+    "answer number."
+)
+CHAIN_OBJECTIVE = (
+    "The objective is upstream CODI's (the teacher's cross-entropy on its explicit chain, the student's on\n"
+    "the answer, the distillation at the token before the answer number) plus a *chain distillation*\n"
+    "(weight {weight}): thought j's states at every layer are pulled toward the teacher's states at the `=`\n"
+    "of the j-th equation of its chain, where the teacher is about to write intermediate result j\n"
+    "(`codi_lens.training.chain_loss`). The teacher writes the whole chain (the last step is not dropped)."
+)
+
+#: Problems whose minimal pairs the report patches (the issue asks for >= 100 pairs in use).
+PATCHING_PROBLEMS = 200
+
+
+def patching_cells(n_layers: int) -> list[Cell]:
+    """The report's cells: ``resid_post`` of each layer at BOT + every thought (``latents``), every
+    thought, and each position alone; and each fed thought (``thought.k.hook_input``)."""
+    positions = [*SPAN_STARTS, "bot", *[f"thought:{k}" for k in range(1, N_LATENTS + 1)]]
+    cells = [Cell("resid_post", layer, position) for layer in range(n_layers) for position in positions]
+    return cells + [Cell("thought_input", None, f"thought:{k}") for k in range(1, N_LATENTS + 1)]
+
+
+def patching_frame(model, problems, out: Path, args: argparse.Namespace) -> pd.DataFrame:
+    """Recovery of the clean answer on minimal pairs of the first ``PATCHING_PROBLEMS`` problems (one
+    number changed, answer recomputed; :func:`codi_lens.pairs.make_pairs`), for every cell of
+    :func:`patching_cells`, patched from the pair's own clean run (``donor="clean"``) and, the
+    control, from another pair's (``donor="other"``). Resumable in ``out/patching_<donor>``."""
+    pairs, _ = make_pairs(problems[:PATCHING_PROBLEMS], max_value=MAX_VALUE)
+    frames = []
+    for donor in DONORS:
+        rows, store = patch_sweep(
+            model,
+            pairs,
+            out / f"patching_{donor}",
+            cells=patching_cells(model.cfg.n_layers),
+            n_latents=N_LATENTS,
+            max_new_tokens=args.max_new_tokens,
+            donor=donor,
+            settings={"checkpoint": str(args.checkpoint), "data_source": args.data},
+            overwrite=args.overwrite,
+        )
+        store.finish(rows, {"donor": donor})
+        frames.append(rows)
+    return pd.concat(frames, ignore_index=True)
+
+
+def patching_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean recovery and its 95% bootstrap CI over pairs, per donor and cell (used pairs only)."""
+    used = rows[rows["reason"].fillna("") == ""]
+    if used.empty:  # e.g. a model that answers no clean question right
+        return pd.DataFrame(columns=["donor", "kind", "layer", "position", "n", "mean", "low", "high"])
+    return mean_ci_table(used.fillna({"layer": -1}), ["donor", "kind", "layer", "position"], "recovery")
 
 
 def readout_rates(lens: pd.DataFrame, n_steps_latent: int) -> pd.DataFrame:
@@ -128,28 +189,78 @@ def _lens_markdown(lens: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _best_latents_patch(summary: dict) -> dict | None:
+    """The layer whose ``resid_post`` at BOT + every thought recovers most, patched from the own run."""
+    rows = [
+        r
+        for r in summary.get("patching", {}).get("recovery", [])
+        if r["donor"] == "clean" and r["position"] == "latents"
+    ]
+    return max(rows, key=lambda r: r["mean"]) if rows else None
+
+
 def _targets_markdown(summary: dict, wall_minutes: float) -> str:
+    """The targets of the issue that asked for the chain-carrying model (issue 15), measured."""
     acc = summary["accuracy"]
     rows = [
         ("training time <= 45 min on this machine", f"{wall_minutes:.1f} min", wall_minutes <= 45),
-        ("accuracy with 6 latents >= 80%", f"{100 * acc['latents']:.1f}%", acc["latents"] >= 0.8),
+        ("accuracy with 6 thoughts >= 85%", f"{100 * acc['latents']:.1f}%", acc["latents"] >= 0.85),
         (
-            "zero-ablating all thoughts costs >= 25 points",
+            "zero-ablating all thoughts costs >= 50 points",
             f"{summary['ablation_drop_points']} points",
-            summary["ablation_drop_points"] >= 25,
+            summary["ablation_drop_points"] >= 50,
         ),
     ]
     no_cot = acc.get("no_cot_baseline", summary.get("no_cot_baseline_carried_over", {}).get("accuracy"))
     if no_cot is not None:
+        gap = 100 * (acc["latents"] - no_cot)
         rows.append(
             (
-                "CODI beats a no-CoT model of the same size and budget",
-                f"{100 * acc['latents']:.1f}% vs {100 * no_cot:.1f}%",
-                acc["latents"] > no_cot,
+                "CODI beats a no-CoT model of the same size and budget by >= 15 points",
+                f"{100 * acc['latents']:.1f}% vs {100 * no_cot:.1f}% ({gap:+.1f})",
+                gap >= 15,
             )
         )
+    best = _best_latents_patch(summary)
+    if best is not None:
+        n_used = summary["patching"]["n_pairs_used"]
+        rows.append(
+            (
+                f"clean BOT + thoughts patched into the corrupted run recover >= 50% on >= 100 pairs ({best['hook']})",
+                f"{best['mean']:.2f} [{best['ci95'][0]:.2f}, {best['ci95'][1]:.2f}] on {n_used} pairs",
+                best["mean"] >= 0.5 and n_used >= 100,
+            )
+        )
+    lens = summary["logit_lens"]
+    rows.append(
+        (
+            "intermediate values top-1 under the logit lens at some latent state >= 50%",
+            f"{100 * lens['top1_any']:.1f}% (control {100 * lens['top1_any_control']:.1f}%)",
+            lens["top1_any"] >= 0.5,
+        )
+    )
     lines = ["| target | measured | met |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, value, ok in rows]
+    return "\n".join(lines)
+
+
+def _patching_markdown(summary: dict) -> str:
+    """One row per cell: recovery from the own clean run and from another problem's (the control)."""
+    rows = summary.get("patching", {}).get("recovery", [])
+    if not rows:
+        return "(not measured)"
+    by_cell: dict[tuple, dict] = {}
+    for r in rows:
+        by_cell.setdefault((r["hook"], r["position"]), {})[r["donor"]] = r
+    lines = [
+        "| hook | positions | n | recovery, own clean run [95% CI] | recovery, another problem's run [95% CI] |",
+        "|---|---|---|---|---|",
+    ]
+    fmt = lambda r: "-" if r is None else f"{r['mean']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"  # noqa: E731
+    for (hook, position), donors in by_cell.items():
+        own = donors.get("clean")
+        n = own["n"] if own else "-"
+        lines.append(f"| `{hook}` | {position} | {n} | {fmt(own)} | {fmt(donors.get('other'))} |")
     return "\n".join(lines)
 
 
@@ -176,10 +287,15 @@ def _budget_markdown(summary: dict) -> str:
 
 
 def write_model_card(
-    directory: Path, summary: dict, accuracy: pd.DataFrame, lens: pd.DataFrame, predictions: pd.DataFrame
+    directory: Path,
+    summary: dict,
+    accuracy: pd.DataFrame,
+    lens: pd.DataFrame,
+    predictions: pd.DataFrame,
+    data_source: str,
 ) -> None:
-    """MODEL_CARD.md, card.json and predictions.parquet beside the checkpoint, from this report and
-    ``training.json``."""
+    """MODEL_CARD.md, card.json and predictions.parquet beside the checkpoint, from this report (run on
+    ``data_source``) and ``training.json``."""
     columns = ["problem_id", "condition", "n_steps", "gold", "prediction", "correct", "n_answer_tokens"]
     predictions[columns].to_parquet(directory / "predictions.parquet", index=False)
     training = json.loads((directory / "training.json").read_text())
@@ -199,8 +315,20 @@ def write_model_card(
     (directory / "card.json").write_text(json.dumps(card, indent=2))
     cfg, shape = training["config"], training["model_shape"]
     wall_minutes = training.get("wall_seconds_total", training["wall_seconds_this_invocation"]) / 60
+    name = directory.name.replace("_", "-")
+    mix = STEP_MIXES[training["data"].get("step_mix", "default")]
+    chain_weight = cfg.get("chain_distill_weight", 0.0)
     text = CARD_TEMPLATE.format(
+        name=name,
+        directory=f"codi_lens/pretrained/{directory.name}",
+        run_name=directory.name,
+        data_name=data_source,
         shape=", ".join(f"{k} {v}" for k, v in shape.items()),
+        chain_lengths=f"{min(mix)}-{max(mix)} (shares "
+        + ", ".join(f"{k}: {round(100 * v)}%" for k, v in sorted(mix.items()))
+        + ")",
+        objective=CHAIN_OBJECTIVE.format(weight=chain_weight) if chain_weight else UPSTREAM_OBJECTIVE,
+        chain_weight=f", chain distillation weight {chain_weight}" if chain_weight else "",
         steps=training["steps"],
         seed=cfg["seed"],
         batch=cfg["batch_size"],
@@ -223,38 +351,44 @@ def write_model_card(
         targets=_targets_markdown(summary, wall_minutes),
         budget=summary["max_new_tokens"],
         budget_note=_budget_markdown(summary),
+        patching=_patching_markdown(summary),
+        patching_problems=PATCHING_PROBLEMS,
     )
     (directory / "MODEL_CARD.md").write_text(text)
 
 
-CARD_TEMPLATE = """# toy-arith: a small CODI model trained from scratch by codi_lens
+CARD_TEMPLATE = """# {name}: a small CODI model trained from scratch by codi_lens
 
 A LLaMA-architecture model (RMSNorm, rope, GQA, tied embeddings; {shape}) trained with the CODI
 objective on synthetic multi-step arithmetic word problems (`codi_lens.synthetic`, data {data}):
-1-5 dependent operations (+, -, x, halving; mostly the non-linear ones, against a
+{chain_lengths} dependent operations (+, -, x, halving; mostly the non-linear ones, against a
 sum-of-operands shortcut), one per day ("On Tuesday Ava loses 3."), every value 0..40 and one token.
+{objective}
 Saved in the upstream CODI on-disk layout without LoRA (`codi.model.*`, `codi.lm_head.weight`,
-`prj.*`), with its HF config (base vocabulary, without the 3 CODI rows) and word-level tokenizer.
-Load it with `codi_lens.load_pretrained("toy-arith")`.
+`prj.*`), with its HF config (base vocabulary, without the 3 CODI rows) and word-level tokenizer; it
+runs in the standard CODI loop with no extra masking.
+Load it with `codi_lens.load_pretrained("{name}")`.
 
 ## Reproduce
 
 ```bash
-python -m experiments.train_toy_codi --export codi_lens/pretrained/toy_arith   # the shipped model
-python -m experiments.train_toy_codi --no-cot --out runs/no_cot                 # the no-CoT baseline
-python -m experiments.toy_model_report --baseline runs/no_cot/export --write-card
+python -m experiments.train_toy_codi --recipe {name} --export {directory}   # this model
+python -m experiments.train_toy_codi --recipe {name} --no-cot                    # its no-CoT baseline
+python -m experiments.toy_model_report --checkpoint {name} --data {data_name} \\
+    --baseline runs/{run_name}_no_cot/export --write-card                        # this card
+python -m experiments.position_patching --checkpoint {name} --data {data_name}  # the patching map
 ```
 
 Seed {seed}; {steps} steps of batch {batch} ({micro} length-grouped micro-batch(es) a step), AdamW
-lr {lr} (warm-up, cosine), student weight {student}, distillation weight {beta}, projection width
-{prj}, 6 latents, {threads} torch thread(s){gain}. Wall time of the training run on this 2-core CPU
-machine, as the run logged it: {wall:.1f} minutes ({per_step:.2f} s per step); the figure means
-something only if no other heavy job ran beside it. Instances of this machine type differ in speed, so
-time the first steps of a rerun before relying on that figure. The data order and initialisation are
-seeded; rerunning the command with the same thread count reproduces the logged losses exactly
-(checked for the first 10 steps; another thread count changes the last float bits).
+lr {lr} (warm-up, cosine), student weight {student}, distillation weight {beta}{chain_weight}, projection
+width {prj}, 6 latents, {threads} torch thread(s){gain}. Wall time of the training run on a 2-core CPU
+machine of this type, as the run logged it: {wall:.1f} minutes ({per_step:.2f} s per step); the figure means
+something only if no other heavy job ran beside it. Instances of this machine type differ in speed (up
+to 2x), so time the first steps of a rerun before relying on that figure. The data order and
+initialisation are seeded; rerunning the command with the same thread count reproduces the logged
+losses exactly (another thread count changes the last float bits).
 
-## Targets of the issue that asked for this model
+## Targets
 
 {targets}
 
@@ -273,11 +407,26 @@ condition; the test suite re-runs a subset and compares problem by problem.
 
 {budget_note}
 
+## Patching the thoughts on minimal pairs
+
+Pairs from the first {patching_problems} test problems (`codi_lens.pairs.make_pairs`: one number of the
+question changed, the chain and answer recomputed); a pair is used when the model answers its clean
+question right and the two answers start with different tokens. Each cell writes the clean run's
+activation into the corrupted run, whose loop then goes on from the patched state
+(`codi_lens.patching.patch_sweep`); recovery is the normalised logit difference at the answer number
+(0: the corrupted answer, 1: the clean one), teacher-forced on the clean answer's prefix. `latents` is
+BOT and all six thoughts at once, `thoughts` the six thoughts, `fed thought:k` the fed-back vector
+itself (`thought.k.hook_input`). The control patches each pair from *another* pair's clean run
+(`donor="other"`): what a patch recovers because it carries this problem's values, it cannot recover
+from another problem's.
+
+{patching}
+
 ## Intermediate values in the logit lens
 
 For each intermediate value of each test problem (its position in the chain in the first column),
-how often its token is the top-1 / in the top-5 of the logit lens of some latent state
-(`h_0` at BOT .. `h_6`), and at which latent step it is most often the top-1. The control columns
+how often its token is the top-1 / in the top-5 of the logit lens (final norm applied) of some latent
+state (`h_0` at BOT .. `h_6`), and at which latent step it is most often the top-1. The control columns
 read out *another* problem's intermediate values from the same latent states: with 41 possible
 values and 7 latent states, "top-5 at some latent" is reached often by chance, so only the gap to
 the control means anything.
@@ -335,6 +484,27 @@ def main(argv: list[str] | None = None) -> dict:
     )
     latent_readout_heatmap(readout_rates(lens[~lens["control"]], N_LATENTS + 1)).write_html(out / "logit_lens.html")
 
+    patch_rows = patching_frame(model, problems, out, args)
+    patching = patching_table(patch_rows)
+    patching.to_parquet(out / "patching.parquet")
+    used = patch_rows[patch_rows["reason"].fillna("") == ""]
+    if not used.empty:
+        label = np.where(
+            used["kind"] == "thought_input",
+            "fed " + used["position"],
+            "L" + used["layer"].fillna(-1).astype(int).astype(str) + " " + used["position"],
+        )
+        write_html(
+            patching_bars(
+                used.assign(cell=label),
+                "cell",
+                color="donor",
+                title="Recovery of the clean answer on minimal pairs, patched from the pair's own clean run "
+                "or (control) another problem's (95% CI over pairs)",
+            ),
+            out / "patching.html",
+        )
+
     overall = accuracy[accuracy["group"] == "all"].set_index("condition")["accuracy"]
     real, control = lens[~lens["control"]], lens[lens["control"]]
     summary = {
@@ -355,10 +525,27 @@ def main(argv: list[str] | None = None) -> dict:
             "top5_any_control": round(float(control["topk_any"].mean()), 4) if len(control) else None,
             "single_token_values": round(float(real["token"].notna().mean()), 4),
         },
+        "patching": {
+            "n_pairs": int(patch_rows["pair_id"].nunique()),
+            "n_pairs_used": int(used[used["donor"] == "clean"]["pair_id"].nunique()),
+            "recovery": [
+                {
+                    "donor": r.donor,
+                    "hook": "thought.k.hook_input"
+                    if r.kind == "thought_input"
+                    else f"blocks.{int(r.layer)}.hook_resid_post",
+                    "position": r.position,
+                    "n": int(r.n),
+                    "mean": round(float(r.mean), 4),
+                    "ci95": [round(float(r.low), 4), round(float(r.high), 4)],
+                }
+                for r in patching.itertuples()
+            ],
+        },
     }
     store.finish(predictions, summary)
     if args.write_card:
-        write_model_card(Path(model.checkpoint_file).parent, summary, accuracy, lens, predictions)
+        write_model_card(Path(model.checkpoint_file).parent, summary, accuracy, lens, predictions, args.data)
     print(accuracy.to_string(index=False))
     print(json.dumps(summary["logit_lens"]))
     print(f"ablation drop: {summary['ablation_drop_points']} points; results in {out}")

@@ -6,9 +6,10 @@ import json
 from dataclasses import asdict
 
 import pandas as pd
+import pytest
 
-from codi_lens.loading import PRETRAINED
-from codi_lens.training import BOOKKEEPING_FIELDS
+from codi_lens.loading import DEFAULT_MODEL, PRETRAINED
+from codi_lens.training import BOOKKEEPING_FIELDS, TrainConfig
 from experiments import toy_model_report, train_toy_codi
 
 
@@ -105,17 +106,39 @@ def test_training_on_a_data_variant_records_it(tmp_path, monkeypatch):
     assert "rounding" in json.loads((export / "tokenizer.json").read_text())["model"]["vocab"]
 
 
-def test_default_command_trains_the_shipped_recipe():
-    """``python -m experiments.train_toy_codi`` with no flags must train what ``training.json`` of the
-    shipped model records (config, model shape, data); the no-CoT baseline differs only where it must."""
-    shipped = json.loads((PRETRAINED["toy-arith"] / "training.json").read_text())
-    args = train_toy_codi.parse_args([])
-    config = asdict(train_toy_codi.train_config(args))
-    assert config == shipped["config"]
-    assert {k: getattr(args, k) for k in train_toy_codi.MODEL_SHAPE} == shipped["model_shape"]
-    assert shipped["data"] == train_toy_codi.DATA
+def test_chain_recipe_trains_with_day_labelled_chains_and_the_chain_loss(tmp_path, monkeypatch):
+    """``--recipe toy-chain`` draws long chains, gives the teacher day-labelled solutions and adds the
+    chain distillation (logged, nonzero); a flag still overrides the recipe."""
+    monkeypatch.setattr(train_toy_codi, "DATA", {"seed": 0, "n_train": 64, "n_val": 8, "n_test": 8})
+    tiny = ["--steps", "1", "--batch-size", "4", "--d-model", "16", "--d-mlp", "32", "--prj-dim", "16"]
+    out = tmp_path / "run"
+    export = train_toy_codi.main(
+        ["--recipe", "toy-chain", "--out", str(out), "--val-size", "4", "--threads", "1", *tiny]
+    )
+    training = json.loads((export / "training.json").read_text())
+    assert training["data"]["step_mix"] == "long" and training["data"]["cot_days"] is True
+    assert training["config"]["chain_distill_weight"] > 0 and training["config"]["cot_text"] == "solution"
+    log = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert log["chain"] > 0
+    assert "Monday <<" in (export / "data" / "test.jsonl").read_text()
+    args = train_toy_codi.parse_args(["--recipe", "toy-chain", "--chain-distill-weight", "0", "--no-cot-days"])
+    assert args.chain_distill_weight == 0 and args.cot_days is False
 
-    no_cot = train_toy_codi.train_config(train_toy_codi.parse_args(["--no-cot"]))
+
+@pytest.mark.parametrize("recipe", sorted(set(train_toy_codi.RECIPES) & set(PRETRAINED)))
+def test_recipes_train_the_shipped_models(recipe):
+    """``python -m experiments.train_toy_codi --recipe NAME`` must train what ``training.json`` of the
+    shipped model NAME records (config, model shape, data), and no flags the default model's recipe;
+    the no-CoT baseline differs only where it must."""
+    assert train_toy_codi.DEFAULT_RECIPE == DEFAULT_MODEL
+    shipped = json.loads((PRETRAINED[recipe] / "training.json").read_text())
+    args = train_toy_codi.parse_args(["--recipe", recipe] if recipe != DEFAULT_MODEL else [])
+    config = asdict(train_toy_codi.train_config(args))
+    assert config == {**asdict(TrainConfig()), **shipped["config"]}  # fields added since default to off
+    assert {k: getattr(args, k) for k in train_toy_codi.MODEL_SHAPE} == shipped["model_shape"]
+    assert shipped["data"] == {**train_toy_codi.DATA, **train_toy_codi.RECIPES[recipe].data}
+
+    no_cot = train_toy_codi.train_config(train_toy_codi.parse_args(["--recipe", recipe, "--no-cot"]))
     changed = {k for k, v in asdict(no_cot).items() if v != config[k] and k not in BOOKKEEPING_FIELDS}
     assert changed == {"use_teacher", "n_latents", "student_weight"}
     assert no_cot.student_weight == 1.0 and no_cot.n_latents == 0

@@ -1,4 +1,4 @@
-"""The shipped toy-arith model: strict loading, size, and its card's numbers on a test subset."""
+"""The shipped toy models: strict loading, size, and their cards' numbers on a test subset."""
 
 from __future__ import annotations
 
@@ -13,22 +13,24 @@ from codi_lens.data import load_problems
 from codi_lens.interventions import zero_thoughts
 from codi_lens.loading import PRETRAINED
 
-DIRECTORY = PRETRAINED["toy-arith"]
+#: Each shipped model and the name of its test split.
+TEST_SPLITS = {"toy-arith": "toy:test"}
 SUBSET = 300
 #: Greedy decoding is deterministic; only float rounding (another thread count or CPU) can flip a
 #: near-tie, so at most this many of the subset's predictions may differ from the card's run.
 MAX_CHANGED = 2
 
 
-@pytest.fixture(scope="module")
-def card() -> dict:
-    return json.loads((DIRECTORY / "card.json").read_text())
+def test_every_shipped_model_has_a_test_split():
+    assert set(TEST_SPLITS) == set(PRETRAINED)
 
 
-def test_shipped_files_and_size():
-    total = sum(p.stat().st_size for p in DIRECTORY.rglob("*") if p.is_file())
+@pytest.mark.parametrize("name", sorted(TEST_SPLITS))
+def test_shipped_files_and_size(name):
+    directory = PRETRAINED[name]
+    total = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
     assert total <= 20 * 2**20
-    for name in (
+    for file in (
         "model.safetensors",
         "config.json",
         "tokenizer.json",
@@ -37,31 +39,35 @@ def test_shipped_files_and_size():
         "predictions.parquet",
         "data/test.jsonl",
     ):
-        assert (DIRECTORY / name).is_file(), name
-    assert "/" not in json.loads((DIRECTORY / "card.json").read_text())["summary"]["checkpoint"]  # no build path
+        assert (directory / file).is_file(), file
+    assert "/" not in json.loads((directory / "card.json").read_text())["summary"]["checkpoint"]  # no build path
 
 
-def test_loads_through_the_strict_loader():
-    model = load_pretrained("toy-arith")
-    layout = validate_checkpoint(read_tensor_info(DIRECTORY / "model.safetensors"), model.architecture)
+@pytest.mark.parametrize("name", sorted(TEST_SPLITS))
+def test_loads_through_the_strict_loader(name):
+    model = load_pretrained(name)
+    layout = validate_checkpoint(read_tensor_info(PRETRAINED[name] / "model.safetensors"), model.architecture)
     assert layout == model.layout and not layout.uses_lora and layout.family == "llama"
     assert model.cfg.n_key_value_heads is not None  # GQA
     assert model.cfg.normalization_type == "RMS" and model.cfg.positional_embedding_type == "rotary"
 
 
+@pytest.mark.parametrize("name", sorted(TEST_SPLITS))
 @pytest.mark.parametrize("condition", ["latents", "zero_all_thoughts"])
-def test_reproduces_the_cards_predictions_problem_by_problem(card, condition):
+def test_reproduces_the_cards_predictions_problem_by_problem(name, condition):
     """The card's run stored every prediction; a rerun of the first problems must give the same ones
     (a broken loop, a wrong budget or a shifted hook changes many)."""
-    model = load_pretrained("toy-arith")
-    problems = load_problems("toy:test", limit=SUBSET)
+    directory = PRETRAINED[name]
+    card = json.loads((directory / "card.json").read_text())
+    model = load_pretrained(name)
+    problems = load_problems(TEST_SPLITS[name], limit=SUBSET)
     hooks = zero_thoughts(range(1, 7)) if condition == "zero_all_thoughts" else ()
     budget = card["summary"]["max_new_tokens"]
     predicted = []
     for start in range(0, SUBSET, 100):
         batch = problems[start : start + 100]
         predicted += model.run_codi([p.question for p in batch], max_new_tokens=budget, fwd_hooks=hooks).prediction
-    stored = pd.read_parquet(DIRECTORY / "predictions.parquet")
+    stored = pd.read_parquet(directory / "predictions.parquet")
     stored = stored[stored["condition"] == condition].set_index("problem_id").loc[[p.id for p in problems]]
     expected = [None if pd.isna(x) else x for x in stored["prediction"]]
     changed = sum(a != b for a, b in zip(predicted, expected))
@@ -69,5 +75,5 @@ def test_reproduces_the_cards_predictions_problem_by_problem(card, condition):
     n_correct = sum(pred == p.gold for pred, p in zip(predicted, problems))
     assert abs(n_correct - int(stored["correct"].sum())) <= MAX_CHANGED
     # The stored predictions are the ones the card's figures were computed from.
-    every = pd.read_parquet(DIRECTORY / "predictions.parquet")
+    every = pd.read_parquet(directory / "predictions.parquet")
     assert every[every["condition"] == condition]["correct"].mean() == card["summary"]["accuracy"][condition]
