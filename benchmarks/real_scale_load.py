@@ -1,11 +1,13 @@
 """Load a random-weight CODI checkpoint with the true LLaMA-3.2-1B shapes and answer one question.
 
-    python benchmarks/real_scale_load.py --tokenizer DIR [--workdir DIR] [--format safetensors|bin]
+    python benchmarks/real_scale_load.py [--tokenizer DIR] [--workdir DIR] [--format safetensors|bin]
 
 Writes a checkpoint in the upstream layout (377 keys: bf16 base, fp32 LoRA r=128 and projection,
 random values), loads it with codi_lens in float32 on the CPU, runs the CODI loop on one question,
-and prints the file size, the load and answer wall times and the peak resident memory. The
-tokenizer may be any local tokenizer whose ids are below 128256 (the weights are random anyway).
+and prints the file size, the load and answer wall times and the peak resident memory. Without
+``--tokenizer`` the model loads with no tokenizer directory (the Llama 3 tokenizer built from Meta's
+``llama-models``, extra ``codi-lens[llama]``) and answers the first GSM8K test question; any local
+tokenizer whose ids are below 128256 also works (the weights are random anyway).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from safetensors.torch import save_file
 from codi_lens import load_codi
 from codi_lens.architectures import describe_base
 from codi_lens.checkpoint import CheckpointLayout, expected_tensors
+from codi_lens.data import load_problems
 
 BASE = "llama-3.2-1b-instruct"
 
@@ -83,7 +86,7 @@ def greedy_without_cache(model, question: str, thoughts: torch.Tensor, max_new_t
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the built Llama 3 tokenizer)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--format", choices=["safetensors", "bin"], default="safetensors")
     parser.add_argument("--max-new-tokens", type=int, default=8)
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     t1 = time.perf_counter()
     model = load_codi(workdir, BASE, tokenizer=args.tokenizer)
     t2 = time.perf_counter()
-    question = "Janet has 16 eggs and eats 3. How many are left?"
+    question = load_problems("gsm8k:test", limit=1)[0].question
     result = model.run_codi([question], max_new_tokens=args.max_new_tokens)
     t3 = time.perf_counter()
     reference = greedy_without_cache(model, question, result.thought_embeds, args.max_new_tokens)
@@ -104,6 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
         "write_s": round(t1 - t0, 1),
         "load_s": round(t2 - t1, 1),
         "answer_s": round(t3 - t2, 1),
+        "question_ids": model.tokenize_questions([question])[0][0].tolist(),
+        "eos_id": model.codi_tokens.eos,
         "answer_tokens": result.answer_tokens[0],
         "reference_answer_tokens": reference["answer_tokens"],
         "latent_max_abs_diff": float((reference["latents"] - result.latent_states[0]).abs().max()),

@@ -26,9 +26,12 @@ from codi_lens.checkpoint import (
     resolve_checkpoint_file,
     validate_checkpoint,
 )
+from codi_lens.llama_tokenizer import llama3_tokenizer
 from codi_lens.model import CODIModel, CODITokens
 
 DEFAULT_MODEL = "toy-arith"
+#: Built-in bases whose tokenizer codi_lens can build offline when no ``tokenizer=`` is given.
+BUILT_TOKENIZERS = {"llama-3.2-1b-instruct": llama3_tokenizer}
 
 
 class _MergedWeights:
@@ -70,6 +73,8 @@ class _MergedWeights:
 def _resolve_tokenizer(tokenizer: Any, base: str | Path) -> PreTrainedTokenizerBase:
     if isinstance(tokenizer, PreTrainedTokenizerBase):
         return tokenizer
+    if tokenizer is None and str(base).lower() in BUILT_TOKENIZERS:
+        return BUILT_TOKENIZERS[str(base).lower()]()
     source = tokenizer if tokenizer is not None else base
     if not Path(source).is_dir():
         raise CheckpointError(
@@ -164,7 +169,10 @@ def load_codi(
             CODI layout, the file itself, or the name of a shipped model (``"toy-arith"``).
         base: a local HF base-model directory (``config.json`` and tokenizer) or a built-in base name
             (``"llama-3.2-1b-instruct"``, ``"gpt2"``). Defaults to the shipped model's directory.
-        tokenizer: a local tokenizer directory or tokenizer object; required with a built-in base.
+        tokenizer: a local tokenizer directory or tokenizer object. With the built-in base
+            ``"llama-3.2-1b-instruct"`` it may be left out: the Llama 3 tokenizer is then built once from
+            Meta's ``llama-models`` package (extra ``codi-lens[llama]``) into a cache directory, see
+            :mod:`codi_lens.llama_tokenizer`. With the built-in ``"gpt2"`` it is required.
         lora_alpha: LoRA alpha used in training (not stored in checkpoints; CODI used 32). The rank
             is read from the weights.
         device, dtype: where and in which precision the model runs (float32 or bfloat16).

@@ -116,9 +116,9 @@ def test_directory_without_weights(llama, tmp_path):
         load_codi(tmp_path, llama.base_dir)
 
 
-def test_builtin_base_needs_a_local_tokenizer(llama):
-    with pytest.raises(ValueError, match="pass tokenizer="):
-        load_codi(llama.checkpoint_dir, "llama-3.2-1b-instruct")
+def test_builtin_gpt2_base_needs_a_local_tokenizer(gpt2):
+    with pytest.raises(CheckpointError, match="pass tokenizer="):
+        load_codi(gpt2.checkpoint_dir, "gpt2")
 
 
 def test_file_path_and_directory_load_the_same(llama):

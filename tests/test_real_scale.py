@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,28 +36,27 @@ def test_expected_layout_of_real_checkpoints_matches_upstream_module(tmp_path, f
 
 
 @pytest.mark.slow
-def test_random_1b_checkpoint_loads_and_answers(tiny_checkpoint, tmp_path):
-    tokenizer_dir = tiny_checkpoint("llama").base_dir
+def test_random_1b_checkpoint_loads_with_no_tokenizer_directory_and_answers(tmp_path):
+    """The true LLaMA-3.2-1B layout (128,259 vocabulary rows) loads with only its weight file: the Llama 3
+    tokenizer is built from Meta's llama-models into a fresh cache, and a GSM8K question is answered."""
+    env = {**os.environ, "CODI_LENS_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "real_scale_load.py"),
-            "--tokenizer",
-            str(tokenizer_dir),
-            "--workdir",
-            str(tmp_path),
-            "--max-new-tokens",
-            "4",
-        ],
+        [sys.executable, str(ROOT / "benchmarks" / "real_scale_load.py"), "--workdir", str(tmp_path),
+         "--max-new-tokens", "4"],
         capture_output=True,
         text=True,
         timeout=1200,
-    )
+        env=env,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     print(report)
     assert report["n_keys"] == 377
     assert 3.3e9 < report["file_bytes"] < 3.5e9  # codi-reference.md: about 3.39 GB
+    assert (tmp_path / "cache").is_dir()  # built there, not in the user's cache
+    assert report["question_ids"][0] == 128000 and report["question_ids"].count(128000) == 1  # BOS once
+    assert max(report["question_ids"][1:]) < 128000  # the question itself holds no special token
+    assert report["eos_id"] == 128009  # <|eot_id|>: Llama-3.2-Instruct CODI stops there
     assert report["latent_shape"] == [1, 7, 2048] and report["latents_finite"]
     # The KV-cache loop against whole-sequence forwards with no cache over the same thoughts.
     assert report["answer_tokens"] == report["reference_answer_tokens"] and len(report["answer_tokens"]) == 4
