@@ -1,6 +1,6 @@
 """Peak memory of ``run_codi_with_cache`` for a 256-token answer on the LLaMA-3.2-1B shape.
 
-    python -m benchmarks.cache_memory [--max-new-tokens 256] [--limit-gb G] [--quick]
+    python -m benchmarks.cache_memory [--max-new-tokens 256] [--limit-gb G] [--quick] [--device cpu] [--dtype float32]
 
 Two ways of caching every hook of a CODI run, each in a fresh process so each peak is its own:
 
@@ -33,7 +33,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import PeakSampler, machine_gb, random_1b_shape_model, resident_gb
+from benchmarks.common import DTYPES, PeakSampler, add_device_args, machine_gb, random_1b_shape_model, resident_gb
 from codi_lens.hooks import position_axis, spans_every_cached_position
 
 QUESTION = "Ava has 16 coins. On Monday Ava buys 4 more. On Tuesday Ava keeps half of them. How many now?"
@@ -51,13 +51,21 @@ def stitch_chunks(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def measure(mode: str, n_layers: int | None, max_new_tokens: int, limit_gb: float) -> dict:
-    """Run one way in this process; returns the peak resident memory during the run (the model's own
-    memory included) and a checksum of the stitched rotated keys."""
-    model = random_1b_shape_model(n_layers)
-    before = resident_gb()
-    sampler = PeakSampler(limit_gb)
-    sampler.start()
+def measure(
+    mode: str, n_layers: int | None, max_new_tokens: int, limit_gb: float, device: str = "cpu", dtype: str = "float32"
+) -> dict:
+    """Run one way in this process; returns the peak memory during the run (the model's own memory
+    included: resident memory on the CPU, allocated device memory on CUDA) and a checksum of the
+    stitched rotated keys."""
+    model = random_1b_shape_model(n_layers, device=device, dtype=DTYPES[dtype])
+    on_cuda = device.startswith("cuda")
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) / 2**30
+    else:
+        before = resident_gb()
+        sampler = PeakSampler(limit_gb)
+        sampler.start()
     start = time.perf_counter()
     if mode == "library":
         result, cache = model.run_codi_with_cache([QUESTION], max_new_tokens=max_new_tokens)
@@ -80,7 +88,7 @@ def measure(mode: str, n_layers: int | None, max_new_tokens: int, limit_gb: floa
                 parts = [parts[0]] + [p[:, -1:] for p in parts[1:]]
             cache[name] = stitch_chunks(name, parts)
         rot_k = cache["blocks.0.attn.hook_rot_k"]
-    peak = sampler.stop()
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else sampler.stop()
     return {
         "mode": mode,
         "peak_rss_gb": peak,
@@ -92,9 +100,10 @@ def measure(mode: str, n_layers: int | None, max_new_tokens: int, limit_gb: floa
     }
 
 
-def run_child(mode: str, layers: int | None, tokens: int, limit_gb: float) -> dict:
+def run_child(mode: str, layers: int | None, tokens: int, limit_gb: float, device: str, dtype: str) -> dict:
     """One way in a fresh process; its report, or ``{"exceeded_gb": ...}`` when it passed the limit."""
     command = [sys.executable, "-m", "benchmarks.cache_memory", "--child", mode, "--max-new-tokens", str(tokens)]
+    command += ["--device", device, "--dtype", dtype]
     command += ["--limit-gb", str(limit_gb)] + (["--layers", str(layers)] if layers else [])
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode not in (0, 3):
@@ -109,15 +118,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="4 layers, 32 tokens (a CI-sized check)")
     parser.add_argument("--child", choices=["naive", "library"], help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
+    add_device_args(parser)
     args = parser.parse_args(argv)
     if args.child:
         torch.set_grad_enabled(False)
-        print(json.dumps(measure(args.child, args.layers, args.max_new_tokens, args.limit_gb)))
+        print(json.dumps(measure(args.child, args.layers, args.max_new_tokens, args.limit_gb, args.device, args.dtype)))
         return
     layers = 4 if args.quick else None
     tokens = 32 if args.quick else args.max_new_tokens
-    print(f"{layers or 16} layers, {tokens} new tokens, float32, CPU, limit {args.limit_gb} GB")
-    reports = {mode: run_child(mode, layers, tokens, args.limit_gb) for mode in ("naive", "library")}
+    print(f"{layers or 16} layers, {tokens} new tokens, {args.dtype}, {args.device}, limit {args.limit_gb} GB")
+    reports = {
+        mode: run_child(mode, layers, tokens, args.limit_gb, args.device, args.dtype) for mode in ("naive", "library")
+    }
     for mode, r in reports.items():
         if "exceeded_gb" in r:
             print(f"{mode:8s} passed the {r['exceeded_gb']} GB limit and was stopped")

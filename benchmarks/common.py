@@ -63,6 +63,11 @@ def random_1b_shape_model(
                 param.fill_(1.0)
             else:
                 param.normal_(0, 0.02)
+    return place(model, device, dtype)
+
+
+def place(model: CODIModel, device: str = "cpu", dtype: torch.dtype = torch.float32) -> CODIModel:
+    """``model`` in ``dtype`` on ``device``, weights laid out as ``load_codi`` lays them out."""
     if dtype != torch.float32:
         model = model.to(dtype)
         model.cfg.dtype = dtype

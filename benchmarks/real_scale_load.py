@@ -1,9 +1,10 @@
 """Load a random-weight CODI checkpoint with the true LLaMA-3.2-1B shapes and answer one question.
 
     python benchmarks/real_scale_load.py [--tokenizer DIR] [--workdir DIR] [--format safetensors|bin]
+                                         [--device cpu] [--dtype float32]
 
 Writes a checkpoint in the upstream layout (377 keys: bf16 base, fp32 LoRA r=128 and projection,
-random values), loads it with codi_lens in float32 on the CPU, runs the CODI loop on one question,
+random values), loads it with codi_lens (default: float32 on the CPU), runs the CODI loop on one question,
 and prints the file size, the load and answer wall times and the peak resident memory. Without
 ``--tokenizer`` the model loads with no tokenizer directory (the Llama 3 tokenizer built from Meta's
 ``llama-models``, extra ``codi-lens[llama]``) and answers the first GSM8K test question; any local
@@ -65,15 +66,16 @@ def greedy_without_cache(model, question: str, thoughts: torch.Tensor, max_new_t
     """The answer computed another way: whole-sequence forwards with no KV cache, one per token, over
     ``[question, BOT, the loop's thoughts, EOT, answer so far]``. Returns its greedy tokens and the
     post-norm hidden states at BOT and the thoughts (which must equal the loop's latent states)."""
-    tokens, mask = model.tokenize_questions([question])
+    device = model.cfg.device
+    tokens, mask = (t.to(device) for t in model.tokenize_questions([question]))
     ids = model.codi_tokens
-    head = model.token_embeds(torch.cat([tokens, torch.tensor([[ids.bot]])], dim=1))
+    head = model.token_embeds(torch.cat([tokens, torch.tensor([[ids.bot]], device=device)], dim=1))
     answer: list[int] = []
     with torch.no_grad():
         for step in range(max_new_tokens):
-            tail = model.token_embeds(torch.tensor([[ids.eot, *answer]]))
+            tail = model.token_embeds(torch.tensor([[ids.eot, *answer]], device=device))
             embeds = torch.cat([head, thoughts.to(head.dtype), tail], dim=1)
-            full_mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+            full_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
             layout = model._layout(mask, thoughts.shape[1], [max_new_tokens])
             final, logits = model.forward_embeds(embeds, full_mask, None, layout=layout)
             if step == 0:
@@ -90,12 +92,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--format", choices=["safetensors", "bin"], default="safetensors")
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="codi_1b_"))
     t0 = time.perf_counter()
     file, n_keys = write_random_checkpoint(workdir, args.format)
     t1 = time.perf_counter()
-    model = load_codi(workdir, BASE, tokenizer=args.tokenizer)
+    model = load_codi(workdir, BASE, tokenizer=args.tokenizer, device=args.device, dtype=getattr(torch, args.dtype))
     t2 = time.perf_counter()
     question = load_problems("gsm8k:test", limit=1)[0].question
     result = model.run_codi([question], max_new_tokens=args.max_new_tokens)

@@ -1,6 +1,7 @@
 """Decode speed of the CODI loop with and without codi_lens' transposed weight layout.
 
-    python benchmarks/weight_layout.py [--d-model 1024] [--layers 8] [--vocab 32000] [--tokens 24]
+    python -m benchmarks.weight_layout [--d-model 1024] [--layers 8] [--vocab 32000] [--tokens 24]
+                                       [--device cpu] [--dtype float32]
 
 TransformerLens calls ``F.linear(x, W.T.contiguous())`` in its gated MLP and unembedding, which
 copies each weight on every call; ``CODIModel.store_weights_for_linear`` stores the same values in
@@ -12,11 +13,11 @@ outputs are identical, and prints the ratio.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from transformer_lens import HookedTransformerConfig
 
+from benchmarks.common import DTYPES, add_device_args, best_time
 from codi_lens.model import CODIModel, CODITokens
 
 
@@ -67,11 +68,7 @@ def build(d_model: int, n_layers: int, vocab: int) -> CODIModel:
 
 def timed(model: CODIModel, questions: list[str], tokens: int, repeats: int) -> tuple[float, list]:
     model.run_codi(questions, max_new_tokens=2)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = model.run_codi(questions, max_new_tokens=tokens)
-        best = min(best, time.perf_counter() - start)
+    best, result = best_time(lambda: model.run_codi(questions, max_new_tokens=tokens), repeats)
     return best, result.answer_tokens
 
 
@@ -82,14 +79,20 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
+    add_device_args(parser)
     args = parser.parse_args()
     model = build(args.d_model, args.layers, args.vocab)
+    model = model.to(args.device, DTYPES[args.dtype])
+    model.cfg.device, model.cfg.dtype = args.device, DTYPES[args.dtype]  # TransformerLens layout, no re-layout
     questions = ["Janet has 16 eggs and eats 3 of them. How many eggs are left?"]
     naive_s, naive_tokens = timed(model, questions, args.tokens, args.repeats)
     model.store_weights_for_linear()
     fast_s, fast_tokens = timed(model, questions, args.tokens, args.repeats)
     assert fast_tokens == naive_tokens, "the layout must not change results"
-    print(f"run_codi, {args.tokens} answer tokens, d_model {args.d_model}, {args.layers} layers, vocab {args.vocab}")
+    print(
+        f"run_codi, {args.tokens} answer tokens, d_model {args.d_model}, {args.layers} layers, vocab {args.vocab}, "
+        f"{args.dtype} on {args.device}"
+    )
     print(f"TransformerLens layout (copy per call): {naive_s:.3f} s")
     print(f"codi_lens layout (no copies):          {fast_s:.3f} s")
     print(f"speed-up: {naive_s / fast_s:.2f}x (identical answer tokens)")

@@ -17,6 +17,7 @@ import torch
 from codi_lens.architectures import BaseModelError
 from codi_lens.checkpoint import CheckpointError
 from codi_lens.data import DataError
+from codi_lens.distributed import DistributedError, Executor, make_executor
 from codi_lens.hooks import PositionError
 from codi_lens.loading import DEFAULT_MODEL, load_codi
 from codi_lens.model import CODIModel
@@ -27,6 +28,7 @@ USER_ERRORS = (
     BaseModelError,
     CheckpointError,
     DataError,
+    DistributedError,
     SettingsMismatchError,
     PositionError,
     FileNotFoundError,
@@ -49,6 +51,14 @@ def add_common_args(parser: argparse.ArgumentParser, *, out: str, data: str = "t
     parser.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha of the checkpoint (CODI: 32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--ray",
+        default=None,
+        metavar="local|ADDRESS",
+        help="run the units of work as Ray tasks: 'local' starts a cluster on this machine, an address joins "
+        "one (extra codi-lens[ray]); results are the same as a local run's and resumable either way",
+    )
+    parser.add_argument("--ray-cpus", type=float, default=1, help="CPUs each Ray task requests (default 1)")
     parser.add_argument("--out", default=out, help=f"output folder (default {out})")
     parser.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -64,6 +74,12 @@ def load_model(args: argparse.Namespace) -> CODIModel:
         device=args.device,
         dtype=getattr(torch, args.dtype),
     )
+
+
+def executor_from_args(args: argparse.Namespace) -> Executor:
+    """Where the units of work run: here, or on the Ray cluster ``--ray`` names (GPUs requested per
+    task when ``--device`` is CUDA)."""
+    return make_executor(args.ray, device=args.device, cpus_per_task=args.ray_cpus)
 
 
 def model_settings(model: CODIModel, args: argparse.Namespace) -> dict[str, Any]:

@@ -21,8 +21,9 @@ from typing import Any, Literal
 import pandas as pd
 
 from codi_lens.answers import is_correct
-from codi_lens.cli import add_common_args, load_model, model_settings, run_main
+from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, run_main
 from codi_lens.data import Problem, load_problems, problems_fingerprint
+from codi_lens.distributed import Executor
 from codi_lens.model import CODIModel
 from codi_lens.runner import UNIT_COLUMN, ResultStore
 
@@ -105,10 +106,12 @@ def evaluate_conditions(
     settings: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> tuple[pd.DataFrame, ResultStore]:
     """Answer every problem under every condition into one resumable folder; rows in condition order.
 
     ``run.json`` records each condition's settings, the problems' fingerprint and ``settings``.
+    ``executor``: where batches run (default here; :class:`~codi_lens.distributed.RayExecutor`: Ray tasks).
     """
     names = [c.name for c in conditions]
     if len(set(names)) != len(names):
@@ -133,6 +136,7 @@ def evaluate_conditions(
                 batch_size=batch_size,
                 desc=f"{condition.name}",
                 progress=progress,
+                executor=executor,
             )
         )
     return pd.concat(frames, ignore_index=True), store
@@ -147,10 +151,18 @@ def evaluate(
     settings: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> pd.DataFrame:
     """Answer every problem under one condition (resumable); writes ``results.parquet`` and returns it."""
     table, store = evaluate_conditions(
-        [condition], problems, out, batch_size=batch_size, settings=settings, overwrite=overwrite, progress=progress
+        [condition],
+        problems,
+        out,
+        batch_size=batch_size,
+        settings=settings,
+        overwrite=overwrite,
+        progress=progress,
+        executor=executor,
     )
     store.finish(table)
     return table
@@ -168,7 +180,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     condition = Condition("latents", model, n_latents=args.n_latents, max_new_tokens=args.max_new_tokens)
     settings = {**model_settings(model, args), "data_source": args.data, "limit": args.limit}
     table, store = evaluate_conditions(
-        [condition], problems, args.out, batch_size=args.batch_size, settings=settings, overwrite=args.overwrite
+        [condition],
+        problems,
+        args.out,
+        batch_size=args.batch_size,
+        settings=settings,
+        overwrite=args.overwrite,
+        executor=executor_from_args(args),
     )
     n_correct = int(table["correct"].sum())
     store.finish(

@@ -39,6 +39,7 @@ from codi_lens.answers import is_correct
 from codi_lens.attention import attention_to_thoughts, pattern_hook_names
 from codi_lens.branching import Branch, grow_trunk, run_branches
 from codi_lens.data import Problem, difficulty_bucket, problems_fingerprint
+from codi_lens.distributed import Executor
 from codi_lens.interventions import (
     SCOPES,
     Hooks,
@@ -253,9 +254,12 @@ def step_importance(
     settings: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> tuple[pd.DataFrame, ResultStore]:
     """Every ablation of :func:`ablation_grid` on every problem, resumable in ``out``: ``batch_size``
     problems at a time, ablations branching off each batch's baseline (see :func:`importance_rows`).
+
+    ``executor``: where batches run (default here; :class:`~codi_lens.distributed.RayExecutor`: Ray tasks).
 
     ``reference``: the problems whose mean thoughts the ``mean`` intervention feeds (default: the
     problems themselves). The swap donor of problem i is problem i + 1 (the last one's is the
@@ -316,6 +320,7 @@ def step_importance(
         batch_size=batch_size,
         desc="step importance",
         progress=progress,
+        executor=executor,
     )
     return rows, store
 
@@ -380,8 +385,11 @@ def attention_importance(
     settings: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> tuple[pd.DataFrame, ResultStore]:
-    """:func:`attention_importance_rows` over every problem, resumable in ``out``."""
+    """:func:`attention_importance_rows` over every problem, resumable in ``out``.
+    ``executor``: where batches run (default here; :class:`~codi_lens.distributed.RayExecutor`: Ray tasks).
+    """
     store = ResultStore(
         out,
         {
@@ -401,5 +409,6 @@ def attention_importance(
         batch_size=batch_size,
         desc="attention and importance",
         progress=progress,
+        executor=executor,
     )
     return rows, store

@@ -8,6 +8,7 @@ folding, centring) is applied.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,40 @@ def model_from_tensors(
     return model.eval()
 
 
+@dataclass(frozen=True)
+class LoadSpec:
+    """How a model was loaded: enough for another process (a Ray worker) to load the same model.
+
+    Recorded by :func:`load_codi` as ``model.load_spec`` when every argument is a name or a path
+    (not when ``tokenizer`` is a tokenizer object). ``checkpoint_sha256`` lets the other process check
+    that its copy of the file is the same one.
+    """
+
+    checkpoint: str
+    base: str | None
+    tokenizer: str | None
+    lora_alpha: float
+    device: str
+    dtype: str
+    checkpoint_sha256: str
+
+    def load(self) -> CODIModel:
+        model = load_codi(
+            self.checkpoint,
+            self.base,
+            tokenizer=self.tokenizer,
+            lora_alpha=self.lora_alpha,
+            device=self.device,
+            dtype=getattr(torch, self.dtype),
+        )
+        if model.checkpoint_sha256 != self.checkpoint_sha256:
+            raise CheckpointError(
+                f"{model.checkpoint_file} here has SHA-256 {model.checkpoint_sha256}, but the model was loaded "
+                f"from a file with SHA-256 {self.checkpoint_sha256}: every machine needs the same checkpoint"
+            )
+        return model
+
+
 def load_codi(
     checkpoint: str | Path = DEFAULT_MODEL,
     base: str | Path | None = None,
@@ -180,6 +215,7 @@ def load_codi(
     Raises:
         CheckpointError: the file does not match the base (names the offending keys).
     """
+    requested, requested_base = checkpoint, base
     if str(checkpoint) in PRETRAINED:
         checkpoint = PRETRAINED[str(checkpoint)]
         base = checkpoint if base is None else base
@@ -197,7 +233,22 @@ def load_codi(
     if str(device) != "cpu":
         model.cfg.device = str(device)
         model.to(device)
+    if tokenizer is None or isinstance(tokenizer, str | Path):
+        model.load_spec = LoadSpec(
+            checkpoint=_portable(requested),
+            base=None if requested_base is None else _portable(requested_base),
+            tokenizer=None if tokenizer is None else _portable(tokenizer),
+            lora_alpha=float(lora_alpha),
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+            checkpoint_sha256=model.checkpoint_sha256,
+        )
     return model.eval()
+
+
+def _portable(source: str | Path) -> str:
+    """A name as it is, a path made absolute (a worker's working directory may differ)."""
+    return str(Path(source).resolve()) if Path(source).exists() else str(source)
 
 
 def load_pretrained(name: str = DEFAULT_MODEL, **kwargs: Any) -> CODIModel:

@@ -185,6 +185,9 @@ class CODIModel(HookedSAETransformer):
         self.thought = nn.ModuleList([ThoughtStep() for _ in range(n_thought_hooks + 1)])
         self.prj.to(device=cfg.device, dtype=cfg.dtype)
         self._chunk_context: ChunkContext | None = None
+        #: how :func:`codi_lens.load_codi` loaded this model (None when built otherwise); see
+        #: :class:`codi_lens.loading.LoadSpec`. A Ray worker loads its own copy from it.
+        self.load_spec = None
         self.setup()
 
     @cached_property

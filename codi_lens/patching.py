@@ -50,6 +50,7 @@ from torch import Tensor
 from codi_lens.answers import clean_question, format_answer, is_correct
 from codi_lens.branching import QUESTION, Branch, grow_trunk, run_branches
 from codi_lens.cache import ActivationRecorder
+from codi_lens.distributed import Executor
 from codi_lens.gradients import LoopGradients, loop_gradients
 from codi_lens.hooks import PositionalHook
 from codi_lens.interventions import Hooks, replace_at, replace_thoughts
@@ -649,6 +650,7 @@ def patch_sweep(
     settings: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> tuple[pd.DataFrame, ResultStore]:
     """Patch every cell (default: ``resid_post`` of every layer at every default position, plus the
     layer-only cells) on every pair, resumable in ``out``: ``batch_size`` pairs at a time, cells
@@ -656,7 +658,9 @@ def patch_sweep(
     carry a ``reason``) and the store. ``method``: ``"exact"`` (patch every cell) or ``"attribution"``
     (one forward and one backward pass per batch give every cell's linear estimate; see
     :func:`cell_attributions` and :func:`rank_agreement`). ``donor="other"``: the control, each pair
-    patched from another pair's clean run (see :func:`patch_rows`)."""
+    patched from another pair's clean run (see :func:`patch_rows`).
+    ``executor``: where batches run (default here; :class:`~codi_lens.distributed.RayExecutor`: Ray tasks).
+    """
     if cells is None:
         cells = sweep_cells(model.cfg.n_layers, n_latents, layer_only=True)
     records = pairs.to_dict("records")
@@ -692,6 +696,7 @@ def patch_sweep(
         batch_size=batch_size,
         desc="patching",
         progress=progress,
+        executor=executor,
     )
     return rows, store
 

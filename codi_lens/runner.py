@@ -31,6 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from codi_lens.distributed import Executor, LocalExecutor
+
 Unit = TypeVar("Unit")
 UNITS_KEY = b"codi_lens.units"
 UNIT_COLUMN = "unit_id"
@@ -156,11 +158,14 @@ class ResultStore:
         batch_size: int,
         desc: str = "units",
         progress: bool = True,
+        executor: Executor | None = None,
     ) -> pd.DataFrame:
         """Compute every unit not yet done, ``batch_size`` at a time, writing a part per batch.
 
         ``work(batch)`` returns the batch's rows with a ``unit_id`` column (any number of rows per
-        unit, none included). Returns the rows of ``units`` (earlier and new), in unit order.
+        unit, none included). ``executor`` decides where batches run (default: here, in order; a
+        :class:`~codi_lens.distributed.RayExecutor` runs them as Ray tasks, and parts are written as
+        they come back). Returns the rows of ``units`` (earlier and new), in unit order.
         """
         ids = [unit_id(u) for u in units]
         if len(set(ids)) != len(ids):
@@ -171,9 +176,9 @@ class ResultStore:
         with tqdm(
             total=len(units), initial=len(units) - len(todo), desc=desc, unit="unit", disable=not progress
         ) as bar:
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start : start + batch_size]
-                frame = work(batch)
+            batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+            for index, frame in (executor or LocalExecutor()).map(work, batches):
+                batch = batches[index]
                 batch_ids = [unit_id(u) for u in batch]
                 unexpected = set(frame[UNIT_COLUMN]) - set(batch_ids) if len(frame) else set()
                 if unexpected:

@@ -47,7 +47,7 @@ from codi_lens.padding import pad_rows
 ANSWER_PREFIX = "The answer is:"
 #: Config fields that do not change what is computed (a resume may change them). The thread count
 #: can change float rounding: a run resumed with another one matches to rounding, not bit for bit.
-BOOKKEEPING_FIELDS = ("threads", "val_every", "val_size", "checkpoint_every")
+BOOKKEEPING_FIELDS = ("threads", "val_every", "val_size", "checkpoint_every", "device")
 
 
 @dataclass
@@ -93,6 +93,10 @@ class TrainConfig:
     val_size: int = 200
     checkpoint_every: int = 150
     threads: int = 2
+    #: Where training runs ("cpu", "cuda", "cuda:1"); bookkeeping, so a run may resume elsewhere.
+    device: str = "cpu"
+    #: "float32", or "bfloat16": mixed precision (fp32 weights and optimizer, bf16 autocast).
+    dtype: str = "float32"
 
 
 class CODIModule(nn.Module):
@@ -277,14 +281,14 @@ def student_forward(model: CODIModule, batch: CODIBatch, n_latents: int):
         thought_states.append(out.hidden_states)
         next_pos = next_pos + 1
     mask = torch.cat([mask, batch.answer_mask], dim=1)
-    answer_pos = next_pos + torch.arange(batch.answer_ids.shape[1])[None]
+    answer_pos = next_pos + torch.arange(batch.answer_ids.shape[1], device=next_pos.device)[None]
     out = _lm_step(lm, embed(batch.answer_ids), mask, answer_pos, cache)
     by_layer = tuple(torch.cat(layer, dim=1) for layer in zip(*thought_states)) if thought_states else ()
     return out.logits, out.hidden_states, by_layer
 
 
 def _gather(states: Float[Tensor, "batch pos d"], index: Int[Tensor, " batch"]) -> Float[Tensor, "batch d"]:
-    return states[torch.arange(states.shape[0]), index]
+    return states[torch.arange(states.shape[0], device=states.device), index]
 
 
 def distillation_loss(
@@ -419,6 +423,11 @@ def build_llama_lm(
     return LlamaForCausalLM(config)
 
 
+def batch_to(batch: CODIBatch, device: str | torch.device) -> CODIBatch:
+    """The batch with every tensor on ``device``."""
+    return CODIBatch(**{k: None if v is None else v.to(device) for k, v in vars(batch).items()})
+
+
 # ---------------------------------------------------------------------------------------- trainer
 @dataclass
 class Trainer:
@@ -441,6 +450,9 @@ class Trainer:
     wall_seconds: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.cfg.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype {self.cfg.dtype!r}: choose float32 or bfloat16")
+        self.model.to(self.cfg.device)
         if len(self.train_problems) < self.cfg.batch_size:
             raise ValueError(
                 f"{len(self.train_problems)} training problems cannot fill one batch of {self.cfg.batch_size}; "
@@ -487,8 +499,12 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
+        autocast = torch.autocast(
+            torch.device(self.cfg.device).type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bfloat16"
+        )
         for batch, share in self.micro_batches(self.step):
-            losses = codi_losses(self.model, batch, self.cfg)
+            with autocast:
+                losses = codi_losses(self.model, batch_to(batch, self.cfg.device), self.cfg)
             (losses["loss"] * share).backward()
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0.0) + value.item() * share
@@ -532,10 +548,10 @@ class Trainer:
         path = None if self.workdir is None else self.workdir / "train_state.pt"
         if path is None or not path.exists():
             return False
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=True, map_location="cpu")
         saved, current = (
             {k: v for k, v in config.items() if k not in BOOKKEEPING_FIELDS}
-            for config in ({"micro_batches": 1, **state["config"]}, asdict(self.cfg))  # older states: 1
+            for config in ({"micro_batches": 1, "dtype": "float32", **state["config"]}, asdict(self.cfg))  # older
         )
         if saved != current:
             changed = sorted(k for k in current if saved.get(k) != current[k])

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from codi_lens.attention import correlation_by_layer
-from codi_lens.cli import add_common_args, load_model, model_settings, run_main
+from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, run_main
 from codi_lens.importance import attention_importance
 from codi_lens.plotting import attention_by_head, attention_by_layer, attention_vs_importance, write_html
 from experiments.step_importance import add_selection_args, select_problems
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         batch_size=args.batch_size,
         settings=settings,
         overwrite=args.overwrite,
+        executor=executor_from_args(args),
     )
     out = Path(args.out)
     frame = per_thought(rows)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from codi_lens.cli import add_common_args, load_model, model_settings, run_main
+from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, run_main
 from codi_lens.metrics import bootstrap_ci
 from codi_lens.patching import trajectory_rows
 from codi_lens.plotting import trajectory_lines, write_html
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
         unit_id=lambda r: str(r["pair_id"]),
         batch_size=args.batch_size,
         desc="chained vs parallel",
+        executor=executor_from_args(args),
     )
     pairs.to_parquet(out / "pairs.parquet", index=False)
     used = rows[rows["reason"].fillna("") == ""]

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from codi_lens.cli import add_common_args, load_model, model_settings, run_main
+from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, run_main
 from codi_lens.data import load_problems
 from codi_lens.metrics import mean_ci_table
 from codi_lens.pairs import make_pairs
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         max_rows=args.max_rows,
         settings=settings,
         overwrite=args.overwrite,
+        executor=executor_from_args(args),
     )
     rows, store = patch_sweep(model, pairs, out, generate=args.generate, method=args.method, **sweep)
     agreement = None

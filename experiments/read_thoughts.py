@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from codi_lens.cli import add_common_args, load_model, model_settings, run_main
+from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, run_main
 from codi_lens.data import Problem, load_problems
 from codi_lens.early_answers import early_answer_rows
 from codi_lens.lens import (
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     started = time.perf_counter()
     model = load_model(args)
+    executor = executor_from_args(args)
     problems = load_problems(args.data, split=args.split, limit=args.limit)
     fit, evaluated = split_problems(problems, args.fit_fraction, args.seed)
     settings = {
@@ -166,7 +167,12 @@ def main(argv: list[str] | None = None) -> dict:
         return frame.assign(**{UNIT_COLUMN: frame["problem_id"]})
 
     readout = store.run(
-        eval_problems, readout_work, unit_id=lambda p: p.id, batch_size=args.batch_size, desc="readout"
+        eval_problems,
+        readout_work,
+        unit_id=lambda p: p.id,
+        batch_size=args.batch_size,
+        desc="readout",
+        executor=executor,
     ).drop(columns=UNIT_COLUMN)
     rates = pd.concat(
         [readout_rates(readout, k=1).assign(k=1), readout_rates(readout, k=args.top_k).assign(k=args.top_k)]
@@ -202,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
         unit_id=lambda p: p.id,
         batch_size=args.batch_size,
         desc="early answers",
+        executor=executor,
     )
     early_store.finish(early)
     early_table = pd.concat(
@@ -231,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         unit_id=lambda p: p.id,
         batch_size=args.batch_size,
         desc="value patching",
+        executor=executor,
     )
     patch_store.finish(patched)
     if len(patched):

@@ -24,7 +24,7 @@ import argparse
 import time
 from pathlib import Path
 
-from codi_lens.cli import add_common_args, load_model, model_settings, run_main
+from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, run_main
 from codi_lens.data import load_problems, stratified_sample
 from codi_lens.importance import INTERVENTIONS, step_importance
 from codi_lens.interventions import SCOPES
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         batch_size=args.batch_size,
         settings=settings,
         overwrite=args.overwrite,
+        executor=executor_from_args(args),
     )
     out = Path(args.out)
     table = importance_table(rows)

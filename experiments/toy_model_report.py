@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from codi_lens import load_codi
-from codi_lens.cli import add_common_args, load_model, model_settings, run_main
+from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, run_main
 from codi_lens.data import load_problems
 from codi_lens.evaluate import Condition, evaluate_conditions
 from codi_lens.interventions import zero_thoughts
@@ -125,6 +125,7 @@ def patching_frame(model, problems, out: Path, args: argparse.Namespace) -> pd.D
             donor=donor,
             settings={"checkpoint": str(args.checkpoint), "data_source": args.data},
             overwrite=args.overwrite,
+            executor=executor_from_args(args),
         )
         store.finish(rows, {"donor": donor})
         frames.append(rows)
@@ -472,7 +473,13 @@ def main(argv: list[str] | None = None) -> dict:
         conditions.append(Condition("no_cot_baseline", baseline, n_latents=0, max_new_tokens=budget))
     settings = {**model_settings(model, args), "data_source": args.data, "limit": args.limit}
     predictions, store = evaluate_conditions(
-        conditions, problems, out, batch_size=args.batch_size, settings=settings, overwrite=args.overwrite
+        conditions,
+        problems,
+        out,
+        batch_size=args.batch_size,
+        settings=settings,
+        overwrite=args.overwrite,
+        executor=executor_from_args(args),
     )
     accuracy = accuracy_table(predictions)
     lens = logit_lens_frame(model, problems, args.batch_size)
