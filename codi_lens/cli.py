@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from codi_lens.activations import ActivationError
 from codi_lens.architectures import BaseModelError
 from codi_lens.checkpoint import CheckpointError
 from codi_lens.data import DataError
@@ -25,6 +26,7 @@ from codi_lens.runner import SettingsMismatchError
 
 #: Errors that mean "the input was wrong", reported in one line without a traceback.
 USER_ERRORS = (
+    ActivationError,
     BaseModelError,
     CheckpointError,
     DataError,

@@ -5,6 +5,8 @@ Sources (:func:`load_problems`):
 - ``"gsm8k:test"`` / ``"gsm8k:train"``: the copy of GSM8K shipped inside the package (MIT licence,
   ``codi_lens/datasets/gsm8k/LICENSE``), read with :mod:`importlib.resources`;
 - ``"toy:test"``: the shipped toy-arith model's held-out synthetic test split;
+- ``"toy:train"`` / ``"toy:validation"``: its training and validation splits, regenerated from the same seed
+  (:data:`codi_lens.synthetic.SHIPPED_SPLITS`; no question is shared with ``toy:test``);
 - a local GSM8K-format ``.jsonl`` file (``question``, ``answer`` with ``<<...>>`` spans and a final
   ``#### N`` line; an ``id`` field, when present, is kept as the record's id);
 - a hub dataset name (needs the optional ``datasets`` extra; never used by tests).
@@ -34,6 +36,9 @@ SHIPPED_DATASETS = {
     "gsm8k:train": ("datasets/gsm8k", "train.jsonl"),
     "toy:test": ("pretrained/toy_arith/data", "test.jsonl"),
 }
+
+#: Splits of the shipped toy data regenerated on request, by name: the split of ``make_splits``.
+GENERATED_DATASETS = {"toy:train": "train", "toy:validation": "validation"}
 
 
 class DataError(ValueError):
@@ -163,7 +168,8 @@ def load_problems(
     """Load GSM8K-format problems.
 
     Args:
-        source: a shipped dataset name (``"gsm8k:test"``, ``"gsm8k:train"``, ``"toy:test"``), a local
+        source: a shipped dataset name (``"gsm8k:test"``, ``"gsm8k:train"``, ``"toy:test"``, ``"toy:train"``,
+            ``"toy:validation"``), a local
             ``.jsonl`` path (one ``{"question", "answer"}`` object per line) or a hub dataset name such
             as ``"openai/gsm8k"`` (then ``split`` is required).
         split: recorded as provenance; defaults to the shipped name's split or the file's stem.
@@ -176,6 +182,11 @@ def load_problems(
     """
     name = str(source)
     path = Path(source)
+    if name in GENERATED_DATASETS:
+        from codi_lens.synthetic import SHIPPED_SPLITS, make_splits  # the generator imports this module
+
+        problems = make_splits(**SHIPPED_SPLITS)[GENERATED_DATASETS[name]]
+        return problems[:limit] if limit is not None else problems
     if name in SHIPPED_DATASETS:
         text = shipped_dataset_text(name)
         source_name, split = name.split(":")[0], split or name.split(":")[1]

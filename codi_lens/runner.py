@@ -159,13 +159,15 @@ class ResultStore:
         desc: str = "units",
         progress: bool = True,
         executor: Executor | None = None,
+        collect: bool = True,
     ) -> pd.DataFrame:
         """Compute every unit not yet done, ``batch_size`` at a time, writing a part per batch.
 
         ``work(batch)`` returns the batch's rows with a ``unit_id`` column (any number of rows per
         unit, none included). ``executor`` decides where batches run (default: here, in order; a
         :class:`~codi_lens.distributed.RayExecutor` runs them as Ray tasks, and parts are written as
-        they come back). Returns the rows of ``units`` (earlier and new), in unit order.
+        they come back). Returns the rows of ``units`` (earlier and new), in unit order; with
+        ``collect=False`` nothing is read back (for tables too large to hold) and an empty frame is returned.
         """
         ids = [unit_id(u) for u in units]
         if len(set(ids)) != len(ids):
@@ -185,6 +187,8 @@ class ResultStore:
                     raise ValueError(f"work returned rows for units outside its batch: {sorted(unexpected)[:5]}")
                 self.write_part(batch_ids, frame)
                 bar.update(len(batch))
+        if not collect:
+            return pd.DataFrame()
         rows = self.rows()
         if rows.empty:
             return rows

@@ -36,6 +36,9 @@ from pathlib import Path
 
 from codi_lens.data import Problem
 
+#: The ``make_splits`` arguments of the shipped toy-arith data (``toy:train``, ``toy:val``, ``toy:test``).
+SHIPPED_SPLITS = {"seed": 0, "n_train": 40000, "n_val": 500, "n_test": 1000}
+
 MAX_VALUE = 40
 #: Largest operand of an addition/subtraction and of a multiplication.
 MAX_ADD, MAX_MUL = 10, 3

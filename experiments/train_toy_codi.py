@@ -31,12 +31,12 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from codi_lens.synthetic import STEP_MIXES, build_tokenizer, make_splits, save_jsonl
+from codi_lens.synthetic import SHIPPED_SPLITS, STEP_MIXES, build_tokenizer, make_splits, save_jsonl
 from codi_lens.training import CODIModule, TrainConfig, Trainer, add_codi_tokens, build_llama_lm, export_codi
 
 MODEL_SHAPE = {"d_model": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_mlp": 512}
 #: Seed and split sizes of every recipe's data.
-DATA = {"seed": 0, "n_train": 40000, "n_val": 500, "n_test": 1000}
+DATA = SHIPPED_SPLITS
 
 
 @dataclass(frozen=True)
