@@ -1,0 +1,177 @@
+"""Feature analysis, token association and feature pathways, against hand-computed values and small real
+interventions (a gradient is checked against the change a small scaling of the feature really makes)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from codi_lens import load_pretrained
+from codi_lens.activations import Site, collect_activations
+from codi_lens.data import Problem, load_problems
+from codi_lens.features import feature_frequency, token_association, top_examples
+from codi_lens.pathways import feature_attributions, site_order, target_activation
+from codi_lens.saes import SAEError, SAERecipe, feature_edit, load_saes, save_sae, train_sae
+
+SITES = [Site.of_thought_hook("thought.2.hook_hidden"), Site("blocks.1.hook_resid_post", 3)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_pretrained()
+
+
+@pytest.fixture(scope="module")
+def sae_dir(model, tmp_path_factory):
+    """Standard (ReLU + L1) SAEs at thought 2's final state and at layer 1 of thought 3, saved as
+    ``experiments.train_saes`` saves them."""
+    root = tmp_path_factory.mktemp("saes")
+    data = collect_activations(model, load_problems("toy:train", limit=256), SITES, root / "acts", progress=False)
+    recipe = SAERecipe(architecture="standard", d_sae=128, l1_coefficient=1.0, batch_size=64, training_samples=16000)
+    for site in SITES:
+        sae = train_sae(data.load(site)[0], recipe, site, progress=False)
+        save_sae(sae, root / "saes" / f"{site.id}-standard")
+    return root
+
+
+def _problem(i: int, values: tuple[float, ...]) -> Problem:
+    return Problem(f"p{i}", f"question {i}", "", values[-1], len(values), "hand", "test", i, values)
+
+
+def test_frequency_and_top_examples_by_hand():
+    acts = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 4.0]])
+    freq = feature_frequency(acts)
+    assert freq["frequency"].tolist() == [0.5, 0.25, 0.75]
+    assert freq["mean_when_active"].tolist() == [2.0, 2.0, 2.0]
+    assert freq["max_activation"].tolist() == [3.0, 2.0, 4.0]
+    problems = [_problem(i, (i + 1.0, 10.0 * i)) for i in range(4)]
+    top = top_examples(acts, problems, [0, 1], k=3, site=Site.of_thought_hook("thought.2.hook_hidden"))
+    assert top[top["feature"] == 0]["problem_id"].tolist() == ["p1", "p2"]  # inactive problems are left out
+    assert top[top["feature"] == 1]["problem_id"].tolist() == ["p0"]
+    assert top.iloc[0]["intermediates"] == "2;10" and top.iloc[0]["thought"] == 2
+
+
+def test_token_association_by_hand():
+    reference = [["a", "x"], ["a"], ["a", "y"]]
+    intervened = [["b", "x"], ["b"], ["b"]]
+    table = token_association(reference, intervened).set_index("token")
+    # a: in 0/3 intervened vs 3/3 reference; Fisher two-sided p = 2 / C(6, 3) = 0.1
+    assert table.loc["a", "p_value"] == pytest.approx(0.1)
+    assert table.loc["b", "p_value"] == pytest.approx(0.1)
+    assert table.loc["x", "p_value"] == pytest.approx(1.0)
+    assert table.loc["b", "log_odds"] == pytest.approx(2 * np.log(3.5 / 0.5))  # prior 0.5 in each cell
+    assert table.loc["a", "log_odds"] == pytest.approx(-2 * np.log(3.5 / 0.5))
+    # Benjamini-Hochberg by hand over the 4 tokens' p-values (0.1, 0.1, 1, 1): rank r -> min_{j>=r} p_j m / j
+    p = table["p_value"].sort_values().to_numpy()
+    by_hand = np.minimum.accumulate((p * len(p) / np.arange(1, len(p) + 1))[::-1])[::-1]
+    assert np.allclose(np.sort(table["q_value"].to_numpy()), np.minimum(by_hand, 1.0))
+    assert table.loc["a", "q_value"] == pytest.approx(0.2) and not table["significant"].any()
+
+
+def test_benjamini_hochberg_step_up_by_hand():
+    """Three tokens present in 20, 12 and 6 of 20 intervened answers and in none of 20 reference ones: their
+    q-values follow the step-up rule written out here (q of rank r = min over ranks j >= r of p_j m / j)."""
+    reference = [[] for _ in range(20)]
+    intervened = [["t1"] for _ in range(20)]
+    for i in range(12):
+        intervened[i].append("t2")
+    for i in range(6):
+        intervened[i].append("t3")
+    table = token_association(reference, intervened).set_index("token")
+    p = table["p_value"]
+    ranked = p.sort_values()
+    m = len(p)
+    expected = {}
+    running = 1.0
+    for rank in range(m, 0, -1):  # step-up from the largest p-value
+        token = ranked.index[rank - 1]
+        running = min(running, ranked.iloc[rank - 1] * m / rank)
+        expected[token] = running
+    for token, q in expected.items():
+        assert table.loc[token, "q_value"] == pytest.approx(q)
+    assert table.loc["t1", "significant"] and table.loc["t2", "significant"]
+
+
+def test_site_order_follows_the_loop():
+    order = [
+        Site("thought.2.hook_input", 2),
+        Site("blocks.0.hook_resid_post", 2),
+        Site("blocks.1.hook_resid_post", 2),
+        Site("thought.2.hook_hidden", 2),
+        Site("thought.3.hook_input", 3),
+    ]
+    assert sorted(order, key=site_order) == order
+
+
+def test_attribution_predicts_a_small_scaling_of_the_source(model, sae_dir):
+    saes = load_saes(sae_dir)
+    source, target = saes["thought.2.hook_hidden-standard"], saes["blocks.1.hook_resid_post@3-standard"]
+    questions = [p.question for p in load_problems("toy:test", limit=32)]
+    every = target_activation(model, questions, target, None, [source, target])
+    feature = int((every > 0).mean(0).argmax())
+    attributions, value = feature_attributions(model, questions, target, feature, [source])
+    assert np.allclose(value, every[:, feature], atol=1e-5)  # the gradient run is the spliced run
+    ranked = attributions.assign(size=attributions["attribution"].abs()).sort_values("size", ascending=False)
+    best = ranked.groupby("source_feature")["size"].sum().idxmax()
+    mine = attributions[attributions["source_feature"] == best].set_index("problem")
+    epsilon = 0.02
+    scaled = target_activation(
+        model,
+        questions,
+        target,
+        feature,
+        [source, target],
+        fwd_hooks=feature_edit(source, [best], "scale", 1 - epsilon),
+    )
+    actual = scaled - every[:, feature]
+    predicted = np.zeros(len(questions))
+    predicted[mine.index] = epsilon * mine["attribution"]  # a (1 - eps) scaling is eps of an ablation
+    assert np.abs(predicted).max() > 1e-4
+    assert np.abs(actual - predicted).max() <= 0.1 * np.abs(predicted).max() + 1e-5
+    with pytest.raises(SAEError, match="not computed before the target"):
+        feature_attributions(model, questions, source, 0, [target])
+
+
+def test_feature_pathways_experiment_agrees_with_replay(sae_dir, tmp_path):
+    from experiments import feature_pathways
+
+    summary = feature_pathways.main(
+        ["--saes", str(sae_dir), "--limit", "48", "--candidates", "6", "--out", str(tmp_path)]
+    )
+    table = pd.read_parquet(tmp_path / "results.parquet")
+    assert summary["target"] == "blocks.1.hook_resid_post@3-standard"
+    assert summary["sources"] == ["thought.2.hook_hidden-standard"]
+    assert len(table) == 6 * 48 and {"problem_id", "predicted", "actual"} <= set(table.columns)
+    low, high = summary["pearson_ci95"]
+    assert low <= summary["pearson"] <= high and summary["pearson"] > 0.8
+    assert (tmp_path / "pathways.html").read_text().count("plotly") > 0
+
+
+def test_sae_features_experiment_writes_tables_and_a_browser(sae_dir, tmp_path):
+    from experiments import sae_features
+
+    flags = ["--saes", str(sae_dir), "--limit", "40", "--top-features", "4", "--intervene", "1"]
+    summary = sae_features.main([*flags, "--max-new-tokens", "16", "--out", str(tmp_path)])
+    table = pd.read_parquet(tmp_path / "results.parquet")
+    assert set(table["sae_id"]) == {"thought.2.hook_hidden-standard", "blocks.1.hook_resid_post@3-standard"}
+    assert len(table) == 2 * 128
+    profile = pd.read_parquet(tmp_path / "position_profile.parquet")
+    own = profile[profile["own"]]
+    assert set(zip(own["sae_id"], own["thought"])) == {
+        ("thought.2.hook_hidden-standard", 2),
+        ("blocks.1.hook_resid_post@3-standard", 3),
+    }
+    merged = own.merge(table, on=["sae_id", "feature"])  # the profile at the SAE's own thought is its frequency
+    assert np.allclose(merged["frequency_x"], merged["frequency_y"], atol=1e-6)
+    examples = pd.read_parquet(tmp_path / "top_examples.parquet")
+    for _, group in examples.groupby(["sae_id", "feature"]):
+        assert group["activation"].is_monotonic_decreasing
+    tokens = pd.read_parquet(tmp_path / "token_association" / "results.parquet")
+    assert {"token", "log_odds", "p_value", "q_value", "significant"} <= set(tokens.columns)
+    assert len(summary["interventions"]) == 2
+    html = (tmp_path / "dashboard_thought.2.hook_hidden-standard.html").read_text()
+    assert "updatemenus" in html and json.loads((tmp_path / "run.json").read_text())["settings"]["intervene"] == 1
