@@ -133,3 +133,20 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 def mean_attention(frame: pd.DataFrame, by: Sequence[str] = ("problem_id", "layer", "thought")) -> pd.DataFrame:
     """Mean attention weight over heads and sources, per ``by`` (``weight`` column)."""
     return frame.groupby(list(by), sort=False)["weight"].mean().reset_index()
+
+
+def per_thought(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per (problem, layer, thought 1..n): attention averaged over heads and over the EOT and
+    answer sources, with the thought's KL; plus ``kl_other``: the next problem's KL at that thought."""
+    thoughts = rows[rows["thought"] > 0].copy()
+    thoughts["attention"] = thoughts[["attention_eot", "attention_answer"]].mean(axis=1, skipna=True)
+    frame = (
+        thoughts.groupby(["problem_id", "layer", "thought"], sort=False)
+        .agg(attention=("attention", "mean"), kl=("kl", "first"))
+        .reset_index()
+    )
+    ids = list(dict.fromkeys(frame["problem_id"]))
+    other = dict(zip(ids, np.roll(ids, -1)))
+    kl_of = frame.drop_duplicates(["problem_id", "thought"]).set_index(["problem_id", "thought"])["kl"]
+    frame["kl_other"] = [kl_of.get((other[p], t), np.nan) for p, t in zip(frame["problem_id"], frame["thought"])]
+    return frame

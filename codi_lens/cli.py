@@ -66,6 +66,16 @@ def add_common_args(parser: argparse.ArgumentParser, *, out: str, data: str = "t
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
+def parse_choices(flag: str, text: str, allowed) -> list[str]:
+    """A comma-separated flag value as a list, each item one of ``allowed`` (a ``KeyError`` naming the
+    flag and the first unknown item otherwise)."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [item for item in items if item not in allowed]
+    if unknown or not items:
+        raise KeyError(f"{flag}: unknown {unknown[0] if unknown else '(empty)'!r}; choose from {', '.join(allowed)}")
+    return items
+
+
 def load_model(args: argparse.Namespace) -> CODIModel:
     """The model the common flags name."""
     return load_codi(

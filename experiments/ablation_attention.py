@@ -25,31 +25,13 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from codi_lens.attention import correlation_by_layer
+from codi_lens.attention import correlation_by_layer, per_thought
 from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, run_main
 from codi_lens.importance import attention_importance
 from codi_lens.plotting import attention_by_head, attention_by_layer, attention_vs_importance, write_html
 from experiments.step_importance import add_selection_args, select_problems
-
-
-def per_thought(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per (problem, layer, thought 1..n): attention averaged over heads and over the EOT and
-    answer sources, with the thought's KL; plus ``kl_other``: the next problem's KL at that thought."""
-    thoughts = rows[rows["thought"] > 0].copy()
-    thoughts["attention"] = thoughts[["attention_eot", "attention_answer"]].mean(axis=1, skipna=True)
-    frame = (
-        thoughts.groupby(["problem_id", "layer", "thought"], sort=False)
-        .agg(attention=("attention", "mean"), kl=("kl", "first"))
-        .reset_index()
-    )
-    ids = list(dict.fromkeys(frame["problem_id"]))
-    other = dict(zip(ids, np.roll(ids, -1)))
-    kl_of = frame.drop_duplicates(["problem_id", "thought"]).set_index(["problem_id", "thought"])["kl"]
-    frame["kl_other"] = [kl_of.get((other[p], t), np.nan) for p, t in zip(frame["problem_id"], frame["thought"])]
-    return frame
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, run_main
+from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, parse_choices, run_main
 from codi_lens.data import load_problems
 from codi_lens.metrics import mean_ci_table
 from codi_lens.pairs import make_pairs
@@ -100,12 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.generate and args.method == "attribution":
         raise ValueError("--generate needs --method exact: attribution estimates metrics, it generates nothing")
-    kinds = [k.strip() for k in args.hooks.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in HOOK_KINDS]
-    if unknown or not kinds:
-        raise KeyError(
-            f"--hooks: unknown {unknown[0] if unknown else '(empty)'!r}; choose from {', '.join(HOOK_KINDS)}"
-        )
+    kinds = parse_choices("--hooks", args.hooks, HOOK_KINDS)
 
     started = time.perf_counter()
     model = load_model(args)

@@ -35,7 +35,7 @@ from pathlib import Path
 import pandas as pd
 
 from codi_lens.activations import Site, collect_activations
-from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, run_main
+from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, parse_choices, run_main
 from codi_lens.data import DataError, load_problems
 from codi_lens.metrics import mean_ci_table
 from codi_lens.plotting import sae_quality_bars, sae_splice_bars, write_html
@@ -114,12 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.set_defaults(limit=500)
     args = parser.parse_args(argv)
     sites = parse_sites(args.sites)
-    architectures = [a.strip() for a in args.architectures.split(",") if a.strip()]
-    unknown = [a for a in architectures if a not in ARCHITECTURES]
-    if unknown or not architectures:
-        raise KeyError(
-            f"--architectures: unknown {unknown[0] if unknown else '(empty)'!r}; choose from {list(ARCHITECTURES)}"
-        )
+    architectures = parse_choices("--architectures", args.architectures, list(ARCHITECTURES))
 
     started = time.perf_counter()
     model = load_model(args)

@@ -274,3 +274,16 @@ def test_train_saes_experiment_writes_saelens_folders_and_the_table(tmp_path):
     again = train_saes.main(flags)  # a finished run reruns from its files
     assert again["explained_variance"] == summary["explained_variance"]
     assert ActivationDataset(out / "activations" / "heldout").problem_ids[0] == "toy:test:0"
+
+
+def test_train_saes_names_a_bad_flag_in_one_line(capsys, tmp_path):
+    from experiments import train_saes
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_saes.run_main(train_saes.main, ["--architectures", "topk,relu2", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert err == ["error: --architectures: unknown 'relu2'; choose from standard, topk, batchtopk, matryoshka"]
+    with pytest.raises(SystemExit):
+        train_saes.run_main(train_saes.main, ["--sites", "blocks.1.hook_resid_post", "--out", str(tmp_path)])
+    assert "needs a thought, e.g. blocks.1.hook_resid_post@3" in capsys.readouterr().err
