@@ -233,6 +233,7 @@ def top_decodes(
     n, n_layers, n_thoughts, _ = top.indices.shape
     index = np.indices((n, n_layers, n_thoughts, k)).reshape(4, -1)
     ids = top.indices.reshape(-1).tolist()
+    tokens = model.tokenizer.convert_ids_to_tokens(ids)  # None for ids past the tokenizer (BOT, EOT, pad)
     return pd.DataFrame(
         {
             "problem_id": np.asarray(problem_ids)[index[0]],
@@ -241,7 +242,7 @@ def top_decodes(
             "thought": index[2],
             "rank": index[3],
             "token_id": ids,
-            "token": model.tokenizer.convert_ids_to_tokens(ids),
+            "token": [t if t is not None else f"<{i}>" for t, i in zip(tokens, ids)],
             "prob": top.values.reshape(-1).numpy(),
         }
     )

@@ -571,3 +571,83 @@ def pathway_scatter(joined: pd.DataFrame, summary: dict, title: str | None = Non
     high = float(max(joined["predicted"].max(), joined["actual"].max()))
     fig.add_shape(type="line", x0=low, y0=low, x1=high, y1=high, line={"dash": "dot", "color": "grey"})
     return fig
+
+
+def thought_decode_grid(decodes: pd.DataFrame, values: list[str], title: str | None = None) -> go.Figure:
+    """One problem's lens read-out at every layer x thought (rows of :func:`codi_lens.lens.top_decodes`
+    for one problem and one lens): colour = the top-1 token's probability, text = the top-1 token, marked
+    with a star where it is one of the problem's intermediate ``values``; hover lists the top-k."""
+    top1 = decodes[decodes["rank"] == 0]
+    layers = sorted(top1["layer"].unique())
+    thoughts = sorted(top1["thought"].unique())
+    prob = top1.pivot(index="layer", columns="thought", values="prob").reindex(index=layers, columns=thoughts)
+    token = top1.pivot(index="layer", columns="thought", values="token").reindex(index=layers, columns=thoughts)
+    wanted = {str(v) for v in values}
+    label = token.apply(lambda col: col.map(lambda t: f"★ {t}" if str(t).strip("Ġ▁ ") in wanted else str(t)))
+    lists = (
+        decodes.sort_values("rank")
+        .groupby(["layer", "thought"])
+        .apply(lambda g: "<br>".join(f"{t!s}: {p:.2f}" for t, p in zip(g["token"], g["prob"])), include_groups=False)
+        .unstack()
+        .reindex(index=layers, columns=thoughts)
+    )
+    fig = go.Figure(
+        go.Heatmap(
+            z=prob.to_numpy(),
+            x=["BOT" if k == 0 else f"thought {k}" for k in thoughts],
+            y=[f"layer {layer}" for layer in layers],
+            text=label.to_numpy(),
+            texttemplate="%{text}",
+            customdata=lists.to_numpy(),
+            hovertemplate="%{y}, %{x}<br>%{customdata}<extra></extra>",
+            colorscale="Blues",
+            zmin=0,
+            zmax=1,
+            colorbar={"title": "top-1 prob"},
+        )
+    )
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title or f"What each thought decodes to (★ = an intermediate value of this problem: {', '.join(values)})",
+        xaxis_title="position (BOT, then the positions fed each thought)",
+        yaxis_title="layer (0 = embedding input, last = after the final block)",
+    )
+    return fig
+
+
+def recovery_slider(rows: pd.DataFrame, positions: list[str], value: str = "recovery", title: str | None = None):
+    """Recovery by position with a slider over layers (rows of one patching sweep): move the slider to
+    see where in the chain patching the clean activation brings the answer back."""
+    table = mean_ci_table(rows, ["layer", "position"], value)
+    layers = sorted(table["layer"].dropna().unique())
+    fig = go.Figure()
+    for i, layer in enumerate(layers):
+        part = table[table["layer"] == layer].set_index("position").reindex(positions)
+        fig.add_trace(
+            go.Bar(
+                x=positions,
+                y=part["mean"],
+                error_y={
+                    "type": "data",
+                    "array": part["high"] - part["mean"],
+                    "arrayminus": part["mean"] - part["low"],
+                },
+                customdata=part["n"],
+                hovertemplate="%{x}<br>" + value + " %{y:.3f}<br>n=%{customdata}<extra></extra>",
+                name=f"layer {int(layer)}",
+                visible=i == 0,
+                marker_color="#4C78A8",
+            )
+        )
+    steps = [
+        {"method": "update", "label": f"{int(layer)}", "args": [{"visible": [j == i for j in range(len(layers))]}]}
+        for i, layer in enumerate(layers)
+    ]
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title or f"Mean {value} when the clean activation is patched in (95% CI): slide across layers",
+        sliders=[{"active": 0, "currentvalue": {"prefix": "layer "}, "steps": steps}],
+        yaxis_title=value,
+        xaxis_title="position patched",
+    )
+    return fig

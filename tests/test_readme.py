@@ -62,3 +62,14 @@ def test_shell_lines_run(steps, tmp_path):
             timeout=900,
         )
         assert proc.returncode == 0, f"{step}\n{proc.stderr[-3000:]}"
+
+
+def test_every_experiment_has_a_docs_page_whose_links_resolve():
+    names = sorted(p.stem for p in (ROOT / "experiments").glob("*.py") if p.stem != "__init__")
+    pages = {p.stem for p in (ROOT / "docs").glob("*.md")}
+    assert set(names) <= pages, sorted(set(names) - pages)
+    for page in (ROOT / "docs").glob("*.md"):
+        for target in re.findall(r"\]\(([^)#]+)\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+    for target in re.findall(r"\]\((docs/[^)#]+)\)", (ROOT / "README.md").read_text()):
+        assert (ROOT / target).exists(), f"README links to missing {target}"
