@@ -370,6 +370,8 @@ def feature_edit(
     """``fwd_hooks`` editing features of an attached SAE: ``ablate`` (set to 0), ``scale`` (multiply by
     ``value``), ``clamp`` (set to ``value``), ``swap`` (set to ``value[batch, len(features)]``, e.g. another
     problem's activations of the same features). Applied where the SAE is applied (its thought)."""
+    if op not in ("ablate", "scale", "clamp", "swap"):
+        raise SAEError(f"feature op {op!r}: choose ablate, scale, clamp or swap")
     index = torch.as_tensor(list(features), dtype=torch.long)
 
     def edit(acts: Tensor, hook) -> Tensor:
@@ -381,12 +383,10 @@ def feature_edit(
             acts[..., i] = acts[..., i] * value
         elif op == "clamp":
             acts[..., i] = float(value)
-        elif op == "swap":
+        else:  # swap
             donor = torch.as_tensor(value, device=acts.device, dtype=acts.dtype)
             shape = (donor.shape[0],) + (1,) * (acts.dim() - 2) + (len(i),)
             acts[..., i] = donor.reshape(shape).expand(*acts.shape[:-1], len(i))
-        else:
-            raise SAEError(f"feature op {op!r}: choose ablate, scale, clamp or swap")
         return acts
 
     return [(sae_acts_hook_name(sae), edit)]

@@ -44,9 +44,10 @@ from codi_lens.saes import (
     ARCHITECTURES,
     SAERecipe,
     load_sae,
+    recipe_dict,
     reconstruction_metrics,
     save_sae,
-    splice_effect,  # fmt: skip
+    splice_effect,
     train_sae,
 )
 
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         "limit": args.limit,
         "sites": [s.id for s in sites],
         "architectures": architectures,
-        "recipes": {a: recipe_for(args, a).__dict__ for a in architectures},
+        "recipes": {a: recipe_dict(recipe_for(args, a)) for a in architectures},
         "splice_limit": args.splice_limit,
         "n_latents": args.n_latents,
         "max_new_tokens": args.max_new_tokens,

@@ -287,3 +287,8 @@ def test_train_saes_names_a_bad_flag_in_one_line(capsys, tmp_path):
     with pytest.raises(SystemExit):
         train_saes.run_main(train_saes.main, ["--sites", "blocks.1.hook_resid_post", "--out", str(tmp_path)])
     assert "needs a thought, e.g. blocks.1.hook_resid_post@3" in capsys.readouterr().err
+
+
+def test_an_unknown_feature_op_is_refused_before_any_run(trained):
+    with pytest.raises(SAEError, match="feature op 'zap': choose ablate, scale, clamp or swap"):
+        feature_edit(trained, [0], "zap")
