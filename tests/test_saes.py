@@ -142,10 +142,14 @@ def test_splicing_with_the_error_term_reproduces_the_loop(model, problems, site)
     questions = [p.question for p in problems[:16]]
     plain = model.run_codi(questions)
     sae = _random_sae(site, model.cfg.d_model)  # any SAE: the error term restores the activation
+    answers = [f"The answer is: {p.gold:g}" for p in problems[:16]]
+    plain_scores = model.score_answers(questions, answers)
     with attached(model, [sae], use_error_term=True):
         spliced = model.run_codi(questions)
+        spliced_scores = model.score_answers(questions, answers)
     assert (spliced.latent_states - plain.latent_states).abs().max() <= 1e-5
     assert spliced.answer_tokens == plain.answer_tokens
+    assert (spliced_scores.logits - plain_scores.logits).abs().max() <= 1e-4  # teacher forcing sees it too
     with attached(model, [sae], use_error_term=False):  # a random SAE's reconstruction does change the loop
         replaced = model.run_codi(questions)
     assert (
