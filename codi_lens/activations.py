@@ -23,9 +23,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -34,7 +32,7 @@ from codi_lens.data import Problem, problems_fingerprint
 from codi_lens.distributed import Executor
 from codi_lens.hooks import parse_thought_hook, position_axis
 from codi_lens.model import CODIModel
-from codi_lens.runner import UNIT_COLUMN, UNITS_KEY, ResultStore
+from codi_lens.runner import UNIT_COLUMN, ResultStore, read_parts
 
 
 class ActivationError(ValueError):
@@ -58,6 +56,21 @@ class Site:
     @property
     def is_thought_hook(self) -> bool:
         return parse_thought_hook(self.hook) is not None
+
+    @property
+    def first_thought(self) -> int:
+        """The first thought the site exists at: 1 for a thought's input (nothing is fed at BOT), else 0."""
+        return 1 if self.hook.endswith("hook_input") else 0
+
+    def at(self, thought: int) -> Site:
+        """The same place at another thought (``thought.3.hook_hidden`` -> ``thought.5.hook_hidden``)."""
+        if self.is_thought_hook:
+            return Site(f"thought.{thought}.{self.hook.split('.', 2)[2]}", thought)
+        return Site(self.hook, thought)
+
+    def across_thoughts(self, n_latents: int) -> list[Site]:
+        """The same place at every thought of a run with ``n_latents`` thoughts."""
+        return [self.at(k) for k in range(self.first_thought, n_latents + 1)]
 
     @property
     def position(self) -> str | None:
@@ -93,8 +106,7 @@ def check_sites(model: CODIModel, sites: Sequence[Site], n_latents: int) -> None
             raise ActivationError(f"site {site.id}: no hook point named {site.hook!r} (see model.hook_dict)")
         if not site.is_thought_hook and position_axis(site.hook) != 1:
             raise ActivationError(f"site {site.id}: {site.hook} has no [batch, pos, ...] axis to read a thought from")
-        low = 1 if site.hook.endswith("hook_input") else 0
-        if not low <= site.thought <= n_latents:
+        if not site.first_thought <= site.thought <= n_latents:
             raise ActivationError(f"site {site.id}: thought {site.thought} is outside 0..{n_latents} of this run")
 
 
@@ -198,21 +210,13 @@ class ActivationDataset:
         problem order (or in the order of ``problem_ids``, which must all be present)."""
         if site not in self.sites:
             raise ActivationError(f"site {site.id} is not in {self.directory}; it has {[s.id for s in self.sites]}")
-        seen: set[str] = set()
         ids: list[str] = []
         chunks: list[np.ndarray] = []
-        for part in sorted((self.directory / "parts").glob("part-*.parquet")):
-            units = json.loads((pq.read_schema(part).metadata or {}).get(UNITS_KEY, b"[]"))
-            fresh = set(units) - seen  # a unit written twice (two racing writers) keeps its first part
-            seen.update(units)
-            table = pq.read_table(part, columns=["problem_id", "hook", "thought", "activation"])
-            keep = pc.and_(pc.equal(table["hook"], site.hook), pc.equal(table["thought"], site.thought))
-            table = table.filter(keep)
-            table = table.filter(pc.is_in(table["problem_id"], value_set=pa.array(sorted(fresh), type=pa.string())))
-            if table.num_rows:
-                ids += table["problem_id"].to_pylist()
-                values = table["activation"].combine_chunks()
-                chunks.append(values.flatten().to_numpy(zero_copy_only=False).reshape(table.num_rows, -1))
+        where = (pc.field("hook") == site.hook) & (pc.field("thought") == site.thought)
+        for table in read_parts(self.directory / "parts", columns=["problem_id", "activation"], where=where):
+            ids += table["problem_id"].to_pylist()
+            values = table["activation"].combine_chunks()
+            chunks.append(values.flatten().to_numpy(zero_copy_only=False).reshape(table.num_rows, -1))
         found = dict(zip(ids, range(len(ids))))
         wanted = list(self.problem_ids if problem_ids is None else problem_ids)
         missing = [i for i in wanted if i not in found]

@@ -87,13 +87,8 @@ def position_profile(sae: SAE, dataset: ActivationDataset, thoughts: Sequence[in
     """The SAE applied to its own hook at each of ``thoughts`` (the dataset must hold those sites): one row
     per (feature, thought) with ``frequency`` and ``mean_activation``; ``own`` marks the SAE's thought."""
     site = sae_site(sae)
-    if site.is_thought_hook:  # thought.k.hook_X: the same hook kind at other thoughts
-        kind = site.hook.split(".", 2)[2]
-        sites = [Site(f"thought.{k}.{kind}", k) for k in thoughts]
-    else:
-        sites = [Site(site.hook, k) for k in thoughts]
     frames = []
-    for other in sites:
+    for other in (site.at(k) for k in thoughts):
         rows, _ = dataset.load(other)
         acts, _ = encode_decode(sae, rows)
         frames.append(

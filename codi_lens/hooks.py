@@ -230,6 +230,14 @@ class ChunkContext:
     def start(self) -> int:
         return int(self.positions[0])
 
+    def index_in_chunk(self, position: Position) -> Int[Tensor, " batch"]:
+        """Where the named (or absolute) ``position`` of each example sits among this chunk's new
+        positions (its index along the activation's position axis), or -1 where it is outside the chunk."""
+        wanted = self.layout.resolve([position])[:, 0]  # [batch]
+        offset = wanted - int(self.positions[0])
+        inside = (offset >= 0) & (offset < len(self.positions))
+        return torch.where(inside, offset, torch.full_like(offset, -1))
+
     def positions_of(self, hook_name: str) -> Int[Tensor, " pos"]:
         """Absolute positions covered by the position axis of ``hook_name`` in this chunk."""
         if spans_every_cached_position(hook_name):

@@ -21,7 +21,6 @@ gradient sees the same network the replay runs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -45,14 +44,6 @@ def site_order(site: Site) -> tuple[int, float]:
     return site.thought, float("inf")
 
 
-@dataclass(frozen=True)
-class Capture:
-    """Where one SAE's feature activations are read: its site's position (None for thought hooks)."""
-
-    sae: SAE
-    site: Site
-
-
 def _loop(model: CODIModel, questions: Sequence[str], through: int, n_latents: int, fwd_hooks) -> None:
     """The latent loop (question + BOT, thoughts 1..``through``) under ``fwd_hooks``, no answer."""
     tokens, mask = model._prepare(list(questions), n_latents)  # noqa: SLF001 - the loop's own steps
@@ -63,23 +54,25 @@ def _loop(model: CODIModel, questions: Sequence[str], through: int, n_latents: i
             model._run_thoughts(state, z, keep_logits=False, last=through)  # noqa: SLF001
 
 
-def _recorder(model: CODIModel, capture: Capture, store: dict):
-    """A hook keeping the feature activations of ``capture``'s site: the whole tensor (so gradients can
-    be taken with respect to it) and how to read its thought from it."""
-    position = capture.site.position
+def _recorder(model: CODIModel, site: Site, store: dict):
+    """A hook keeping the feature activations of an SAE at ``site`` in ``store[site]``: the whole tensor
+    (so gradients can be taken with respect to it) and the index of the site's thought in it."""
 
     def record(acts: Tensor, hook) -> Tensor:
-        if position is None:
-            store[capture.site] = (acts, None)
+        if site.position is None:
+            store[site] = (acts, None)
             return acts
-        context = model.chunk_context
-        where = context.layout.resolve([position])[:, 0]  # [batch], the same for every row
-        covered = context.positions.tolist()
-        if int(where[0]) in covered:
-            store[capture.site] = (acts, covered.index(int(where[0])))
+        index = int(model.chunk_context.index_in_chunk(site.position)[0])  # thought positions align across rows
+        if index >= 0:
+            store[site] = (acts, index)
         return acts
 
     return record
+
+
+def _recording(model: CODIModel, saes: Sequence[SAE], store: dict) -> list[tuple]:
+    """``fwd_hooks`` recording the feature activations of each SAE (see :func:`_recorder`)."""
+    return [(sae_acts_hook_name(sae), _recorder(model, sae_site(sae), store)) for sae in saes]
 
 
 def _read(entry: tuple[Tensor, int | None]) -> Tensor:
@@ -106,10 +99,8 @@ def feature_attributions(
     if late:
         raise SAEError(f"source sites {late} are not computed before the target {target_site.id}")
     store: dict = {}
-    captures = [Capture(s, sae_site(s)) for s in [*sources, target]]
-    hooks = [(sae_acts_hook_name(c.sae), _recorder(model, c, store)) for c in captures]
     with attached(model, [*sources, target], use_error_term=True), torch.enable_grad():
-        _loop(model, questions, target_site.thought, n_latents, hooks)
+        _loop(model, questions, target_site.thought, n_latents, _recording(model, [*sources, target], store))
         value = _read(store[target_site])[:, target_feature]
         tensors = [store[s][0] for s in source_sites]
         grads = torch.autograd.grad(value.sum(), tensors, allow_unused=True)
@@ -163,9 +154,8 @@ def target_activation(
     under ``fwd_hooks`` (e.g. a source feature's ablation)."""
     site = sae_site(target)
     store: dict = {}
-    hooks = [*fwd_hooks, (sae_acts_hook_name(target), _recorder(model, Capture(target, site), store))]
     with attached(model, list(saes), use_error_term=True):
-        _loop(model, questions, site.thought, n_latents, hooks)
+        _loop(model, questions, site.thought, n_latents, [*fwd_hooks, *_recording(model, [target], store)])
     acts = _read(store[site]).float().cpu()
     return (acts if target_feature is None else acts[:, target_feature]).numpy()
 
@@ -178,13 +168,16 @@ def replay(
     sources: Sequence[SAE],
     candidates: pd.DataFrame,
     *,
+    clean: np.ndarray | None = None,
     n_latents: int = 6,
 ) -> pd.DataFrame:
     """Ablate each candidate source feature for real and measure the target: one row per (candidate,
-    problem) with ``actual`` (target activation ablated minus clean)."""
+    problem) with ``actual`` (target activation ablated minus ``clean``, the unablated activation per
+    problem, computed here when not given)."""
     by_site = {sae_site(s).id: s for s in sources}
     saes = [*sources, target]
-    clean = target_activation(model, questions, target, target_feature, saes, n_latents=n_latents)
+    if clean is None:
+        clean = target_activation(model, questions, target, target_feature, saes, n_latents=n_latents)
     frames = []
     for row in candidates.itertuples():
         edit = feature_edit(by_site[row.source_site], [int(row.source_feature)], "ablate")

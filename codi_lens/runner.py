@@ -21,13 +21,14 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
@@ -135,17 +136,8 @@ class ResultStore:
         return self.parts / name
 
     def rows(self) -> pd.DataFrame:
-        """Every row written so far, in the order the parts were written. A unit found in two parts
-        (two workers racing on one folder) keeps the rows of its first part only."""
-        frames, seen = [], set()
-        for path in self._part_files():
-            table = pq.read_table(path)
-            units = json.loads((table.schema.metadata or {}).get(UNITS_KEY, b"[]"))
-            fresh = {u for u in units if u not in seen}
-            seen.update(units)
-            frame = table.to_pandas()
-            if len(frame):
-                frames.append(frame[frame[UNIT_COLUMN].isin(fresh)])
+        """Every row written so far, in the order the parts were written (see :func:`read_parts`)."""
+        frames = [table.to_pandas() for table in read_parts(self.parts)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     # ------------------------------------------------------------------ running
@@ -203,6 +195,28 @@ class ResultStore:
         if summary is not None:
             _write_atomic(self.directory / "summary.json", json.dumps(summary, indent=2, default=str).encode())
         return table
+
+
+def read_parts(
+    parts: str | Path, *, columns: Sequence[str] | None = None, where: pc.Expression | None = None
+) -> Iterator[pa.Table]:
+    """The rows of each part of a ``parts/`` folder that has any, in the order the parts were written:
+    only ``columns`` (and ``unit_id``) when given, only the rows matching the pyarrow expression
+    ``where`` when given. A unit found in two parts (two workers racing on one folder) keeps the rows of
+    its first part only."""
+    seen: set[str] = set()
+    for path in sorted(Path(parts).glob("part-*.parquet")):
+        schema = pq.read_schema(path)
+        units = json.loads((schema.metadata or {}).get(UNITS_KEY, b"[]"))
+        fresh = [u for u in units if u not in seen]
+        seen.update(units)
+        if not fresh or UNIT_COLUMN not in schema.names:  # nothing new, or a part of units without rows
+            continue
+        wanted = None if columns is None else list(dict.fromkeys([UNIT_COLUMN, *columns]))
+        table = pq.read_table(path, columns=wanted, filters=where)
+        table = table.filter(pc.is_in(table[UNIT_COLUMN], value_set=pa.array(fresh, type=pa.string())))
+        if table.num_rows:
+            yield table
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

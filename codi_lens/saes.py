@@ -135,10 +135,10 @@ class ShuffledBatches(Iterator[Tensor]):
     """Endless ``[batch_size, d]`` batches of ``rows``: epoch ``e`` is a permutation seeded by ``(seed,
     e)``, so batch ``i`` depends only on the seed and ``i`` (a resumed run continues the same stream)."""
 
-    def __init__(self, rows: Float[Tensor, "n d"], batch_size: int, seed: int, start: int = 0):
+    def __init__(self, rows: Float[Tensor, "n d"], batch_size: int, seed: int):
         if len(rows) < batch_size:
             raise SAEError(f"{len(rows)} training rows cannot fill one batch of {batch_size}")
-        self.rows, self.batch_size, self.seed, self.step = rows, batch_size, seed, start
+        self.rows, self.batch_size, self.seed, self.step = rows, batch_size, seed, 0
         self.per_epoch = len(rows) // batch_size
 
     def __next__(self) -> Tensor:
@@ -312,10 +312,8 @@ class _ThoughtSAE(_SAEWrapper):
         """``[batch, pos, 1]``: True where the SAE is not applied (None for a thought hook)."""
         if self.position is None:
             return None
-        context = self.__dict__["_codi_model"].chunk_context
-        wanted = context.layout.resolve([self.position]).to(x.device)  # [batch, 1]
-        covered = context.positions.to(x.device)  # [pos]
-        return (covered[None, :] != wanted).unsqueeze(-1)
+        index = self.__dict__["_codi_model"].chunk_context.index_in_chunk(self.position).to(x.device)
+        return (torch.arange(x.shape[1], device=x.device)[None, :] != index[:, None]).unsqueeze(-1)
 
     def forward(self, original_output: Tensor) -> Tensor:
         bypass = self._bypass(original_output)
@@ -392,6 +390,38 @@ def feature_edit(
     return [(sae_acts_hook_name(sae), edit)]
 
 
+@dataclass
+class PlainRun:
+    """What :func:`splice_effect` compares against, for one list of problems: the plain run's predictions
+    and answer numbers, and its logits at each answer number (rows ``with_number`` only)."""
+
+    questions: list[str]
+    prediction: list[float | None]
+    numbers: list
+    with_number: list[int]
+    logits: Tensor | None
+
+    @classmethod
+    def of(cls, model: CODIModel, problems: list[Problem], *, n_latents: int = 6, max_new_tokens: int = 256):
+        questions = [p.question for p in problems]
+        result = model.run_codi(questions, n_latents=n_latents, max_new_tokens=max_new_tokens)
+        numbers = [find_answer_number(model.tokenizer, t) for t in result.answer_tokens]
+        with_number = [i for i, n in enumerate(numbers) if n is not None]
+        run = cls(questions, result.prediction, numbers, with_number, None)
+        run.logits = run.answer_logits(model, n_latents=n_latents) if with_number else None
+        return run
+
+    def answer_logits(self, model: CODIModel, *, fwd_hooks: Sequence[tuple] = (), n_latents: int = 6) -> Tensor:
+        """Logits at the plain run's answer numbers under ``fwd_hooks`` (and whatever is attached)."""
+        return logits_at_answer(
+            model,
+            [self.questions[i] for i in self.with_number],
+            [self.numbers[i] for i in self.with_number],
+            n_latents=n_latents,
+            fwd_hooks=fwd_hooks,
+        )
+
+
 def splice_effect(
     model: CODIModel,
     problems: list[Problem],
@@ -401,26 +431,22 @@ def splice_effect(
     fwd_hooks: Sequence[tuple] = (),
     n_latents: int = 6,
     max_new_tokens: int = 256,
+    plain: PlainRun | None = None,
 ) -> pd.DataFrame:
     """The answer of each problem with the SAEs spliced in (and ``fwd_hooks``, e.g. feature edits)
     against the plain run: one row per problem with ``baseline_correct``, ``correct``, ``changed``
     (prediction differs) and ``kl`` (nats, KL(plain || spliced) at the plain run's answer number;
-    NaN where that answer has no number)."""
-    questions = [p.question for p in problems]
-    plain = model.run_codi(questions, n_latents=n_latents, max_new_tokens=max_new_tokens)
-    numbers = [find_answer_number(model.tokenizer, t) for t in plain.answer_tokens]
-    has = [i for i, n in enumerate(numbers) if n is not None]
+    NaN where that answer has no number). ``plain``: the plain run of these problems (:class:`PlainRun`),
+    computed here when not given (pass it to compare several SAEs with one plain run)."""
+    plain = plain or PlainRun.of(model, problems, n_latents=n_latents, max_new_tokens=max_new_tokens)
     with attached(model, saes, use_error_term=use_error_term):
-        spliced = model.run_codi(questions, n_latents=n_latents, max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks)
-        edited_logits = (
-            logits_at_answer(model, [questions[i] for i in has], [numbers[i] for i in has], n_latents=n_latents,
-                             fwd_hooks=fwd_hooks)
-            if has else None
-        )  # fmt: skip
+        spliced = model.run_codi(
+            plain.questions, n_latents=n_latents, max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks
+        )
+        edited = plain.answer_logits(model, fwd_hooks=fwd_hooks, n_latents=n_latents) if plain.with_number else None
     kl = np.full(len(problems), np.nan)
-    if has:
-        clean = logits_at_answer(model, [questions[i] for i in has], [numbers[i] for i in has], n_latents=n_latents)
-        kl[has] = kl_divergence(clean, edited_logits).cpu().numpy()
+    if plain.with_number:
+        kl[plain.with_number] = kl_divergence(plain.logits, edited).cpu().numpy()
     return pd.DataFrame(
         {
             "problem_id": [p.id for p in problems],

@@ -75,10 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
     problems = load_problems(args.data, split=args.split, limit=args.limit)
     questions = [p.question for p in problems]
     all_saes = [*sources, target]
-    feature = args.target_feature
-    if feature is None:
-        every = target_activation(model, questions, target, None, all_saes, n_latents=args.n_latents)
-        feature = int((every > 0).mean(axis=0).argmax())
+    # Every target feature on every problem, unablated: picks the default feature and is the replays' baseline.
+    every = target_activation(model, questions, target, None, all_saes, n_latents=args.n_latents)
+    feature = args.target_feature if args.target_feature is not None else int((every > 0).mean(axis=0).argmax())
     out = Path(args.out)
     settings = {
         **model_settings(model, args),
@@ -103,7 +102,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     def work(batch: list[tuple[str, int]]) -> pd.DataFrame:
         chosen = candidates.set_index(["source_site", "source_feature"]).loc[batch].reset_index()
-        rows = replay(model, questions, target, feature, sources, chosen, n_latents=args.n_latents)
+        rows = replay(
+            model, questions, target, feature, sources, chosen, clean=every[:, feature], n_latents=args.n_latents
+        )
         return rows.assign(**{UNIT_COLUMN: rows["source_site"] + "/" + rows["source_feature"].astype(str)})
 
     units = list(zip(candidates["source_site"], candidates["source_feature"].astype(int)))

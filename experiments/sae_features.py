@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from codi_lens.activations import Site, collect_activations
+from codi_lens.activations import collect_activations
 from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, run_main
 from codi_lens.data import load_problems
 from codi_lens.features import (
@@ -41,15 +41,6 @@ from codi_lens.features import (
 from codi_lens.plotting import feature_dashboard, write_html
 from codi_lens.runner import UNIT_COLUMN, ResultStore
 from codi_lens.saes import attached, encode_decode, feature_edit, load_saes, sae_site
-
-
-def profile_sites(site: Site, n_latents: int) -> list[Site]:
-    """The site's hook at every thought of the run (thought hooks: the same kind at each thought)."""
-    if site.is_thought_hook:
-        kind = site.hook.split(".", 2)[2]
-        low = 1 if kind == "hook_input" else 0
-        return [Site(f"thought.{k}.{kind}", k) for k in range(low, n_latents + 1)]
-    return [Site(site.hook, k) for k in range(0, n_latents + 1)]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -85,17 +76,17 @@ def main(argv: list[str] | None = None) -> dict:
         "max_new_tokens": args.max_new_tokens,
     }
     store = ResultStore(out, settings, overwrite=args.overwrite)
-    sites = sorted({s for sae in saes.values() for s in profile_sites(sae_site(sae), args.n_latents)})
+    sites = sorted({s for sae in saes.values() for s in sae_site(sae).across_thoughts(args.n_latents)})
     dataset = collect_activations(
         model, problems, sites, out / "activations", n_latents=args.n_latents, batch_size=args.batch_size,
         executor=executor, overwrite=args.overwrite,
     )  # fmt: skip
 
+    # Each SAE's feature activations at its own site, on every problem (rows in problem order).
+    feature_acts = {i: encode_decode(sae, dataset.load(sae_site(sae))[0])[0].cpu() for i, sae in saes.items()}
+
     def describe(batch: list[str]) -> pd.DataFrame:
-        frames = []
-        for sae_id in batch:
-            acts, _ = encode_decode(saes[sae_id], dataset.load(sae_site(saes[sae_id]))[0])
-            frames.append(feature_frequency(acts.cpu()).assign(**{UNIT_COLUMN: sae_id, "sae_id": sae_id}))
+        frames = [feature_frequency(feature_acts[i]).assign(**{UNIT_COLUMN: i, "sae_id": i}) for i in batch]
         return pd.concat(frames, ignore_index=True)
 
     table = store.run(list(saes), describe, unit_id=str, batch_size=1, desc="features")
@@ -106,9 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
         site = sae_site(sae)
         freq = table[table["sae_id"] == sae_id]
         chosen = freq.sort_values("frequency", ascending=False).head(args.top_features)["feature"].tolist()
-        acts, _ = encode_decode(sae, dataset.load(site)[0])
-        profile = position_profile(sae, dataset, [s.thought for s in profile_sites(site, args.n_latents)])
-        top = top_examples(acts.cpu(), problems, chosen, k=args.top_k, site=site)
+        profile = position_profile(sae, dataset, [s.thought for s in site.across_thoughts(args.n_latents)])
+        top = top_examples(feature_acts[sae_id], problems, chosen, k=args.top_k, site=site)
         profiles.append(profile.assign(sae_id=sae_id))
         examples.append(top.assign(sae_id=sae_id))
         title = f"{sae_id}: {sae.cfg.d_sae} features on {len(problems)} held-out problems"

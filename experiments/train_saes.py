@@ -42,6 +42,7 @@ from codi_lens.plotting import sae_quality_bars, sae_splice_bars, write_html
 from codi_lens.runner import UNIT_COLUMN, ResultStore
 from codi_lens.saes import (
     ARCHITECTURES,
+    PlainRun,
     SAERecipe,
     load_sae,
     recipe_dict,
@@ -148,7 +149,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     units = [(site, a) for site in sites for a in architectures]
 
+    splice_problems = heldout[: args.splice_limit]
+    plain: list[PlainRun] = []  # the plain run of the splice problems, computed once, on first use
+
     def splice_work(batch: list[tuple[Site, str]]) -> pd.DataFrame:
+        if not plain:
+            plain.append(
+                PlainRun.of(model, splice_problems, n_latents=args.n_latents, max_new_tokens=args.max_new_tokens)
+            )
         frames = []
         for site, architecture in batch:
             rows = train_acts.load(site)[0]
@@ -156,11 +164,12 @@ def main(argv: list[str] | None = None) -> dict:
             for condition, error in (("spliced", False), ("spliced_error", True)):
                 frame = splice_effect(
                     model,
-                    heldout[: args.splice_limit],
+                    splice_problems,
                     [sae],
                     use_error_term=error,
                     n_latents=args.n_latents,
                     max_new_tokens=args.max_new_tokens,
+                    plain=plain[0],
                 )
                 frames.append(frame.assign(**{UNIT_COLUMN: sae_id(site, architecture)}, condition=condition))
         return pd.concat(frames, ignore_index=True)

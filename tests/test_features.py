@@ -15,7 +15,7 @@ from codi_lens.activations import Site, collect_activations
 from codi_lens.data import Problem, load_problems
 from codi_lens.features import feature_frequency, token_association, top_examples
 from codi_lens.pathways import feature_attributions, site_order, target_activation
-from codi_lens.saes import SAEError, SAERecipe, feature_edit, load_saes, save_sae, train_sae
+from codi_lens.saes import SAEError, SAERecipe, encode_decode, feature_edit, load_saes, save_sae, train_sae
 
 SITES = [Site.of_thought_hook("thought.2.hook_hidden"), Site("blocks.1.hook_resid_post", 3)]
 
@@ -112,6 +112,10 @@ def test_attribution_predicts_a_small_scaling_of_the_source(model, sae_dir):
     source, target = saes["thought.2.hook_hidden-standard"], saes["blocks.1.hook_resid_post@3-standard"]
     questions = [p.question for p in load_problems("toy:test", limit=32)]
     every = target_activation(model, questions, target, None, [source, target])
+    # Read at thought 3's own position: equal to the SAE applied there in a plain cached run.
+    result, cache = model.run_codi_with_cache(questions, names_filter="blocks.1.hook_resid_post", max_new_tokens=1)
+    at_thought_3, _ = encode_decode(target, cache["blocks.1.hook_resid_post"][:, result.positions.thoughts[2]])
+    assert np.allclose(every, at_thought_3.numpy(), atol=1e-4)
     feature = int((every > 0).mean(0).argmax())
     attributions, value = feature_attributions(model, questions, target, feature, [source])
     assert np.allclose(value, every[:, feature], atol=1e-5)  # the gradient run is the spliced run
