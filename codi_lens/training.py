@@ -78,6 +78,15 @@ class TrainConfig:
     #: layer after the embeddings) are pulled toward the teacher's states at the position that predicts
     #: intermediate result ``j`` of its chain. See ``chain_loss``.
     chain_distill_weight: float = 0.0
+    #: Weight of the *chain logit distillation* (0: off): KL from the teacher's next-token distribution
+    #: at the position that predicts intermediate result ``j`` to thought ``j``'s own (its last state
+    #: through the unembedding), so that the thought's logit lens reads result ``j``. See
+    #: ``chain_logit_loss``.
+    chain_logit_weight: float = 0.0
+    #: Give the chain losses a target for every thought: a thought past a problem's last result is
+    #: paired with the teacher's position that predicts the answer number (the chain's value is carried
+    #: to the last thought). Off: such thoughts are left free.
+    chain_carry_answer: bool = False
     drop_last_cot_step: bool = True
     #: The teacher's chain: ``"equations"`` (GSM8k-Aug: the ``<<...>>`` spans only, upstream),
     #: ``"solution"`` (the solution's text before its ``####`` line, words between spans included) or
@@ -337,6 +346,38 @@ def chain_loss(thought_states, teacher_states, result_pos: Int[Tensor, "batch n_
     return total / (len(thought_states) - 1)
 
 
+def chain_logit_loss(
+    thought_logits: Float[Tensor, "batch n_latents vocab"],
+    teacher_logits: Float[Tensor, "batch t_pos vocab"],
+    result_pos: Int[Tensor, "batch n_results"],
+) -> Tensor:
+    """Mean over (problem, thought) pairs of KL(teacher || thought): the teacher's (detached)
+    next-token distribution at the position that predicts its result ``j`` against thought ``j``'s.
+
+    Pairs as in :func:`chain_loss` (``result_pos`` column ``j-1`` for thought ``j``, -1: no pair).
+    """
+    n = min(result_pos.shape[1], thought_logits.shape[1])
+    rows, steps = torch.nonzero(result_pos[:, :n] >= 0, as_tuple=True)
+    if rows.numel() == 0:
+        return thought_logits.sum() * 0.0
+    target = F.log_softmax(teacher_logits[rows, result_pos[rows, steps]].detach().float(), dim=-1)
+    student = F.log_softmax(thought_logits[rows, steps].float(), dim=-1)
+    return F.kl_div(student, target, log_target=True, reduction="batchmean")
+
+
+def chain_targets(
+    result_pos: Int[Tensor, "batch n_results"], answer_pos: Int[Tensor, " batch"], n_latents: int, carry_answer: bool
+) -> Int[Tensor, "batch n_latents"]:
+    """The teacher position each thought is distilled toward: result ``j``'s for thought ``j``; past a
+    problem's last result, the position that predicts the answer number (``carry_answer``) or -1."""
+    targets = torch.full((result_pos.shape[0], n_latents), -1, dtype=result_pos.dtype, device=result_pos.device)
+    n = min(n_latents, result_pos.shape[1])
+    targets[:, :n] = result_pos[:, :n]
+    if carry_answer:
+        targets = torch.where(targets < 0, answer_pos[:, None].to(targets.dtype), targets)
+    return targets
+
+
 def codi_losses(model: CODIModule, batch: CODIBatch, cfg: TrainConfig) -> dict[str, Tensor]:
     """The three CODI losses and their weighted sum (``loss``)."""
     logits, s_states, thought_states = student_forward(model, batch, cfg.n_latents)
@@ -359,9 +400,17 @@ def codi_losses(model: CODIModule, batch: CODIBatch, cfg: TrainConfig) -> dict[s
             + cfg.distill_weight * losses["distill"]
             + cfg.teacher_weight * losses["ce_teacher"]
         )
+        if (cfg.chain_distill_weight or cfg.chain_logit_weight) and cfg.n_latents:
+            targets = chain_targets(
+                batch.teacher_result_pos, batch.teacher_distill_pos, cfg.n_latents, cfg.chain_carry_answer
+            )
         if cfg.chain_distill_weight and cfg.n_latents:
-            losses["chain"] = chain_loss(thought_states, t_out.hidden_states, batch.teacher_result_pos)
+            losses["chain"] = chain_loss(thought_states, t_out.hidden_states, targets)
             losses["loss"] = losses["loss"] + cfg.chain_distill_weight * losses["chain"]
+        if cfg.chain_logit_weight and cfg.n_latents:
+            thought_logits = model.codi.get_output_embeddings()(thought_states[-1])
+            losses["chain_logits"] = chain_logit_loss(thought_logits, t_out.logits, targets)
+            losses["loss"] = losses["loss"] + cfg.chain_logit_weight * losses["chain_logits"]
     else:
         losses["loss"] = cfg.student_weight * ce_student
     return losses

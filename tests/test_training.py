@@ -15,7 +15,9 @@ from codi_lens.training import (
     Trainer,
     add_codi_tokens,
     build_llama_lm,
+    chain_logit_loss,
     chain_loss,
+    chain_targets,
     codi_losses,
     distillation_loss,
     export_codi,
@@ -135,6 +137,32 @@ def test_chain_loss_by_hand():
     expected = 0.5 * (0.5 / sigma) ** 2 / 6  # one element of six differs, quadratic part of SmoothL1
     assert torch.isclose(chain_loss(thoughts, teacher, equal_pos), expected)
     assert chain_loss(thoughts, teacher, torch.full((2, 3), -1)) == 0
+
+
+def test_chain_logit_loss_by_hand():
+    """KL(teacher || thought) over the paired (problem, thought) cells only, averaged over the pairs."""
+    teacher = torch.zeros(2, 4, 3)  # batch 2, pos 4, vocab 3
+    teacher[0, 2] = torch.tensor([2.0, 0.0, 0.0])
+    teacher[1, 1] = torch.tensor([0.0, 1.0, 0.0])
+    thoughts = torch.zeros(2, 2, 3)  # uniform logits at every thought
+    thoughts[1, 1] = torch.tensor([0.0, 5.0, -5.0])  # unpaired: must not count
+    pairs = torch.tensor([[2, -1], [1, -1]])
+    p0 = torch.tensor([2.0, 0.0, 0.0]).softmax(-1)
+    p1 = torch.tensor([0.0, 1.0, 0.0]).softmax(-1)
+    uniform = torch.full((3,), 1 / 3)
+    kl = lambda p, q: (p * (p / q).log()).sum()  # noqa: E731
+    expected = (kl(p0, uniform) + kl(p1, uniform)) / 2
+    assert torch.isclose(chain_logit_loss(thoughts, teacher, pairs), expected)
+    assert chain_logit_loss(thoughts, torch.zeros(2, 4, 3), pairs) == 0  # teacher uniform too
+    assert chain_logit_loss(thoughts, teacher, torch.full((2, 2), -1)) == 0
+
+
+def test_chain_targets_carry_the_answer_position_past_the_last_result():
+    results = torch.tensor([[3, 7, -1], [4, -1, -1]])
+    answer = torch.tensor([12, 9])
+    assert chain_targets(results, answer, 4, carry_answer=False).tolist() == [[3, 7, -1, -1], [4, -1, -1, -1]]
+    assert chain_targets(results, answer, 4, carry_answer=True).tolist() == [[3, 7, 12, 12], [4, 9, 9, 9]]
+    assert chain_targets(results, answer, 2, carry_answer=True).tolist() == [[3, 7], [4, 9]]
 
 
 def test_batch_layout_marks_the_token_before_the_answer_number():
