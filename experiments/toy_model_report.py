@@ -94,6 +94,26 @@ CHAIN_OBJECTIVE = (
     "of the j-th equation of its chain, where the teacher is about to write intermediate result j\n"
     "(`codi_lens.training.chain_loss`). The teacher writes the whole chain (the last step is not dropped)."
 )
+CHAIN_LOGIT_OBJECTIVE = (
+    "The objective is upstream CODI's (the teacher's cross-entropy on its explicit chain, the student's on\n"
+    "the answer, the distillation at the token before the answer number) plus a *chain logit distillation*\n"
+    "(weight {weight}): thought j's next-token distribution (its last state through the tied unembedding)\n"
+    "is pulled, by KL, toward the teacher's at the `=` of the j-th equation of its chain, where the teacher\n"
+    "is about to write intermediate result j{carry} (`codi_lens.training.chain_logit_loss`). The teacher\n"
+    "writes the whole chain (the last step is not dropped)."
+)
+CARRY_NOTE = "; thoughts past the chain's last result toward the teacher's before the answer number"
+
+
+def objective_text(cfg: dict) -> str:
+    """The card's paragraph on the training objective, from ``training.json``'s config."""
+    if cfg.get("chain_logit_weight", 0.0):
+        carry = CARRY_NOTE if cfg.get("chain_carry_answer") else ""
+        return CHAIN_LOGIT_OBJECTIVE.format(weight=cfg["chain_logit_weight"], carry=carry)
+    if cfg.get("chain_distill_weight", 0.0):
+        return CHAIN_OBJECTIVE.format(weight=cfg["chain_distill_weight"])
+    return UPSTREAM_OBJECTIVE
+
 
 #: Problems whose minimal pairs the report patches (the issue asks for >= 100 pairs in use).
 PATCHING_PROBLEMS = 200
@@ -287,6 +307,18 @@ def _budget_markdown(summary: dict) -> str:
     return "\n\n".join(lines)
 
 
+def _data_variants_text(data: dict) -> str:
+    variants = []
+    if data.get("shuffle"):
+        variants.append("the day sentences come in random order (the days say the order of the chain)")
+    if data.get("halve_odd"):
+        variants.append("odd values are halved too, rounding down (`<<7//2=3>>`)")
+    if data.get("cot_days"):
+        variants.append("the teacher's chain names each step's day before its equation")
+    text = "; ".join(variants)
+    return f"\n{text[:1].upper()}{text[1:]}." if variants else ""
+
+
 def write_model_card(
     directory: Path,
     summary: dict,
@@ -318,7 +350,10 @@ def write_model_card(
     wall_minutes = training.get("wall_seconds_total", training["wall_seconds_this_invocation"]) / 60
     name = directory.name.replace("_", "-")
     mix = STEP_MIXES[training["data"].get("step_mix", "default")]
-    chain_weight = cfg.get("chain_distill_weight", 0.0)
+    chain_weights = {
+        "chain distillation": cfg.get("chain_distill_weight", 0.0),
+        "chain logit distillation": cfg.get("chain_logit_weight", 0.0),
+    }
     text = CARD_TEMPLATE.format(
         name=name,
         directory=f"codi_lens/pretrained/{directory.name}",
@@ -328,8 +363,9 @@ def write_model_card(
         chain_lengths=f"{min(mix)}-{max(mix)} (shares "
         + ", ".join(f"{k}: {round(100 * v)}%" for k, v in sorted(mix.items()))
         + ")",
-        objective=CHAIN_OBJECTIVE.format(weight=chain_weight) if chain_weight else UPSTREAM_OBJECTIVE,
-        chain_weight=f", chain distillation weight {chain_weight}" if chain_weight else "",
+        objective=objective_text(cfg),
+        variants=_data_variants_text(training["data"]),
+        chain_weight="".join(f", {name} weight {w}" for name, w in chain_weights.items() if w),
         steps=training["steps"],
         seed=cfg["seed"],
         batch=cfg["batch_size"],
@@ -363,7 +399,7 @@ CARD_TEMPLATE = """# {name}: a small CODI model trained from scratch by codi_len
 A LLaMA-architecture model (RMSNorm, rope, GQA, tied embeddings; {shape}) trained with the CODI
 objective on synthetic multi-step arithmetic word problems (`codi_lens.synthetic`, data {data}):
 {chain_lengths} dependent operations (+, -, x, halving; mostly the non-linear ones, against a
-sum-of-operands shortcut), one per day ("On Tuesday Ava loses 3."), every value 0..40 and one token.
+sum-of-operands shortcut), one per day ("On Tuesday Ava loses 3."), every value 0..40 and one token.{variants}
 {objective}
 Saved in the upstream CODI on-disk layout without LoRA (`codi.model.*`, `codi.lm_head.weight`,
 `prj.*`), with its HF config (base vocabulary, without the 3 CODI rows) and word-level tokenizer; it

@@ -10,12 +10,15 @@ generator's defaults (``RECIPES``); any flag overrides it.
 - ``toy-arith``: data from ``codi_lens.synthetic`` (1-5 steps), the upstream CODI objective with the
   answer's cross-entropy weighted 4x (it is a mean over the 6 tokens of "The answer is: N <eos>", of
   which only N is hard) and each batch cut into 2 length-grouped micro-batches.
-- ``toy-chain``: chains weighted to 4-6 steps (``--step-mix long``); the teacher writes the whole
-  chain with each step's day before its equation (``--cot-days --cot-text solution
-  --drop-last-cot-step false``); the *chain distillation* is added (``--chain-distill-weight``):
-  thought ``j`` is pulled toward the teacher's states where it is about to write intermediate result
-  ``j`` (see ``codi_lens.training.chain_loss``); batches of 32 (5,000 steps, about 35-45 minutes on
-  this machine type).
+- ``toy-chain``: chains weighted to 4-6 steps (``--step-mix long``), day sentences in random order
+  and odd values halved too (``--shuffle-days --halve-odd``: the question alone no longer gives the
+  answer away cheaply); the teacher writes the whole chain with each step's day before its equation
+  (``--cot-days --cot-text solution --drop-last-cot-step false``); the *chain logit distillation* is
+  added (``--chain-logit-weight``): thought ``j``'s next-token distribution is pulled toward the
+  teacher's where it is about to write intermediate result ``j``, and thoughts past the last result
+  toward the teacher's before the answer number (``--chain-carry-answer``; see
+  ``codi_lens.training.chain_logit_loss``). 3,600 steps of 64 (about 25-45 minutes on this machine
+  type, which differs in speed by 2x).
 
 The run resumes from ``--out/train_state.pt`` if killed. ``--no-cot`` trains the same architecture
 on question -> answer only (no teacher, no distillation, 0 latents, student weight 1): the no-CoT
@@ -54,13 +57,14 @@ RECIPES = {
         config={
             "student_weight": 4.0,
             "micro_batches": 2,
-            "chain_distill_weight": 10.0,
+            "chain_logit_weight": 1.0,
+            "steps": 3600,
+            "chain_carry_answer": True,
             "drop_last_cot_step": False,
             "cot_text": "solution",
-            "batch_size": 32,
             "val_every": 500,
         },
-        data={"step_mix": "long", "cot_days": True},
+        data={"step_mix": "long", "cot_days": True, "shuffle": True, "halve_odd": True},
     ),
 }
 #: The recipe of the default shipped model (``codi_lens.loading.DEFAULT_MODEL``).

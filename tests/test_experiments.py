@@ -92,6 +92,25 @@ def test_train_then_report_then_card(tmp_path, monkeypatch):
     assert json.loads((export / "card.json").read_text())["summary"] == summary
 
 
+def test_card_names_the_objective_and_data_variants_of_its_training_json():
+    """The card's prose follows ``training.json``: the upstream objective unless a chain loss was on,
+    the answer-carrying note only with ``chain_carry_answer``, and one clause per data variant."""
+    config = asdict(TrainConfig())
+    upstream = toy_model_report.objective_text(config)
+    assert "chain logit distillation" not in upstream and "*chain distillation*" not in upstream
+    logits = toy_model_report.objective_text({**config, "chain_logit_weight": 0.5})
+    assert (
+        "chain logit distillation" in logits and "(weight 0.5)" in logits and toy_model_report.CARRY_NOTE not in logits
+    )
+    carried = toy_model_report.objective_text({**config, "chain_logit_weight": 0.5, "chain_carry_answer": True})
+    assert toy_model_report.CARRY_NOTE in carried
+    states = toy_model_report.objective_text({**config, "chain_distill_weight": 10.0})
+    assert "*chain distillation*" in states and "(weight 10.0)" in states
+    assert toy_model_report._data_variants_text({"shuffle": False}) == ""
+    both = toy_model_report._data_variants_text({"shuffle": True, "halve_odd": True})
+    assert both.startswith("\nThe day sentences come in random order") and "`<<7//2=3>>`" in both
+
+
 def test_training_on_a_data_variant_records_it(tmp_path, monkeypatch):
     """``--halve-odd --shuffle-days`` train on the harder generator variants, with their vocabulary."""
     monkeypatch.setattr(train_toy_codi, "DATA", {"seed": 0, "n_train": 64, "n_val": 8, "n_test": 40})
@@ -108,7 +127,7 @@ def test_training_on_a_data_variant_records_it(tmp_path, monkeypatch):
 
 def test_chain_recipe_trains_with_day_labelled_chains_and_the_chain_loss(tmp_path, monkeypatch):
     """``--recipe toy-chain`` draws long chains, gives the teacher day-labelled solutions and adds the
-    chain distillation (logged, nonzero); a flag still overrides the recipe."""
+    chain logit distillation (logged, nonzero); a flag still overrides the recipe."""
     monkeypatch.setattr(train_toy_codi, "DATA", {"seed": 0, "n_train": 64, "n_val": 8, "n_test": 8})
     tiny = ["--steps", "1", "--batch-size", "4", "--d-model", "16", "--d-mlp", "32", "--prj-dim", "16"]
     out = tmp_path / "run"
@@ -117,12 +136,12 @@ def test_chain_recipe_trains_with_day_labelled_chains_and_the_chain_loss(tmp_pat
     )
     training = json.loads((export / "training.json").read_text())
     assert training["data"]["step_mix"] == "long" and training["data"]["cot_days"] is True
-    assert training["config"]["chain_distill_weight"] > 0 and training["config"]["cot_text"] == "solution"
+    assert training["config"]["chain_logit_weight"] > 0 and training["config"]["cot_text"] == "solution"
     log = json.loads((out / "log.jsonl").read_text().splitlines()[0])
-    assert log["chain"] > 0
+    assert log["chain_logits"] > 0 and "chain" not in log
     assert "Monday <<" in (export / "data" / "test.jsonl").read_text()
-    args = train_toy_codi.parse_args(["--recipe", "toy-chain", "--chain-distill-weight", "0", "--no-cot-days"])
-    assert args.chain_distill_weight == 0 and args.cot_days is False
+    args = train_toy_codi.parse_args(["--recipe", "toy-chain", "--chain-logit-weight", "0", "--no-cot-days"])
+    assert args.chain_logit_weight == 0 and args.cot_days is False
 
 
 @pytest.mark.parametrize("recipe", sorted(set(train_toy_codi.RECIPES) & set(PRETRAINED)))
