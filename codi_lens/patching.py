@@ -286,6 +286,9 @@ def cell_hooks(model: CODIModel, cell: Cell, batch: PairBatch, rows: Sequence[in
     return [(cell.hook, PositionalHook(model, names, transform))]
 
 
+NO_CORRUPTED_PREFERENCE = "the corrupted run does not prefer its own answer's first token to the clean one"
+
+
 def prepare_pairs(
     model: CODIModel,
     pairs: pd.DataFrame,
@@ -304,7 +307,10 @@ def prepare_pairs(
 
     Returns ``(batch, kept, skipped)``: the batch of usable pairs (None if none), their rows, and the
     other pairs with a ``reason`` (clean answered wrong, no answer number, prefixes that tokenize
-    differently, clean and corrupted answers sharing their first token).
+    differently, clean and corrupted answers sharing their first token, and, with
+    ``answer_from="model"``, a corrupted run that does not prefer its own answer's first token to the
+    clean one: there the recovery's denominator ``ld_clean - ld_corrupted`` can be near zero, and one
+    such pair moved a mean by -0.3 in our runs).
     """
     if answer_from not in ("model", "gold"):
         raise ValueError(f"answer_from must be 'model' or 'gold', got {answer_from!r}")
@@ -342,13 +348,30 @@ def prepare_pairs(
             a, b = number_tokens(model, row.clean_question, which), number_tokens(model, row.corrupted_question, which)
             changed.append((a, b) if len(a) == len(b) and a else None)
     keep = [i for i, r in enumerate(reasons) if not r]
+    clean_logits = corrupted_logits = None
+    if keep:
+        kept_numbers = [numbers[i] for i in keep]
+        clean_logits = logits_at_answer(
+            model, pairs["clean_question"].iloc[keep].tolist(), kept_numbers, n_latents=n_latents
+        )
+        corrupted_logits = logits_at_answer(
+            model, pairs["corrupted_question"].iloc[keep].tolist(), kept_numbers, n_latents=n_latents
+        )
+        if not gold:  # a gold-answer run (random weights) has no preference to ask for
+            clean_tok = torch.tensor([n.token for n in kept_numbers])
+            prefers = (
+                logit_difference(corrupted_logits, clean_tok, torch.tensor([corrupted_tokens[i] for i in keep])) < 0
+            )
+            for i, ok in zip(keep, prefers.tolist()):
+                if not ok:
+                    reasons[i] = NO_CORRUPTED_PREFERENCE
+            clean_logits, corrupted_logits = clean_logits[prefers], corrupted_logits[prefers]
+            keep = [i for i, ok in zip(keep, prefers.tolist()) if ok]
     skipped = pairs.assign(reason=reasons).iloc[[i for i, r in enumerate(reasons) if r]]
     kept = pairs.iloc[keep].reset_index(drop=True)
     if not keep:
         return None, kept, skipped
     kept_numbers = [numbers[i] for i in keep]
-    clean_logits = logits_at_answer(model, kept["clean_question"].tolist(), kept_numbers, n_latents=n_latents)
-    corrupted_logits = logits_at_answer(model, kept["corrupted_question"].tolist(), kept_numbers, n_latents=n_latents)
     sub_cache = {name: cache[name][keep] for name in cache.cache_dict}
     positions = result.positions
     kept_positions = replace(

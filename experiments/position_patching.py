@@ -12,8 +12,9 @@ thought at once and BOT with every thought at once (``thoughts`` and ``latents``
 ``thought_input`` patches the fed thought itself (position-only).
 Metrics at the answer number, teacher-forced on the clean answer's prefix: logit difference,
 normalised recovery, KL(clean || patched); with ``--generate`` also the generated answer's class.
-Only pairs whose clean question the model answers right, and whose two answers start with different
-tokens, enter the metrics; the others are counted by reason.
+Only pairs whose clean question the model answers right, whose two answers start with different
+tokens, and whose corrupted run prefers its own answer's first token to the clean one, enter the
+metrics; the others are counted by reason.
 
 ``--method attribution`` estimates every cell from one corrupted forward and one backward pass per
 batch (attribution patching through the unrolled loop, ``codi_lens.patching.cell_attributions``;

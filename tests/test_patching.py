@@ -13,6 +13,7 @@ from codi_lens.data import load_problems
 from codi_lens.metrics import forced_answers, logit_difference, logits_at_answer, normalised_recovery
 from codi_lens.pairs import make_pairs
 from codi_lens.patching import (
+    NO_CORRUPTED_PREFERENCE,
     Cell,
     PairBatch,
     cell_hooks,
@@ -62,6 +63,22 @@ def test_recovery_is_zero_unpatched_and_one_with_every_position_patched(toy):
         torch.ones(len(kept), dtype=torch.float64),
         atol=1e-5,
     )
+
+
+def test_a_pair_whose_corrupted_run_prefers_the_clean_answer_is_skipped(toy):
+    """A corrupted 'question' that is the clean one itself prefers the clean answer, so its
+    recovery would divide by zero: it is skipped with its reason; every used pair has
+    ld_corrupted < 0 < ld_clean, recomputed here from the corrupted run's own logits."""
+    model, pairs = toy
+    degenerate = pairs.iloc[:3].assign(corrupted_question=pairs["clean_question"].iloc[:3].values)
+    batch, kept, skipped = prepare_pairs(model, degenerate, ["blocks.0.hook_resid_post"], max_new_tokens=24)
+    assert batch is None and kept.empty
+    answered = skipped[skipped["reason"] != "the model answers the clean question wrong"]
+    assert len(answered) >= 1 and (answered["reason"] == NO_CORRUPTED_PREFERENCE).all()
+    batch, kept, _ = prepare_pairs(model, pairs, ["blocks.0.hook_resid_post"], max_new_tokens=24)
+    logits = logits_at_answer(model, kept["corrupted_question"].tolist(), batch.clean_numbers)
+    clean_tok = torch.tensor([n.token for n in batch.clean_numbers])
+    assert (logit_difference(logits, clean_tok, batch.corrupted_tokens) < 0).all() and (batch.ld_clean > 0).all()
 
 
 def test_chained_last_equals_parallel_last_and_leaves_earlier_thoughts(toy):
