@@ -28,7 +28,10 @@ LLAMA_ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 LLAMA_MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 #: Models shipped inside the package: name -> directory holding the checkpoint, config and tokenizer.
-PRETRAINED = {"toy-arith": Path(__file__).parent / "pretrained" / "toy_arith"}
+PRETRAINED = {
+    "toy-arith": Path(__file__).parent / "pretrained" / "toy_arith",
+    "toy-chain": Path(__file__).parent / "pretrained" / "toy_chain",
+}
 #: How many offending keys an error message lists before summarising with counts.
 MAX_LISTED = 5
 

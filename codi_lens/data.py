@@ -7,6 +7,8 @@ Sources (:func:`load_problems`):
 - ``"toy:test"``: the shipped toy-arith model's held-out synthetic test split;
 - ``"toy:train"`` / ``"toy:validation"``: its training and validation splits, regenerated from the same seed
   (:data:`codi_lens.synthetic.SHIPPED_SPLITS`; no question is shared with ``toy:test``);
+- ``"toy-chain:test"``, ``"toy-chain:train"``, ``"toy-chain:validation"``: the same for the shipped
+  toy-chain model (its generator settings are read from its ``training.json``);
 - a local GSM8K-format ``.jsonl`` file (``question``, ``answer`` with ``<<...>>`` spans and a final
   ``#### N`` line; an ``id`` field, when present, is kept as the record's id);
 - a hub dataset name (needs the optional ``datasets`` extra; never used by tests).
@@ -28,6 +30,7 @@ from pathlib import Path
 import pandas as pd
 
 from codi_lens.answers import parse_gold_answer
+from codi_lens.checkpoint import PRETRAINED
 
 CALC_SPAN = re.compile(r"<<([^<>]*)>>")
 #: Datasets shipped inside the package, by name: (package directory, file name).
@@ -35,10 +38,17 @@ SHIPPED_DATASETS = {
     "gsm8k:test": ("datasets/gsm8k", "test.jsonl"),
     "gsm8k:train": ("datasets/gsm8k", "train.jsonl"),
     "toy:test": ("pretrained/toy_arith/data", "test.jsonl"),
+    "toy-chain:test": ("pretrained/toy_chain/data", "test.jsonl"),
 }
 
-#: Splits of the shipped toy data regenerated on request, by name: the split of ``make_splits``.
-GENERATED_DATASETS = {"toy:train": "train", "toy:validation": "validation"}
+#: Splits of the shipped toy data regenerated on request, by name: (the shipped model whose
+#: ``training.json`` holds the generator's arguments, the split of ``make_splits``).
+GENERATED_DATASETS = {
+    "toy:train": ("toy-arith", "train"),
+    "toy:validation": ("toy-arith", "validation"),
+    "toy-chain:train": ("toy-chain", "train"),
+    "toy-chain:validation": ("toy-chain", "validation"),
+}
 
 
 class DataError(ValueError):
@@ -157,6 +167,16 @@ def shipped_dataset_text(name: str) -> str:
     return resources.files("codi_lens").joinpath(folder, file).read_text()
 
 
+def generated_split(name: str) -> list[Problem]:
+    """A split of a shipped model's synthetic data (``GENERATED_DATASETS``), regenerated with the
+    generator arguments its ``training.json`` recorded; ids are ``"{dataset}:{split}:{index}"``."""
+    from codi_lens.synthetic import make_splits  # the generator imports this module
+
+    model, split = GENERATED_DATASETS[name]
+    data = json.loads((PRETRAINED[model] / "training.json").read_text())["data"]
+    return make_splits(**data, name=name.split(":")[0])[split]
+
+
 def load_problems(
     source: str | Path,
     *,
@@ -169,7 +189,7 @@ def load_problems(
 
     Args:
         source: a shipped dataset name (``"gsm8k:test"``, ``"gsm8k:train"``, ``"toy:test"``, ``"toy:train"``,
-            ``"toy:validation"``), a local
+            ``"toy:validation"``, and the same three for ``"toy-chain"``), a local
             ``.jsonl`` path (one ``{"question", "answer"}`` object per line) or a hub dataset name such
             as ``"openai/gsm8k"`` (then ``split`` is required).
         split: recorded as provenance; defaults to the shipped name's split or the file's stem.
@@ -183,9 +203,7 @@ def load_problems(
     name = str(source)
     path = Path(source)
     if name in GENERATED_DATASETS:
-        from codi_lens.synthetic import SHIPPED_SPLITS, make_splits  # the generator imports this module
-
-        problems = make_splits(**SHIPPED_SPLITS)[GENERATED_DATASETS[name]]
+        problems = generated_split(name)
         return problems[:limit] if limit is not None else problems
     if name in SHIPPED_DATASETS:
         text = shipped_dataset_text(name)

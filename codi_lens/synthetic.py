@@ -208,11 +208,14 @@ def make_splits(
     halve_odd: bool = False,
     step_mix: str = "default",
     cot_days: bool = False,
+    name: str = "toy",
 ) -> dict[str, list[Problem]]:
     """Fixed train/validation/test splits with no question text shared between them.
 
     ``step_mix`` names the share of problems per chain length (``STEP_MIXES``); ``cot_days`` puts
-    each step's day before its equation in the solutions (see :func:`generate_problem`)."""
+    each step's day before its equation in the solutions (see :func:`generate_problem`). Problem ids
+    are ``"{name}:{split}:{index}"``: the name of the dataset (``"toy"`` for toy-arith's), so that two
+    shipped datasets never share an id; it does not change the problems."""
     if step_mix not in STEP_MIXES:
         raise ValueError(f"unknown step_mix {step_mix!r}; choose from {sorted(STEP_MIXES)}")
     pool = generate_problems(
@@ -230,7 +233,7 @@ def make_splits(
     }
     splits = {}
     for split, (lo, hi) in bounds.items():
-        splits[split] = [replace(p, id=f"toy:{split}:{i}", split=split, index=i) for i, p in enumerate(pool[lo:hi])]
+        splits[split] = [replace(p, id=f"{name}:{split}:{i}", split=split, index=i) for i, p in enumerate(pool[lo:hi])]
     return splits
 
 

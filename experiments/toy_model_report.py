@@ -116,7 +116,7 @@ def objective_text(cfg: dict) -> str:
 
 
 #: Problems whose minimal pairs the report patches (the issue asks for >= 100 pairs in use).
-PATCHING_PROBLEMS = 200
+PATCHING_PROBLEMS = 1000
 
 
 def patching_cells(n_layers: int) -> list[Cell]:

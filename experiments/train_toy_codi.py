@@ -49,6 +49,8 @@ class Recipe:
 
     config: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
+    #: The name its data's problem ids start with (``codi_lens.data``: ``"toy:test"``, ``"toy-chain:test"``).
+    dataset: str = "toy"
 
 
 RECIPES = {
@@ -65,6 +67,7 @@ RECIPES = {
             "val_every": 500,
         },
         data={"step_mix": "long", "cot_days": True, "shuffle": True, "halve_odd": True},
+        dataset="toy-chain",
     ),
 }
 #: The recipe of the default shipped model (``codi_lens.loading.DEFAULT_MODEL``).
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> Path:
         data["step_mix"] = args.step_mix
     if args.cot_days:
         data["cot_days"] = True
-    splits = make_splits(**data)
+    splits = make_splits(**data, name=RECIPES[args.recipe].dataset)
     tokenizer = build_tokenizer(halve_odd=args.halve_odd)
     lm = build_llama_lm(len(tokenizer), seed=cfg.seed, **{k: getattr(args, k) for k in MODEL_SHAPE})
     base_vocab = add_codi_tokens(lm)

@@ -14,7 +14,7 @@ from codi_lens.interventions import zero_thoughts
 from codi_lens.loading import PRETRAINED
 
 #: Each shipped model and the name of its test split.
-TEST_SPLITS = {"toy-arith": "toy:test"}
+TEST_SPLITS = {"toy-arith": "toy:test", "toy-chain": "toy-chain:test"}
 SUBSET = 300
 #: Greedy decoding is deterministic; only float rounding (another thread count or CPU) can flip a
 #: near-tie, so at most this many of the subset's predictions may differ from the card's run.

@@ -155,3 +155,19 @@ def test_long_step_mix_and_day_labelled_chains():
         )
         chain = days.solution.split("\n")[0]
         assert chain == " ".join(f"{day} {eq}" for day, eq in zip(DAYS, plain.cot.split()))
+
+
+def test_toy_chain_splits_are_regenerated_with_its_own_generator_settings():
+    """``toy-chain:validation`` is regenerated from the settings in toy-chain's ``training.json``
+    (shuffled days, odd halving, long chains), its ids name its own dataset, and its questions are
+    neither toy-arith's nor toy-chain's shipped test questions."""
+    validation = load_problems("toy-chain:validation", limit=300)
+    assert validation[0].id == "toy-chain:validation:0" and validation[0].split == "validation"
+    assert any("rounding" in p.question for p in validation)
+    assert any(re.findall(r"On (\w+day)", p.question) != DAYS[: p.n_steps] for p in validation)
+    assert all(_solve_from_question(p.question) == list(p.intermediates) for p in validation)
+    assert Counter(p.n_steps for p in validation)[6] > Counter(p.n_steps for p in validation)[2]
+    test = load_problems("toy-chain:test")
+    assert test[0].id == "toy-chain:test:0"
+    assert not {p.question for p in validation} & {p.question for p in test}
+    assert not {p.question for p in test} & {p.question for p in load_problems("toy:test")}
