@@ -47,7 +47,9 @@ def test_logit_lens_at_the_last_layer_is_the_models_own_logits(toy, tiny_checkpo
     model, problems, states = toy
     run = model.run_codi([p.question for p in problems[:8]], max_new_tokens=2, return_logits=True)
     last = lens_logits(model, states.residuals[:8])[:, -1]  # BOT and thoughts 1..6
-    assert torch.equal(last, run.step_logits[:, :7])
+    # fp32, other batch sizes (48 problems against 8): the matmuls' blocking may differ by CPU, so the
+    # last bits may too (bitwise equal on one instance type, ~1e-7 relative apart on another).
+    torch.testing.assert_close(last, run.step_logits[:, :7], rtol=1e-5, atol=1e-5)
     # Against the independent HF implementation (its logits at BOT and every thought).
     ckpt = tiny_checkpoint("llama")
     tiny = load_codi(ckpt.checkpoint_dir, ckpt.base_dir)
