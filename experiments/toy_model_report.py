@@ -290,12 +290,16 @@ def _budget_markdown(summary: dict) -> str:
     lines = []
     if short is not None:
         drop = round(100 * (summary["accuracy"]["latents"] - short), 1)
+        changes = short != summary["accuracy"]["zero_all_thoughts"]
+        why = (
+            " With its thoughts zeroed the model often writes an explicit chain before its answer; a short budget"
+            " cuts those answers off and scores them wrong."
+        )
         lines.append(
-            f"The answer budget changes the ablation figure: with a {SHORT_BUDGET}-token budget the zeroed model "
-            f"scores {100 * short:.1f}% (a {drop}-point drop), against "
-            f"{100 * summary['accuracy']['zero_all_thoughts']:.1f}% at {summary['max_new_tokens']} tokens. With its "
-            "thoughts zeroed the model often writes an explicit chain before its answer; a short budget cuts "
-            "those answers off and scores them wrong."
+            f"The answer budget {'changes' if changes else 'does not change'} the ablation figure here: with a "
+            f"{SHORT_BUDGET}-token budget the zeroed model scores {100 * short:.1f}% (a {drop}-point drop), against "
+            f"{100 * summary['accuracy']['zero_all_thoughts']:.1f}% at {summary['max_new_tokens']} tokens."
+            + (why if changes else "")
         )
     carried = summary.get("no_cot_baseline_carried_over")
     if carried is not None:
@@ -448,7 +452,8 @@ condition; the test suite re-runs a subset and compares problem by problem.
 
 Pairs from the first {patching_problems} test problems (`codi_lens.pairs.make_pairs`: one number of the
 question changed, the chain and answer recomputed); a pair is used when the model answers its clean
-question right and the two answers start with different tokens. Each cell writes the clean run's
+question right, the two answers start with different tokens and the corrupted run prefers its own
+answer's first token to the clean one. Each cell writes the clean run's
 activation into the corrupted run, whose loop then goes on from the patched state
 (`codi_lens.patching.patch_sweep`); recovery is the normalised logit difference at the answer number
 (0: the corrupted answer, 1: the clean one), teacher-forced on the clean answer's prefix. `latents` is

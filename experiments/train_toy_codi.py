@@ -3,8 +3,9 @@
     python -m experiments.train_toy_codi [--recipe toy-chain|toy-arith] [--out DIR] [--steps N] [--export DIR]
 
 With no flags this trains the shipped model, ``toy-arith`` (``codi_lens/pretrained/toy_arith``);
-``--recipe toy-chain`` trains the second shipped model, ``toy-chain`` (``codi_lens/pretrained/toy_chain``),
-whose thoughts carry the chain; it is not the default because it answers only 59% right. A recipe is where the run departs from ``TrainConfig()`` and from the
+``--recipe toy-chain`` trains the second shipped model, ``toy-chain``
+(``codi_lens/pretrained/toy_chain``), whose thoughts carry the chain; it is not the default because it
+answers only 59% right. A recipe is where the run departs from ``TrainConfig()`` and from the
 generator's defaults (``RECIPES``); any flag overrides it.
 
 - ``toy-arith``: data from ``codi_lens.synthetic`` (1-5 steps), the upstream CODI objective with the
