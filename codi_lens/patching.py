@@ -348,25 +348,18 @@ def prepare_pairs(
             a, b = number_tokens(model, row.clean_question, which), number_tokens(model, row.corrupted_question, which)
             changed.append((a, b) if len(a) == len(b) and a else None)
     keep = [i for i, r in enumerate(reasons) if not r]
-    clean_logits = corrupted_logits = None
-    if keep:
-        kept_numbers = [numbers[i] for i in keep]
-        clean_logits = logits_at_answer(
-            model, pairs["clean_question"].iloc[keep].tolist(), kept_numbers, n_latents=n_latents
-        )
-        corrupted_logits = logits_at_answer(
-            model, pairs["corrupted_question"].iloc[keep].tolist(), kept_numbers, n_latents=n_latents
-        )
-        if not gold:  # a gold-answer run (random weights) has no preference to ask for
-            clean_tok = torch.tensor([n.token for n in kept_numbers])
-            prefers = (
-                logit_difference(corrupted_logits, clean_tok, torch.tensor([corrupted_tokens[i] for i in keep])) < 0
-            )
-            for i, ok in zip(keep, prefers.tolist()):
-                if not ok:
-                    reasons[i] = NO_CORRUPTED_PREFERENCE
-            clean_logits, corrupted_logits = clean_logits[prefers], corrupted_logits[prefers]
-            keep = [i for i, ok in zip(keep, prefers.tolist()) if ok]
+    logits = {"clean": None, "corrupted": None}
+    for side in logits if keep else ():
+        questions = pairs[f"{side}_question"].iloc[keep].tolist()
+        logits[side] = logits_at_answer(model, questions, [numbers[i] for i in keep], n_latents=n_latents)
+    if keep and not gold:  # a gold-answer run (random weights) has no preference to ask for
+        clean_tok = torch.tensor([numbers[i].token for i in keep])
+        own_tok = torch.tensor([corrupted_tokens[i] for i in keep])
+        prefers = logit_difference(logits["corrupted"], clean_tok, own_tok) < 0
+        for i in (i for i, ok in zip(keep, prefers.tolist()) if not ok):
+            reasons[i] = NO_CORRUPTED_PREFERENCE
+        logits = {side: value[prefers] for side, value in logits.items()}
+        keep = [i for i, ok in zip(keep, prefers.tolist()) if ok]
     skipped = pairs.assign(reason=reasons).iloc[[i for i, r in enumerate(reasons) if r]]
     kept = pairs.iloc[keep].reset_index(drop=True)
     if not keep:
@@ -383,8 +376,8 @@ def prepare_pairs(
         clean_numbers=kept_numbers,
         corrupted_tokens=torch.tensor([corrupted_tokens[i] for i in keep]),
         changed_tokens=[changed[i] for i in keep],
-        clean_logits=clean_logits,
-        corrupted_logits=corrupted_logits,
+        clean_logits=logits["clean"],
+        corrupted_logits=logits["corrupted"],
         clean_cache=sub_cache,
         clean_thoughts=result.thought_embeds[keep],
         clean_positions=kept_positions,

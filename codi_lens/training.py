@@ -68,6 +68,9 @@ class TrainConfig:
     #: the scale of a token embedding (a from-scratch model's embeddings are ~50x smaller than a
     #: unit-variance LayerNorm output). Only changes the initialisation.
     prj_gain_matches_embeddings: bool = False
+    #: Amplitude of the Fourier code written into the number tokens' embeddings at initialisation (0:
+    #: off; see ``fourier_number_embeddings``). Only changes the initialisation.
+    number_fourier_scale: float = 0.0
     distill_weight: float = 20.0
     student_weight: float = 1.0
     teacher_weight: float = 1.0
@@ -128,6 +131,32 @@ class CODIModule(nn.Module):
     @property
     def base_lm(self) -> nn.Module:
         return self.codi.get_base_model() if hasattr(self.codi, "get_base_model") else self.codi
+
+
+#: Periods (in units of the number) of the Fourier code of ``fourier_number_embeddings``: parity, the
+#: decimal digits' periods and slower ones that tell every value 0..63 apart.
+NUMBER_PERIODS = (2.0, 5.0, 10.0, 16.0, 32.0, 64.0)
+
+
+def fourier_number_embeddings(
+    lm: nn.Module, token_ids: list[int], values: list[int], scale: float, periods: tuple[float, ...] = NUMBER_PERIODS
+) -> None:
+    """Add a Fourier code of each number's value to its token embedding, in place.
+
+    Token ``token_ids[i]`` (the number ``values[i]``) gets ``scale * [cos(2 pi v / T), sin(2 pi v / T)]``
+    for every period ``T`` in ``periods``, on the first ``2 * len(periods)`` embedding dimensions,
+    on top of its random initialisation. With tied embeddings the unembedding gets the same code, so
+    ``v + x`` is a rotation of the code of ``v`` (which a gated MLP can compute) and the logit of the
+    result peaks where every period agrees. Pretrained LLMs read numbers this way; here it is only a
+    starting point and trains freely.
+    """
+    weight = lm.get_input_embeddings().weight
+    if 2 * len(periods) > weight.shape[1]:
+        raise ValueError(f"{len(periods)} periods need {2 * len(periods)} dimensions; d_model is {weight.shape[1]}")
+    angles = 2 * math.pi * torch.tensor(values, dtype=torch.float64)[:, None] / torch.tensor(periods)[None, :]
+    code = torch.cat([angles.cos(), angles.sin()], dim=1).to(weight.dtype)
+    with torch.no_grad():
+        weight[torch.tensor(token_ids), : code.shape[1]] += scale * code
 
 
 def add_codi_tokens(lm: nn.Module) -> int:

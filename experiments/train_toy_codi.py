@@ -35,8 +35,16 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from codi_lens.synthetic import SHIPPED_SPLITS, STEP_MIXES, build_tokenizer, make_splits, save_jsonl
-from codi_lens.training import CODIModule, TrainConfig, Trainer, add_codi_tokens, build_llama_lm, export_codi
+from codi_lens.synthetic import MAX_VALUE, SHIPPED_SPLITS, STEP_MIXES, build_tokenizer, make_splits, save_jsonl
+from codi_lens.training import (
+    CODIModule,
+    TrainConfig,
+    Trainer,
+    add_codi_tokens,
+    build_llama_lm,
+    export_codi,
+    fourier_number_embeddings,
+)
 
 MODEL_SHAPE = {"d_model": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_mlp": 512}
 #: Seed and split sizes of every recipe's data.
@@ -150,6 +158,10 @@ def main(argv: list[str] | None = None) -> Path:
     splits = make_splits(**data, name=RECIPES[args.recipe].dataset)
     tokenizer = build_tokenizer(halve_odd=args.halve_odd)
     lm = build_llama_lm(len(tokenizer), seed=cfg.seed, **{k: getattr(args, k) for k in MODEL_SHAPE})
+    if cfg.number_fourier_scale:
+        numbers = list(range(MAX_VALUE + 1))
+        ids = tokenizer.convert_tokens_to_ids([str(v) for v in numbers])
+        fourier_number_embeddings(lm, ids, numbers, cfg.number_fourier_scale)
     base_vocab = add_codi_tokens(lm)
     model = CODIModule(lm, cfg.prj_dim, cfg.prj_layernorm, cfg.prj_gain_matches_embeddings)
     trainer = Trainer(model, tokenizer, base_vocab, cfg, splits["train"], splits["validation"], workdir=out)

@@ -21,6 +21,7 @@ from codi_lens.training import (
     codi_losses,
     distillation_loss,
     export_codi,
+    fourier_number_embeddings,
     make_batch,
     result_positions,
     student_forward,
@@ -163,6 +164,73 @@ def test_chain_targets_carry_the_answer_position_past_the_last_result():
     assert chain_targets(results, answer, 4, carry_answer=False).tolist() == [[3, 7, -1, -1], [4, -1, -1, -1]]
     assert chain_targets(results, answer, 4, carry_answer=True).tolist() == [[3, 7, 12, 12], [4, 9, 9, 9]]
     assert chain_targets(results, answer, 2, carry_answer=True).tolist() == [[3, 7], [4, 9]]
+
+
+@pytest.mark.parametrize("carry_answer", [False, True])
+def test_chain_logits_pair_each_thought_with_its_own_result(tmp_path, carry_answer):
+    """``codi_losses``' chain logit loss, rebuilt independently: thought ``j``'s distribution from
+    codi_lens' hooked loop (the last layer's residual at thought ``j``, whose projection is fed as
+    thought ``j + 1``), the teacher's at the ``=`` before its ``j``-th result, found by searching the
+    teacher's tokens (and, with ``carry_answer``, at the ``:`` before the answer for thoughts past the
+    last result); the mean KL agrees to fp32 1e-5. Pairing thought ``j`` with result ``j + 1`` instead
+    gives another value, so an off-by-one in the training loss would fail here."""
+    tok, model, base_vocab, cfg = _setup(
+        seed=5, chain_logit_weight=1.0, drop_last_cot_step=False, chain_carry_answer=carry_answer
+    )
+    problems = generate_problems(6, seed=7)
+    assert len({p.n_steps for p in problems}) > 1 and all(p.n_steps < cfg.n_latents for p in problems)
+    batch = make_batch(problems, tok, base_vocab, drop_last_cot_step=False)
+    model.eval()
+    with torch.no_grad():
+        trained = codi_losses(model, batch, cfg)["chain_logits"]
+        teacher_logits = model.codi(input_ids=batch.teacher_ids, attention_mask=batch.teacher_mask).logits
+    teacher = torch.log_softmax(teacher_logits, -1)
+    export_codi(model, tok, tmp_path / "export")
+    hooked = load_codi(tmp_path / "export", tmp_path / "export")
+    last = f"blocks.{hooked.cfg.n_layers - 1}.hook_resid_post"
+    result, cache = hooked.run_codi_with_cache([p.question for p in problems], names_filter=[last], max_new_tokens=1)
+    with torch.no_grad():
+        thoughts = torch.log_softmax(hooked.unembed(hooked.ln_final(cache[last][:, result.positions.thoughts])), -1)
+
+    def mean_kl(shift: int) -> torch.Tensor:
+        terms = []
+        for i, p in enumerate(problems):
+            tokens = tok.convert_ids_to_tokens(batch.teacher_ids[i].tolist())
+            equals = [k for k, t in enumerate(tokens) if t == "="]
+            assert [int(tokens[k + 1]) for k in equals] == [int(v) for v in p.intermediates]
+            answer = next(k for k, t in enumerate(tokens) if t == ":")
+            for j in range(1, cfg.n_latents + 1):
+                if j + shift <= p.n_steps:
+                    target = equals[j + shift - 1]
+                elif carry_answer:
+                    target = answer
+                else:
+                    continue
+                t, s = teacher[i, target], thoughts[i, j - 1, : teacher.shape[-1]]
+                terms.append((t.exp() * (t - s)).sum())
+        return torch.stack(terms).mean()
+
+    assert hooked.cfg.d_vocab == teacher.shape[-1]
+    torch.testing.assert_close(trained, mean_kl(0), rtol=1e-5, atol=1e-5)
+    assert not torch.isclose(trained, mean_kl(1), rtol=1e-3)
+
+
+def test_fourier_number_embeddings_by_hand():
+    """Value 0 gets cos 1 / sin 0 at every period; value 1 with periods (2, 4): cos(pi) = -1,
+    cos(pi/2) = 0, sin(pi) = 0, sin(pi/2) = 1; other tokens and dimensions keep their weights."""
+    tok = build_tokenizer()
+    lm = build_llama_lm(len(tok), seed=0, **SHAPE)
+    before = lm.get_input_embeddings().weight.detach().clone()
+    ids = tok.convert_tokens_to_ids(["0", "1"])
+    fourier_number_embeddings(lm, ids, [0, 1], scale=0.5, periods=(2.0, 4.0))
+    added = lm.get_input_embeddings().weight.detach() - before
+    expected = torch.zeros_like(added)
+    expected[ids[0], :4] = 0.5 * torch.tensor([1.0, 1.0, 0.0, 0.0])
+    expected[ids[1], :4] = 0.5 * torch.tensor([-1.0, 0.0, 0.0, 1.0])
+    torch.testing.assert_close(added, expected, rtol=0, atol=1e-6)
+    assert torch.equal(lm.get_output_embeddings().weight, lm.get_input_embeddings().weight)  # tied
+    with pytest.raises(ValueError, match="d_model is 32"):
+        fourier_number_embeddings(lm, ids, [0, 1], scale=1.0, periods=tuple(range(1, 18)))
 
 
 def test_batch_layout_marks_the_token_before_the_answer_number():
