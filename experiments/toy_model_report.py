@@ -1,6 +1,6 @@
 """Do the shipped model's thoughts matter, and can we read intermediate values from them?
 
-    python -m experiments.toy_model_report [--checkpoint toy-arith] [--data PATH] [--limit N] [--out DIR]
+    python -m experiments.toy_model_report [--checkpoint toy-chain] [--data PATH] [--limit N] [--out DIR]
 
 1. Accuracy with the 6 continuous thoughts, and with all 6 fed-back thoughts zero-ablated, per number
    of steps (resumable: predictions are appended per batch and skipped on a rerun).
@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from codi_lens import load_codi
-from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, run_main
+from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, parse_common_args, run_main
 from codi_lens.data import load_problems
 from codi_lens.evaluate import Condition, evaluate_conditions
 from codi_lens.interventions import zero_thoughts
@@ -38,6 +38,7 @@ from codi_lens.pairs import make_pairs
 from codi_lens.patching import DONORS, SPAN_STARTS, Cell, patch_sweep
 from codi_lens.plotting import accuracy_bars, latent_readout_heatmap, patching_bars, write_html
 from codi_lens.synthetic import MAX_VALUE, STEP_MIXES
+from codi_lens.training import NUMBER_PERIODS
 
 N_LATENTS = 6
 #: The budget the v4 card used by mistake; the card reports the ablation at it beside upstream's 256.
@@ -53,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="write MODEL_CARD.md and card.json next to the checkpoint (needs training.json there)",
     )
-    return parser.parse_args(argv)
+    return parse_common_args(parser, argv)
 
 
 def logit_lens_frame(model, problems, batch_size: int) -> pd.DataFrame:
@@ -386,9 +387,7 @@ def write_model_card(
         drop=summary["ablation_drop_points"],
         data=json.dumps(training["data"]),
         threads=cfg["threads"],
-        gain=", projection LayerNorm gain started at the embeddings' std"
-        if cfg.get("prj_gain_matches_embeddings")
-        else "",
+        gain=_initialisation_text(cfg),
         targets=_targets_markdown(summary, wall_minutes),
         budget=summary["max_new_tokens"],
         budget_note=_budget_markdown(summary),
@@ -396,6 +395,20 @@ def write_model_card(
         patching_problems=PATCHING_PROBLEMS,
     )
     (directory / "MODEL_CARD.md").write_text(text)
+
+
+def _initialisation_text(cfg: dict) -> str:
+    """The clauses of the card's training paragraph for non-default initialisations."""
+    text = ""
+    if cfg.get("prj_gain_matches_embeddings"):
+        text += ", projection LayerNorm gain started at the embeddings' std"
+    if cfg.get("number_fourier_scale"):
+        text += (
+            f", the number tokens' embeddings started with a Fourier code of their value (amplitude "
+            f"{cfg['number_fourier_scale']:g}, periods {', '.join(f'{t:g}' for t in NUMBER_PERIODS)}; "
+            "`codi_lens.training.fourier_number_embeddings`)"
+        )
+    return text
 
 
 CARD_TEMPLATE = """# {name}: a small CODI model trained from scratch by codi_lens

@@ -106,6 +106,9 @@ def test_card_names_the_objective_and_data_variants_of_its_training_json():
     assert toy_model_report.CARRY_NOTE in carried
     states = toy_model_report.objective_text({**config, "chain_distill_weight": 10.0})
     assert "*chain distillation*" in states and "(weight 10.0)" in states
+    assert toy_model_report._initialisation_text(config) == ""
+    fourier = toy_model_report._initialisation_text({**config, "number_fourier_scale": 0.25})
+    assert "Fourier code of their value (amplitude 0.25, periods 2, 5, 10, 16, 32, 64;" in fourier
     assert toy_model_report._data_variants_text({"shuffle": False}) == ""
     both = toy_model_report._data_variants_text({"shuffle": True, "halve_odd": True})
     assert both.startswith("\nThe day sentences come in random order") and "`<<7//2=3>>`" in both
