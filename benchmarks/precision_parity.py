@@ -34,7 +34,7 @@ from codi_lens.metrics import bootstrap_ci
 
 def run(problems: list[Problem], dtype: torch.dtype, device: str, batch_size: int):
     """Latent states ``[n, 1 + n_latents, d_model]`` (fp32 copies) and predictions of every problem."""
-    model = load_pretrained(dtype=dtype, device=device)
+    model = load_pretrained("toy-arith", dtype=dtype, device=device)
     latents, predictions = [], []
     for start in range(0, len(problems), batch_size):
         batch = problems[start : start + batch_size]

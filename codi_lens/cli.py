@@ -1,8 +1,9 @@
 """Command-line plumbing shared by ``codi_lens.evaluate`` and every ``python -m experiments.<name>``.
 
-One set of flags (``add_common_args``), one way to load the model they name (``load_model``), and
-one way to fail (``run_main``): a bad flag, a missing file or a checkpoint that does not load stops
-with a single ``error: ...`` line on stderr and exit status 2; ``--debug`` shows the traceback.
+One set of flags (``add_common_args``, parsed by ``parse_common_args``), one way to load the model
+they name (``load_model``), and one way to fail (``run_main``): a bad flag, a missing file or a
+checkpoint that does not load stops with a single ``error: ...`` line on stderr and exit status 2;
+``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from codi_lens.activations import ActivationError
 from codi_lens.architectures import BaseModelError
 from codi_lens.checkpoint import CheckpointError
-from codi_lens.data import DataError
+from codi_lens.data import DataError, default_data
 from codi_lens.distributed import DistributedError, Executor, make_executor
 from codi_lens.hooks import PositionError
 from codi_lens.loading import DEFAULT_MODEL, load_codi
@@ -38,13 +39,19 @@ USER_ERRORS = (
 )
 
 
-def add_common_args(parser: argparse.ArgumentParser, *, out: str, data: str = "toy:test", batch_size: int = 64) -> None:
-    """The flags every command shares (see ``shared/docs/experiment-conventions.md``)."""
-    parser.add_argument("--checkpoint", default=DEFAULT_MODEL, help="checkpoint dir/file or shipped model name")
-    parser.add_argument("--base", default=None, help="base model dir or built-in name (not needed for toy-arith)")
+def add_common_args(parser: argparse.ArgumentParser, *, out: str, batch_size: int = 64) -> None:
+    """The flags every command shares (see ``shared/docs/experiment-conventions.md``); parse them with
+    :func:`parse_common_args`."""
+    parser.add_argument(
+        "--checkpoint", default=DEFAULT_MODEL, help=f"checkpoint dir/file or shipped model name ({DEFAULT_MODEL})"
+    )
+    parser.add_argument("--base", default=None, help="base model dir or built-in name (not needed for a shipped model)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir (needed with a built-in base)")
     parser.add_argument(
-        "--data", default=data, help="gsm8k:test, gsm8k:train, toy:test, a local GSM8K-format .jsonl, or a hub name"
+        "--data",
+        default=None,
+        help="gsm8k:test, gsm8k:train, toy-chain:test, toy:test, ..., a local GSM8K-format .jsonl, or a hub name "
+        "(default: a shipped model's own test split, gsm8k:test for any other checkpoint)",
     )
     parser.add_argument("--split", default=None, help="split name (required for a hub dataset)")
     parser.add_argument("--limit", type=int, default=None, help="the first N records in file order")
@@ -64,6 +71,15 @@ def add_common_args(parser: argparse.ArgumentParser, *, out: str, data: str = "t
     parser.add_argument("--out", default=out, help=f"output folder (default {out})")
     parser.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def parse_common_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, with ``--data`` defaulting to the checkpoint's own test split
+    (:func:`codi_lens.data.default_data`), so ``--checkpoint toy-arith`` alone runs on ``toy:test``."""
+    args = parser.parse_args(argv)
+    if args.data is None:
+        args.data = default_data(args.checkpoint)
+    return args
 
 
 def parse_choices(flag: str, text: str, allowed) -> list[str]:

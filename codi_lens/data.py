@@ -51,6 +51,16 @@ GENERATED_DATASETS = {
 }
 
 
+#: The dataset of each shipped model's splits (``"toy-chain"`` -> ``toy-chain:test``, ``toy-chain:train``, ...).
+SHIPPED_MODEL_DATA = {"toy-arith": "toy", "toy-chain": "toy-chain"}
+
+
+def default_data(checkpoint: str | Path, split: str = "test") -> str:
+    """The problems a command runs on when none are named: a shipped model's own ``split``
+    (``"toy-chain:test"``), and GSM8K's for any other checkpoint (CODI checkpoints are GSM8K models)."""
+    return f"{SHIPPED_MODEL_DATA.get(str(checkpoint), 'gsm8k')}:{split}"
+
+
 class DataError(ValueError):
     """A data source that cannot be read as GSM8K-format problems (names the file and record)."""
 

@@ -1,6 +1,6 @@
 """Accuracy of a CODI checkpoint on GSM8K-format problems, resumable and refusing stale results.
 
-    python -m codi_lens.evaluate [--checkpoint toy-arith] [--data toy:test] [--limit N] [--out DIR]
+    python -m codi_lens.evaluate [--checkpoint toy-chain] [--data toy-chain:test] [--limit N] [--out DIR]
 
 Writes to ``--out`` (default ``results/evaluate``): ``run.json`` (checkpoint content hash, data
 fingerprint, budget, ...), ``parts/`` (predictions as each batch finishes), ``results.parquet``
@@ -21,7 +21,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from codi_lens.answers import is_correct
-from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, run_main
+from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, parse_common_args, run_main
 from codi_lens.data import Problem, load_problems, problems_fingerprint
 from codi_lens.distributed import Executor
 from codi_lens.model import CODIModel
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, out="results/evaluate", batch_size=8)
     parser.add_argument("--n-latents", type=int, default=6, help="continuous thoughts fed back (CODI: 6)")
-    args = parser.parse_args(argv)
+    args = parse_common_args(parser, argv)
 
     started = time.perf_counter()
     model = load_model(args)

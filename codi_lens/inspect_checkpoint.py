@@ -74,7 +74,7 @@ def format_summary(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", help="checkpoint directory or file, or a shipped model name (toy-arith)")
+    parser.add_argument("path", help="checkpoint directory or file, or a shipped model name (toy-chain, toy-arith)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = parser.parse_args(argv)
     summary = summarize_checkpoint(args.path)

@@ -30,7 +30,7 @@ from codi_lens.checkpoint import (
 from codi_lens.llama_tokenizer import llama3_tokenizer
 from codi_lens.model import CODIModel, CODITokens
 
-DEFAULT_MODEL = "toy-arith"
+DEFAULT_MODEL = "toy-chain"
 #: Built-in bases whose tokenizer codi_lens can build offline when no ``tokenizer=`` is given.
 BUILT_TOKENIZERS = {"llama-3.2-1b-instruct": llama3_tokenizer}
 
@@ -201,7 +201,7 @@ def load_codi(
 
     Args:
         checkpoint: a directory holding ``model.safetensors`` or ``pytorch_model.bin`` in the upstream
-            CODI layout, the file itself, or the name of a shipped model (``"toy-arith"``).
+            CODI layout, the file itself, or the name of a shipped model (``"toy-chain"``, ``"toy-arith"``).
         base: a local HF base-model directory (``config.json`` and tokenizer) or a built-in base name
             (``"llama-3.2-1b-instruct"``, ``"gpt2"``). Defaults to the shipped model's directory.
         tokenizer: a local tokenizer directory or tokenizer object. With the built-in base

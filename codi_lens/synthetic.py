@@ -13,13 +13,14 @@ model; see the toy-arith model card):
   add up along the question;
 - chains are weighted to 3-5 steps (``STEP_MIX``), each step marked by its day.
 
-Two harder variants are options, off by default (the shipped model was trained without them):
-``shuffle`` puts the day sentences in random order, so the running value cannot be built up left
-to right along the question; ``halve_odd`` halves odd values too, rounding down (``<<7//2=3>>``),
-so a chain is no longer a composition of affine maps. Neither helped CODI beat the no-CoT baseline
-in our runs with the earlier recipe (student weight 1, one batch a step): with shuffled order the
-CODI student learned far too slowly (31% validation accuracy after 2,500 of 4,000 steps), and a
-2-layer no-CoT model still reached 85% with odd halving.
+Two harder variants are options of the generator, off by default (toy-arith was trained without
+them; the default model, toy-chain, with both): ``shuffle`` puts the day sentences in random order,
+so the running value cannot be built up left to right along the question; ``halve_odd`` halves odd
+values too, rounding down (``<<7//2=3>>``), so a chain is no longer a composition of affine maps.
+With the upstream objective alone neither made CODI beat the no-CoT baseline in our runs (with
+shuffled order the student learned far too slowly, and a 2-layer no-CoT model still reached 85% with
+odd halving); toy-chain needed the chain logit distillation and a Fourier start for the number
+embeddings (``experiments/train_toy_codi.py``).
 
 Records carry the question, the equation-only chain of thought (``<<5+7=12>> <<12*3=36>>``), a
 GSM8K-style ``answer`` field ending in ``#### N`` (so the GSM8K loader and gold parser work
@@ -235,6 +236,13 @@ def make_splits(
     for split, (lo, hi) in bounds.items():
         splits[split] = [replace(p, id=f"{name}:{split}:{i}", split=split, index=i) for i, p in enumerate(pool[lo:hi])]
     return splits
+
+
+def value_limit(problems: list[Problem]) -> int | None:
+    """``MAX_VALUE`` when every problem comes from this generator (a shipped toy split, whatever its
+    model: ids ``toy:...`` or ``toy-chain:...``), so minimal pairs stay in the one-token range; else None."""
+    synthetic = problems and all(p.source in ("toy", "toy-chain") or p.id.startswith("toy") for p in problems)
+    return MAX_VALUE if synthetic else None
 
 
 def to_record(p: Problem) -> dict:

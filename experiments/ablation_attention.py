@@ -1,6 +1,6 @@
 """Does attention tell us which thoughts matter? Attention and zero-ablation importance on the same problems.
 
-    python -m experiments.ablation_attention [--checkpoint toy-arith] [--data toy:test] [--limit 300] [--out DIR]
+    python -m experiments.ablation_attention [--checkpoint toy-chain] [--data toy-chain:test] [--limit 300] [--out DIR]
 
 For each problem: the baseline run with its attention patterns cached (from EOT and from each fed
 answer position to BOT and every thought, per layer and head), and the zero ablation of each single
@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from codi_lens.attention import correlation_by_layer, per_thought
-from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, run_main
+from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, parse_common_args, run_main
 from codi_lens.importance import attention_importance
 from codi_lens.plotting import attention_by_head, attention_by_layer, attention_vs_importance, write_html
 from experiments.step_importance import add_selection_args, select_problems
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_selection_args(parser)
     parser.add_argument("--n-latents", type=int, default=6, help="continuous thoughts fed back (CODI: 6)")
     parser.set_defaults(limit=300)
-    args = parser.parse_args(argv)
+    args = parse_common_args(parser, argv)
 
     started = time.perf_counter()
     model = load_model(args)

@@ -2,7 +2,7 @@
 loop, checked by replaying each candidate's ablation.
 
     python -m experiments.feature_pathways [--saes results/train_saes] [--target SAE_ID]
-        [--target-feature F] [--sources ID,...] [--data toy:test] [--limit 200] [--candidates 20] [--out DIR]
+        [--target-feature F] [--sources ID,...] [--data toy-chain:test] [--limit 200] [--candidates 20] [--out DIR]
 
 The target is a feature of one SAE (default: the SAE computed last in the loop among ``--saes``, and its
 most frequent feature on these problems); the sources are the features of SAEs computed before it
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from codi_lens.cli import add_common_args, load_model, model_settings, run_main
+from codi_lens.cli import add_common_args, load_model, model_settings, parse_common_args, run_main
 from codi_lens.data import load_problems
 from codi_lens.pathways import (
     feature_attributions,
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--candidates", type=int, default=20, help="source features replayed")
     parser.add_argument("--n-latents", type=int, default=6, help="continuous thoughts fed back (CODI: 6)")
     parser.set_defaults(limit=200)
-    args = parser.parse_args(argv)
+    args = parse_common_args(parser, argv)
 
     started = time.perf_counter()
     model = load_model(args)

@@ -1,6 +1,6 @@
 """Are later thoughts computed from earlier ones? Chained against parallel patching in the latent loop.
 
-    python -m experiments.iterative_patching [--checkpoint toy-arith] [--data toy:test] [--limit 100]
+    python -m experiments.iterative_patching [--checkpoint toy-chain] [--data toy-chain:test] [--limit 100]
         [--pairs FILE] [--layers 0,1] [--out DIR]
 
 For each pair, layer L and start thought k: *chained* writes the clean ``blocks.L.hook_resid_post``
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, run_main
+from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, parse_common_args, run_main
 from codi_lens.metrics import bootstrap_ci
 from codi_lens.patching import trajectory_rows
 from codi_lens.plotting import trajectory_lines, write_html
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_common_args(parser, out="results/iterative_patching")
     add_pair_args(parser)
     parser.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
-    args = parser.parse_args(argv)
+    args = parse_common_args(parser, argv)
 
     started = time.perf_counter()
     model = load_model(args)

@@ -1,12 +1,12 @@
 """Clean/corrupted pairs that change one number in a question, with the answer recomputed from the chain.
 
-    python -m experiments.make_pairs [--data toy:test] [--limit N] [--deltas 1,-1,2,-2] [--out DIR]
+    python -m experiments.make_pairs [--data toy-chain:test] [--limit N] [--deltas 1,-1,2,-2] [--out DIR]
     python -m experiments.make_pairs --import FILE [--data gsm8k:test] [--out DIR]
 
 Building: for each problem, the question's integers are tried in order, each changed by each delta,
 and the first change whose re-evaluated chain passes every check gives the pair (see
-``codi_lens.pairs`` for the checks and the rejection reasons). Data from the shipped synthetic set
-(``toy:test``) keeps values in the model's number range (0..40).
+``codi_lens.pairs`` for the checks and the rejection reasons). Data from the shipped synthetic sets
+(``toy-chain:test``, ``toy:test``) keeps values in the models' number range (0..40).
 
 Checking (``--import FILE``): a JSON list or JSONL of ``clean_question``, ``corrupted_question`` and
 optionally ``pair_id``, ``clean_answer``, ``corrupted_answer``. Each clean question is matched in
@@ -27,14 +27,17 @@ import json
 from pathlib import Path
 
 from codi_lens.cli import run_main
-from codi_lens.data import load_problems
+from codi_lens.data import default_data, load_problems
+from codi_lens.loading import DEFAULT_MODEL
 from codi_lens.pairs import DEFAULT_DELTAS, check_pairs, make_pairs, read_pair_file
-from codi_lens.synthetic import MAX_VALUE
+from codi_lens.synthetic import value_limit
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=None, help="problems (default: toy:test; with --import: GSM8K)")
+    parser.add_argument(
+        "--data", default=None, help="problems (default: the default model's test split; with --import: GSM8K)"
+    )
     parser.add_argument("--split", default=None, help="split name (required for a hub dataset)")
     parser.add_argument("--limit", type=int, default=None, help="the first N records in file order")
     parser.add_argument("--deltas", default=",".join(str(d) for d in DEFAULT_DELTAS), help="changes to try, in order")
@@ -62,9 +65,9 @@ def main(argv: list[str] | None = None) -> dict:
             .to_dict(),
         }
     else:
-        data = args.data or "toy:test"
+        data = args.data or default_data(DEFAULT_MODEL)
         problems = load_problems(data, split=args.split, limit=args.limit)
-        max_value = args.max_value if args.max_value is not None else (MAX_VALUE if data.startswith("toy:") else None)
+        max_value = args.max_value if args.max_value is not None else value_limit(problems)
         try:
             deltas = [float(d) for d in args.deltas.split(",") if d.strip()]
         except ValueError as exc:

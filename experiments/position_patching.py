@@ -1,6 +1,6 @@
 """Where does the changed number's information travel? Activation patching inside the latent loop.
 
-    python -m experiments.position_patching [--checkpoint toy-arith] [--data toy:test] [--limit 100]
+    python -m experiments.position_patching [--checkpoint toy-chain] [--data toy-chain:test] [--limit 100]
         [--pairs FILE] [--hooks resid_post,thought_input] [--generate] [--method exact|attribution]
         [--compare] [--out DIR]
 
@@ -37,13 +37,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, parse_choices, run_main
+from codi_lens.cli import (
+    add_common_args,
+    executor_from_args,
+    load_model,
+    model_settings,
+    parse_choices,
+    parse_common_args,
+    run_main,
+)
 from codi_lens.data import load_problems
 from codi_lens.metrics import mean_ci_table
 from codi_lens.pairs import make_pairs
 from codi_lens.patching import HOOK_KINDS, METHODS, SPAN_STARTS, patch_sweep, rank_agreement, sweep_cells
 from codi_lens.plotting import patching_bars, patching_heatmap, write_html
-from codi_lens.synthetic import MAX_VALUE
+from codi_lens.synthetic import value_limit
 
 
 def load_pairs(args: argparse.Namespace) -> pd.DataFrame:
@@ -58,8 +66,7 @@ def load_pairs(args: argparse.Namespace) -> pd.DataFrame:
             raise KeyError(f"{path} lacks the column {sorted(missing)[0]!r}")
         return pairs
     problems = load_problems(args.data, split=args.split, limit=args.limit)
-    max_value = MAX_VALUE if str(args.data).startswith("toy:") else None
-    pairs, _ = make_pairs(problems, max_value=max_value)
+    pairs, _ = make_pairs(problems, max_value=value_limit(problems))
     return pairs
 
 
@@ -98,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="also run the other method (into OUT/<method>) and report how the two rank the cells",
     )
-    args = parser.parse_args(argv)
+    args = parse_common_args(parser, argv)
     if args.generate and args.method == "attribution":
         raise ValueError("--generate needs --method exact: attribution estimates metrics, it generates nothing")
     kinds = parse_choices("--hooks", args.hooks, HOOK_KINDS)

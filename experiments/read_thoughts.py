@@ -1,6 +1,6 @@
 """What do the thoughts hold? Logit and tuned lens, linear probes, early answers, value-matched patching.
 
-    python -m experiments.read_thoughts [--checkpoint toy-arith] [--data toy:test] [--limit 1000]
+    python -m experiments.read_thoughts [--checkpoint toy-chain] [--data toy-chain:test] [--limit 1000]
         [--fit-fraction 0.5] [--top-k 5] [--tuned-lens-steps 500] [--patch-thoughts 1,2,3,4,5,6] [--out DIR]
 
 The problems are split by id (seeded) into *fit* problems, which train the tuned lens and the probes
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, run_main
+from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, parse_common_args, run_main
 from codi_lens.data import Problem, load_problems
 from codi_lens.early_answers import early_answer_rows
 from codi_lens.lens import (
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--patch-thoughts", default=None, help="thoughts to patch (comma-separated; default all)")
     parser.add_argument("--min-references", type=int, default=3, help="fit problems a value's mean needs")
     parser.set_defaults(limit=1000)
-    args = parser.parse_args(argv)
+    args = parse_common_args(parser, argv)
     patch_thoughts = _thoughts(args.patch_thoughts or ",".join(map(str, range(1, args.n_latents + 1))), args.n_latents)
 
     started = time.perf_counter()

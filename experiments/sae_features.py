@@ -1,7 +1,7 @@
 """What the features of thought SAEs stand for: frequencies, position profiles, top examples, a browser,
 and the answer tokens a feature intervention shifts.
 
-    python -m experiments.sae_features [--saes results/train_saes] [--sae-ids ID,...] [--data toy:test]
+    python -m experiments.sae_features [--saes results/train_saes] [--sae-ids ID,...] [--data toy-chain:test]
         [--limit 500] [--top-features 20] [--top-k 10] [--intervene 5] [--intervention clamp] [--out DIR]
 
 For every SAE (SAELens folders written by ``experiments.train_saes``), on the held-out problems:
@@ -29,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from codi_lens.activations import collect_activations
-from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, run_main
+from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, parse_common_args, run_main
 from codi_lens.data import load_problems
 from codi_lens.features import (
     answer_tokens_as_text,
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clamp-scale", type=float, default=10.0, help="clamp to this times the largest activation")
     parser.add_argument("--n-latents", type=int, default=6, help="continuous thoughts fed back (CODI: 6)")
     parser.set_defaults(limit=500)
-    args = parser.parse_args(argv)
+    args = parse_common_args(parser, argv)
 
     started = time.perf_counter()
     model = load_model(args)

@@ -1,6 +1,6 @@
 """Which continuous thoughts matter? Every thought x intervention x scope on each problem.
 
-    python -m experiments.step_importance [--checkpoint toy-arith] [--data toy:test] [--limit 300]
+    python -m experiments.step_importance [--checkpoint toy-chain] [--data toy-chain:test] [--limit 300]
         [--interventions zero,mean,noise,swap,shuffle] [--scopes single,cumulative,all] [--out DIR]
 
 For each problem: the baseline run, then each ablation of the fed-back thoughts (zero, mean over a
@@ -24,7 +24,7 @@ import argparse
 import time
 from pathlib import Path
 
-from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, run_main
+from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, parse_common_args, run_main
 from codi_lens.data import load_problems, stratified_sample
 from codi_lens.importance import INTERVENTIONS, step_importance
 from codi_lens.interventions import SCOPES
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reference", default=None, help="data whose mean thoughts 'mean' feeds (default: --data)")
     parser.add_argument("--reference-limit", type=int, default=None, help="first N records of --reference")
     parser.set_defaults(limit=300)
-    args = parser.parse_args(argv)
+    args = parse_common_args(parser, argv)
     interventions = _names(args.interventions, INTERVENTIONS, "--interventions")
     scopes = _names(args.scopes, SCOPES, "--scopes")
 

@@ -1,8 +1,8 @@
 """Train sparse autoencoders on the continuous thoughts, one per (site, architecture), and evaluate them.
 
     python -m experiments.train_saes [--sites thought.1.hook_hidden,...] [--architectures topk]
-        [--d-sae 512] [--k 16] [--l1 1.0] [--training-samples 300000] [--train-data toy:train]
-        [--train-limit 4000] [--data toy:test] [--limit 500] [--splice-limit 200] [--out DIR]
+        [--d-sae 512] [--k 16] [--l1 1.0] [--training-samples 300000] [--train-data toy-chain:train]
+        [--train-limit 4000] [--data toy-chain:test] [--limit 500] [--splice-limit 200] [--out DIR]
 
 A site is a thought hook (``thought.3.hook_hidden``: h_3, what the projection reads) or a hook with a
 position axis read at one thought (``blocks.1.hook_resid_post@3``; thought 0 = BOT). Each SAE sees
@@ -35,8 +35,16 @@ from pathlib import Path
 import pandas as pd
 
 from codi_lens.activations import Site, collect_activations
-from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, parse_choices, run_main
-from codi_lens.data import DataError, load_problems
+from codi_lens.cli import (
+    add_common_args,
+    executor_from_args,
+    load_model,
+    model_settings,
+    parse_choices,
+    parse_common_args,
+    run_main,
+)
+from codi_lens.data import DataError, default_data, load_problems
 from codi_lens.metrics import mean_ci_table
 from codi_lens.plotting import sae_quality_bars, sae_splice_bars, write_html
 from codi_lens.runner import UNIT_COLUMN, ResultStore
@@ -108,13 +116,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--sae-batch-size", type=int, default=256, help="activations per SAE training step")
     parser.add_argument("--training-samples", type=int, default=300_000, help="activations each SAE trains on")
-    parser.add_argument("--train-data", default="toy:train", help="problems whose thoughts train the SAEs")
+    parser.add_argument(
+        "--train-data",
+        default=None,
+        help="problems whose thoughts train the SAEs (default: the checkpoint's own training split, "
+        "toy-chain:train for toy-chain)",
+    )
     parser.add_argument("--train-limit", type=int, default=4000, help="the first N training problems")
     parser.add_argument("--splice-limit", type=int, default=200, help="held-out problems of the splice test")
     parser.add_argument("--n-latents", type=int, default=6, help="continuous thoughts fed back (CODI: 6)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(limit=500)
-    args = parser.parse_args(argv)
+    args = parse_common_args(parser, argv)
+    args.train_data = args.train_data or default_data(args.checkpoint, "train")
     sites = parse_sites(args.sites)
     architectures = parse_choices("--architectures", args.architectures, list(ARCHITECTURES))
 

@@ -67,7 +67,7 @@ def _open_offline(browser, path):
 @pytest.fixture(scope="module")
 def dashboards(tmp_path_factory):
     model = load_pretrained()
-    problems = load_problems("toy:test", limit=2)
+    problems = load_problems("toy-chain:test", limit=2)
     states = thought_states(model, problems, progress=False)
     decodes = top_decodes(model, states.residuals[:1], [problems[0].id], k=5)
     out = tmp_path_factory.mktemp("html")

@@ -40,7 +40,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def problems():
-    return load_problems("toy:test", limit=24)
+    return load_problems("toy-chain:test", limit=24)
 
 
 def test_experiment_on_ray_writes_the_same_table_as_a_local_run(cluster, tmp_path):
@@ -110,7 +110,7 @@ def test_a_model_built_in_memory_is_refused_by_name(cluster, tmp_path):
     store = ResultStore(tmp_path, {})
     with pytest.raises(DistributedError, match="built in memory"):
         store.run(
-            load_problems("toy:test", limit=2),
+            load_problems("toy-chain:test", limit=2),
             lambda b: answer_rows(condition, b),
             unit_id=lambda p: p.id,
             batch_size=2,

@@ -137,3 +137,26 @@ def test_result_store_keeps_units_without_rows_and_refuses_foreign_rows(tmp_path
         ResultStore(tmp_path / "s", {}).run(
             ["a"], lambda b: pd.DataFrame({"unit_id": ["z"]}), unit_id=str, batch_size=1, progress=False
         )
+
+
+def test_data_defaults_to_the_checkpoints_own_split():
+    """With no ``--data`` a command runs on the checkpoint's own test split (a shipped model's, GSM8K's
+    for any other checkpoint); ``--data`` always wins. ``value_limit`` keeps minimal pairs of either
+    shipped toy split in the one-token range and leaves GSM8K's unbounded."""
+    import argparse
+
+    from codi_lens.cli import add_common_args, parse_common_args
+    from codi_lens.data import default_data
+    from codi_lens.loading import DEFAULT_MODEL
+    from codi_lens.synthetic import MAX_VALUE, value_limit
+
+    parser = argparse.ArgumentParser()
+    add_common_args(parser, out="results/x")
+    assert DEFAULT_MODEL == "toy-chain" and parse_common_args(parser, []).data == "toy-chain:test"
+    assert parse_common_args(parser, ["--checkpoint", "toy-arith"]).data == "toy:test"
+    assert parse_common_args(parser, ["--checkpoint", "ckpt/codi-llama1b"]).data == "gsm8k:test"
+    assert parse_common_args(parser, ["--checkpoint", "toy-arith", "--data", "gsm8k:train"]).data == "gsm8k:train"
+    assert default_data("toy-chain", "train") == "toy-chain:train" and default_data("toy-arith", "train") == "toy:train"
+    for name in ("toy:test", "toy-chain:test", "toy-chain:validation"):
+        assert value_limit(load_problems(name, limit=3)) == MAX_VALUE
+    assert value_limit(load_problems("gsm8k:test", limit=3)) is None

@@ -30,7 +30,7 @@ def sae_dir(model, tmp_path_factory):
     """Standard (ReLU + L1) SAEs at thought 2's final state and at layer 1 of thought 3, saved as
     ``experiments.train_saes`` saves them."""
     root = tmp_path_factory.mktemp("saes")
-    data = collect_activations(model, load_problems("toy:train", limit=256), SITES, root / "acts", progress=False)
+    data = collect_activations(model, load_problems("toy-chain:train", limit=256), SITES, root / "acts", progress=False)
     recipe = SAERecipe(architecture="standard", d_sae=128, l1_coefficient=1.0, batch_size=64, training_samples=16000)
     for site in SITES:
         sae = train_sae(data.load(site)[0], recipe, site, progress=False)
@@ -110,7 +110,7 @@ def test_site_order_follows_the_loop():
 def test_attribution_predicts_a_small_scaling_of_the_source(model, sae_dir):
     saes = load_saes(sae_dir)
     source, target = saes["thought.2.hook_hidden-standard"], saes["blocks.1.hook_resid_post@3-standard"]
-    questions = [p.question for p in load_problems("toy:test", limit=32)]
+    questions = [p.question for p in load_problems("toy-chain:test", limit=32)]
     every = target_activation(model, questions, target, None, [source, target])
     # Read at thought 3's own position: equal to the SAE applied there in a plain cached run.
     result, cache = model.run_codi_with_cache(questions, names_filter="blocks.1.hook_resid_post", max_new_tokens=1)

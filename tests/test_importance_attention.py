@@ -13,6 +13,7 @@ from codi_lens import load_codi
 from codi_lens.attention import attention_to_thoughts, correlation_by_layer, pattern_hook_names, thought_to_thought
 from codi_lens.data import load_problems
 from codi_lens.importance import ablation_grid, importance_rows, step_importance
+from codi_lens.loading import DEFAULT_MODEL
 from codi_lens.metrics import importance_table
 from experiments import ablation_attention, make_pairs
 from experiments import step_importance as step_importance_cli
@@ -169,14 +170,15 @@ def test_experiments_run_end_to_end(tmp_path):
         html = (tmp_path / "si" / figure).read_text()
         assert '<script src="https://cdn' not in html and "Plotly.newPlot" in html and len(html) > 1_000_000
     run = json.loads((tmp_path / "si" / "run.json").read_text())
-    assert run["settings"]["checkpoint_sha256"] == load_codi("toy-arith").checkpoint_sha256
+    assert run["settings"]["checkpoint_sha256"] == load_codi(DEFAULT_MODEL).checkpoint_sha256  # no flags: the default
+    assert run["settings"]["data_source"] == "toy-chain:test"  # ... and its own test split
 
     summary = ablation_attention.main(["--limit", "6", "--max-new-tokens", "24", "--out", str(tmp_path / "aa")])
     rows = pd.read_parquet(tmp_path / "aa" / "results.parquet")
     assert {"attention_eot", "attention_answer", "kl", "flipped", "layer", "head", "thought"} <= set(rows.columns)
     assert set(summary["correlation_by_layer"]) == {0, 1}
 
-    summary = make_pairs.main(["--limit", "40", "--out", str(tmp_path / "mp")])
+    summary = make_pairs.main(["--limit", "60", "--out", str(tmp_path / "mp")])
     pairs = pd.read_parquet(tmp_path / "mp" / "pairs.parquet")
     assert summary["n_pairs"] == len(pairs) > 30
     assert {
@@ -202,7 +204,7 @@ def test_experiments_run_end_to_end(tmp_path):
             ]
         )
     )
-    make_pairs.main(["--import", str(foreign), "--data", "toy:test", "--out", str(tmp_path / "imp")])
+    make_pairs.main(["--import", str(foreign), "--data", "toy-chain:test", "--out", str(tmp_path / "imp")])
     report = pd.read_parquet(tmp_path / "imp" / "import_report.parquet")
     assert (
         report.status.tolist() == ["disagrees"] and report.recomputed_corrupted_answer[0] == pairs.corrupted_answer[0]

@@ -45,7 +45,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def problems():
-    return load_problems("toy:test", limit=96)
+    return load_problems("toy-chain:test", limit=96)
 
 
 @pytest.fixture(scope="module")
@@ -276,13 +276,13 @@ def test_train_saes_experiment_writes_saelens_folders_and_the_table(tmp_path):
     assert required <= set(table.columns) and len(table) == 2
     assert set(table["site"]) == {"thought.2.hook_hidden", "blocks.0.hook_resid_post@1"}
     assert (table["accuracy_spliced_error"] == table["accuracy_plain"]).all()  # the error term restores the run
-    assert json.loads((out / "train_problems.json").read_text())[:2] == ["toy:train:0", "toy:train:1"]
+    assert json.loads((out / "train_problems.json").read_text())[:2] == ["toy-chain:train:0", "toy-chain:train:1"]
     for sae_id in table["sae_id"]:
         assert load_sae(out / "saes" / sae_id).cfg.d_sae == 128
     assert summary["n_saes"] == 2
     again = train_saes.main(flags)  # a finished run reruns from its files
     assert again["explained_variance"] == summary["explained_variance"]
-    assert ActivationDataset(out / "activations" / "heldout").problem_ids[0] == "toy:test:0"
+    assert ActivationDataset(out / "activations" / "heldout").problem_ids[0] == "toy-chain:test:0"
 
 
 def test_train_saes_names_a_bad_flag_in_one_line(capsys, tmp_path):
