@@ -139,19 +139,21 @@ def rows_at_answer(
 
 # ---------------------------------------------------------------------- frame-level
 def accuracy_table(predictions: pd.DataFrame, by: str = "n_steps") -> pd.DataFrame:
-    """Accuracy per condition, overall and per ``by`` value.
+    """Accuracy per condition, overall and per ``by`` value, with its 95% bootstrap CI over problems.
 
     ``predictions`` needs columns ``condition``, ``correct`` and ``by``. Returns one row per
-    (condition, group) with ``n``, ``n_correct`` and ``accuracy``; the overall row has group "all".
+    (condition, group) with ``n``, ``n_correct``, ``accuracy`` and its CI (``low``, ``high``; see
+    :func:`bootstrap_ci`); the overall row has group "all".
     """
-    grouped = predictions.groupby(["condition", by])["correct"].agg(n="size", n_correct="sum").reset_index()
-    grouped = grouped.rename(columns={by: "group"})
-    grouped["group"] = grouped["group"].astype(str)
-    overall = predictions.groupby("condition")["correct"].agg(n="size", n_correct="sum").reset_index()
-    overall["group"] = "all"
-    table = pd.concat([overall, grouped], ignore_index=True)
-    table["accuracy"] = table["n_correct"] / table["n"]
-    return table[["condition", "group", "n", "n_correct", "accuracy"]]
+
+    def row(condition, group: str, part: pd.DataFrame) -> dict:
+        accuracy, low, high = bootstrap_ci(part["correct"].to_numpy(dtype=float))
+        counts = {"n": len(part), "n_correct": int(part["correct"].sum())}
+        return {"condition": condition, "group": group, **counts, "accuracy": accuracy, "low": low, "high": high}
+
+    overall = [row(condition, "all", part) for condition, part in predictions.groupby("condition")]
+    grouped = [row(condition, str(key), part) for (condition, key), part in predictions.groupby(["condition", by])]
+    return pd.DataFrame(overall + grouped)
 
 
 def bootstrap_ci(

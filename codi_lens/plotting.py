@@ -14,7 +14,9 @@ TEMPLATE = "plotly_white"
 
 
 def accuracy_bars(table: pd.DataFrame, title: str = "Accuracy by number of steps") -> go.Figure:
-    """Grouped bars from :func:`codi_lens.metrics.accuracy_table`: one colour per condition."""
+    """Grouped bars from :func:`codi_lens.metrics.accuracy_table`: one colour per condition, with the
+    95% bootstrap CI over problems as error bars."""
+    table = table.assign(above=table["high"] - table["accuracy"], below=table["accuracy"] - table["low"])
     fig = px.bar(
         table,
         x="group",
@@ -22,7 +24,9 @@ def accuracy_bars(table: pd.DataFrame, title: str = "Accuracy by number of steps
         color="condition",
         barmode="group",
         text="accuracy",
-        hover_data=["n", "n_correct"],
+        error_y="above",
+        error_y_minus="below",
+        hover_data=["n", "n_correct", "low", "high"],
         template=TEMPLATE,
         title=title,
         labels={"group": "steps", "accuracy": "accuracy"},

@@ -186,10 +186,15 @@ def _accuracy_markdown(accuracy: pd.DataFrame) -> str:
         if c in table
     ]
     lines = ["| steps | n | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    bounds = accuracy.set_index(["group", "condition"])[["low", "high"]]
+
+    def cell(group: str, condition: str) -> str:
+        low, high = bounds.loc[(group, condition)]
+        return f"{100 * table.loc[group, condition]:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+
     for group in order:
-        cells = " | ".join(f"{100 * table.loc[group, c]:.1f}%" for c in columns)
-        lines.append(f"| {group} | {counts[group]} | {cells} |")
-    return "\n".join(lines)
+        lines.append(f"| {group} | {counts[group]} | " + " | ".join(cell(group, c) for c in columns) + " |")
+    return "\n".join(lines) + "\n\nEach cell: accuracy [95% bootstrap CI over problems]."
 
 
 def _lens_markdown(lens: pd.DataFrame) -> str:

@@ -160,3 +160,25 @@ def test_data_defaults_to_the_checkpoints_own_split():
     for name in ("toy:test", "toy-chain:test", "toy-chain:validation"):
         assert value_limit(load_problems(name, limit=3)) == MAX_VALUE
     assert value_limit(load_problems("gsm8k:test", limit=3)) is None
+
+
+def test_accuracy_table_carries_a_bootstrap_ci_over_problems():
+    """Half the problems right (200): the 95% CI is about +-1.96 sqrt(0.25 / 200) = +-0.069 (normal
+    approximation, to 0.015); every problem right: a zero-width CI at 1; per-step rows count their own
+    problems; the overall rows come first."""
+    import numpy as np
+
+    from codi_lens.metrics import accuracy_table
+
+    steps = np.repeat([2, 3], 100)
+    half = pd.DataFrame({"condition": "a", "n_steps": steps, "correct": np.tile([True, False], 100)})
+    right = pd.DataFrame({"condition": "b", "n_steps": steps, "correct": True})
+    table = accuracy_table(pd.concat([half, right]))
+    assert table["group"].tolist()[:2] == ["all", "all"] and table["condition"].tolist()[:2] == ["a", "b"]
+    a = table[(table["condition"] == "a") & (table["group"] == "all")].iloc[0]
+    assert a["n"] == 200 and a["n_correct"] == 100 and a["accuracy"] == 0.5
+    assert abs((a["high"] - a["low"]) / 2 - 1.96 * (0.25 / 200) ** 0.5) < 0.015 and a["low"] < 0.5 < a["high"]
+    b = table[table["condition"] == "b"]
+    assert (b["low"] == 1).all() and (b["high"] == 1).all()
+    per_step = table[(table["condition"] == "a") & (table["group"] != "all")]
+    assert per_step["group"].tolist() == ["2", "3"] and per_step["n"].tolist() == [100, 100]
