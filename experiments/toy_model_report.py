@@ -478,7 +478,9 @@ activation into the corrupted run, whose loop then goes on from the patched stat
 BOT and all six thoughts at once, `thoughts` the six thoughts, `fed thought:k` the fed-back vector
 itself (`thought.k.hook_input`). The control patches each pair from *another* pair's clean run
 (`donor="other"`): what a patch recovers because it carries this problem's values, it cannot recover
-from another problem's.
+from another problem's. Where another problem's thoughts make the run give neither answer, that control
+sits near 0.5 on this normalised metric (the corrupted answer's lead is lost, the clean answer's not
+won), so compare the two donors, not the control with 0.
 
 {patching}
 
