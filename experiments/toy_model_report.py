@@ -37,7 +37,7 @@ from codi_lens.metrics import accuracy_table, mean_ci_table
 from codi_lens.pairs import make_pairs
 from codi_lens.patching import DONORS, SPAN_STARTS, Cell, patch_sweep
 from codi_lens.plotting import accuracy_bars, latent_readout_heatmap, patching_bars, write_html
-from codi_lens.synthetic import MAX_VALUE, STEP_MIXES
+from codi_lens.synthetic import STEP_MIXES, value_limit
 from codi_lens.training import NUMBER_PERIODS
 
 N_LATENTS = 6
@@ -133,7 +133,8 @@ def patching_frame(model, problems, out: Path, args: argparse.Namespace) -> pd.D
     number changed, answer recomputed; :func:`codi_lens.pairs.make_pairs`), for every cell of
     :func:`patching_cells`, patched from the pair's own clean run (``donor="clean"``) and, the
     control, from another pair's (``donor="other"``). Resumable in ``out/patching_<donor>``."""
-    pairs, _ = make_pairs(problems[:PATCHING_PROBLEMS], max_value=MAX_VALUE)
+    patched = problems[:PATCHING_PROBLEMS]
+    pairs, _ = make_pairs(patched, max_value=value_limit(patched))
     frames = []
     for donor in DONORS:
         rows, store = patch_sweep(
