@@ -96,9 +96,11 @@ def bench_pairs(n: int) -> pd.DataFrame:
     return pairs.head(n).reset_index(drop=True)
 
 
-def zero_step_importance(model: CODIModel, problems: list[Problem], max_new_tokens: int) -> pd.DataFrame:
+def zero_step_importance(
+    model: CODIModel, problems: list[Problem], max_new_tokens: int, batch_size: int = 32
+) -> pd.DataFrame:
     """codi_lens' step importance with zero-ablation of each thought, alone and cumulatively (12
-    ablations), in batches of 32 problems written to a temporary result store."""
+    ablations), in batches of ``batch_size`` problems written to a temporary result store."""
     with tempfile.TemporaryDirectory() as out:
         rows, _ = step_importance(
             model,
@@ -107,6 +109,7 @@ def zero_step_importance(model: CODIModel, problems: list[Problem], max_new_toke
             interventions=["zero"],
             scopes=["single", "cumulative"],
             max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
             progress=False,
         )
     return rows

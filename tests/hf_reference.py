@@ -37,7 +37,10 @@ class ReferenceCODI:
         prj_dim,
         prj_ln=True,
         dtype=torch.float32,
+        tokenizer=None,
     ) -> ReferenceCODI:
+        """Upstream's module built from ``base_dir``'s config, the checkpoint loaded with ``strict=True``;
+        the tokenizer is ``base_dir``'s unless one is given."""
         checkpoint_dir = Path(checkpoint_dir)
         st = checkpoint_dir / "model.safetensors"
         state = (
@@ -53,8 +56,9 @@ class ReferenceCODI:
             device="cpu",
         )
         module.load_state_dict(state, strict=True)
+        del state
         module = module.to(dtype).eval()
-        return cls(module, AutoTokenizer.from_pretrained(str(base_dir)))
+        return cls(module, tokenizer or AutoTokenizer.from_pretrained(str(base_dir)))
 
     def _embed(self, ids: list[int]) -> torch.Tensor:
         return self.model.get_input_embeddings()(torch.tensor([ids]))
@@ -76,6 +80,17 @@ class ReferenceCODI:
             states.append(out.hidden_states[-1][0, -1])
             logits.append(out.logits[0, -1])
         return cache, states, thoughts, logits
+
+    @torch.no_grad()
+    def latents_given_thoughts(self, question: str, thoughts: torch.Tensor) -> torch.Tensor:
+        """``h_0 .. h_n`` when ``thoughts`` (``[n, d_model]``, e.g. another implementation's) are fed instead
+        of the reference's own projections: each step's computation compared on the same inputs."""
+        ids = self.tokenizer(question.strip().replace("  ", " "))["input_ids"] + [self.bot_id]
+        cache = DynamicCache()
+        states = [self._step(self._embed(ids), cache).hidden_states[-1][0, -1]]
+        for z in thoughts.to(states[0].dtype):
+            states.append(self._step(z[None, None], cache).hidden_states[-1][0, -1])
+        return torch.stack(states)
 
     @torch.no_grad()
     def run(self, question: str, n_latents: int = 6, max_new_tokens: int = 64) -> dict:

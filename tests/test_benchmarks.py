@@ -1,6 +1,8 @@
 """Every benchmark's ``--quick`` version runs to the end, prints its result line in the agreed form, and
-the optimised way agrees with the naive way. Speed itself is never asserted here: ratios are measured
-by the full benchmarks and reported in the issue notes."""
+asserts what the benchmark exists for: the optimised way agrees with the naive way (identical answers,
+numbers within tolerance), memory does not grow with the number of problems, attribution ranks cells
+as exact patching does above a floor measured on each model. Speed itself is never asserted here:
+ratios are measured by the full benchmarks and reported in the issue notes."""
 
 from __future__ import annotations
 
@@ -13,6 +15,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NUMBER = r"(-?[0-9.]+(?:e[-+][0-9]+)?|nan)"
+
+
+#: Rank agreement of attribution with exact patching in the ``--quick`` runs (2 pairs; deterministic:
+#: measured 0.80 / 0.80 on the shipped toy-arith model and 0.94 / 0.90 on the random benchmark model),
+#: with room for float summation order. A sign error or a gradient at the wrong position drops far below.
+ATTRIBUTION_FLOORS = {"toy": (0.7, 0.6), "bench": (0.85, 0.7)}
 
 
 def run_quick(name: str, *extra: str) -> str:
@@ -35,15 +43,19 @@ def test_speed_benchmarks_agree_with_the_naive_way(name):
     assert float(match.group(2)) <= 1e-4, last
 
 
-def test_memory_benchmark_reports_a_ratio():
+def test_memory_does_not_grow_with_the_number_of_problems():
+    """16 against 64 problems in batches of 4: the larger run's own memory (peak less the model) within
+    1.15x of the smaller's (measured 1.05; a vocabulary row kept per problem and ablation makes it 1.26)
+    and its whole peak within 1.1x (measured 1.02; the benchmark itself exits 1 above its 1.2 target)."""
     last = run_quick("memory")
-    match = re.fullmatch(rf"memory_ratio {NUMBER}", last)
-    assert match and float(match.group(1)) > 0, last
+    match = re.fullmatch(rf"memory_ratio {NUMBER} run_ratio {NUMBER}", last)
+    assert match and float(match.group(1)) <= 1.1 and float(match.group(2)) <= 1.15, last
 
 
 @pytest.mark.parametrize("model", ["bench", "toy"])
-def test_attribution_benchmark_reports_rank_agreement(model):
+def test_attribution_ranks_cells_as_exact_patching_does(model):
     last = run_quick("attribution", "--model", model)
     match = re.fullmatch(rf"speedup {NUMBER}x spearman {NUMBER} top10_overlap {NUMBER}", last)
     assert match, last
-    assert -1 <= float(match.group(2)) <= 1 and 0 <= float(match.group(3)) <= 1, last
+    spearman, overlap = ATTRIBUTION_FLOORS[model]
+    assert float(match.group(2)) >= spearman and float(match.group(3)) >= overlap, last
