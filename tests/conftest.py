@@ -12,6 +12,7 @@ from hf_reference import ReferenceCODI
 from upstream_factory import make_tiny_codi
 
 from codi_lens import load_codi
+from codi_lens.checkpoint import PRETRAINED
 from codi_lens.data import shipped_dataset_text
 
 torch.set_num_threads(2)
@@ -79,3 +80,18 @@ def llama_model(tiny_checkpoint):
     """The tiny LLaMA checkpoint loaded with codi_lens (float32)."""
     ckpt = tiny_checkpoint("llama")
     return load_codi(ckpt.checkpoint_dir, ckpt.base_dir)
+
+
+#: The shipped toy models' projection width (their files hold no LoRA: trained from scratch).
+TOY_PRJ_DIM = 256
+
+
+def toy_reference(name: str) -> ReferenceCODI:
+    """The HF reference of a shipped toy model (its folder is its own base: config.json and tokenizer)."""
+    folder = PRETRAINED[name]
+    return ReferenceCODI.from_checkpoint(folder, folder, lora_r=0, use_lora=False, prj_dim=TOY_PRJ_DIM)
+
+
+@pytest.fixture(scope="session")
+def toy_arith_reference() -> ReferenceCODI:
+    return toy_reference("toy-arith")

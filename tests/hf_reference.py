@@ -40,12 +40,14 @@ class ReferenceCODI:
         tokenizer=None,
     ) -> ReferenceCODI:
         """Upstream's module built from ``base_dir``'s config, the checkpoint loaded with ``strict=True``;
-        the tokenizer is ``base_dir``'s unless one is given."""
+        the tokenizer is ``base_dir``'s unless one is given. A shipped toy model is its own base dir
+        (``use_lora=False``)."""
         checkpoint_dir = Path(checkpoint_dir)
         st = checkpoint_dir / "model.safetensors"
         state = (
             load_file(str(st)) if st.exists() else torch.load(checkpoint_dir / "pytorch_model.bin", weights_only=True)
         )
+        embeddings = next(v for k, v in state.items() if k.endswith(("embed_tokens.weight", "wte.weight")))
         module = build_codi_module(
             base_dir,
             lora_r=lora_r,
@@ -54,6 +56,7 @@ class ReferenceCODI:
             prj_dim=prj_dim,
             prj_ln=prj_ln,
             device="cpu",
+            base_dtype=embeddings.dtype,  # as saved: bf16 upstream, float32 for the shipped toy models
         )
         module.load_state_dict(state, strict=True)
         del state
@@ -67,14 +70,15 @@ class ReferenceCODI:
         return self.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True, output_hidden_states=True)
 
     @torch.no_grad()
-    def _latents(self, question: str, n_latents: int):
-        """Question + BOT, then n fed-back thoughts. Returns (cache, h_0..h_n, z_1..z_n, logits rows)."""
+    def _latents(self, question: str, n_latents: int, replace: dict | None = None):
+        """Question + BOT, then n fed-back thoughts; ``replace[k]`` (``[d_model]``) is fed at thought k
+        (1-based) instead of the projection. Returns (cache, h_0..h_n, z_1..z_n, logits rows)."""
         ids = self.tokenizer(question.strip().replace("  ", " "))["input_ids"] + [self.bot_id]
         cache = DynamicCache()
         out = self._step(self._embed(ids), cache)
         states, thoughts, logits = [out.hidden_states[-1][0, -1]], [], [out.logits[0, -1]]
-        for _ in range(n_latents):
-            z = self.prj(states[-1])
+        for k in range(1, n_latents + 1):
+            z = self.prj(states[-1]) if k not in (replace or {}) else replace[k].to(states[-1].dtype)
             thoughts.append(z)
             out = self._step(z[None, None], cache)
             states.append(out.hidden_states[-1][0, -1])
@@ -93,8 +97,8 @@ class ReferenceCODI:
         return torch.stack(states)
 
     @torch.no_grad()
-    def run(self, question: str, n_latents: int = 6, max_new_tokens: int = 64) -> dict:
-        cache, states, thoughts, logits = self._latents(question, n_latents)
+    def run(self, question: str, n_latents: int = 6, max_new_tokens: int = 64, replace: dict | None = None) -> dict:
+        cache, states, thoughts, logits = self._latents(question, n_latents, replace)
         next_embed, answer = self._embed([self.eot_id]), []
         for _ in range(max_new_tokens):
             out = self._step(next_embed, cache)
@@ -113,10 +117,11 @@ class ReferenceCODI:
         }
 
     @torch.no_grad()
-    def teacher_forced_logits(self, question: str, answer, n_latents: int = 6) -> torch.Tensor:
-        """Row j predicts answer token j (row 0 is the output at EOT). ``answer``: text or token ids."""
+    def teacher_forced_logits(self, question: str, answer, n_latents: int = 6, replace: dict | None = None):
+        """Row j predicts answer token j (row 0 is the output at EOT). ``answer``: text or token ids;
+        ``replace``: thoughts fed instead of the model's own (see ``_latents``)."""
         ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] if isinstance(answer, str) else list(answer)
-        cache, *_ = self._latents(question, n_latents)
+        cache, *_ = self._latents(question, n_latents, replace)
         out = self._step(self._embed([self.eot_id] + ids[:-1]), cache)
         return out.logits[0]
 

@@ -163,10 +163,12 @@ def test_data_defaults_to_the_checkpoints_own_split():
 
 
 def test_accuracy_table_carries_a_bootstrap_ci_over_problems():
-    """Half the problems right (200): the 95% CI is about +-1.96 sqrt(0.25 / 200) = +-0.069 (normal
-    approximation, to 0.015); every problem right: a zero-width CI at 1; per-step rows count their own
-    problems; the overall rows come first."""
+    """Half the problems right (200): a percentile bootstrap resamples the 0/1 outcomes, so its accuracies
+    follow Binomial(200, 0.5) / 200 and the 95% CI is that law's 2.5% and 97.5% quantiles, [0.43, 0.57],
+    within one step of 1/200 (Monte Carlo); a 90% CI ([0.44, 0.56]) is two steps off and fails. Every problem
+    right: a zero-width CI at 1; per-step rows count their own problems; the overall rows come first."""
     import numpy as np
+    from scipy import stats
 
     from codi_lens.metrics import accuracy_table
 
@@ -177,7 +179,8 @@ def test_accuracy_table_carries_a_bootstrap_ci_over_problems():
     assert table["group"].tolist()[:2] == ["all", "all"] and table["condition"].tolist()[:2] == ["a", "b"]
     a = table[(table["condition"] == "a") & (table["group"] == "all")].iloc[0]
     assert a["n"] == 200 and a["n_correct"] == 100 and a["accuracy"] == 0.5
-    assert abs((a["high"] - a["low"]) / 2 - 1.96 * (0.25 / 200) ** 0.5) < 0.015 and a["low"] < 0.5 < a["high"]
+    low, high = stats.binom.ppf([0.025, 0.975], 200, 0.5) / 200
+    assert abs(a["low"] - low) <= 1 / 200 + 1e-12 and abs(a["high"] - high) <= 1 / 200 + 1e-12, (a["low"], a["high"])
     b = table[table["condition"] == "b"]
     assert (b["low"] == 1).all() and (b["high"] == 1).all()
     per_step = table[(table["condition"] == "a") & (table["group"] != "all")]

@@ -90,13 +90,14 @@ def test_stitched_cache_equals_a_full_hf_pass(setup, questions):
         ids = _question_ids(model, question)
         fed_answer = result.answer_tokens[i][:-1]
         with torch.no_grad():
-            out = ref.model(
-                inputs_embeds=_hf_sequence_embeds(ref, ids, result.thought_embeds[i], fed_answer),
-                output_hidden_states=True,
-                output_attentions=True,
-            )
+            embeds = _hf_sequence_embeds(ref, ids, result.thought_embeds[i], fed_answer)
+            out = ref.model(inputs_embeds=embeds, output_hidden_states=True, output_attentions=True)
         start = result.positions.n_pad[i]
         length = out.hidden_states[0].shape[1]
+        # hook_embed: the reference's embedding rows of the question, BOT, EOT and fed answer tokens, and the
+        # fed thoughts themselves at thought positions (GPT-2's position embeddings come after, at hook_pos_embed).
+        assert cache["hook_embed"].shape[1] == cache["blocks.0.hook_resid_pre"].shape[1] >= start + length
+        assert (cache["hook_embed"][i, start : start + length] - embeds[0]).abs().max() <= ATOL
         for layer in range(n_layers - 1):  # the last HF hidden state has the final norm applied
             ours = cache[f"blocks.{layer}.hook_resid_post"][i, start : start + length]
             assert (ours - out.hidden_states[layer + 1][0]).abs().max() <= ATOL
@@ -104,7 +105,6 @@ def test_stitched_cache_equals_a_full_hf_pass(setup, questions):
             i, :, start : start + length, start : start + length
         ]
         assert (pattern - out.attentions[-1][0]).abs().max() <= ATOL
-        assert cache["hook_embed"].shape[1] == cache["blocks.0.hook_resid_pre"].shape[1]
         # Thought hooks against the full pass: h_k is HF's last hidden state (final norm applied) at
         # BOT + k, and prj.hook_out is the reference projection head applied to it.
         rel_bot = len(ids)
@@ -208,7 +208,7 @@ def test_saes_attach_inside_the_codi_loop(setup, questions):
         for p in sae.parameters():
             p.normal_(0, 0.1)
     sae.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
-    clean = model.run_codi(questions[:2], max_new_tokens=3)
+    clean, plain = model.run_codi_with_cache(questions[:2], max_new_tokens=3, names_filter="blocks.0.hook_resid_post")
     model.add_sae(sae, use_error_term=True)
     try:
         spliced, cache = model.run_codi_with_cache(
@@ -216,7 +216,17 @@ def test_saes_attach_inside_the_codi_loop(setup, questions):
         )
         assert (spliced.latent_states - clean.latent_states).abs().max() <= 1e-4
         acts = cache["blocks.0.hook_resid_post.hook_sae_acts_post"]
-        assert acts.shape[:2] == (2, spliced.positions.answer_start + max(spliced.positions.answer_lengths) - 1)
+        assert acts.shape == (
+            2,
+            spliced.positions.answer_start + max(spliced.positions.answer_lengths) - 1,
+            sae.cfg.d_sae,
+        )
+        # The feature activations at every position, written out for a ReLU SAE: relu((x - b_dec) W_enc + b_enc)
+        # of the plain run's residual there (the error term leaves the run itself unchanged).
+        x = plain["blocks.0.hook_resid_post"]
+        with torch.no_grad():
+            expected = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+        assert (acts - expected).abs().max() <= 1e-4
         model.add_sae(sae, use_error_term=False)  # reconstruction only: the thoughts now change
         lossy = model.run_codi(questions[:2], max_new_tokens=3)
         assert (lossy.latent_states - clean.latent_states).abs().max() > 1e-3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -118,8 +119,12 @@ def test_step_importance_resumes_after_a_kill_to_the_uninterrupted_table(toy, tm
     pd.testing.assert_frame_equal(resumed, whole)
 
 
-def test_importance_rows_baseline_and_kl(toy):
+def test_importance_rows_against_the_reference(toy, toy_arith_reference):
+    """Zeroing thought k, against the HF reference fed a zero vector at thought k: the baseline's and the
+    ablated run's predictions, and KL(baseline || ablated) in nats at the position predicting the baseline
+    answer's number (the toy answer ends 'is : N' then EOS), written out from the two distributions."""
     model, problems = toy
+    reference = toy_arith_reference
     ablations = ablation_grid(["zero"], ["single"], n_latents=6)
     from codi_lens.importance import AblationInputs
 
@@ -130,21 +135,55 @@ def test_importance_rows_baseline_and_kl(toy):
         lambda b: AblationInputs(b.thought_embeds, None, None, [0] * 6, 0),
         max_new_tokens=24,
     )
-    baseline = model.run_codi([p.question for p in problems], max_new_tokens=24)
-    first = rows.drop_duplicates("problem_id")
-    assert first["baseline_prediction"].tolist() == baseline.prediction
-    zero_k = model.run_codi(
-        [p.question for p in problems],
-        max_new_tokens=24,
-        fwd_hooks=[("thought.4.hook_input", lambda z, hook: torch.zeros_like(z))],
+    assert len(rows) == len(problems) * 6
+    zero = torch.zeros(model.cfg.d_model)
+    for problem in problems:
+        base = reference.run(problem.question, max_new_tokens=24)
+        number = base["answer_tokens"][:-1]  # up to and with the number, EOS dropped
+        assert base["answer_tokens"][-1] == reference.eos_id
+        assert reference.tokenizer.decode([number[-1]]) == base["answer_text"].split()[-1]
+        p = reference.teacher_forced_logits(problem.question, number)[len(number) - 1].double().log_softmax(-1)
+        for k in range(1, 7):
+            row = rows[(rows.problem_id == problem.id) & (rows.thought == k)].iloc[0]
+            assert row["baseline_prediction"] == float(base["answer_text"].split()[-1])
+            ablated = reference.run(problem.question, max_new_tokens=24, replace={k: zero})
+            assert row["prediction"] == float(ablated["answer_text"].split()[-1])
+            q = reference.teacher_forced_logits(problem.question, number, replace={k: zero})[len(number) - 1]
+            kl = float((p.exp() * (p - q.double().log_softmax(-1))).sum())
+            assert row["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-6), (problem.id, k)
+    assert rows["kl"].max() > 0.01  # toy-arith answers mostly from the question; still no comparison of zeros
+
+
+def test_importance_table_by_hand():
+    """Per condition: the share right at baseline and wrong after, the accuracy drop, the share of changed
+    answers (two missing answers are the same answer) and the mean KL, each with its percentile bootstrap CI;
+    for a 0/1 share that CI follows Binomial(n, share) / n (its 2.5% / 97.5% quantiles, within one step)."""
+    from scipy import stats
+
+    n = 100
+    breaks = np.arange(n) < 30  # baseline right, ablated wrong on the first 30 problems
+    frame = pd.DataFrame(
+        {
+            "problem_id": [f"p{i}" for i in range(n)],
+            "intervention": "zero",
+            "scope": "single",
+            "thought": 1,
+            "baseline_correct": np.arange(n) < 80,
+            "correct": (np.arange(n) >= 30) & (np.arange(n) < 90),  # 10 problems go from wrong to right
+            "baseline_prediction": np.where(np.arange(n) < 95, 1.0, np.nan),
+            "prediction": np.where(breaks, 2.0, np.where(np.arange(n) < 95, 1.0, np.nan)),
+            "kl": np.arange(n) / 100,
+        }
     )
-    assert rows[rows.thought == 4]["prediction"].tolist() == zero_k.prediction
-    assert (rows["kl"] >= 0).all()
-    table = importance_table(rows)
-    assert (
-        len(table) == 6
-        and ((table.importance_low <= table.importance) & (table.importance <= table.importance_high)).all()
-    )
+    table = importance_table(pd.concat([frame, frame.assign(thought=2, correct=frame["baseline_correct"])]))
+    first = table[table.thought == 1].iloc[0]
+    assert first["n"] == n and first["importance"] == 0.3 and first["accuracy_drop"] == pytest.approx(0.8 - 0.6)
+    assert first["answer_changed"] == 0.3 and first["kl"] == pytest.approx(0.495)
+    low, high = stats.binom.ppf([0.025, 0.975], n, 0.3) / n
+    assert abs(first["importance_low"] - low) <= 0.01 + 1e-12 and abs(first["importance_high"] - high) <= 0.01 + 1e-12
+    second = table[table.thought == 2].iloc[0]
+    assert second["importance"] == 0 and second["importance_low"] == second["importance_high"] == 0
+    assert second["accuracy_drop"] == 0 and second["answer_changed"] == 0.3
 
 
 def test_experiments_run_end_to_end(tmp_path):

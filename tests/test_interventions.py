@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from scipy import stats
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -120,6 +121,15 @@ def test_noise_is_seeded_per_row_and_scaled_to_the_norm(llama, questions):
     batch = model.run_codi(questions, max_new_tokens=3, fwd_hooks=noise_thoughts([2], [10, 20, 30]))
     alone = model.run_codi(questions[1:2], max_new_tokens=3, fwd_hooks=noise_thoughts([2], [20]))
     assert (batch.latent_states[1] - alone.latent_states[0]).abs().max() <= 1e-5
+    # Written out: thought 2 of row i gets a float64 N(0, I) draw seeded with seeds[i] + 2, scaled to the
+    # thought's norm / sqrt(d_model); thought 1 is untouched.
+    base = model.run_codi(questions, max_new_tokens=1)
+    assert torch.equal(batch.thought_embeds[:, 0], base.thought_embeds[:, 0])
+    for i, seed in enumerate([10, 20, 30]):
+        z = base.thought_embeds[i, 1].double()
+        draw = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64)
+        expected = base.thought_embeds[i, 1] + (draw * z.norm() / z.numel() ** 0.5).float()
+        assert torch.allclose(batch.thought_embeds[i, 1], expected, atol=1e-6)
 
 
 # ---------------------------------------------------------------------- positional interventions
@@ -158,8 +168,13 @@ def test_noise_at_a_position_is_seeded_per_row_and_touches_only_it(llama, questi
     where = base.positions.resolve(["thought:2"])[:, 0]
     rows = torch.arange(len(questions))
     added = noisy[name][rows, where] - clean[name][rows, where]
-    expected = gaussian_noise_like(clean[name][rows, where], [7, 8, 9])  # seed + position index 0
-    assert torch.allclose(added, expected, atol=1e-5)
+    # The documented noise written out: per row, a float64 N(0, I) draw from a generator seeded with the row's
+    # seed plus the position's index among those given (0 here), scaled to norm(x) / sqrt(d_model).
+    for i, seed in enumerate([7, 8, 9]):
+        x = clean[name][i, where[i]].double()
+        draw = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        expected = (draw * x.norm() / x.numel() ** 0.5).float()
+        assert torch.allclose(added[i], expected, atol=1e-5)
     assert torch.equal(noisy[name][:, : int(where.min())], clean[name][:, : int(where.min())])
     _, alone = model.run_codi_with_cache(
         questions[1:2], names_filter=name, max_new_tokens=1, fwd_hooks=noise_at(model, name, ["thought:2"], seeds=[8])
@@ -290,5 +305,8 @@ def test_logits_at_answer_match_the_reference(llama, questions):
 def test_bootstrap_ci():
     estimate, low, high = bootstrap_ci([1.0, 1.0, 1.0])
     assert (estimate, low, high) == (1.0, 1.0, 1.0)
+    # The percentile bootstrap of a 0/1 mean follows Binomial(100, 0.5) / 100: its 95% CI is that law's 2.5% and
+    # 97.5% quantiles, [0.40, 0.60], to one step of 0.01 (Monte Carlo); a 90% CI ([0.42, 0.58]) is two steps off.
     estimate, low, high = bootstrap_ci([0, 1] * 50)
-    assert estimate == 0.5 and 0.35 < low < 0.5 < high < 0.65
+    expected = stats.binom.ppf([0.025, 0.975], 100, 0.5) / 100
+    assert estimate == 0.5 and abs(low - expected[0]) <= 0.01 + 1e-12 and abs(high - expected[1]) <= 0.01 + 1e-12

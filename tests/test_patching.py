@@ -10,6 +10,7 @@ import torch
 
 from codi_lens import load_codi, replace_at_positions
 from codi_lens.data import load_problems
+from codi_lens.interventions import replace_at, replace_thoughts
 from codi_lens.metrics import forced_answers, logit_difference, logits_at_answer, normalised_recovery
 from codi_lens.pairs import make_pairs
 from codi_lens.patching import (
@@ -36,49 +37,82 @@ def toy():
     return model, pairs
 
 
-def test_recovery_is_zero_unpatched_and_one_with_every_position_patched(toy):
+def _reference_ld(reference, question: str, answer_tokens: list[int], clean: int, corrupted: int) -> float:
+    """HF + peft: ``logit[clean] - logit[corrupted]`` predicting the last of ``answer_tokens``, teacher-forced."""
+    logits = reference.teacher_forced_logits(question, answer_tokens)[len(answer_tokens) - 1]
+    return float(logits[clean] - logits[corrupted])
+
+
+def _single_token(tokenizer, value: float) -> int:
+    ids = tokenizer(f"{value:g}", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 1  # the toy vocabulary writes every number 0..40 as one word
+    return ids[0]
+
+
+def test_recovery_is_zero_unpatched_and_one_with_every_position_patched(toy, toy_arith_reference):
+    """The two ends of the scale against the HF + peft reference: the logit differences prepare_pairs measures
+    are the reference's on the clean and the corrupted question (so an unpatched run recovers 0), and writing
+    the clean layer-0 residual at every position of the corrupted run gives the reference's clean logits."""
     model, pairs = toy
+    reference = toy_arith_reference
     name = "blocks.0.hook_resid_post"
     batch, kept, _ = prepare_pairs(model, pairs, [name], max_new_tokens=24)
-    corrupted = kept["corrupted_question"].tolist()
-    # Patching nothing: the corrupted run itself.
-    logits = logits_at_answer(model, corrupted, batch.clean_numbers)
-    clean_tok = torch.tensor([n.token for n in batch.clean_numbers])
-    ld = logit_difference(logits, clean_tok, batch.corrupted_tokens)
-    assert torch.equal(ld, batch.ld_corrupted)
-    assert (normalised_recovery(ld, batch.ld_corrupted, batch.ld_clean) == 0).all()
+    assert len(kept) >= 6
+    ld_clean, ld_corrupted = [], []
+    for i, row in enumerate(kept.itertuples()):
+        forced = [*batch.clean_numbers[i].prefix, batch.clean_numbers[i].token]
+        clean, corrupted = (_single_token(model.tokenizer, v) for v in (row.clean_answer, row.corrupted_answer))
+        assert forced[-1] == clean and int(batch.corrupted_tokens[i]) == corrupted
+        ld_clean.append(_reference_ld(reference, row.clean_question, forced, clean, corrupted))
+        ld_corrupted.append(_reference_ld(reference, row.corrupted_question, forced, clean, corrupted))
+    np.testing.assert_allclose(batch.ld_clean.numpy(), ld_clean, atol=1e-4)
+    np.testing.assert_allclose(batch.ld_corrupted.numpy(), ld_corrupted, atol=1e-4)
+    unpatched = normalised_recovery(np.array(ld_corrupted), batch.ld_corrupted, batch.ld_clean)
+    np.testing.assert_allclose(unpatched, 0, atol=1e-4)
     # Toy numbers are one token each, so clean and corrupted sequences align position by position: writing the
     # clean layer-0 residual at every position (question, BOT, thoughts, EOT, the answer prefix) gives the clean run.
+    corrupted = kept["corrupted_question"].tolist()
     index = {n.index for n in batch.clean_numbers}
     assert len(index) == 1  # "The answer is :" before every number
     last = batch.clean_positions.eot + index.pop()
     values = batch.clean_cache[name][:, : last + 1]
     hook = [(name, replace_at_positions(model, list(range(last + 1)), values))]
     logits = logits_at_answer(model, corrupted, batch.clean_numbers, fwd_hooks=hook)
-    # float32: the corrupted run's padding differs, so matmuls round differently (about 1e-5 on logits of size ~20).
-    torch.testing.assert_close(logits, batch.clean_logits, rtol=1e-5, atol=2e-5)
-    ld = logit_difference(logits, clean_tok, batch.corrupted_tokens)
-    assert torch.allclose(
-        torch.as_tensor(normalised_recovery(ld, batch.ld_corrupted, batch.ld_clean)),
-        torch.ones(len(kept), dtype=torch.float64),
-        atol=1e-5,
-    )
-
-
-def test_a_pair_whose_corrupted_run_prefers_the_clean_answer_is_skipped(toy):
-    """A corrupted 'question' that is the clean one itself prefers the clean answer, so its
-    recovery would divide by zero: it is skipped with its reason; every used pair has
-    ld_corrupted < 0 < ld_clean, recomputed here from the corrupted run's own logits."""
-    model, pairs = toy
-    degenerate = pairs.iloc[:3].assign(corrupted_question=pairs["clean_question"].iloc[:3].values)
-    batch, kept, skipped = prepare_pairs(model, degenerate, ["blocks.0.hook_resid_post"], max_new_tokens=24)
-    assert batch is None and kept.empty
-    answered = skipped[skipped["reason"] != "the model answers the clean question wrong"]
-    assert len(answered) >= 1 and (answered["reason"] == NO_CORRUPTED_PREFERENCE).all()
-    batch, kept, _ = prepare_pairs(model, pairs, ["blocks.0.hook_resid_post"], max_new_tokens=24)
-    logits = logits_at_answer(model, kept["corrupted_question"].tolist(), batch.clean_numbers)
+    for i, row in enumerate(kept.itertuples()):
+        forced = [*batch.clean_numbers[i].prefix, batch.clean_numbers[i].token]
+        expected = reference.teacher_forced_logits(row.clean_question, forced)[len(forced) - 1]
+        # float32: the corrupted batch's padding differs, so matmuls round differently (logits of size ~20)
+        torch.testing.assert_close(logits[i], expected, rtol=1e-5, atol=5e-5)
     clean_tok = torch.tensor([n.token for n in batch.clean_numbers])
-    assert (logit_difference(logits, clean_tok, batch.corrupted_tokens) < 0).all() and (batch.ld_clean > 0).all()
+    ld = logit_difference(logits, clean_tok, batch.corrupted_tokens)
+    np.testing.assert_allclose(normalised_recovery(ld, np.array(ld_corrupted), np.array(ld_clean)), 1, atol=1e-4)
+
+
+def test_the_corrupted_run_must_prefer_its_own_answer(toy, toy_arith_reference):
+    """Which pairs prepare_pairs keeps, against the HF reference: a pair is used exactly when the reference
+    answers its clean question right and, teacher-forced on the clean answer's prefix, its corrupted run gives
+    the corrupted answer's token a higher logit than the clean one's (else its recovery divides by a gap near
+    or below zero). Three degenerate pairs, whose 'corrupted' question is the clean one, must be skipped."""
+    model, pairs = toy
+    reference = toy_arith_reference
+    degenerate = pairs.iloc[:3].assign(
+        corrupted_question=pairs["clean_question"].iloc[:3].values, pair_id=[f"same-{i}" for i in range(3)]
+    )
+    mixed = pd.concat([pairs, degenerate], ignore_index=True)
+    _, kept, skipped = prepare_pairs(model, mixed, ["blocks.0.hook_resid_post"], max_new_tokens=24)
+    expected = {}
+    for row in mixed.itertuples():
+        run = reference.run(row.clean_question, max_new_tokens=24)
+        if float(run["answer_text"].split()[-1]) != row.clean_answer:
+            expected[row.pair_id] = "the model answers the clean question wrong"
+            continue
+        forced = run["answer_tokens"][:-1]  # the clean answer up to its number (the toy answer ends there)
+        clean, corrupted = (_single_token(model.tokenizer, v) for v in (row.clean_answer, row.corrupted_answer))
+        ld = _reference_ld(reference, row.corrupted_question, forced, clean, corrupted)
+        expected[row.pair_id] = "" if ld < 0 else NO_CORRUPTED_PREFERENCE
+    found = {**dict.fromkeys(kept["pair_id"], ""), **dict(zip(skipped["pair_id"], skipped["reason"]))}
+    assert found == expected
+    assert all(expected[f"same-{i}"] for i in range(3)) and list(expected.values()).count("") >= 6
 
 
 def test_chained_last_equals_parallel_last_and_leaves_earlier_thoughts(toy):
@@ -154,22 +188,52 @@ def test_batched_sweep_equals_pair_by_pair(toy):
     assert abs(bot - fed).max() <= 1e-5
 
 
-def test_other_problems_donor_is_the_next_pairs_clean_run(toy):
-    """The control patches pair i with pair i+1's clean run: with two copies of one pair side by side
-    it equals the own-donor patch; 'changed' cells and a batch of one usable pair are refused."""
+def test_the_other_problem_control_patches_each_pair_with_the_next_pairs_clean_run(toy):
+    """donor='other' on distinct pairs: each pair's row equals patching its corrupted run directly (a plain
+    run_codi loop, no branching) with the *next* used pair's clean activations (the last takes the first's),
+    measured against the pair's own clean and corrupted answers; and it differs from the pair's own donor.
+    'changed' cells and a batch of one usable pair are refused."""
     model, pairs = toy
     cells = [
         Cell("resid_post", 0, "latents"),
         Cell("resid_post", 1, "thought:2"),
         Cell("thought_input", None, "thought:3"),
     ]
-    twin = pd.concat([pairs.iloc[[0]], pairs.iloc[[0]].assign(pair_id="twin")], ignore_index=True)
-    own = patch_rows(model, twin, cells, max_new_tokens=24)
-    other = patch_rows(model, twin, cells, max_new_tokens=24, donor="other")
-    assert set(own["donor"]) == {"clean"} and set(other["donor"]) == {"other"} and len(own) == 2 * len(cells)
-    np.testing.assert_allclose(other["recovery"], own["recovery"], atol=1e-6)
+    subset = pairs.head(6)
+    own = patch_rows(model, subset, cells, max_new_tokens=24)
+    other = patch_rows(model, subset, cells, max_new_tokens=24, donor="other")
+    assert set(own["donor"]) == {"clean"} and set(other["donor"]) == {"other"}
+    used = other[other["reason"] == ""]
+    order = list(dict.fromkeys(used["pair_id"]))  # the used pairs, in batch order
+    assert len(order) >= 3 and len(used) == len(order) * len(cells)
+    batch, kept, _ = prepare_pairs(
+        model, subset, ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"], max_new_tokens=24
+    )
+    assert kept["pair_id"].tolist() == order
+    clean_tok = torch.tensor([n.token for n in batch.clean_numbers])
+    for i, pair_id in enumerate(order):
+        donor = (i + 1) % len(order)
+        donor_run, donor_cache = model.run_codi_with_cache(
+            [kept["clean_question"].iloc[donor]], names_filter=lambda n: n.endswith("hook_resid_post"), max_new_tokens=1
+        )
+        names = {"latents": ["bot", *[f"thought:{k}" for k in range(1, 7)]], "thought:2": ["thought:2"]}
+        for cell in cells:
+            if cell.kind == "thought_input":
+                hooks = replace_thoughts({3: donor_run.thought_embeds[:, 2]})
+            else:
+                where = donor_run.positions.resolve(names[cell.position])[0]
+                hooks = replace_at(model, cell.hook, names[cell.position], donor_cache[cell.hook][:, where])
+            logits = logits_at_answer(
+                model, [kept["corrupted_question"].iloc[i]], [batch.clean_numbers[i]], fwd_hooks=hooks
+            )
+            ld = logit_difference(logits, clean_tok[i : i + 1], batch.corrupted_tokens[i : i + 1])
+            expected = normalised_recovery(ld, batch.ld_corrupted[i], batch.ld_clean[i])[0]
+            row = used[(used["pair_id"] == pair_id) & (used["hook"] == cell.hook) & (used["position"] == cell.position)]
+            assert len(row) == 1 and abs(row["recovery"].iloc[0] - expected) <= 1e-4, (pair_id, cell)
+    merged = own.merge(other, on=["pair_id", "hook", "position"], suffixes=("_own", "_other"))
+    assert (merged["recovery_own"] - merged["recovery_other"]).abs().max() > 0.1
     with pytest.raises(ValueError, match="changed"):
-        patch_rows(model, twin, [Cell("resid_post", 0, "changed")], donor="other")
+        patch_rows(model, subset, [Cell("resid_post", 0, "changed")], donor="other")
     alone = patch_rows(model, pairs.iloc[[0]], cells, max_new_tokens=24, donor="other")
     assert alone["reason"].str.contains("no other usable pair").all()
 

@@ -228,10 +228,18 @@ def test_cached_rotated_keys_hold_each_position_once(toy):
     length = result.positions.answer_start + max(result.positions.answer_lengths) - 1
     rot_k = cache["blocks.1.attn.hook_rot_k"]
     assert rot_k.shape[1] == length == cache["blocks.1.hook_resid_pre"].shape[1]
-    k = cache["blocks.1.attn.hook_k"]
-    mask = torch.ones(2, length, dtype=torch.long)
+    # Reference: HF's own rotary embedding (the shipped model's config: default RoPE, theta 1e4) applied to the
+    # unrotated keys, each example's positions counted from its first real token (left padding has none).
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from codi_lens.checkpoint import PRETRAINED
+
+    rotary = LlamaRotaryEmbedding(AutoConfig.from_pretrained(PRETRAINED["toy-arith"]))
+    k = cache["blocks.1.attn.hook_k"]  # [batch, pos, kv_head, d_head]
     for i, pad in enumerate(result.positions.n_pad):
-        mask[i, :pad] = 0
-    rotated = toy.blocks[1].attn.apply_rotary(k, 0, mask)
-    assert (rot_k - rotated).abs().max() <= 1e-5
+        keys = k[i : i + 1, pad:].transpose(1, 2)  # [1, kv_head, pos, d_head]
+        cos, sin = rotary(keys, torch.arange(length - pad)[None])
+        expected, _ = apply_rotary_pos_emb(keys, keys, cos, sin)
+        assert (rot_k[i, pad:] - expected[0].transpose(0, 1)).abs().max() <= 1e-5
     assert cache[thought_hook_name(0, "hidden")].shape == (2, toy.cfg.d_model)

@@ -151,8 +151,10 @@ def build_codi_module(
     device: str = "cpu",
     init_std: float = 0.05,
     attn_implementation: str = "eager",
+    base_dtype: torch.dtype = torch.bfloat16,
 ) -> UpstreamCODI:
-    """Random CODI module: bf16 base (vocab V + 3, distinct BOT/EOT rows), fp32 non-zero LoRA and prj."""
+    """Random CODI module: bf16 base (vocab V + 3, distinct BOT/EOT rows; ``base_dtype`` for a checkpoint
+    saved otherwise, as the shipped toy models are, in float32), fp32 non-zero LoRA and prj."""
     torch.manual_seed(seed)
     config = AutoConfig.from_pretrained(str(base_dir))
     with torch.device(device):
@@ -168,7 +170,7 @@ def build_codi_module(
                     else:
                         p.normal_(0.0, 0.02)
         for p in lm.parameters():  # bf16 weights as released; buffers (rotary inv_freq) stay fp32
-            p.data = p.data.to(torch.bfloat16)
+            p.data = p.data.to(base_dtype)
         if use_lora:
             gpt2 = config.model_type == "gpt2"
             lm = get_peft_model(
