@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,28 @@ from codi_lens.checkpoint import PRETRAINED
 from codi_lens.data import shipped_dataset_text
 
 torch.set_num_threads(2)
+
+
+def in_ci() -> bool:
+    """Whether the suite runs in CI (``CI`` set to anything but empty, 0 or false; ``.ci/run`` sets it)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false")
+
+
+def skip_unless_ci(reason: str) -> None:
+    """Skip the calling test (or module) for ``reason``; in CI, fail instead: there a missing optional
+    dependency or program is a broken install, and a skip would hide the feature it tests."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI is set: nothing may be skipped)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def require(module: str, reason: str):
+    """``import module``, or :func:`skip_unless_ci` with ``reason`` when it is missing."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        skip_unless_ci(reason)
+
 
 TINY_LORA_R = 8
 TINY_PRJ_DIM = 96

@@ -1,8 +1,8 @@
 """Exported dashboards render in a real headless browser (Debian's Chromium, driven by Playwright) with
 the network blocked: the plot draws its data points and the console shows no errors.
 
-``.ci/run`` installs Chromium and sets ``CODI_LENS_REQUIRE_BROWSER=1``, so there the test cannot skip;
-on a machine without Chromium it is skipped with the reason."""
+``.ci/run`` installs Chromium and sets ``CI``, so there the test cannot skip (nor with
+``CODI_LENS_REQUIRE_BROWSER=1``); on another machine without Chromium it is skipped with the reason."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import shutil
 
 import pytest
+from conftest import skip_unless_ci
 
 from codi_lens import load_pretrained
 from codi_lens.data import load_problems
@@ -26,7 +27,7 @@ def browser():
     if CHROMIUM is None or not _has_playwright():
         if os.environ.get("CODI_LENS_REQUIRE_BROWSER"):
             pytest.fail("CODI_LENS_REQUIRE_BROWSER is set but Chromium or Playwright is missing")
-        pytest.skip("no Chromium (apt-get install chromium) or no playwright package")
+        skip_unless_ci("no Chromium (apt-get install chromium) or no playwright package")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

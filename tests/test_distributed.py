@@ -12,6 +12,7 @@ import sys
 
 import pandas as pd
 import pytest
+from conftest import require
 
 from codi_lens import load_pretrained
 from codi_lens.data import load_problems
@@ -20,14 +21,14 @@ from codi_lens.evaluate import Condition, answer_rows, unit_id
 from codi_lens.runner import UNIT_COLUMN, ResultStore
 from experiments import step_importance
 
-ray = pytest.importorskip("ray", reason="the ray extra is not installed")
-
 BUDGET = 24  # answer tokens: toy answers are about 6 tokens
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A local Ray cluster with 2 CPUs: two single-threaded workers, each holding its own model."""
+    """A local Ray cluster with 2 CPUs: two single-threaded workers, each holding its own model (the tests
+    that need it skip without the ray extra, or fail in CI; the two at the end run without Ray)."""
+    ray = require("ray", "the ray extra is not installed")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=150 * 2**20)
     yield RayExecutor()
     ray.shutdown()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from conftest import require
 
 from codi_lens import load_codi
 from codi_lens.checkpoint import CheckpointError
@@ -17,7 +18,7 @@ from codi_lens.llama_tokenizer import (
     llama3_tokenizer_model,
 )
 
-meta_tokenizer = pytest.importorskip("llama_models.llama3.tokenizer", reason="needs the extra codi-lens[llama]")
+meta_tokenizer = require("llama_models.llama3.tokenizer", "needs the extra codi-lens[llama]")
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_LORA_R, TINY_PRJ_DIM
+from hf_reference import ReferenceCODI
+from transformers import AutoTokenizer
 
 from codi_lens import load_codi
 
@@ -95,6 +98,60 @@ def test_teacher_forced_scores_match_reference_and_generation(tiny_checkpoint, q
         expected = ref.gather(-1, scores.answer_tokens[i, :n, None])[:, 0]
         assert _max_diff(log_probs[i, :n], expected) <= ATOL
         assert (log_probs[i, n:] == 0).all()
+
+
+#: A direction for the EOS row that makes the tiny random models stop at many different steps (searched once
+#: over seeds 0-5 and scales 2, 4, 8: LLaMA stops after 1, 2, 4, 11 tokens or runs to the budget on the 8
+#: questions; GPT-2 after 1, 2, 7 or none).
+EOS_ROW = {"llama": (2, 8.0), "gpt2": (0, 4.0)}
+
+
+def _eos_raised(ckpt, family: str, root: Path) -> Path:
+    """A copy of a tiny checkpoint whose EOS row (in both tied tables: embedding and lm_head) is
+    ``scale * u`` for a seeded random unit vector u: the EOS logit becomes a random projection of the state,
+    so greedy decoding stops at different steps for different questions. EOS is never fed, so only the
+    output side changes."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(ckpt.file))
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt.base_dir))
+    seed, scale = EOS_ROW[family]
+    for key in [k for k in tensors if k.endswith(("embed_tokens.weight", "wte.weight", "lm_head.weight"))]:
+        table = tensors[key].clone()
+        u = torch.randn(table.shape[1], generator=torch.Generator().manual_seed(seed))
+        table[tokenizer.eos_token_id] = (scale * u / u.norm()).to(table.dtype)
+        tensors[key] = table
+    root.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(root / "model.safetensors"))
+    return root
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_rows_stop_at_their_own_eos_as_the_reference_does(tiny_checkpoint, tmp_path, family):
+    """Eight GSM8K questions in one batch, whose answers end at EOS after different numbers of tokens (or run
+    to the budget): every row's tokens, EOS included, and its latent states equal the reference run alone;
+    branching's decoding, where finished rows leave the batch, gives the same tokens."""
+    from codi_lens.branching import Branch, grow_trunk, run_branches
+    from codi_lens.data import load_problems
+
+    ckpt = tiny_checkpoint(family)
+    folder = _eos_raised(ckpt, family, tmp_path / "eos")
+    model = load_codi(folder, ckpt.base_dir)
+    reference = ReferenceCODI.from_checkpoint(folder, ckpt.base_dir, lora_r=TINY_LORA_R, prj_dim=TINY_PRJ_DIM)
+    questions = [p.question for p in load_problems("gsm8k:test", limit=8)]
+    batch = model.run_codi(questions, max_new_tokens=MAX_NEW)
+    trunk = grow_trunk(model, questions)
+    branched = run_branches(model, trunk, [Branch((), 7)], max_new_tokens=MAX_NEW)[0].answer_tokens
+    lengths = []
+    for i, question in enumerate(questions):
+        ref = reference.run(question, max_new_tokens=MAX_NEW)
+        assert batch.answer_tokens[i] == ref["answer_tokens"] == branched[i], i
+        assert _max_diff(batch.latent_states[i], ref["latent_states"]) <= ATOL
+        tokens = ref["answer_tokens"]
+        assert reference.eos_id not in tokens[:-1] and (tokens[-1] == reference.eos_id or len(tokens) == MAX_NEW)
+        lengths.append(len(tokens))
+    stopped = {n for n in lengths if n < MAX_NEW}
+    assert len(stopped) >= 3 and MAX_NEW in lengths, lengths  # rows ended at different steps, one at the budget
 
 
 def test_bfloat16_runs_close_to_float32(tiny_checkpoint, questions):

@@ -205,21 +205,52 @@ def test_editing_a_zero_feature_changes_nothing_and_a_clamp_does(model, problems
     assert (clamped.latent_states[:, 4:] - spliced.latent_states[:, 4:]).abs().max() > 1e-3
 
 
-def test_swapping_features_writes_the_donors_values(model, problems, trained):
+def test_swapping_features_moves_the_site_and_later_thoughts_as_recomputed(model, problems, trained):
+    """Swapping three features at thought 3 (error term on): h_3 becomes the plain h_3 plus the decoder rows of
+    those features weighted by (donor - own) activations, written out from W_dec (rows scaled as SAELens'
+    TopK decoder scales them); h_0..h_2 and the thoughts fed
+    before are bit-identical to the plain run; and everything after equals a plain run (no SAE) fed that h_3."""
     questions = [p.question for p in problems[:4]]
-    plain = model.run_codi(questions, max_new_tokens=1)
+    plain = model.run_codi(questions, max_new_tokens=24)
     acts, _ = encode_decode(trained, plain.latent_states[:, 3])
     features = torch.topk(acts.sum(0), 3).indices.tolist()
     donor = acts[[1, 2, 3, 0]][:, features]  # each problem gets the next problem's values
-    seen = {}
-    edit = feature_edit(trained, features, "swap", donor)
-
-    def record(x, hook):
-        seen["acts"] = x.detach().clone()
-
     with attached(model, [trained], use_error_term=True):
-        model.run_codi(questions, max_new_tokens=1, fwd_hooks=[*edit, (sae_acts_hook_name(trained), record)])
-    assert torch.allclose(seen["acts"][:, features], donor, atol=0)
+        swapped = model.run_codi(questions, max_new_tokens=24, fwd_hooks=feature_edit(trained, features, "swap", donor))
+    with torch.no_grad():  # SAELens' TopK decoder reads activations divided by each decoder row's norm
+        rows = trained.W_dec[features]
+        weight = 1 / rows.norm(dim=-1) if trained.cfg.rescale_acts_by_decoder_norm else torch.ones(len(features))
+        moved = plain.latent_states[:, 3] + ((donor - acts[:, features]) * weight) @ rows
+    assert (moved - plain.latent_states[:, 3]).abs().max() > 1e-2  # the swap does move h_3
+    assert (swapped.latent_states[:, 3] - moved).abs().max() <= 1e-5
+    assert torch.equal(swapped.latent_states[:, :3], plain.latent_states[:, :3])
+    assert torch.equal(swapped.thought_embeds[:, :3], plain.thought_embeds[:, :3])
+    recomputed = model.run_codi(
+        questions, max_new_tokens=24, fwd_hooks=[("thought.3.hook_hidden", lambda h, hook: moved.to(h.dtype))]
+    )
+    assert (swapped.latent_states[:, 4:] - recomputed.latent_states[:, 4:]).abs().max() <= 1e-4
+    assert swapped.answer_tokens == recomputed.answer_tokens
+
+
+def test_a_lossy_splice_leaves_every_earlier_step_bit_identical(model, problems):
+    """Without the error term the reconstruction replaces h_3: the question's run, h_0..h_2 and the thoughts fed
+    at 1..3 are bit-identical to the plain run's; h_3 is the SAE's reconstruction of the plain h_3."""
+    questions = [p.question for p in problems[:8]]
+    plain, cache = model.run_codi_with_cache(questions, max_new_tokens=4, names_filter="blocks.1.hook_resid_post")
+    sae = _random_sae(THOUGHT_SITE, model.cfg.d_model)
+    with attached(model, [sae], use_error_term=False):
+        lossy, lossy_cache = model.run_codi_with_cache(
+            questions, max_new_tokens=4, names_filter="blocks.1.hook_resid_post"
+        )
+    assert torch.equal(lossy.latent_states[:, :3], plain.latent_states[:, :3])
+    assert torch.equal(lossy.thought_embeds[:, :3], plain.thought_embeds[:, :3])
+    through = plain.positions.thoughts[2]  # thought 3's position: computed before h_3 is read
+    assert torch.equal(
+        lossy_cache["blocks.1.hook_resid_post"][:, : through + 1], cache["blocks.1.hook_resid_post"][:, : through + 1]
+    )
+    _, reconstruction = encode_decode(sae, plain.latent_states[:, 3])
+    assert (lossy.latent_states[:, 3] - reconstruction).abs().max() <= 1e-6
+    assert (lossy.latent_states[:, 4:] - plain.latent_states[:, 4:]).abs().max() > 1e-2
 
 
 def test_legacy_state_dict_converts_and_matches_its_forward_pass(tmp_path):
