@@ -86,6 +86,24 @@ class ReferenceCODI:
         return cache, states, thoughts, logits
 
     @torch.no_grad()
+    def logit_lens_at_latents(self, question: str, n_latents: int = 6) -> torch.Tensor:
+        """``[n_layers + 1, n_latents + 1, vocab]``: HF's ``hidden_states`` at BOT and every thought of its own
+        loop, read through the final norm and ``lm_head``. ``hidden_states[0]`` is the embedding output (with
+        GPT-2's position embedding), ``[l]`` block l - 1's output; the last already has the final norm."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        norm = base.transformer.ln_f if hasattr(base, "transformer") else base.model.norm
+        ids = self.tokenizer(question.strip().replace("  ", " "))["input_ids"] + [self.bot_id]
+        cache = DynamicCache()
+        out = self._step(self._embed(ids), cache)
+        steps = [torch.stack([h[0, -1] for h in out.hidden_states])]
+        for _ in range(n_latents):
+            out = self._step(self.prj(out.hidden_states[-1][0, -1])[None, None], cache)
+            steps.append(torch.stack([h[0, -1] for h in out.hidden_states]))
+        states = torch.stack(steps, dim=1)  # [n_layers + 1, n_latents + 1, d_model]
+        normed = torch.cat([norm(states[:-1]), states[-1:]])
+        return self.model.get_output_embeddings()(normed)
+
+    @torch.no_grad()
     def latents_given_thoughts(self, question: str, thoughts: torch.Tensor) -> torch.Tensor:
         """``h_0 .. h_n`` when ``thoughts`` (``[n, d_model]``, e.g. another implementation's) are fed instead
         of the reference's own projections: each step's computation compared on the same inputs."""

@@ -101,7 +101,13 @@ def test_slider_moves_the_bars(browser, dashboards):
     rail = page.locator(".slider-container .slider-rail-touch-rect").first
     box = rail.bounding_box()
     rail.click(position={"x": box["width"] - 4, "y": box["height"] / 2})  # the slider's right end: layer 1
-    page.wait_for_timeout(500)
+    # Wait for the redraw itself (bars whose paths changed), not for a fixed time.
+    page.wait_for_function(
+        "(first) => JSON.stringify(Array.from(document.querySelectorAll('.main-svg .bars .point path'))"
+        ".map(p => p.getAttribute('d'))) !== JSON.stringify(first)",
+        arg=first,
+        timeout=20_000,
+    )
     assert page.evaluate("document.querySelector('.js-plotly-plot')._fullLayout.sliders[0].active") == 1
     second = page.evaluate(
         "Array.from(document.querySelectorAll('.main-svg .bars .point path')).map(p => p.getAttribute('d'))"

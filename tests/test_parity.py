@@ -100,6 +100,26 @@ def test_teacher_forced_scores_match_reference_and_generation(tiny_checkpoint, q
         assert (log_probs[i, n:] == 0).all()
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_another_lora_alpha_matches_reference(tiny_checkpoint, questions, family):
+    """LoRA alpha is not stored in the checkpoint: at alpha 64 (scale 8 at r = 8) instead of CODI's 32, codi_lens
+    merges ``W + (alpha / r) B A`` as peft applies it unmerged; the run moves away from alpha 32's."""
+    ckpt = tiny_checkpoint(family)
+    model = load_codi(ckpt.checkpoint_dir, ckpt.base_dir, lora_alpha=64)
+    reference = ReferenceCODI.from_checkpoint(
+        ckpt.checkpoint_dir, ckpt.base_dir, lora_r=TINY_LORA_R, lora_alpha=64, prj_dim=TINY_PRJ_DIM
+    )
+    default = load_codi(ckpt.checkpoint_dir, ckpt.base_dir).run_codi(questions[:1], max_new_tokens=MAX_NEW)
+    for question in questions:
+        ours = model.run_codi([question], max_new_tokens=MAX_NEW, return_logits=True)
+        ref = reference.run(question, n_latents=6, max_new_tokens=MAX_NEW)
+        assert ours.answer_tokens[0] == ref["answer_tokens"]
+        assert _max_diff(ours.latent_states[0], ref["latent_states"]) <= ATOL
+        assert _max_diff(ours.step_logits[0], ref["step_logits"]) <= ATOL
+        if question == questions[0]:
+            assert _max_diff(ours.latent_states[0], default.latent_states[0]) > 1e-2
+
+
 #: A direction for the EOS row that makes the tiny random models stop at many different steps (searched once
 #: over seeds 0-5 and scales 2, 4, 8: LLaMA stops after 1, 2, 4, 11 tokens or runs to the budget on the 8
 #: questions; GPT-2 after 1, 2, 7 or none).

@@ -63,6 +63,22 @@ def test_logit_lens_at_the_last_layer_is_the_models_own_logits(toy, tiny_checkpo
     assert torch.allclose(tiny_states.residuals[:, 0, 1:], tiny_states.thought_embeds, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_logit_lens_at_every_layer_matches_hf_hidden_states(tiny_checkpoint, questions, family):
+    """Every layer x (BOT, thought 1..6) of the logit lens against HF's ``output_hidden_states`` of the reference
+    loop read through its own final norm and ``lm_head`` (layer 0: the embedding output, with GPT-2's position
+    embedding; layer l: block l - 1's output), fp32."""
+    ckpt = tiny_checkpoint(family)
+    tiny = load_codi(ckpt.checkpoint_dir, ckpt.base_dir)
+    reference = ckpt.reference()
+    states = thought_states(tiny, [_problem_like(q) for q in questions], max_new_tokens=1, progress=False)
+    ours = lens_logits(tiny, states.residuals)  # [problem, layer, latent, vocab]
+    assert ours.shape[1:3] == (tiny.cfg.n_layers + 1, 7)
+    for i, question in enumerate(questions):
+        expected = reference.logit_lens_at_latents(question)
+        assert (ours[i] - expected).abs().max() <= ATOL, i
+
+
 def _problem_like(question: str):
     return problem_from_record({"question": question, "answer": "#### 1"}, source="hand", split="test", index=0)
 
