@@ -103,11 +103,15 @@ def _number(text: str) -> float:
     return float(text.replace(",", "").strip())
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _evaluate(node: ast.AST, value_of) -> float:
     """Evaluate an arithmetic expression tree; ``value_of(constant)`` maps each operand."""
     if isinstance(node, ast.Expression):
         return _evaluate(node.body, value_of)
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+    if isinstance(node, ast.Constant) and _is_number(node.value):
         return value_of(float(node.value))
     if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
         left, right = _evaluate(node.left, value_of), _evaluate(node.right, value_of)
@@ -118,7 +122,10 @@ def _evaluate(node: ast.AST, value_of) -> float:
         except ZeroDivisionError as exc:
             raise Rejected(Reason.NOT_EVALUABLE, "division by zero") from exc
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        value = _evaluate(node.operand, value_of)
+        operand = node.operand
+        if isinstance(node.op, ast.USub) and isinstance(operand, ast.Constant) and _is_number(operand.value):
+            return value_of(-float(operand.value))  # "-3" writes the value -3 (an earlier result), not 3
+        value = _evaluate(operand, value_of)
         return -value if isinstance(node.op, ast.USub) else value
     raise Rejected(Reason.NOT_EVALUABLE, f"unsupported syntax {type(node).__name__}")
 
