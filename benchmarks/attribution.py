@@ -13,8 +13,8 @@
 
 Both ways start from the same clean run (``prepare_pairs``, not timed):
 
-- ``exact``: ``codi_lens.patching.cell_logits`` (every cell patched, branching off the corrupted run);
-- ``attribution``: ``codi_lens.patching.cell_attributions``: one corrupted forward with autograd and
+- ``exact``: ``codi_lens.patching.patched_logits`` (every cell patched, branching off the corrupted run);
+- ``attribution``: ``codi_lens.patching.site_attributions``: one corrupted forward with autograd and
   one backward pass give ``(a_clean - a_corrupted) . dLD/da`` for every cell.
 
 Each cell's recovery is averaged over pairs; the two rankings are compared with Spearman's rho and
@@ -32,7 +32,7 @@ import torch
 from benchmarks.common import add_device_args, bench_model, bench_pairs, best_time, describe
 from codi_lens import load_codi
 from codi_lens.metrics import logit_difference, normalised_recovery
-from codi_lens.patching import cell_attributions, cell_logits, prepare_pairs, rank_agreement, sweep_cells
+from codi_lens.patching import patched_logits, prepare_pairs, rank_agreement, site_attributions, sweep_sites
 
 
 def recovery_table(cells, lds: list[torch.Tensor], batch) -> pd.DataFrame:
@@ -72,11 +72,11 @@ def main(argv: list[str] | None = None) -> dict:
         model = bench_model(args, n_layers=4 if args.quick else None)
         positions = ["bot", *[f"thought:{k}" for k in range(1, 7)], "eot"]
         kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-        cells = sweep_cells(model.cfg.n_layers, positions=positions, kinds=kinds)
+        cells = sweep_sites(model.cfg.n_layers, positions=positions, kinds=kinds)
         pairs, answer_from = bench_pairs(n_pairs), "gold"
     else:
         model = load_codi("toy-arith", device=args.device, dtype=getattr(torch, args.dtype))
-        cells = sweep_cells(model.cfg.n_layers, kinds=("resid_post", "attn_out", "mlp_out", "thought_input"))
+        cells = sweep_sites(model.cfg.n_layers, kinds=("resid_post", "attn_out", "mlp_out", "thought_input"))
         pairs, answer_from = bench_pairs(3 * n_pairs), "model"
     hooks = sorted({c.hook for c in cells if c.kind != "thought_input"})
     batch, kept, _ = prepare_pairs(model, pairs, hooks, answer_from=answer_from, max_new_tokens=24)
@@ -85,15 +85,16 @@ def main(argv: list[str] | None = None) -> dict:
     if len(kept) > n_pairs:
         batch, kept, _ = prepare_pairs(model, kept.head(n_pairs), hooks, answer_from=answer_from, max_new_tokens=24)
     questions = kept["corrupted_question"].tolist()
-    clean_tok = batch._clean_tokens
+    clean_tok = batch.clean_tokens
 
     def exact() -> list[torch.Tensor]:
         return [
-            logit_difference(x, clean_tok, batch.corrupted_tokens) for x in cell_logits(model, batch, questions, cells)
+            logit_difference(x, clean_tok, batch.corrupted_tokens)
+            for x in patched_logits(model, batch, questions, cells)
         ]
 
     def attribution() -> list[torch.Tensor]:
-        estimates = cell_attributions(model, batch, questions, cells)
+        estimates = site_attributions(model, batch, questions, cells)
         return [batch.ld_corrupted + e.detach().float().cpu() for e in estimates]
 
     exact_s, exact_ld = best_time(exact, args.repeats)

@@ -10,7 +10,7 @@ Two ways of caching every hook of a CODI run, each in a fresh process so each pe
   thousands of small long-lived tensors keep glibc from giving back the pages of each step's freed
   temporaries, which costs far more.
 - ``library``: ``run_codi_with_cache``, which writes each chunk into one whole-sequence buffer per
-  hook (see ``codi_lens.cache``).
+  hook (see ``codi_lens.core.recording``).
 
 Both run a random-weight model with the 1B layout (16 layers, d_model 2048, GQA 32/8, vocabulary
 128,259) in float32 on the CPU, for one question and ``--max-new-tokens`` generated tokens (random
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import DTYPES, PeakSampler, add_device_args, machine_gb, random_1b_shape_model, resident_gb
-from codi_lens.hooks import position_axis, spans_every_cached_position
+from codi_lens.core.names import position_axis, spans_every_cached_position
 
 QUESTION = "Ava has 16 coins. On Monday Ava buys 4 more. On Tuesday Ava keeps half of them. How many now?"
 

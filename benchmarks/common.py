@@ -22,12 +22,13 @@ from typing import Any
 import pandas as pd
 import torch
 
-from codi_lens.architectures import BUILTIN_BASES, architecture_from_config, to_hooked_config
+from codi_lens import CODIModel
+from codi_lens.core.components import CODITokens
 from codi_lens.data import Problem, load_problems
+from codi_lens.data.pairs import make_pairs
+from codi_lens.data.synthetic import build_tokenizer
 from codi_lens.importance import step_importance
-from codi_lens.model import CODIModel, CODITokens
-from codi_lens.pairs import make_pairs
-from codi_lens.synthetic import build_tokenizer
+from codi_lens.loading.architectures import BUILTIN_BASES, architecture_from_config, to_hooked_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -2,7 +2,7 @@
 
     python -m benchmarks.micro_batches [--steps 16] [--splits 2 3] [--device cpu] [--dtype float32]
 
-Builds the shipped toy model's architecture (``experiments.train_toy_codi.MODEL_SHAPE``) on the
+Builds the shipped toy model's architecture (``codi_lens.training.MODEL_SHAPE``) on the
 shipped data, and times the same training steps from the same initial weights with the batch
 padded as one (the naive way) and cut into length-sorted micro-batches, interleaved step by step
 in this process. Prints seconds per step, the share of teacher tokens that are padding, and the
@@ -16,9 +16,12 @@ import argparse
 import torch
 
 from benchmarks.common import add_device_args, best_time
-from codi_lens.synthetic import build_tokenizer, make_splits
-from codi_lens.training import CODIModule, TrainConfig, Trainer, add_codi_tokens, build_llama_lm
-from experiments.train_toy_codi import DATA, MODEL_SHAPE
+from codi_lens.data.synthetic import SHIPPED_SPLITS as DATA
+from codi_lens.data.synthetic import build_tokenizer, make_splits
+from codi_lens.training.config import TrainConfig
+from codi_lens.training.module import CODIModule, add_codi_tokens, build_llama_lm
+from codi_lens.training.recipes import MODEL_SHAPE
+from codi_lens.training.trainer import Trainer
 
 
 def make_trainer(splits: int, problems, tokenizer, device: str, dtype: str) -> Trainer:

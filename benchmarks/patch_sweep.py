@@ -11,7 +11,7 @@ of every layer at BOT, thoughts 1..6 and EOT (16 x 8 = 128 per pair). Both ways 
 - ``naive``: one whole teacher-forced run (question, latent loop, answer) per pair and cell, with
   that cell's hooks (``logits_at_answer`` on one question), as a loop over cells and problems does
   (past work also generated the answer text every time, which costs more);
-- ``library``: ``codi_lens.patching.cell_logits``: the corrupted run once, every cell branching off
+- ``library``: ``codi_lens.patching.patched_logits``: the corrupted run once, every cell branching off
   it at its own step (a cell at thought 4 reuses the KV cache of question, BOT and thoughts 1..3),
   cells of one step batched together, the unembedding only at the answer row.
 
@@ -28,7 +28,7 @@ import torch
 
 from benchmarks.common import add_device_args, bench_model, bench_pairs, best_time, describe
 from codi_lens.metrics import logits_at_answer
-from codi_lens.patching import cell_hooks, cell_logits, prepare_pairs, sweep_cells
+from codi_lens.patching import patch_hooks, patched_logits, prepare_pairs, sweep_sites
 
 TOLERANCE = 1e-4
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> float:
     model = bench_model(args, n_layers=4 if args.quick else None)
     n_pairs = 2 if args.quick else args.pairs
     positions = ["bot", *[f"thought:{k}" for k in range(1, 7)], "eot"]
-    cells = sweep_cells(model.cfg.n_layers, positions=positions)
+    cells = sweep_sites(model.cfg.n_layers, positions=positions)
     hooks = sorted({c.hook for c in cells})
     batch, kept, skipped = prepare_pairs(model, bench_pairs(n_pairs), hooks, answer_from="gold")
     if len(skipped):
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> float:
                     model,
                     questions[i : i + 1],
                     batch.clean_numbers[i : i + 1],
-                    fwd_hooks=cell_hooks(model, cell, batch, [i]),
+                    fwd_hooks=patch_hooks(model, cell, batch, [i]),
                 )
                 for i in range(len(questions))
             ]
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> float:
         return per_cell
 
     def library() -> list[torch.Tensor]:
-        return cell_logits(model, batch, questions, cells)
+        return patched_logits(model, batch, questions, cells)
 
     naive_s, naive_out = best_time(naive, args.repeats)
     library_s, library_out = best_time(library, args.repeats)

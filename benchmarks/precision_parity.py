@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from codi_lens import load_pretrained
-from codi_lens.answers import is_correct
+from codi_lens.core.answers import is_correct
 from codi_lens.data import Problem, load_problems
-from codi_lens.metrics import bootstrap_ci
+from codi_lens.stats import bootstrap_ci
 
 
 def run(problems: list[Problem], dtype: torch.dtype, device: str, batch_size: int):

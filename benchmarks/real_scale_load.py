@@ -26,9 +26,9 @@ import torch
 from safetensors.torch import save_file
 
 from codi_lens import load_codi
-from codi_lens.architectures import describe_base
-from codi_lens.checkpoint import CheckpointLayout, expected_tensors
 from codi_lens.data import load_problems
+from codi_lens.loading.architectures import describe_base
+from codi_lens.loading.checkpoint import CheckpointLayout, expected_tensors
 
 BASE = "llama-3.2-1b-instruct"
 

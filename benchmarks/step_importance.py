@@ -30,7 +30,8 @@ import argparse
 import pandas as pd
 
 from benchmarks.common import add_device_args, bench_model, bench_problems, best_time, describe, zero_step_importance
-from codi_lens.importance import AblationInputs, ablation_grid, ablation_hooks
+from codi_lens.importance import ablation_grid, ablation_hooks
+from codi_lens.interventions import AblationInputs
 from codi_lens.metrics import AnswerNumber, forced_answers, kl_divergence
 
 TOLERANCE = 1e-4

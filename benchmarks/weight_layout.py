@@ -18,7 +18,8 @@ import torch
 from transformer_lens import HookedTransformerConfig
 
 from benchmarks.common import DTYPES, add_device_args, best_time
-from codi_lens.model import CODIModel, CODITokens
+from codi_lens import CODIModel
+from codi_lens.core.components import CODITokens
 
 
 class _Digits:

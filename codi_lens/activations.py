@@ -1,13 +1,13 @@
 """Activation datasets of the continuous thoughts: one vector per (problem, site), on disk, resumable.
 
-A :class:`Site` is one place in the latent loop: a hook and a thought. For a thought hook
-(``thought.k.hook_hidden``, ``thought.k.hook_input``, ``thought.k.hook_projection``) the thought is
-``k`` itself; for a hook with a position axis (``blocks.1.hook_resid_post``, ``blocks.0.hook_mlp_out``)
-the activation is read at thought ``k``'s position (0 = BOT, 1..n = the positions fed thoughts 1..n,
-see :mod:`codi_lens.hooks`). Rows are never pooled across sites: every reader takes one site.
+A dataset's sites (:class:`~codi_lens.core.sites.Site`) are places at BOT or a thought: a thought hook
+(``thought.k.hook_hidden``, ``thought.k.hook_input``, ``thought.k.hook_projection``), or a hook with a
+position axis (``blocks.1.hook_resid_post``, ``blocks.0.hook_mlp_out``) read at thought ``k``'s position
+(0 = BOT, 1..n = the positions fed thoughts 1..n, see :mod:`codi_lens.core.positions`). Rows are never
+pooled across sites: every reader takes one site.
 
 :func:`collect_activations` runs the CODI loop on problems (batch by batch, through the shared
-:class:`~codi_lens.runner.ResultStore`, so a killed run resumes and memory stays bounded by one
+:class:`~codi_lens.run.store.ResultStore`, so a killed run resumes and memory stays bounded by one
 batch) and writes one Parquet row per (problem, site): ``unit_id`` (the problem id), ``problem_id``,
 ``hook``, ``thought`` and ``activation`` (float32, ``d`` values). :class:`ActivationDataset` reads one
 site back as a ``[n_problems, d]`` tensor in problem order, reading only that site's rows.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,74 +27,18 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from codi_lens.data import Problem, problems_fingerprint
-from codi_lens.distributed import Executor
-from codi_lens.hooks import parse_thought_hook, position_axis
-from codi_lens.model import CODIModel
-from codi_lens.runner import UNIT_COLUMN, ResultStore, read_parts
+from codi_lens.core.errors import CodiLensError
+from codi_lens.core.model import CODIModel
+from codi_lens.core.names import position_axis
+from codi_lens.core.positions import gather_at
+from codi_lens.core.sites import Site
+from codi_lens.data.problems import Problem, problems_fingerprint
+from codi_lens.run.executors import Executor
+from codi_lens.run.store import UNIT_COLUMN, ResultStore, read_parts
 
 
-class ActivationError(ValueError):
+class ActivationError(CodiLensError, ValueError):
     """A site that the model or the dataset does not have."""
-
-
-@dataclass(frozen=True, order=True)
-class Site:
-    """One (hook, thought) place of the latent loop (see the module docstring)."""
-
-    hook: str
-    thought: int
-
-    @classmethod
-    def of_thought_hook(cls, name: str) -> Site:
-        parsed = parse_thought_hook(name)
-        if parsed is None:
-            raise ActivationError(f"{name!r} is not a thought hook (thought.k.hook_hidden|input|projection)")
-        return cls(name, parsed[0])
-
-    @property
-    def is_thought_hook(self) -> bool:
-        return parse_thought_hook(self.hook) is not None
-
-    @property
-    def first_thought(self) -> int:
-        """The first thought the site exists at: 1 for a thought's input (nothing is fed at BOT), else 0."""
-        return 1 if self.hook.endswith("hook_input") else 0
-
-    def at(self, thought: int) -> Site:
-        """The same place at another thought (``thought.3.hook_hidden`` -> ``thought.5.hook_hidden``)."""
-        if self.is_thought_hook:
-            return Site(f"thought.{thought}.{self.hook.split('.', 2)[2]}", thought)
-        return Site(self.hook, thought)
-
-    def across_thoughts(self, n_latents: int) -> list[Site]:
-        """The same place at every thought of a run with ``n_latents`` thoughts."""
-        return [self.at(k) for k in range(self.first_thought, n_latents + 1)]
-
-    @property
-    def position(self) -> str | None:
-        """The named position the site reads (``"bot"``, ``"thought:k"``); None for a thought hook."""
-        if self.is_thought_hook:
-            return None
-        return "bot" if self.thought == 0 else f"thought:{self.thought}"
-
-    @property
-    def id(self) -> str:
-        """A file-name-safe id: ``thought.3.hook_hidden`` or ``blocks.1.hook_resid_post@3``."""
-        return self.hook if self.is_thought_hook else f"{self.hook}@{self.thought}"
-
-    @classmethod
-    def parse(cls, text: str) -> Site:
-        """The inverse of :attr:`id` (also accepts ``hook@thought`` for thought hooks if they agree)."""
-        hook, _, thought = text.partition("@")
-        if parse_thought_hook(hook) is not None:
-            site = cls.of_thought_hook(hook)
-            if thought and int(thought) != site.thought:
-                raise ActivationError(f"{text!r}: {hook} belongs to thought {site.thought}, not {thought}")
-            return site
-        if not thought:
-            raise ActivationError(f"{text!r}: a hook with a position axis needs a thought, e.g. {hook}@3")
-        return cls(hook, int(thought))
 
 
 def check_sites(model: CODIModel, sites: Sequence[Site], n_latents: int) -> None:
@@ -106,6 +49,8 @@ def check_sites(model: CODIModel, sites: Sequence[Site], n_latents: int) -> None
             raise ActivationError(f"site {site.id}: no hook point named {site.hook!r} (see model.hook_dict)")
         if not site.is_thought_hook and position_axis(site.hook) != 1:
             raise ActivationError(f"site {site.id}: {site.hook} has no [batch, pos, ...] axis to read a thought from")
+        if site.thought is None:
+            raise ActivationError(f"site {site.id}: a dataset reads BOT or a thought, not {site.position!r}")
         if not site.first_thought <= site.thought <= n_latents:
             raise ActivationError(f"site {site.id}: thought {site.thought} is outside 0..{n_latents} of this run")
 
@@ -113,18 +58,15 @@ def check_sites(model: CODIModel, sites: Sequence[Site], n_latents: int) -> None
 def thought_activations(
     model: CODIModel, questions: Sequence[str], sites: Sequence[Site], *, n_latents: int = 6
 ) -> dict[Site, Float[Tensor, "batch d"]]:
-    """The activation of every site for a batch of questions (one CODI run, only the hooks needed
-    cached; the answer is cut to one token: thought activations do not depend on it)."""
-    hooks = sorted({s.hook for s in sites})
-    result, cache = model.run_codi_with_cache(
-        list(questions), names_filter=hooks, n_latents=n_latents, max_new_tokens=1
-    )
-    where = [result.positions.bot, *result.positions.thoughts]
+    """The activation of every site for a batch of questions (one run of the latent loop, only the hooks
+    needed cached: thought activations do not depend on the answer)."""
+    run = model.run_latents(list(questions), names_filter=sorted({s.hook for s in sites}), n_latents=n_latents)
     out = {}
     for site in sites:
-        acts = cache[site.hook]
-        out[site] = acts if site.is_thought_hook else acts[:, where[site.thought]]
-        out[site] = out[site].reshape(len(questions), -1).float().cpu()
+        acts = run.cache[site.hook]
+        if not site.is_thought_hook:
+            acts = gather_at(acts, run.positions.resolve([site.position]))[:, 0]
+        out[site] = acts.reshape(len(questions), -1).float().cpu()
     return out
 
 

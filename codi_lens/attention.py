@@ -1,6 +1,6 @@
 """Attention to the continuous thoughts, read from the stitched cache of a CODI run.
 
-Positions follow :mod:`codi_lens.hooks`: ``thought = 0`` is BOT, ``thought = k`` the position fed
+Positions follow :mod:`codi_lens.core.positions`: ``thought = 0`` is BOT, ``thought = k`` the position fed
 the k-th continuous thought. Patterns come from ``blocks.L.attn.hook_pattern``
 (``[batch, head, query_pos, key_pos]``, one row per query head; with grouped-query attention the
 ``kv_head`` column names the key/value head a query head shares with its group).
@@ -16,13 +16,14 @@ import torch
 from scipy import stats
 from transformer_lens import ActivationCache
 
-from codi_lens.hooks import CODIPositions
-from codi_lens.metrics import clustered_bootstrap_ci
+from codi_lens.core.names import act_name
+from codi_lens.core.positions import CODIPositions
+from codi_lens.stats import clustered_bootstrap_ci
 
 
 def pattern_hook_names(n_layers: int) -> list[str]:
     """The cache names :func:`attention_to_thoughts` needs (a ``names_filter``)."""
-    return [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
+    return [act_name("pattern", layer) for layer in range(n_layers)]
 
 
 def _pattern_layers(cache: ActivationCache) -> list[int]:
@@ -61,7 +62,7 @@ def attention_to_thoughts(
     eot = positions.resolve(["eot"])[:, 0]
     frames = []
     for layer in _pattern_layers(cache):
-        pattern = cache[f"blocks.{layer}.attn.hook_pattern"].float().cpu()  # [batch, head, q, k]
+        pattern = cache[act_name("pattern", layer)].float().cpu()  # [batch, head, q, k]
         group = pattern.shape[1] // (n_kv_heads or pattern.shape[1])
         for i, problem_id in enumerate(problem_ids):
             n_fed = max(positions.answer_lengths[i] - 1, 0)
@@ -81,7 +82,7 @@ def thought_to_thought(cache: ActivationCache, positions: CODIPositions, problem
     targets = positions.resolve(_thought_names(positions.n_latents))
     frames = []
     for layer in _pattern_layers(cache):
-        pattern = cache[f"blocks.{layer}.attn.hook_pattern"].float().cpu()
+        pattern = cache[act_name("pattern", layer)].float().cpu()
         for i, problem_id in enumerate(problem_ids):
             block = pattern[i][:, targets[i]][:, :, targets[i]]  # [head, n + 1, n + 1]
             axes = ["head", "query_thought", "key_thought"]

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from codi_lens.data import Problem
-from codi_lens.model import CODIModel
-from codi_lens.runner import UNIT_COLUMN
+from codi_lens.core.model import CODIModel
+from codi_lens.data.problems import Problem
+from codi_lens.run.store import UNIT_COLUMN
 
 
 def early_answer_rows(

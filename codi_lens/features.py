@@ -9,11 +9,17 @@
   per token, answers containing it in the intervened run against the reference run, a smoothed
   log-odds ratio, Fisher's exact test (``scipy.stats.fisher_exact``) and Benjamini-Hochberg q-values
   (``statsmodels``' ``multipletests``).
+
+:func:`survey_features` and :func:`feature_interventions` run these on a set of SAEs and problems, each
+resumable in an output folder (what ``python -m experiments.sae_features`` does).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,9 +30,17 @@ from sae_lens import SAE
 from statsmodels.stats.multitest import multipletests
 from torch import Tensor
 
-from codi_lens.activations import ActivationDataset, Site
-from codi_lens.data import Problem
-from codi_lens.saes import encode_decode, sae_site
+from codi_lens.activations import ActivationDataset, collect_activations
+from codi_lens.core.hooks import Hooks
+from codi_lens.core.model import CODIModel
+from codi_lens.core.sites import Site
+from codi_lens.data.problems import Problem
+from codi_lens.run.executors import Executor
+from codi_lens.run.store import UNIT_COLUMN, ResultStore
+from codi_lens.saes.edits import FEATURE_OPS, feature_edit
+from codi_lens.saes.io import sae_site
+from codi_lens.saes.quality import encode_decode
+from codi_lens.saes.splice import attached
 
 
 def feature_frequency(acts: Float[Tensor, "n d_sae"]) -> pd.DataFrame:
@@ -141,8 +155,10 @@ def token_association(
                 "p_value": float(scipy.stats.fisher_exact(table).pvalue),
             }
         )
-    frame = pd.DataFrame(rows, columns=["token", "n_intervened", "n_reference", "total_intervened",
-                                        "total_reference", "log_odds", "p_value"])  # fmt: skip
+    frame = pd.DataFrame(
+        rows,
+        columns=["token", "n_intervened", "n_reference", "total_intervened", "total_reference", "log_odds", "p_value"],
+    )
     if len(frame):
         reject, q, _, _ = multipletests(frame["p_value"], alpha=alpha, method="fdr_bh")
         frame["q_value"], frame["significant"] = q, reject
@@ -154,3 +170,126 @@ def token_association(
 def answer_tokens_as_text(tokenizer, answers: Sequence[Sequence[int]], eos: int | None = None) -> list[list[str]]:
     """Each answer's token ids as the tokenizer's token strings (the stop token left out)."""
     return [tokenizer.convert_ids_to_tokens([t for t in ids if t != eos]) for ids in answers]
+
+
+@dataclass
+class FeatureSurvey:
+    """Every feature of a set of SAEs on a set of problems.
+
+    Attributes:
+        table: one row per (SAE, feature): ``sae_id``, ``site``, ``feature``, ``frequency``,
+            ``mean_when_active``, ``max_activation``.
+        dataset: the problems' activations at every thought of the SAEs' sites.
+        acts: per SAE id, its feature activations at its own site, ``[n_problems, d_sae]`` in problem order.
+    """
+
+    table: pd.DataFrame
+    dataset: ActivationDataset
+    acts: dict[str, Float[Tensor, "n_problems d_sae"]]
+
+
+def survey_features(
+    model: CODIModel,
+    saes: dict[str, SAE],
+    problems: list[Problem],
+    out: str | Path,
+    *,
+    n_latents: int = 6,
+    batch_size: int = 100,
+    settings: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    executor: Executor | None = None,
+) -> tuple[FeatureSurvey, ResultStore]:
+    """The activations of every SAE's site at every thought (``out/activations``, resumable) and each
+    feature's frequency (the store ``out``, one unit per SAE). Returns the survey and the store."""
+    out = Path(out)
+    store = ResultStore(out, settings or {}, overwrite=overwrite)
+    sites = sorted({s for sae in saes.values() for s in sae_site(sae).across_thoughts(n_latents)})
+    dataset = collect_activations(
+        model,
+        problems,
+        sites,
+        out / "activations",
+        n_latents=n_latents,
+        batch_size=batch_size,
+        executor=executor,
+        overwrite=overwrite,
+    )
+    acts = {i: encode_decode(sae, dataset.load(sae_site(sae))[0])[0].cpu() for i, sae in saes.items()}
+
+    def describe(batch: list[str]) -> pd.DataFrame:
+        frames = [feature_frequency(acts[i]).assign(**{UNIT_COLUMN: i, "sae_id": i}) for i in batch]
+        return pd.concat(frames, ignore_index=True)
+
+    table = store.run(list(saes), describe, unit_id=str, batch_size=1, desc="features")
+    table["site"] = table["sae_id"].map({i: sae_site(s).id for i, s in saes.items()})
+    return FeatureSurvey(table, dataset, acts), store
+
+
+def most_frequent(table: pd.DataFrame, n: int) -> list[tuple[str, int]]:
+    """``(sae_id, feature)`` of each SAE's ``n`` most frequent features, SAEs in id order."""
+    ranked = table.sort_values(["sae_id", "frequency"], ascending=[True, False], kind="stable")
+    return [(i, int(f)) for i, group in ranked.groupby("sae_id", sort=False) for f in group["feature"][:n]]
+
+
+def feature_interventions(
+    model: CODIModel,
+    saes: dict[str, SAE],
+    problems: list[Problem],
+    survey: FeatureSurvey,
+    out: str | Path,
+    *,
+    intervene: int = 5,
+    op: str = "clamp",
+    clamp_scale: float = 10.0,
+    n_latents: int = 6,
+    max_new_tokens: int = 256,
+    settings: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> pd.DataFrame:
+    """Each SAE's ``intervene`` most frequent features intervened on (``op``: ``clamp`` to ``clamp_scale``
+    times the feature's largest activation, or ``ablate``) inside the loop, with the SAE spliced in with its
+    error term: the answers' tokens against the SAE's reference run (:func:`token_association`), one
+    resumable unit per feature in ``out``, finished there. Returns the rows (``sae_id``, ``feature``,
+    ``value``, ``answers_changed`` and the association columns)."""
+    FEATURE_OPS[op]
+    questions = [p.question for p in problems]
+    eos = model.codi_tokens.eos
+
+    def answers(sae_id: str, fwd_hooks: Hooks) -> list[list[str]]:
+        with attached(model, [saes[sae_id]], use_error_term=True):
+            result = model.run_codi(questions, n_latents=n_latents, max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks)
+        return answer_tokens_as_text(model.tokenizer, result.answer_tokens, eos)
+
+    references: dict[str, list[list[str]]] = {}
+    largest = survey.table.set_index(["sae_id", "feature"])["max_activation"]
+
+    def associate(batch: list[tuple[str, int]]) -> pd.DataFrame:
+        frames = []
+        for sae_id, feature in batch:
+            if sae_id not in references:
+                references[sae_id] = answers(sae_id, [])
+            value = clamp_scale * float(largest[(sae_id, feature)]) if op == "clamp" else 0.0
+            edited = answers(sae_id, feature_edit(saes[sae_id], [feature], op, value))
+            changed = sum(a != b for a, b in zip(references[sae_id], edited))
+            frames.append(
+                token_association(references[sae_id], edited).assign(
+                    **{UNIT_COLUMN: f"{sae_id}/{feature}"},
+                    sae_id=sae_id,
+                    feature=feature,
+                    value=value,
+                    answers_changed=changed,
+                )
+            )
+        return pd.concat(frames, ignore_index=True)
+
+    store = ResultStore(out, settings or {}, overwrite=overwrite)
+    rows = store.run(
+        most_frequent(survey.table, intervene),
+        associate,
+        unit_id=lambda u: f"{u[0]}/{u[1]}",
+        batch_size=1,
+        desc="interventions",
+    )
+    store.finish(rows)
+    return rows

@@ -6,57 +6,41 @@ right?) and teacher-forced on the baseline's own answer tokens up to the answer 
 ``KL(baseline || ablated)`` is taken at the position predicting the number's first token (see
 :mod:`codi_lens.metrics`). Later thoughts are recomputed from the ablated one by the loop itself.
 Each ablation branches off the baseline run at the first thought it changes, and ablations are
-batched (see :mod:`codi_lens.branching` and ``python -m benchmarks.step_importance``).
+batched (see :mod:`codi_lens.core.branching` and ``python -m benchmarks.step_importance``).
 
-Interventions on the fed thought (see :mod:`codi_lens.interventions`):
-
-- ``zero``: a zero vector;
-- ``mean``: the mean thought at that step over a reference set of problems;
-- ``noise``: the thought plus Gaussian noise of the thought's norm (seeded per problem, so a problem's
-  noise does not depend on its batch);
-- ``swap``: the thought of another problem (the next one in the problem list) at that step;
-- ``shuffle``: the baseline's own thoughts in a seeded shuffled order (all, or thoughts 1..k; a
-  single thought cannot be shuffled, so ``shuffle`` has no ``single`` scope and no ``cumulative``
-  scope at k = 1).
-
-Scopes: ``single`` (thought k), ``cumulative`` (thoughts 1..k), ``all`` (every thought; ``thought`` 0
-in tables).
+Interventions on the fed thought and their scopes come from :mod:`codi_lens.interventions.registry`:
+``zero``, ``mean`` (the mean thought over a reference set), ``noise`` (Gaussian, of the thought's norm,
+seeded per problem so a problem's noise does not depend on its batch), ``swap`` (the next problem's
+thought), ``shuffle`` (the baseline's own thoughts in a seeded order; a single thought cannot be shuffled,
+so ``shuffle`` has no ``single`` scope and no ``cumulative`` scope at k = 1); scopes ``single`` (thought k),
+``cumulative`` (thoughts 1..k), ``all`` (every thought; ``thought`` 0 in tables).
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
-from codi_lens.answers import is_correct
 from codi_lens.attention import attention_to_thoughts, pattern_hook_names
-from codi_lens.branching import Branch, grow_trunk, run_branches
-from codi_lens.data import Problem, difficulty_bucket, problems_fingerprint
-from codi_lens.distributed import Executor
-from codi_lens.interventions import (
-    SCOPES,
-    Hooks,
-    Scope,
-    mean_thought_embeds,
-    mean_thoughts,
-    noise_thoughts,
-    shuffle_thoughts,
-    swap_thoughts,
-    thought_scope,
-    zero_thoughts,
-)
+from codi_lens.core.answers import is_correct
+from codi_lens.core.branching import Branch, grow_trunk, run_branches
+from codi_lens.core.hooks import Hooks
+from codi_lens.core.model import CODIModel
+from codi_lens.data.problems import Problem, difficulty_bucket, problems_fingerprint
+from codi_lens.interventions.registry import INTERVENTIONS, SCOPES, AblationInputs, thought_scope
+from codi_lens.interventions.thoughts import mean_thought_embeds
 from codi_lens.metrics import AnswerNumber, find_answer_number, forced_answers, kl_divergence
-from codi_lens.model import CODIModel
-from codi_lens.runner import UNIT_COLUMN, ResultStore
-
-INTERVENTIONS = ("zero", "mean", "noise", "swap", "shuffle")
+from codi_lens.run.executors import Executor
+from codi_lens.run.store import UNIT_COLUMN, ResultStore
+from codi_lens.stats import bootstrap_ci
 
 
 @dataclass(frozen=True)
@@ -64,7 +48,7 @@ class Ablation:
     """One condition: an intervention over a scope ending at ``thought`` (0 for scope ``all``)."""
 
     intervention: str
-    scope: Scope
+    scope: str
     thought: int
 
     @property
@@ -73,23 +57,22 @@ class Ablation:
 
 
 def ablation_grid(
-    interventions: Sequence[str] = INTERVENTIONS, scopes: Sequence[Scope] = SCOPES, *, n_latents: int = 6
+    interventions: Sequence[str] = INTERVENTIONS.names(),
+    scopes: Sequence[str] = SCOPES.names(),
+    *,
+    n_latents: int = 6,
 ) -> list[Ablation]:
-    """Every (intervention, scope, thought) condition, in that order (see the module docstring for
-    the combinations ``shuffle`` skips)."""
-    unknown = [i for i in interventions if i not in INTERVENTIONS]
-    if unknown:
-        raise ValueError(f"unknown intervention {unknown[0]!r}; expected some of {INTERVENTIONS}")
-    bad_scopes = [s for s in scopes if s not in SCOPES]
-    if bad_scopes:
-        raise ValueError(f"unknown scope {bad_scopes[0]!r}; expected some of {SCOPES}")
+    """Every (intervention, scope, thought) condition, in that order; a scope covering fewer thoughts than an
+    intervention acts on (a single thought for ``shuffle``) is skipped. Names come from the registries of
+    :mod:`codi_lens.interventions.registry` (a :class:`~codi_lens.core.errors.ChoiceError` lists them)."""
+    INTERVENTIONS.check(interventions)
+    SCOPES.check(scopes)
     grid = []
     for intervention in interventions:
         for scope in scopes:
-            thoughts = [0] if scope == "all" else range(1, n_latents + 1)
+            thoughts = [0] if SCOPES[scope].spans_all else range(1, n_latents + 1)
             for k in thoughts:
-                covered = n_latents if scope == "all" else (1 if scope == "single" else k)
-                if intervention == "shuffle" and covered < 2:
+                if len(thought_scope(scope, k, n_latents)) < INTERVENTIONS[intervention].min_thoughts:
                     continue
                 grid.append(Ablation(intervention, scope, k))
     return grid
@@ -100,44 +83,10 @@ def problem_seed(problem_id: str, seed: int) -> int:
     return zlib.crc32(f"{seed}:{problem_id}".encode())
 
 
-@dataclass
-class AblationInputs:
-    """What the interventions of one batch draw on.
-
-    Attributes:
-        baseline_thoughts: the batch's own fed thoughts ``[batch, n_latents, d_model]`` (for shuffle).
-        donor_thoughts: each problem's donor's fed thoughts ``[batch, n_latents, d_model]`` (for swap).
-        means: reference mean thoughts ``[n_latents, d_model]`` (for mean), or None.
-        seeds: one noise seed per problem.
-        seed: the run's seed (the shuffle permutation).
-    """
-
-    baseline_thoughts: Tensor
-    donor_thoughts: Tensor | None
-    means: Tensor | None
-    seeds: list[int]
-    seed: int
-
-
 def ablation_hooks(ablation: Ablation, inputs: AblationInputs, n_latents: int) -> Hooks:
-    """The ``fwd_hooks`` of one ablation for one batch."""
+    """The ``fwd_hooks`` of one ablation for one batch (the registry's builder on the scope's thoughts)."""
     thoughts = thought_scope(ablation.scope, ablation.thought, n_latents)
-    kind = ablation.intervention
-    if kind == "zero":
-        return zero_thoughts(thoughts)
-    if kind == "mean":
-        if inputs.means is None:
-            raise ValueError("the mean intervention needs reference means")
-        return mean_thoughts(thoughts, inputs.means)
-    if kind == "noise":
-        return noise_thoughts(thoughts, inputs.seeds)
-    if kind == "swap":
-        if inputs.donor_thoughts is None:
-            raise ValueError("the swap intervention needs donor thoughts")
-        return swap_thoughts(thoughts, inputs.donor_thoughts)
-    if kind == "shuffle":
-        return shuffle_thoughts(thoughts, inputs.baseline_thoughts, seed=inputs.seed)
-    raise ValueError(f"unknown intervention {kind!r}")
+    return INTERVENTIONS[ablation.intervention].build(thoughts, inputs)
 
 
 def answer_numbers(model: CODIModel, answer_tokens: Sequence[Sequence[int]]) -> list[AnswerNumber | None]:
@@ -159,7 +108,7 @@ def ablation_start(ablation: Ablation, n_latents: int) -> int:
 class Baseline:
     """A batch's run without interventions: its fed thoughts, generated answers and predictions."""
 
-    thought_embeds: Tensor
+    thought_embeds: Float[Tensor, "batch n_latents d_model"]
     answer_tokens: list[list[int]]
     prediction: list[float | None]
 
@@ -168,7 +117,7 @@ def importance_rows(
     model: CODIModel,
     problems: list[Problem],
     ablations: Sequence[Ablation],
-    inputs_for: Any,
+    inputs_for: Callable[[Baseline], AblationInputs],
     *,
     n_latents: int = 6,
     max_new_tokens: int = 256,
@@ -177,7 +126,7 @@ def importance_rows(
     """One row per (problem, ablation) for one batch (``unit_id`` = problem id).
 
     The baseline run is computed once, and every ablation branches off it at the first thought it
-    changes (:mod:`codi_lens.branching`): the thoughts before are the baseline's, ablations with the
+    changes (:mod:`codi_lens.core.branching`): the thoughts before are the baseline's, ablations with the
     same start run as blocks of one forward (at most ``max_rows`` rows), each generates its answer
     (rows leave the batch at their EOS) and is teacher-forced on the baseline's answer up to the
     number, with logits computed at that one row.
@@ -243,8 +192,8 @@ def step_importance(
     problems: list[Problem],
     out: str | Path,
     *,
-    interventions: Sequence[str] = INTERVENTIONS,
-    scopes: Sequence[Scope] = SCOPES,
+    interventions: Sequence[str] = INTERVENTIONS.names(),
+    scopes: Sequence[str] = SCOPES.names(),
     n_latents: int = 6,
     max_new_tokens: int = 256,
     reference: list[Problem] | None = None,
@@ -259,18 +208,20 @@ def step_importance(
     """Every ablation of :func:`ablation_grid` on every problem, resumable in ``out``: ``batch_size``
     problems at a time, ablations branching off each batch's baseline (see :func:`importance_rows`).
 
-    ``executor``: where batches run (default here; :class:`~codi_lens.distributed.RayExecutor`: Ray tasks).
+    ``executor``: where batches run (default here; :class:`~codi_lens.run.executors.RayExecutor`: Ray tasks).
 
     ``reference``: the problems whose mean thoughts the ``mean`` intervention feeds (default: the
     problems themselves). The swap donor of problem i is problem i + 1 (the last one's is the
     first). Returns the rows (problem order, then ablation order) and the store (``finish`` it).
     """
-    if "swap" in interventions and len(problems) < 2:
-        raise ValueError("the swap intervention needs at least two problems")
     ablations = ablation_grid(interventions, scopes, n_latents=n_latents)
+    donor_interventions = [name for name in interventions if INTERVENTIONS[name].needs_donors]
+    needs_donors = bool(donor_interventions)
+    if needs_donors and len(problems) < 2:
+        raise ValueError(f"the {donor_interventions[0]} intervention needs at least two problems")
     reference = problems if reference is None else reference
     means = None
-    if "mean" in interventions:
+    if any(INTERVENTIONS[name].needs_means for name in interventions):
         means = mean_thought_embeds(model, [p.question for p in reference], n_latents=n_latents, batch_size=batch_size)
     donor = {p.id: problems[(i + 1) % len(problems)] for i, p in enumerate(problems)}
     store = ResultStore(
@@ -292,9 +243,8 @@ def step_importance(
     def inputs_for(batch: list[Problem]):
         def make(baseline: Baseline) -> AblationInputs:
             donors = None
-            if "swap" in interventions:
-                donor_questions = [donor[p.id].question for p in batch]
-                donors = model.run_codi(donor_questions, n_latents=n_latents, max_new_tokens=1).thought_embeds
+            if needs_donors:
+                donors = model.run_latents([donor[p.id].question for p in batch], n_latents=n_latents).thought_embeds
             return AblationInputs(
                 baseline_thoughts=baseline.thought_embeds,
                 donor_thoughts=donors,
@@ -388,7 +338,7 @@ def attention_importance(
     executor: Executor | None = None,
 ) -> tuple[pd.DataFrame, ResultStore]:
     """:func:`attention_importance_rows` over every problem, resumable in ``out``.
-    ``executor``: where batches run (default here; :class:`~codi_lens.distributed.RayExecutor`: Ray tasks).
+    ``executor``: where batches run (default here; :class:`~codi_lens.run.executors.RayExecutor`: Ray tasks).
     """
     store = ResultStore(
         out,
@@ -412,3 +362,42 @@ def attention_importance(
         executor=executor,
     )
     return rows, store
+
+
+def importance_table(results: pd.DataFrame, by: Sequence[str] = ("intervention", "scope", "thought")) -> pd.DataFrame:
+    """Step importance per condition with 95% bootstrap CIs over problems.
+
+    ``results`` has one row per (problem, condition) with ``baseline_correct``, ``correct``,
+    ``prediction``, ``baseline_prediction`` and ``kl``. Per group of ``by``:
+
+    - ``importance``: share of problems right at baseline and wrong under the intervention;
+    - ``accuracy_drop``: baseline accuracy minus accuracy (can be negative);
+    - ``answer_changed``: share whose prediction differs from the baseline's;
+    - ``kl``: mean KL(baseline || intervened) at the answer, nats;
+
+    each with ``_low`` / ``_high`` bounds.
+    """
+    frame = results.assign(
+        _importance=(results["baseline_correct"] & ~results["correct"]).astype(float),
+        _drop=results["baseline_correct"].astype(float) - results["correct"].astype(float),
+        _changed=~_same_prediction(results["prediction"], results["baseline_prediction"]),
+    )
+    rows = []
+    for key, group in frame.groupby(list(by), sort=True):
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        row["n"] = len(group)
+        for name, column in (
+            ("importance", "_importance"),
+            ("accuracy_drop", "_drop"),
+            ("answer_changed", "_changed"),
+            ("kl", "kl"),
+        ):
+            estimate, low, high = bootstrap_ci(group[column].astype(float).to_numpy())
+            row.update({name: estimate, f"{name}_low": low, f"{name}_high": high})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _same_prediction(a: pd.Series, b: pd.Series) -> pd.Series:
+    """Equal predictions, two missing answers counting as equal."""
+    return (a == b) | (a.isna() & b.isna())

@@ -32,22 +32,24 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from codi_lens.data import Problem
-from codi_lens.metrics import bootstrap_ci
-from codi_lens.model import CODIModel
+from codi_lens.core.errors import CodiLensError, MissingFileError
+from codi_lens.core.model import CODIModel
+from codi_lens.core.names import act_name
+from codi_lens.data.problems import Problem
+from codi_lens.stats import bootstrap_ci
 
 TUNED_LENS_WEIGHTS, TUNED_LENS_CONFIG = "tuned_lens.safetensors", "tuned_lens.json"
 #: ``target`` of a readout row: an intermediate result of the chain, or the final answer.
 TARGETS = ("intermediate", "answer")
 
 
-class LensError(ValueError):
+class LensError(CodiLensError, ValueError):
     """A tuned-lens file that does not fit the model (names the file and the key)."""
 
 
 def lens_hook_names(model: CODIModel) -> list[str]:
     """The residual hooks of layers ``0..n_layers`` (see the module docstring)."""
-    return ["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)]
+    return [act_name("resid_pre", 0)] + [act_name("resid_post", layer) for layer in range(model.cfg.n_layers)]
 
 
 @dataclass
@@ -146,7 +148,7 @@ class TunedLens(nn.Module):
         config_file, weights_file = directory / TUNED_LENS_CONFIG, directory / TUNED_LENS_WEIGHTS
         for path in (config_file, weights_file):
             if not path.exists():
-                raise FileNotFoundError(f"no tuned lens at {directory}: {path.name} is missing")
+                raise MissingFileError(f"no tuned lens at {directory}: {path.name} is missing")
         config = json.loads(config_file.read_text())
         for key in ("n_layers", "d_model"):
             if key not in config:
@@ -408,3 +410,40 @@ def intermediate_readout(
                 }
             )
     return pd.DataFrame(rows)
+
+
+def latent_value_readout(
+    model: CODIModel, problems: Sequence[Problem], *, n_latents: int = 6, batch_size: int = 64, progress: bool = True
+) -> pd.DataFrame:
+    """:func:`intermediate_readout` of every problem's latent states (the latent loop only; answers are not
+    needed), one row per (problem ``id``, intermediate value).
+
+    Rows with ``control=True`` read out the intermediates of *another* problem (the next one in the whole
+    list, the last reading the first) from the same latent states: the chance level the real readout must
+    beat. With a single problem there is no other problem, and no control row.
+    """
+    latent_states = []
+    for start in tqdm(range(0, len(problems), batch_size), desc="logit lens", unit="batch", disable=not progress):
+        batch = problems[start : start + batch_size]
+        latent_states.append(model.run_latents([p.question for p in batch], n_latents=n_latents).latent_states)
+    states = torch.cat(latent_states)
+    values = [p.intermediates for p in problems]
+    frames = []
+    for control, targets in ((False, values), (True, values[1:] + values[:1])):
+        if control and len(problems) < 2:
+            continue
+        frame = intermediate_readout(model, states, targets)
+        frame["id"] = [problems[i].id for i in frame["example"]]
+        frame["control"] = control
+        frames.append(frame.drop(columns="example"))
+    return pd.concat(frames, ignore_index=True)
+
+
+def top_k_share_by_step(readout: pd.DataFrame, n_steps_latent: int) -> pd.DataFrame:
+    """From :func:`latent_value_readout`: the share of intermediate values (rows: ``value {step}``, by chain
+    position) that are top-k at each latent step (columns ``0`` = BOT .. ``n``)."""
+    rows = {}
+    for step, group in readout.groupby("step"):
+        counts = [sum(s in hits for hits in group["topk_at"]) for s in range(n_steps_latent)]
+        rows[f"value {step}"] = [c / len(group) for c in counts]
+    return pd.DataFrame.from_dict(rows, orient="index", columns=[str(s) for s in range(n_steps_latent)])

@@ -14,13 +14,16 @@ scored by gradient attribution, and the best candidates are checked by replay:
 3. :func:`pathway_agreement`: the correlation of predicted and actual changes over (candidate, problem)
    pairs, with a 95% bootstrap CI over problems.
 
-The spliced sites are the identity for values and for gradients (see ``codi_lens.saes``), so the
+The spliced sites are the identity for values and for gradients (see :mod:`codi_lens.saes.splice`), so the
 gradient sees the same network the replay runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,9 +32,16 @@ import torch
 from sae_lens import SAE
 from torch import Tensor
 
-from codi_lens.activations import Site
-from codi_lens.model import CODIModel
-from codi_lens.saes import SAEError, attached, feature_edit, sae_acts_hook_name, sae_site
+from codi_lens.core import loop
+from codi_lens.core.hooks import HookFn
+from codi_lens.core.model import CODIModel
+from codi_lens.core.recording import ActivationRecorder
+from codi_lens.core.sites import Site
+from codi_lens.data.problems import Problem
+from codi_lens.run.store import UNIT_COLUMN, ResultStore
+from codi_lens.saes.edits import feature_edit
+from codi_lens.saes.io import SAEError, sae_site
+from codi_lens.saes.splice import attached, sae_acts_hook_name
 
 
 def site_order(site: Site) -> tuple[int, float]:
@@ -44,35 +54,26 @@ def site_order(site: Site) -> tuple[int, float]:
     return site.thought, float("inf")
 
 
-def _loop(model: CODIModel, questions: Sequence[str], through: int, n_latents: int, fwd_hooks) -> None:
+def _loop(
+    model: CODIModel, questions: Sequence[str], through: int, n_latents: int, fwd_hooks: Sequence[tuple[str, HookFn]]
+) -> None:
     """The latent loop (question + BOT, thoughts 1..``through``) under ``fwd_hooks``, no answer."""
-    tokens, mask = model._prepare(list(questions), n_latents)  # noqa: SLF001 - the loop's own steps
-    layout = model._layout(mask, n_latents, [1] * len(questions))  # noqa: SLF001
-    with model._hooks_for_run(fwd_hooks, layout):  # noqa: SLF001
-        state, z = model._run_prompt(tokens, mask, layout, keep_logits=False)  # noqa: SLF001
-        if through >= 1:
-            model._run_thoughts(state, z, keep_logits=False, last=through)  # noqa: SLF001
+    tokens, mask = loop.prepare(model, list(questions), n_latents)
+    positions = loop.run_positions(mask, n_latents, [1] * len(questions))
+    with loop.hooks_for_run(model, fwd_hooks, positions):
+        loop.run_latents(model, tokens, mask, positions, through=through)
 
 
-def _recorder(model: CODIModel, site: Site, store: dict):
-    """A hook keeping the feature activations of an SAE at ``site`` in ``store[site]``: the whole tensor
-    (so gradients can be taken with respect to it) and the index of the site's thought in it."""
-
-    def record(acts: Tensor, hook) -> Tensor:
-        if site.position is None:
-            store[site] = (acts, None)
-            return acts
-        index = int(model.chunk_context.index_in_chunk(site.position)[0])  # thought positions align across rows
-        if index >= 0:
-            store[site] = (acts, index)
-        return acts
-
-    return record
+def _recording(model: CODIModel, saes: Sequence[SAE]) -> tuple[ActivationRecorder, list[tuple[str, HookFn]]]:
+    """A recorder keeping the feature activations of each SAE with their graph, and its ``fwd_hooks``."""
+    recorder = ActivationRecorder(model.chunk_scope, keep_graph=True)
+    return recorder, [(sae_acts_hook_name(sae), recorder) for sae in saes]
 
 
-def _recording(model: CODIModel, saes: Sequence[SAE], store: dict) -> list[tuple]:
-    """``fwd_hooks`` recording the feature activations of each SAE (see :func:`_recorder`)."""
-    return [(sae_acts_hook_name(sae), _recorder(model, sae_site(sae), store)) for sae in saes]
+def _recorded(recorder: ActivationRecorder, sae: SAE) -> tuple[Tensor, int | None]:
+    """The tensor that holds ``sae``'s feature activations at its site, and the site's index in it (the same
+    in every row: thought positions align across a batch; None for a thought hook)."""
+    return recorder.at(sae_acts_hook_name(sae), sae_site(sae).position)
 
 
 def _read(entry: tuple[Tensor, int | None]) -> Tensor:
@@ -98,16 +99,16 @@ def feature_attributions(
     late = [s.id for s in source_sites if site_order(s) >= site_order(target_site)]
     if late:
         raise SAEError(f"source sites {late} are not computed before the target {target_site.id}")
-    store: dict = {}
+    recorder, hooks = _recording(model, [*sources, target])
     with attached(model, [*sources, target], use_error_term=True), torch.enable_grad():
-        _loop(model, questions, target_site.thought, n_latents, _recording(model, [*sources, target], store))
-        value = _read(store[target_site])[:, target_feature]
-        tensors = [store[s][0] for s in source_sites]
-        grads = torch.autograd.grad(value.sum(), tensors, allow_unused=True)
+        _loop(model, questions, target_site.thought, n_latents, hooks)
+        value = _read(_recorded(recorder, target))[:, target_feature]
+        entries = [_recorded(recorder, source) for source in sources]
+        grads = torch.autograd.grad(value.sum(), [tensor for tensor, _ in entries], allow_unused=True)
     frames = []
-    for site, grad in zip(source_sites, grads):
-        acts = _read(store[site]).detach().float()
-        grad = torch.zeros_like(acts) if grad is None else _read((grad, store[site][1])).float()
+    for site, (tensor, index), grad in zip(source_sites, entries, grads):
+        acts = _read((tensor, index)).detach().float()
+        grad = torch.zeros_like(acts) if grad is None else _read((grad, index)).float()
         problem, feature = torch.nonzero(acts > 0, as_tuple=True)
         a, g = acts[problem, feature], grad[problem, feature]
         frames.append(
@@ -146,17 +147,16 @@ def target_activation(
     target_feature: int | None,
     saes: Sequence[SAE],
     *,
-    fwd_hooks: Sequence[tuple] = (),
+    fwd_hooks: Sequence[tuple[str, HookFn]] = (),
     n_latents: int = 6,
 ) -> np.ndarray:
     """The target feature's activation per problem ``[n]`` (every feature's, ``[n, d_sae]``, for
     ``target_feature=None``) with ``saes`` (the target among them) spliced in with their error terms,
     under ``fwd_hooks`` (e.g. a source feature's ablation)."""
-    site = sae_site(target)
-    store: dict = {}
+    recorder, hooks = _recording(model, [target])
     with attached(model, list(saes), use_error_term=True):
-        _loop(model, questions, site.thought, n_latents, [*fwd_hooks, *_recording(model, [target], store)])
-    acts = _read(store[site]).float().cpu()
+        _loop(model, questions, sae_site(target).thought, n_latents, [*fwd_hooks, *hooks])
+    acts = _read(_recorded(recorder, target)).float().cpu()
     return (acts if target_feature is None else acts[:, target_feature]).numpy()
 
 
@@ -234,3 +234,88 @@ def pathway_agreement(
         "n_problems": len(problems),
     }
     return joined.drop(columns="attribution"), summary
+
+
+@dataclass
+class PathwayChoice:
+    """The target SAE of a pathway study and its sources (one SAE per hook, all computed before the target)."""
+
+    target_id: str
+    target: SAE
+    source_ids: list[str]
+    sources: list[SAE]
+
+
+def choose_pathway(
+    saes: dict[str, SAE], target_id: str | None = None, source_ids: Sequence[str] | None = None
+) -> PathwayChoice:
+    """The target (default: the SAE computed last in the loop) and its sources (default: every SAE computed
+    before it; of two at one hook, the first id). ``SAEError`` names a target or source that does not fit."""
+    target_id = target_id or max(saes, key=lambda i: site_order(sae_site(saes[i])))
+    if target_id not in saes:
+        raise SAEError(f"the target {target_id!r} is not among the SAEs: {sorted(saes)}")
+    target = saes[target_id]
+    earlier = [i for i in saes if site_order(sae_site(saes[i])) < site_order(sae_site(target))]
+    source_ids = list(source_ids) if source_ids else earlier
+    late = [i for i in source_ids if i not in earlier]
+    if late or not source_ids:
+        raise SAEError(f"sources {late or 'none'} are not SAEs computed before {target_id} (those are {earlier})")
+    by_hook: dict[str, str] = {}
+    for i in source_ids:
+        by_hook.setdefault(sae_site(saes[i]).hook, i)
+    return PathwayChoice(target_id, target, list(by_hook.values()), [saes[i] for i in by_hook.values()])
+
+
+def pathway_study(
+    model: CODIModel,
+    problems: list[Problem],
+    choice: PathwayChoice,
+    out: str | Path,
+    *,
+    target_feature: int | None = None,
+    n_candidates: int = 20,
+    n_latents: int = 6,
+    settings: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> tuple[pd.DataFrame, dict, pd.DataFrame, ResultStore]:
+    """Steps 1-3 of the module docstring for one target feature (default: the target SAE's most frequent on
+    these problems), resumable in ``out``: ``attributions.parquet`` (kept), ``candidates.parquet``, and the
+    replays as units of the store. Returns the joined predicted/actual table (``problem_id`` added), the
+    agreement (with ``target_feature``), the candidates and the store."""
+    out = Path(out)
+    questions = [p.question for p in problems]
+    saes = [*choice.sources, choice.target]
+    # Every target feature on every problem, unablated: picks the default feature and is the replays' baseline.
+    every = target_activation(model, questions, choice.target, None, saes, n_latents=n_latents)
+    feature = target_feature if target_feature is not None else int((every > 0).mean(axis=0).argmax())
+    store = ResultStore(out, {**(settings or {}), "target_feature": feature}, overwrite=overwrite)
+    attributions_file = out / "attributions.parquet"
+    if attributions_file.exists():
+        attributions = pd.read_parquet(attributions_file)
+    else:
+        attributions, _ = feature_attributions(
+            model, questions, choice.target, feature, choice.sources, n_latents=n_latents
+        )
+        attributions.to_parquet(attributions_file, index=False)
+    candidates = top_candidates(attributions, len(problems), n_candidates)
+    candidates.to_parquet(out / "candidates.parquet", index=False)
+
+    def work(batch: list[tuple[str, int]]) -> pd.DataFrame:
+        chosen = candidates.set_index(["source_site", "source_feature"]).loc[batch].reset_index()
+        rows = replay(
+            model,
+            questions,
+            choice.target,
+            feature,
+            choice.sources,
+            chosen,
+            clean=every[:, feature],
+            n_latents=n_latents,
+        )
+        return rows.assign(**{UNIT_COLUMN: rows["source_site"] + "/" + rows["source_feature"].astype(str)})
+
+    units = list(zip(candidates["source_site"], candidates["source_feature"].astype(int)))
+    replayed = store.run(units, work, unit_id=lambda u: f"{u[0]}/{u[1]}", batch_size=1, desc="replays")
+    joined, agreement = pathway_agreement(attributions, replayed.drop(columns=UNIT_COLUMN))
+    joined["problem_id"] = [problems[i].id for i in joined["problem"]]
+    return joined, {**agreement, "target_feature": feature}, candidates, store

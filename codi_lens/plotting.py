@@ -8,13 +8,13 @@ import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from codi_lens.metrics import mean_ci_table
+from codi_lens.stats import mean_ci_table
 
 TEMPLATE = "plotly_white"
 
 
 def accuracy_bars(table: pd.DataFrame, title: str = "Accuracy by number of steps") -> go.Figure:
-    """Grouped bars from :func:`codi_lens.metrics.accuracy_table`: one colour per condition, with the
+    """Grouped bars from :func:`codi_lens.accuracy.accuracy_table`: one colour per condition, with the
     95% bootstrap CI over problems as error bars."""
     table = table.assign(above=table["high"] - table["accuracy"], below=table["accuracy"] - table["low"])
     fig = px.bar(
@@ -65,7 +65,7 @@ def _error_bars(table: pd.DataFrame, metric: str) -> dict:
 
 
 def importance_by_thought(table: pd.DataFrame, metric: str = "importance", title: str | None = None) -> go.Figure:
-    """Lines with 95% CI bars from :func:`codi_lens.metrics.importance_table`: ``metric`` by thought,
+    """Lines with 95% CI bars from :func:`codi_lens.importance.importance_table`: ``metric`` by thought,
     one colour per intervention, one panel per scope (``thought`` 0 = every thought at once)."""
     table = table.copy()
     fig = px.line(

@@ -35,8 +35,8 @@ from threadpoolctl import threadpool_limits
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from codi_lens.data import CALC_SPAN, Problem
-from codi_lens.metrics import bootstrap_ci
+from codi_lens.data.problems import CALC_SPAN, Problem
+from codi_lens.stats import bootstrap_ci
 
 #: Inverse L2 strengths tried on the validation split.
 C_GRID = (0.01, 0.1, 1.0, 10.0)

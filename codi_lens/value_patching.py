@@ -29,10 +29,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from codi_lens.data import CALC_SPAN, Problem
-from codi_lens.interventions import replace_thoughts
-from codi_lens.model import CODIModel
-from codi_lens.runner import UNIT_COLUMN
+from codi_lens.core.model import CODIModel
+from codi_lens.data.problems import CALC_SPAN, Problem
+from codi_lens.interventions.thoughts import replace_thoughts
+from codi_lens.run.store import UNIT_COLUMN
 
 CONDITIONS = ("same", "different", "any_value")
 _SPAN = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(//|[+\-*/])\s*(-?\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)\s*$")

@@ -21,84 +21,30 @@ layer) and ``attention_vs_importance.html``.
 
 from __future__ import annotations
 
-import argparse
-import time
-from pathlib import Path
-
-import pandas as pd
-
-from codi_lens.attention import correlation_by_layer, per_thought
-from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, parse_common_args, run_main
 from codi_lens.importance import attention_importance
-from codi_lens.plotting import attention_by_head, attention_by_layer, attention_vs_importance, write_html
-from experiments.step_importance import add_selection_args, select_problems
+from codi_lens.reports.importance import write_ablation_attention
+from codi_lens.run.cli import add_selection_args, command_parser, parse_common_args, run_main, start_run
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, out="results/ablation_attention", batch_size=32)
+    parser = command_parser(__doc__, out="results/ablation_attention", batch_size=32, limit=300)
     add_selection_args(parser)
     parser.add_argument("--n-latents", type=int, default=6, help="continuous thoughts fed back (CODI: 6)")
-    parser.set_defaults(limit=300)
     args = parse_common_args(parser, argv)
-
-    started = time.perf_counter()
-    model = load_model(args)
-    problems = select_problems(args)
-    settings = {
-        **model_settings(model, args),
-        "data_source": args.data,
-        "limit": args.limit,
-        "stratified": args.stratified,
-    }
+    run = start_run(args)
     rows, store = attention_importance(
-        model,
-        problems,
-        args.out,
+        run.model,
+        run.problems(),
+        run.out,
         n_latents=args.n_latents,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
-        settings=settings,
+        settings=run.settings(stratified=args.stratified),
         overwrite=args.overwrite,
-        executor=executor_from_args(args),
+        executor=run.executor,
     )
-    out = Path(args.out)
-    frame = per_thought(rows)
-    correlations = correlation_by_layer(frame, "attention", "kl", seed=args.seed)
-    control = correlation_by_layer(frame, "attention", "kl_other", seed=args.seed)
-    both = pd.concat([correlations.assign(pairing="same problem"), control.assign(pairing="control: next problem")])
-    both.to_parquet(out / "correlations.parquet", index=False)
-    # Across problems at a fixed thought: does a problem that attends more to thought k depend more on it?
-    # (The per-layer correlation above also reflects the thoughts' average profile, which the control shares.)
-    within = correlation_by_layer(frame, "attention", "kl", by=["layer", "thought"], seed=args.seed)
-    within.to_parquet(out / "correlations_within_thought.parquet", index=False)
-
-    long = rows.melt(
-        id_vars=["problem_id", "layer", "head", "thought"],
-        value_vars=["attention_eot", "attention_answer"],
-        var_name="source",
-        value_name="weight",
-    )
-    long["source"] = long["source"].str.replace("attention_", "")
-    write_html(attention_by_layer(long.dropna(subset=["weight"])), out / "attention.html")
-    write_html(attention_by_head(long.dropna(subset=["weight"])), out / "attention_heads.html")
-    write_html(attention_vs_importance(frame, correlations), out / "attention_vs_importance.html")
-
-    def ci(r) -> dict:
-        return {
-            "pearson": [round(r.pearson, 3), round(r.pearson_low, 3), round(r.pearson_high, 3)],
-            "spearman": [round(r.spearman, 3), round(r.spearman_low, 3), round(r.spearman_high, 3)],
-            "n_problems": int(r.n_problems),
-        }
-
-    summary = {
-        "n_problems": len(problems),
-        "n_rows": len(rows),
-        "correlation_by_layer": {int(r.layer): ci(r) for r in correlations.itertuples()},
-        "control_next_problem": {int(r.layer): ci(r) for r in control.itertuples()},
-        "within_thought": {f"{int(r.layer)}/{int(r.thought)}": ci(r) for r in within.itertuples()},
-        "wall_seconds_this_invocation": round(time.perf_counter() - started, 1),
-    }
+    summary, correlations = write_ablation_attention(rows, run.out, seed=args.seed)
+    summary["wall_seconds_this_invocation"] = run.elapsed()
     store.finish(rows, summary)
     for r in correlations.itertuples():
         print(

@@ -5,7 +5,7 @@
 
 Building: for each problem, the question's integers are tried in order, each changed by each delta,
 and the first change whose re-evaluated chain passes every check gives the pair (see
-``codi_lens.pairs`` for the checks and the rejection reasons). Data from the shipped synthetic sets
+``codi_lens.data.pairs`` for the checks and the rejection reasons). Data from the shipped synthetic sets
 (``toy-chain:test``, ``toy:test``) keeps values in the models' number range (0..40).
 
 Checking (``--import FILE``): a JSON list or JSONL of ``clean_question``, ``corrupted_question`` and
@@ -26,11 +26,24 @@ import argparse
 import json
 from pathlib import Path
 
-from codi_lens.cli import run_main
-from codi_lens.data import default_data, load_problems
-from codi_lens.loading import DEFAULT_MODEL
-from codi_lens.pairs import DEFAULT_DELTAS, check_pairs, make_pairs, read_pair_file
-from codi_lens.synthetic import value_limit
+from codi_lens.core.errors import FlagError
+from codi_lens.data import load_problems
+from codi_lens.data.pairs import DEFAULT_DELTAS, check_pairs, make_pairs, read_pair_file
+from codi_lens.data.synthetic import value_limit
+from codi_lens.loading import DEFAULT_MODEL, default_data
+from codi_lens.reports.pairs import write_import_report, write_pairs
+from codi_lens.run.cli import run_main
+
+
+def parse_deltas(text: str) -> list[float]:
+    """``--deltas``: the changes to try, comma-separated numbers."""
+    try:
+        deltas = [float(d) for d in text.split(",") if d.strip()]
+    except ValueError:
+        raise FlagError(f"--deltas must be comma-separated numbers, got {text!r}") from None
+    if not deltas:
+        raise FlagError("--deltas is empty: give at least one change to try")
+    return deltas
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -48,43 +61,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-
     if args.import_file:
-        rows = read_pair_file(args.import_file)
         problems = load_problems(args.data, split=args.split, limit=args.limit) if args.data else None
-        report = check_pairs(rows, problems)
-        report.to_parquet(out / "import_report.parquet", index=False)
-        summary = {
-            "pair_file": str(args.import_file),
-            "n_pairs": len(report),
-            "status": report["status"].value_counts().to_dict(),
-            "rejected_by_reason": report.loc[report["status"] == "rejected", "reason"]
-            .str.split(":")
-            .str[0]
-            .value_counts()
-            .to_dict(),
-        }
+        report = check_pairs(read_pair_file(args.import_file), problems)
+        summary = {"pair_file": str(args.import_file), **write_import_report(report, out)}
     else:
+        deltas = parse_deltas(args.deltas)
         data = args.data or default_data(DEFAULT_MODEL)
         problems = load_problems(data, split=args.split, limit=args.limit)
         max_value = args.max_value if args.max_value is not None else value_limit(problems)
-        try:
-            deltas = [float(d) for d in args.deltas.split(",") if d.strip()]
-        except ValueError as exc:
-            raise KeyError(f"--deltas must be comma-separated numbers, got {args.deltas!r}") from exc
         pairs, rejections = make_pairs(problems, deltas=deltas, max_value=max_value)
-        pairs.to_parquet(out / "pairs.parquet", index=False)
-        rejections.to_parquet(out / "rejections.parquet", index=False)
-        without = rejections[~rejections["has_pair"]].drop_duplicates("problem_id")
-        summary = {
-            "data": data,
-            "n_problems": len(problems),
-            "n_pairs": len(pairs),
-            "problems_without_pair_by_first_reason": without["reason"].value_counts().to_dict(),
-            "rejected_candidates_by_reason": rejections["reason"].value_counts().to_dict(),
-            "deltas": deltas,
-            "max_value": max_value,
-        }
+        summary = {"data": data, "n_problems": len(problems), **write_pairs(pairs, rejections, out)}
+        summary |= {"deltas": deltas, "max_value": max_value}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return summary

@@ -22,30 +22,17 @@ SAE x feature x token), ``summary.json`` and ``dashboard_<sae_id>.html``. Resuma
 
 from __future__ import annotations
 
-import argparse
-import time
 from pathlib import Path
 
-import pandas as pd
-
-from codi_lens.activations import collect_activations
-from codi_lens.cli import add_common_args, executor_from_args, load_model, model_settings, parse_common_args, run_main
-from codi_lens.data import load_problems
-from codi_lens.features import (
-    answer_tokens_as_text,
-    feature_frequency,
-    position_profile,
-    token_association,
-    top_examples,
-)
-from codi_lens.plotting import feature_dashboard, write_html
-from codi_lens.runner import UNIT_COLUMN, ResultStore
-from codi_lens.saes import attached, encode_decode, feature_edit, load_saes, sae_site
+from codi_lens.features import feature_interventions, survey_features
+from codi_lens.reports.saes import features_summary, write_feature_browser
+from codi_lens.run.cli import command_parser, parse_common_args, run_main, start_run
+from codi_lens.run.store import UNIT_COLUMN
+from codi_lens.saes import load_saes
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, out="results/sae_features", batch_size=100)
+    parser = command_parser(__doc__, out="results/sae_features", batch_size=100, limit=500)
     parser.add_argument("--saes", default="results/train_saes", help="folder of SAELens folders (train_saes --out)")
     parser.add_argument("--sae-ids", default=None, help="comma-separated SAE ids (default: all)")
     parser.add_argument("--top-features", type=int, default=20, help="features with examples in the browser")
@@ -54,118 +41,51 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--intervention", choices=["clamp", "ablate"], default="clamp")
     parser.add_argument("--clamp-scale", type=float, default=10.0, help="clamp to this times the largest activation")
     parser.add_argument("--n-latents", type=int, default=6, help="continuous thoughts fed back (CODI: 6)")
-    parser.set_defaults(limit=500)
     args = parse_common_args(parser, argv)
-
-    started = time.perf_counter()
-    model = load_model(args)
-    executor = executor_from_args(args)
     ids = [i.strip() for i in args.sae_ids.split(",")] if args.sae_ids else None
+    run = start_run(args)
     saes = load_saes(args.saes, ids, device=args.device)
-    problems = load_problems(args.data, split=args.split, limit=args.limit)
-    out = Path(args.out)
-    settings = {
-        **model_settings(model, args),
-        "saes": {i: str(Path(args.saes)) for i in saes},
-        "data_source": args.data,
-        "limit": args.limit,
-        "intervention": args.intervention,
-        "intervene": args.intervene,
-        "clamp_scale": args.clamp_scale,
-        "n_latents": args.n_latents,
-        "max_new_tokens": args.max_new_tokens,
-    }
-    store = ResultStore(out, settings, overwrite=args.overwrite)
-    sites = sorted({s for sae in saes.values() for s in sae_site(sae).across_thoughts(args.n_latents)})
-    dataset = collect_activations(
-        model, problems, sites, out / "activations", n_latents=args.n_latents, batch_size=args.batch_size,
-        executor=executor, overwrite=args.overwrite,
-    )  # fmt: skip
-
-    # Each SAE's feature activations at its own site, on every problem (rows in problem order).
-    feature_acts = {i: encode_decode(sae, dataset.load(sae_site(sae))[0])[0].cpu() for i, sae in saes.items()}
-
-    def describe(batch: list[str]) -> pd.DataFrame:
-        frames = [feature_frequency(feature_acts[i]).assign(**{UNIT_COLUMN: i, "sae_id": i}) for i in batch]
-        return pd.concat(frames, ignore_index=True)
-
-    table = store.run(list(saes), describe, unit_id=str, batch_size=1, desc="features")
-    table["site"] = table["sae_id"].map({i: sae_site(s).id for i, s in saes.items()})
-
-    profiles, examples = [], []
-    for sae_id, sae in saes.items():
-        site = sae_site(sae)
-        freq = table[table["sae_id"] == sae_id]
-        chosen = freq.sort_values("frequency", ascending=False).head(args.top_features)["feature"].tolist()
-        profile = position_profile(sae, dataset, [s.thought for s in site.across_thoughts(args.n_latents)])
-        top = top_examples(feature_acts[sae_id], problems, chosen, k=args.top_k, site=site)
-        profiles.append(profile.assign(sae_id=sae_id))
-        examples.append(top.assign(sae_id=sae_id))
-        title = f"{sae_id}: {sae.cfg.d_sae} features on {len(problems)} held-out problems"
-        write_html(feature_dashboard(freq, profile, top, chosen, title), out / f"dashboard_{sae_id}.html")
-    pd.concat(profiles, ignore_index=True).to_parquet(out / "position_profile.parquet", index=False)
-    pd.concat(examples, ignore_index=True).to_parquet(out / "top_examples.parquet", index=False)
-
-    # Token association of feature interventions (each a unit: resumable).
-    questions = [p.question for p in problems]
-    ranked = table.sort_values(["sae_id", "frequency"], ascending=[True, False], kind="stable")
-    units = [
-        (i, int(f)) for i, group in ranked.groupby("sae_id", sort=False) for f in group["feature"][: args.intervene]
-    ]
-    token_store = ResultStore(out / "token_association", settings, overwrite=args.overwrite)
-    eos = model.codi_tokens.eos
-
-    def answers(sae_id: str, fwd_hooks) -> list[list[str]]:
-        with attached(model, [saes[sae_id]], use_error_term=True):
-            result = model.run_codi(
-                questions, n_latents=args.n_latents, max_new_tokens=args.max_new_tokens, fwd_hooks=fwd_hooks
-            )
-        return answer_tokens_as_text(model.tokenizer, result.answer_tokens, eos)
-
-    references: dict[str, list[list[str]]] = {}
-
-    def associate(batch: list[tuple[str, int]]) -> pd.DataFrame:
-        frames = []
-        for sae_id, feature in batch:
-            if sae_id not in references:
-                references[sae_id] = answers(sae_id, [])
-            largest = float(
-                table[(table["sae_id"] == sae_id) & (table["feature"] == feature)]["max_activation"].iloc[0]
-            )
-            value = args.clamp_scale * largest if args.intervention == "clamp" else 0.0
-            edited = answers(sae_id, feature_edit(saes[sae_id], [feature], args.intervention, value))
-            frame = token_association(references[sae_id], edited)
-            changed = sum(a != b for a, b in zip(references[sae_id], edited))
-            frames.append(
-                frame.assign(
-                    **{UNIT_COLUMN: f"{sae_id}/{feature}"}, sae_id=sae_id, feature=feature, value=value,
-                    answers_changed=changed,
-                )
-            )  # fmt: skip
-        return pd.concat(frames, ignore_index=True)
-
-    tokens = token_store.run(units, associate, unit_id=lambda u: f"{u[0]}/{u[1]}", batch_size=1, desc="interventions")
-    token_store.finish(tokens)
-
-    summary = {
-        "n_saes": len(saes),
-        "n_problems": len(problems),
-        "features_active": {i: int((g["frequency"] > 0).sum()) for i, g in table.groupby("sae_id")},
-        "interventions": {
-            f"{r.sae_id}/{r.feature}": {
-                "answers_changed": int(r.answers_changed),
-                "significant_tokens": int(r.significant),
-            }
-            for r in tokens.groupby(["sae_id", "feature"], as_index=False)
-            .agg(answers_changed=("answers_changed", "first"), significant=("significant", "sum"))
-            .itertuples()
-        }
-        if len(tokens)
-        else {},
-        "wall_seconds_this_invocation": round(time.perf_counter() - started, 1),
-    }
-    store.finish(table.drop(columns=UNIT_COLUMN), summary)
-    print(f"wrote feature tables and {len(saes)} dashboards to {out}")
+    problems = run.problems()
+    settings = run.settings(
+        saes={i: str(Path(args.saes)) for i in saes},
+        intervention=args.intervention,
+        intervene=args.intervene,
+        clamp_scale=args.clamp_scale,
+        n_latents=args.n_latents,
+        max_new_tokens=args.max_new_tokens,
+    )
+    survey, store = survey_features(
+        run.model,
+        saes,
+        problems,
+        run.out,
+        n_latents=args.n_latents,
+        batch_size=args.batch_size,
+        settings=settings,
+        overwrite=args.overwrite,
+        executor=run.executor,
+    )
+    write_feature_browser(
+        saes, survey, problems, run.out, top_features=args.top_features, top_k=args.top_k, n_latents=args.n_latents
+    )
+    tokens = feature_interventions(
+        run.model,
+        saes,
+        problems,
+        survey,
+        run.out / "token_association",
+        intervene=args.intervene,
+        op=args.intervention,
+        clamp_scale=args.clamp_scale,
+        n_latents=args.n_latents,
+        max_new_tokens=args.max_new_tokens,
+        settings=settings,
+        overwrite=args.overwrite,
+    )
+    summary = {"n_saes": len(saes), "n_problems": len(problems), **features_summary(survey, tokens)}
+    summary["wall_seconds_this_invocation"] = run.elapsed()
+    store.finish(survey.table.drop(columns=UNIT_COLUMN), summary)
+    print(f"wrote feature tables and {len(saes)} dashboards to {run.out}")
     return summary
 
 

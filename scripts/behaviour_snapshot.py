@@ -36,7 +36,8 @@ RUNS = {
         "-m", "experiments.train_saes", "--sites", "thought.2.hook_hidden,thought.4.hook_hidden",
         "--train-limit", "400", "--limit", "50", "--splice-limit", "20", "--training-samples", "20000",
     ],
-    "sae_features": ["-m", "experiments.sae_features", "--saes", "{out}/train_saes", "--limit", "50", "--intervene", "2"],
+    "sae_features": ["-m", "experiments.sae_features", "--saes", "{out}/train_saes", "--limit", "50",
+                     "--intervene", "2"],
     "feature_pathways": ["-m", "experiments.feature_pathways", "--saes", "{out}/train_saes", "--limit", "50",
                          "--candidates", "8"],
 }  # fmt: skip
@@ -117,7 +118,10 @@ def compare_folders(old: Path, new: Path) -> list[str]:
         if path.suffix == ".parquet":
             compare_table(pd.read_parquet(path), pd.read_parquet(other), str(relative), problems)
         elif path.name in ("summary.json", "run.json"):
-            compare_json(json.loads(path.read_text()), json.loads(other.read_text()), str(relative), problems)
+            # Paths inside the snapshot folder (an SAE folder a later run reads) are named relative to it.
+            recorded = json.loads(path.read_text().replace(str(old.resolve()), "{snapshot}"))
+            rerun = json.loads(other.read_text().replace(str(new.resolve()), "{snapshot}"))
+            compare_json(recorded, rerun, str(relative), problems)
     return problems
 
 

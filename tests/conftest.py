@@ -14,8 +14,8 @@ from hf_reference import ReferenceCODI
 from upstream_factory import make_tiny_codi
 
 from codi_lens import load_codi
-from codi_lens.checkpoint import PRETRAINED
 from codi_lens.data import shipped_dataset_text
+from codi_lens.loading import PRETRAINED
 
 # 2 threads on the 2-core machines; CODI_LENS_TEST_THREADS=1 when several test processes share them (mutmut).
 torch.set_num_threads(int(os.environ.get("CODI_LENS_TEST_THREADS", "2")))

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from codi_lens.answers import clean_question, extract_prediction, is_correct, parse_gold_answer
-from codi_lens.data import DataError, count_steps, load_problems, problems_frame, shipped_dataset_text
+from codi_lens import extract_prediction, parse_gold_answer
+from codi_lens.core.answers import clean_question, is_correct
+from codi_lens.data import DataError, load_problems, problems_frame, shipped_dataset_text
+from codi_lens.data.problems import count_steps
 
 GSM8K_TEST = "gsm8k:test"
 
@@ -83,7 +85,7 @@ def test_load_problems_errors_name_the_problem(tmp_path: Path):
 
 
 def test_span_results_are_the_intermediate_values():
-    from codi_lens.data import span_results
+    from codi_lens.data.problems import span_results
 
     assert span_results("a <<16-3-4=9>>9 b <<9*2=18>>18\n#### 18") == (9.0, 18.0)
     assert span_results("<<1,000/4=250>>") == (250.0,)

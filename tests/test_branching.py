@@ -8,10 +8,17 @@ import pytest
 import torch
 
 from codi_lens import load_codi
-from codi_lens.branching import QUESTION, Branch, grow_trunk, run_branches
+from codi_lens.core.branching import QUESTION, Branch, grow_trunk, run_branches
 from codi_lens.data import load_problems
-from codi_lens.importance import AblationInputs, ablation_grid, ablation_hooks, importance_rows, problem_seed
-from codi_lens.interventions import knockout_attention, mean_thought_embeds, steer, zero_at, zero_thoughts
+from codi_lens.importance import ablation_grid, ablation_hooks, importance_rows, problem_seed
+from codi_lens.interventions import (
+    AblationInputs,
+    knockout_attention,
+    mean_thought_embeds,
+    steer,
+    zero_at,
+    zero_thoughts,
+)
 from codi_lens.metrics import find_answer_number, forced_answers, kl_divergence, logits_at_answer
 
 N = 6

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from codi_lens import CheckpointError, load_codi
-from codi_lens.inspect_checkpoint import format_summary, summarize_checkpoint
-from codi_lens.inspect_checkpoint import main as inspect_main
+from codi_lens.loading.architectures import describe_base
+from codi_lens.loading.inspect import format_summary, summarize_checkpoint
+from experiments.inspect_checkpoint import main as inspect_main
 
 
 def _state(ckpt) -> dict[str, torch.Tensor]:
@@ -131,7 +132,7 @@ def test_bot_eot_rows_come_from_the_checkpoint(llama):
     model = load_codi(llama.checkpoint_dir, llama.base_dir)
     state = _state(llama)
     embed = state["codi.base_model.model.model.embed_tokens.weight"].float()
-    v = model.architecture.base_vocab
+    v = describe_base(llama.base_dir).base_vocab
     assert (model.codi_tokens.pad, model.codi_tokens.bot, model.codi_tokens.eot) == (v, v + 1, v + 2)
     assert torch.equal(model.W_E[v + 1], embed[v + 1]) and torch.equal(model.W_E[v + 2], embed[v + 2])
     assert embed[v + 1].abs().sum() > 0

@@ -15,10 +15,10 @@ import pytest
 from conftest import require
 
 from codi_lens import load_pretrained
+from codi_lens.accuracy import Condition, answer_rows, unit_id
 from codi_lens.data import load_problems
-from codi_lens.distributed import DistributedError, RayExecutor, make_executor
-from codi_lens.evaluate import Condition, answer_rows, unit_id
-from codi_lens.runner import UNIT_COLUMN, ResultStore
+from codi_lens.run.executors import DistributedError, RayExecutor, make_executor
+from codi_lens.run.store import UNIT_COLUMN, ResultStore
 from experiments import step_importance
 
 BUDGET = 24  # answer tokens: toy answers are about 6 tokens
@@ -106,7 +106,7 @@ def test_a_run_that_died_resumes_on_ray_to_the_local_table(cluster, model, probl
 
 def test_a_model_built_in_memory_is_refused_by_name(cluster, tmp_path):
     built = load_pretrained()
-    built.load_spec = None  # as for a model assembled in memory (training, benchmarks)
+    built.source = None  # as for a model assembled in memory (training, benchmarks)
     condition = Condition("latents", built, max_new_tokens=BUDGET)
     store = ResultStore(tmp_path, {})
     with pytest.raises(DistributedError, match="built in memory"):
@@ -127,7 +127,7 @@ def test_without_ray_the_flag_says_what_to_install(monkeypatch):
 
 def test_without_ray_the_command_fails_in_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)
-    from codi_lens import evaluate
+    from experiments import evaluate
 
     with pytest.raises(SystemExit) as exit_info:
         evaluate.run_main(evaluate.main, ["--limit", "2", "--ray", "local", "--out", str(tmp_path)])

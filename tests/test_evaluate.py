@@ -10,10 +10,10 @@ import sys
 import pandas as pd
 import pytest
 
-from codi_lens.answers import extract_prediction
+from codi_lens import extract_prediction
 from codi_lens.data import load_problems, shipped_dataset_text
-from codi_lens.evaluate import main as evaluate_main
-from codi_lens.runner import ResultStore, SettingsMismatchError
+from codi_lens.run.store import ResultStore, SettingsMismatchError
+from experiments.evaluate import main as evaluate_main
 
 LIMIT = 5
 DATA = "gsm8k:test"
@@ -101,7 +101,7 @@ def test_a_folder_of_another_run_is_refused_not_mixed(tiny_checkpoint, tmp_path,
 
 def test_cli_errors_are_one_line_naming_the_problem(tmp_path):
     command = ["--checkpoint", str(tmp_path / "nope"), "--base", "gpt2", "--out", str(tmp_path / "o")]
-    proc = subprocess.run([sys.executable, "-m", "codi_lens.evaluate", *command], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "experiments.evaluate", *command], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: checkpoint {str(tmp_path / 'nope')!r} does not exist"]
 
@@ -145,10 +145,9 @@ def test_data_defaults_to_the_checkpoints_own_split():
     shipped toy split in the one-token range and leaves GSM8K's unbounded."""
     import argparse
 
-    from codi_lens.cli import add_common_args, parse_common_args
-    from codi_lens.data import default_data
-    from codi_lens.loading import DEFAULT_MODEL
-    from codi_lens.synthetic import MAX_VALUE, value_limit
+    from codi_lens.data.synthetic import MAX_VALUE, value_limit
+    from codi_lens.loading import DEFAULT_MODEL, default_data
+    from codi_lens.run.cli import add_common_args, parse_common_args
 
     parser = argparse.ArgumentParser()
     add_common_args(parser, out="results/x")
@@ -170,7 +169,7 @@ def test_accuracy_table_carries_a_bootstrap_ci_over_problems():
     import numpy as np
     from scipy import stats
 
-    from codi_lens.metrics import accuracy_table
+    from codi_lens.accuracy import accuracy_table
 
     steps = np.repeat([2, 3], 100)
     half = pd.DataFrame({"condition": "a", "n_steps": steps, "correct": np.tile([True, False], 100)})

@@ -9,12 +9,14 @@ import pandas as pd
 import pytest
 
 from codi_lens.loading import DEFAULT_MODEL, PRETRAINED
-from codi_lens.training import BOOKKEEPING_FIELDS, TrainConfig
+from codi_lens.reports import model_card
+from codi_lens.training import recipes
+from codi_lens.training.config import BOOKKEEPING_FIELDS, TrainConfig
 from experiments import toy_model_report, train_toy_codi
 
 
 def test_train_then_report_then_card(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_toy_codi, "DATA", {"seed": 0, "n_train": 256, "n_val": 16, "n_test": 24})
+    monkeypatch.setattr(recipes, "SHIPPED_SPLITS", {"seed": 0, "n_train": 256, "n_val": 16, "n_test": 24})
     export = train_toy_codi.main(
         [
             "--out",
@@ -96,27 +98,25 @@ def test_card_names_the_objective_and_data_variants_of_its_training_json():
     """The card's prose follows ``training.json``: the upstream objective unless a chain loss was on,
     the answer-carrying note only with ``chain_carry_answer``, and one clause per data variant."""
     config = asdict(TrainConfig())
-    upstream = toy_model_report.objective_text(config)
+    upstream = model_card.objective_text(config)
     assert "chain logit distillation" not in upstream and "*chain distillation*" not in upstream
-    logits = toy_model_report.objective_text({**config, "chain_logit_weight": 0.5})
-    assert (
-        "chain logit distillation" in logits and "(weight 0.5)" in logits and toy_model_report.CARRY_NOTE not in logits
-    )
-    carried = toy_model_report.objective_text({**config, "chain_logit_weight": 0.5, "chain_carry_answer": True})
-    assert toy_model_report.CARRY_NOTE in carried
-    states = toy_model_report.objective_text({**config, "chain_distill_weight": 10.0})
+    logits = model_card.objective_text({**config, "chain_logit_weight": 0.5})
+    assert "chain logit distillation" in logits and "(weight 0.5)" in logits and model_card.CARRY_NOTE not in logits
+    carried = model_card.objective_text({**config, "chain_logit_weight": 0.5, "chain_carry_answer": True})
+    assert model_card.CARRY_NOTE in carried
+    states = model_card.objective_text({**config, "chain_distill_weight": 10.0})
     assert "*chain distillation*" in states and "(weight 10.0)" in states
-    assert toy_model_report._initialisation_text(config) == ""
-    fourier = toy_model_report._initialisation_text({**config, "number_fourier_scale": 0.25})
+    assert model_card.initialisation_text(config) == ""
+    fourier = model_card.initialisation_text({**config, "number_fourier_scale": 0.25})
     assert "Fourier code of their value (amplitude 0.25, periods 2, 5, 10, 16, 32, 64;" in fourier
-    assert toy_model_report._data_variants_text({"shuffle": False}) == ""
-    both = toy_model_report._data_variants_text({"shuffle": True, "halve_odd": True})
+    assert model_card.data_variants_text({"shuffle": False}) == ""
+    both = model_card.data_variants_text({"shuffle": True, "halve_odd": True})
     assert both.startswith("\nThe day sentences come in random order") and "`<<7//2=3>>`" in both
 
 
 def test_training_on_a_data_variant_records_it(tmp_path, monkeypatch):
     """``--halve-odd --shuffle-days`` train on the harder generator variants, with their vocabulary."""
-    monkeypatch.setattr(train_toy_codi, "DATA", {"seed": 0, "n_train": 64, "n_val": 8, "n_test": 40})
+    monkeypatch.setattr(recipes, "SHIPPED_SPLITS", {"seed": 0, "n_train": 64, "n_val": 8, "n_test": 40})
     tiny = ["--steps", "1", "--batch-size", "4", "--d-model", "16", "--d-mlp", "32", "--prj-dim", "16"]
     export = train_toy_codi.main(
         ["--out", str(tmp_path / "run"), "--halve-odd", "--shuffle-days", "--val-size", "4", "--threads", "1", *tiny]
@@ -131,7 +131,7 @@ def test_training_on_a_data_variant_records_it(tmp_path, monkeypatch):
 def test_chain_recipe_trains_with_day_labelled_chains_and_the_chain_loss(tmp_path, monkeypatch):
     """``--recipe toy-chain`` draws long chains, gives the teacher day-labelled solutions and adds the
     chain logit distillation (logged, nonzero); a flag still overrides the recipe."""
-    monkeypatch.setattr(train_toy_codi, "DATA", {"seed": 0, "n_train": 64, "n_val": 8, "n_test": 8})
+    monkeypatch.setattr(recipes, "SHIPPED_SPLITS", {"seed": 0, "n_train": 64, "n_val": 8, "n_test": 8})
     tiny = ["--steps", "1", "--batch-size", "4", "--d-model", "16", "--d-mlp", "32", "--prj-dim", "16"]
     out = tmp_path / "run"
     export = train_toy_codi.main(
@@ -147,18 +147,18 @@ def test_chain_recipe_trains_with_day_labelled_chains_and_the_chain_loss(tmp_pat
     assert args.chain_logit_weight == 0 and args.cot_days is False
 
 
-@pytest.mark.parametrize("recipe", sorted(set(train_toy_codi.RECIPES) & set(PRETRAINED)))
+@pytest.mark.parametrize("recipe", sorted(set(recipes.RECIPES) & set(PRETRAINED)))
 def test_recipes_train_the_shipped_models(recipe):
     """``python -m experiments.train_toy_codi --recipe NAME`` must train what ``training.json`` of the
     shipped model NAME records (config, model shape, data), and no flags the default model's recipe;
     the no-CoT baseline differs only where it must."""
-    assert train_toy_codi.DEFAULT_RECIPE == DEFAULT_MODEL
+    assert recipes.DEFAULT_RECIPE == DEFAULT_MODEL
     shipped = json.loads((PRETRAINED[recipe] / "training.json").read_text())
     args = train_toy_codi.parse_args(["--recipe", recipe] if recipe != DEFAULT_MODEL else [])
     config = asdict(train_toy_codi.train_config(args))
     assert config == {**asdict(TrainConfig()), **shipped["config"]}  # fields added since default to off
-    assert {k: getattr(args, k) for k in train_toy_codi.MODEL_SHAPE} == shipped["model_shape"]
-    assert shipped["data"] == {**train_toy_codi.DATA, **train_toy_codi.RECIPES[recipe].data}
+    assert {k: getattr(args, k) for k in recipes.MODEL_SHAPE} == shipped["model_shape"]
+    assert shipped["data"] == {**recipes.SHIPPED_SPLITS, **recipes.RECIPES[recipe].data}
 
     no_cot = train_toy_codi.train_config(train_toy_codi.parse_args(["--recipe", recipe, "--no-cot"]))
     changed = {k for k, v in asdict(no_cot).items() if v != config[k] and k not in BOOKKEEPING_FIELDS}

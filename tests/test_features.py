@@ -10,14 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
-from codi_lens import load_pretrained
-from codi_lens.activations import Site, collect_activations
+from codi_lens import Site, load_pretrained
+from codi_lens.activations import collect_activations
 from codi_lens.data import Problem, load_problems
 from codi_lens.features import feature_frequency, token_association, top_examples
 from codi_lens.pathways import feature_attributions, site_order, target_activation
 from codi_lens.saes import SAEError, SAERecipe, encode_decode, feature_edit, load_saes, save_sae, train_sae
 
-SITES = [Site.of_thought_hook("thought.2.hook_hidden"), Site("blocks.1.hook_resid_post", 3)]
+SITES = [Site("thought.2.hook_hidden"), Site.at_thought("blocks.1.hook_resid_post", 3)]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_frequency_and_top_examples_by_hand():
     assert freq["mean_when_active"].tolist() == [2.0, 2.0, 2.0]
     assert freq["max_activation"].tolist() == [3.0, 2.0, 4.0]
     problems = [_problem(i, (i + 1.0, 10.0 * i)) for i in range(4)]
-    top = top_examples(acts, problems, [0, 1], k=3, site=Site.of_thought_hook("thought.2.hook_hidden"))
+    top = top_examples(acts, problems, [0, 1], k=3, site=Site("thought.2.hook_hidden"))
     assert top[top["feature"] == 0]["problem_id"].tolist() == ["p1", "p2"]  # inactive problems are left out
     assert top[top["feature"] == 1]["problem_id"].tolist() == ["p0"]
     assert top.iloc[0]["intermediates"] == "2;10" and top.iloc[0]["thought"] == 2
@@ -98,11 +98,11 @@ def test_benjamini_hochberg_step_up_by_hand():
 
 def test_site_order_follows_the_loop():
     order = [
-        Site("thought.2.hook_input", 2),
-        Site("blocks.0.hook_resid_post", 2),
-        Site("blocks.1.hook_resid_post", 2),
-        Site("thought.2.hook_hidden", 2),
-        Site("thought.3.hook_input", 3),
+        Site.at_thought("thought.2.hook_input", 2),
+        Site.at_thought("blocks.0.hook_resid_post", 2),
+        Site.at_thought("blocks.1.hook_resid_post", 2),
+        Site.at_thought("thought.2.hook_hidden", 2),
+        Site.at_thought("thought.3.hook_input", 3),
     ]
     assert sorted(order, key=site_order) == order
 

@@ -13,9 +13,8 @@ from test_hooks import _hf_sequence_embeds, _question_ids
 from codi_lens import load_codi
 from codi_lens.attention import attention_to_thoughts, correlation_by_layer, pattern_hook_names, thought_to_thought
 from codi_lens.data import load_problems
-from codi_lens.importance import ablation_grid, importance_rows, step_importance
+from codi_lens.importance import ablation_grid, importance_rows, importance_table, step_importance
 from codi_lens.loading import DEFAULT_MODEL
-from codi_lens.metrics import importance_table
 from experiments import ablation_attention, make_pairs
 from experiments import step_importance as step_importance_cli
 
@@ -126,7 +125,7 @@ def test_importance_rows_against_the_reference(toy, toy_arith_reference):
     model, problems = toy
     reference = toy_arith_reference
     ablations = ablation_grid(["zero"], ["single"], n_latents=6)
-    from codi_lens.importance import AblationInputs
+    from codi_lens.interventions import AblationInputs
 
     rows = importance_rows(
         model,

@@ -31,7 +31,6 @@ from codi_lens.interventions import (
     zero_thoughts,
 )
 from codi_lens.metrics import (
-    bootstrap_ci,
     classify_answer,
     find_answer_number,
     kl_divergence,
@@ -39,6 +38,7 @@ from codi_lens.metrics import (
     logits_at_answer,
     normalised_recovery,
 )
+from codi_lens.stats import bootstrap_ci
 
 
 @pytest.fixture(scope="module")

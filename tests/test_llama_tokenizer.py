@@ -8,9 +8,9 @@ import pytest
 from conftest import require
 
 from codi_lens import load_codi
-from codi_lens.checkpoint import CheckpointError
 from codi_lens.data import load_problems
-from codi_lens.llama_tokenizer import (
+from codi_lens.loading.checkpoint import CheckpointError
+from codi_lens.loading.llama_tokenizer import (
     CACHE_NAME,
     LLAMA3_TOKENIZER_SHA256,
     convert_llama3_tokenizer,

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from codi_lens.data import Problem, load_problems
-from codi_lens.pairs import Reason, check_pairs, corrupt, make_pairs, question_numbers, read_pair_file
+from codi_lens.data.pairs import Reason, check_pairs, corrupt, make_pairs, question_numbers, read_pair_file
 
 
 def gsm8k_problem(question: str, solution: str, pid: str = "p") -> Problem:

@@ -151,7 +151,7 @@ def test_rows_stop_at_their_own_eos_as_the_reference_does(tiny_checkpoint, tmp_p
     """Eight GSM8K questions in one batch, whose answers end at EOS after different numbers of tokens (or run
     to the budget): every row's tokens, EOS included, and its latent states equal the reference run alone;
     branching's decoding, where finished rows leave the batch, gives the same tokens."""
-    from codi_lens.branching import Branch, grow_trunk, run_branches
+    from codi_lens.core.branching import Branch, grow_trunk, run_branches
     from codi_lens.data import load_problems
 
     ckpt = tiny_checkpoint(family)
@@ -207,8 +207,8 @@ def test_bfloat16_keeps_the_shipped_models_thoughts_and_answers():
 
 def test_every_command_runs_in_bfloat16_and_records_it(tmp_path):
     """The common --dtype flag reaches the model: the same 24 problems answered in bf16 and fp32 through
-    ``codi_lens.evaluate`` agree on at least 23, and run.json records each precision."""
-    from codi_lens import evaluate
+    ``experiments.evaluate`` agree on at least 23, and run.json records each precision."""
+    from experiments import evaluate
 
     tables = {}
     for dtype in ("float32", "bfloat16"):

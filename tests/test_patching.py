@@ -8,25 +8,24 @@ import pandas as pd
 import pytest
 import torch
 
-from codi_lens import load_codi, replace_at_positions
+from codi_lens import Site, load_codi, replace_at_positions
 from codi_lens.data import load_problems
+from codi_lens.data.pairs import make_pairs
 from codi_lens.interventions import replace_at, replace_thoughts
 from codi_lens.metrics import forced_answers, logit_difference, logits_at_answer, normalised_recovery
-from codi_lens.pairs import make_pairs
 from codi_lens.patching import (
     NO_CORRUPTED_PREFERENCE,
-    Cell,
     PairBatch,
-    cell_hooks,
-    cell_logits,
-    cell_start,
     chained,
     clean_thought_activations,
     number_tokens,
     parallel,
+    patch_hooks,
     patch_rows,
+    patch_start,
+    patched_logits,
     prepare_pairs,
-    sweep_cells,
+    sweep_sites,
 )
 
 
@@ -144,7 +143,7 @@ def test_questions_of_different_lengths_patch_the_same_thought(llama_model, ques
         [None, None], torch.tensor([]), [], None, None, {name: cache[name]}, clean.thought_embeds, clean.positions
     )
     patched = model.run_codi(
-        corrupted_q, max_new_tokens=3, fwd_hooks=cell_hooks(model, Cell("resid_post", 0, "thought:2"), batch)
+        corrupted_q, max_new_tokens=3, fwd_hooks=patch_hooks(model, Site.of("resid_post", 0, "thought:2"), batch)
     )
     # Reference: each corrupted question alone (no padding), with the clean value written at absolute positions
     # computed by hand: thought 2 sits at (number of question tokens) + 2 in an unpadded sequence.
@@ -172,7 +171,7 @@ def test_changed_number_tokens(toy):
 
 def test_batched_sweep_equals_pair_by_pair(toy):
     model, pairs = toy
-    cells = sweep_cells(model.cfg.n_layers, kinds=("resid_post", "thought_input"), layer_only=True)
+    cells = sweep_sites(model.cfg.n_layers, kinds=("resid_post", "thought_input"), layer_only=True)
     together = patch_rows(model, pairs.head(5), cells, max_new_tokens=24)
     alone = pd.concat([patch_rows(model, pairs.iloc[[i]], cells, max_new_tokens=24) for i in range(5)])
     key = ["pair_id", "hook", "position"]
@@ -195,9 +194,9 @@ def test_the_other_problem_control_patches_each_pair_with_the_next_pairs_clean_r
     'changed' cells and a batch of one usable pair are refused."""
     model, pairs = toy
     cells = [
-        Cell("resid_post", 0, "latents"),
-        Cell("resid_post", 1, "thought:2"),
-        Cell("thought_input", None, "thought:3"),
+        Site.of("resid_post", 0, "latents"),
+        Site.of("resid_post", 1, "thought:2"),
+        Site.of("thought_input", None, "thought:3"),
     ]
     subset = pairs.head(6)
     own = patch_rows(model, subset, cells, max_new_tokens=24)
@@ -233,7 +232,7 @@ def test_the_other_problem_control_patches_each_pair_with_the_next_pairs_clean_r
     merged = own.merge(other, on=["pair_id", "hook", "position"], suffixes=("_own", "_other"))
     assert (merged["recovery_own"] - merged["recovery_other"]).abs().max() > 0.1
     with pytest.raises(ValueError, match="changed"):
-        patch_rows(model, subset, [Cell("resid_post", 0, "changed")], donor="other")
+        patch_rows(model, subset, [Site.of("resid_post", 0, "changed")], donor="other")
     alone = patch_rows(model, pairs.iloc[[0]], cells, max_new_tokens=24, donor="other")
     assert alone["reason"].str.contains("no other usable pair").all()
 
@@ -283,14 +282,14 @@ def test_patching_experiments_run_end_to_end(tmp_path):
 
 def test_cells_branching_off_the_corrupted_run_equal_one_run_per_cell(toy):
     model, pairs = toy
-    cells = sweep_cells(model.cfg.n_layers, kinds=("resid_post", "thought_input"), layer_only=True)
+    cells = sweep_sites(model.cfg.n_layers, kinds=("resid_post", "thought_input"), layer_only=True)
     hooks = sorted({c.hook for c in cells if c.kind != "thought_input"})
     batch, kept, _ = prepare_pairs(model, pairs, hooks, max_new_tokens=24)
     questions = kept["corrupted_question"].tolist()
-    batched = cell_logits(model, batch, questions, cells, max_rows=3 * len(kept))
-    assert {cell_start(c, 6) for c in cells} == {-1, 0, 1, 2, 3, 4, 5, 6, 7}
+    batched = patched_logits(model, batch, questions, cells, max_rows=3 * len(kept))
+    assert {patch_start(c, 6) for c in cells} == {-1, 0, 1, 2, 3, 4, 5, 6, 7}
     for cell, logits in zip(cells, batched):
-        one = logits_at_answer(model, questions, batch.clean_numbers, fwd_hooks=cell_hooks(model, cell, batch))
+        one = logits_at_answer(model, questions, batch.clean_numbers, fwd_hooks=patch_hooks(model, cell, batch))
         assert (logits - one).abs().max() <= 1e-5, cell
 
 
@@ -300,30 +299,30 @@ def test_attribution_is_the_derivative_through_the_loop_along_clean_minus_corrup
     the gradient reaches earlier thoughts through the feedback loop, EOT through the teacher-forced
     chunk, one head of z, the fed thoughts and the changed question tokens."""
     from codi_lens.interventions import replace_at, replace_thoughts
-    from codi_lens.patching import cell_attributions, replace_question_tokens
+    from codi_lens.patching import replace_question_tokens, site_attributions
 
     model = load_codi("toy-arith", dtype=torch.float64)
     pairs, _ = make_pairs(load_problems("toy:test", limit=8), max_value=40)
     cells = [
-        Cell("resid_post", 0, "thought:2"),
-        Cell("resid_post", 1, "bot"),
-        Cell("resid_pre", 1, "thoughts"),
-        Cell("resid_post", 0, "latents"),
-        Cell("mlp_out", 0, "eot"),
-        Cell("z", 0, "thought:1", head=1),
-        Cell("attn_out", 0, "question:-1"),
-        Cell("resid_post", 0, "changed"),
-        Cell("thought_input", None, "thought:3"),
+        Site.of("resid_post", 0, "thought:2"),
+        Site.of("resid_post", 1, "bot"),
+        Site.of("resid_pre", 1, "thoughts"),
+        Site.of("resid_post", 0, "latents"),
+        Site.of("mlp_out", 0, "eot"),
+        Site.of("z", 0, "thought:1", head=1),
+        Site.of("attn_out", 0, "question:-1"),
+        Site.of("resid_post", 0, "changed"),
+        Site.of("thought_input", None, "thought:3"),
     ]
     hooks = sorted({c.hook for c in cells if c.kind != "thought_input"})
     batch, kept, _ = prepare_pairs(model, pairs, hooks, max_new_tokens=24)
     questions = kept["corrupted_question"].tolist()
-    estimates = cell_attributions(model, batch, questions, cells)
+    estimates = site_attributions(model, batch, questions, cells)
     corrupted, cache = model.run_codi_with_cache(questions, names_filter=hooks, max_new_tokens=1)
-    clean_tok = batch._clean_tokens
+    clean_tok = batch.clean_tokens
     eps = 1e-4
 
-    def moved_hooks(cell: Cell, step: float):
+    def moved_hooks(cell: Site, step: float):
         if cell.kind == "thought_input":
             k = cell.thought - 1
             corr = corrupted.thought_embeds[:, k]
@@ -368,6 +367,6 @@ def test_attribution_is_the_derivative_through_the_loop_along_clean_minus_corrup
         assert torch.allclose(estimate, derivative, rtol=1e-6, atol=1e-7), (cell, estimate, derivative)
     # Without question-token cells the graph starts at BOT (the question's keys are constants): same estimates.
     late = [i for i, c in enumerate(cells) if c.position not in ("changed", "question:-1")]
-    late_estimates = cell_attributions(model, batch, questions, [cells[i] for i in late])
+    late_estimates = site_attributions(model, batch, questions, [cells[i] for i in late])
     for i, estimate in zip(late, late_estimates):
         assert torch.allclose(estimate, estimates[i], rtol=1e-9, atol=1e-12), cells[i]

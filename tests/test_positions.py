@@ -233,7 +233,7 @@ def test_cached_rotated_keys_hold_each_position_once(toy):
     from transformers import AutoConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-    from codi_lens.checkpoint import PRETRAINED
+    from codi_lens.loading import PRETRAINED
 
     rotary = LlamaRotaryEmbedding(AutoConfig.from_pretrained(PRETRAINED["toy-arith"]))
     k = cache["blocks.1.attn.hook_k"]  # [batch, pos, kv_head, d_head]

@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 
 from codi_lens import load_pretrained
-from codi_lens.checkpoint import read_tensor_info, validate_checkpoint
 from codi_lens.data import load_problems
 from codi_lens.interventions import zero_thoughts
 from codi_lens.loading import PRETRAINED
+from codi_lens.loading.architectures import describe_base
+from codi_lens.loading.checkpoint import detect_layout, read_tensor_info, validate_checkpoint
 
 #: Each shipped model and the name of its test split.
 TEST_SPLITS = {"toy-arith": "toy:test", "toy-chain": "toy-chain:test"}
@@ -46,8 +47,9 @@ def test_shipped_files_and_size(name):
 @pytest.mark.parametrize("name", sorted(TEST_SPLITS))
 def test_loads_through_the_strict_loader(name):
     model = load_pretrained(name)
-    layout = validate_checkpoint(read_tensor_info(PRETRAINED[name] / "model.safetensors"), model.architecture)
-    assert layout == model.layout and not layout.uses_lora and layout.family == "llama"
+    info = read_tensor_info(PRETRAINED[name] / "model.safetensors")
+    layout = validate_checkpoint(info, describe_base(PRETRAINED[name]))
+    assert layout == detect_layout(info) and not layout.uses_lora and layout.family == "llama"
     assert model.cfg.n_key_value_heads is not None  # GQA
     assert model.cfg.normalization_type == "RMS" and model.cfg.positional_embedding_type == "rotary"
 

@@ -17,9 +17,10 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from codi_lens import CODIPositions, PositionError
+from codi_lens.core.positions import ChunkContext
 from codi_lens.data import DIFFICULTY_BUCKETS, Problem, difficulty_bucket, problem_from_record, stratified_sample
-from codi_lens.hooks import ChunkContext, CODIPositions, PositionError
-from codi_lens.pairs import Reason, Rejected, corrupt, parse_chain, question_numbers, recompute_chain
+from codi_lens.data.pairs import Reason, Rejected, corrupt, parse_chain, question_numbers, recompute_chain
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 

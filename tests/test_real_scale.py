@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from codi_lens.architectures import describe_base
-from codi_lens.checkpoint import CheckpointLayout, expected_tensors
+from codi_lens.loading.architectures import describe_base
+from codi_lens.loading.checkpoint import CheckpointLayout, expected_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from codi_lens.answers import parse_gold_answer
-from codi_lens.data import count_steps, load_problems
-from codi_lens.synthetic import (
+from codi_lens import parse_gold_answer
+from codi_lens.data import load_problems
+from codi_lens.data.problems import count_steps
+from codi_lens.data.synthetic import (
     DAYS,
     LONG_STEP_MIX,
     MAX_VALUE,

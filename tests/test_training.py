@@ -8,24 +8,21 @@ import pytest
 import torch
 
 from codi_lens import load_codi
-from codi_lens.synthetic import DAYS, build_tokenizer, generate_problems
-from codi_lens.training import (
-    CODIModule,
-    TrainConfig,
-    Trainer,
-    add_codi_tokens,
-    build_llama_lm,
+from codi_lens.data.synthetic import DAYS, build_tokenizer, generate_problems
+from codi_lens.loading.checkpoint import detect_layout, read_tensor_info
+from codi_lens.training.batches import make_batch, result_positions
+from codi_lens.training.config import TrainConfig
+from codi_lens.training.export import export_codi
+from codi_lens.training.losses import (
     chain_logit_loss,
     chain_loss,
     chain_targets,
     codi_losses,
     distillation_loss,
-    export_codi,
-    fourier_number_embeddings,
-    make_batch,
-    result_positions,
     student_forward,
 )
+from codi_lens.training.module import CODIModule, add_codi_tokens, build_llama_lm, fourier_number_embeddings
+from codi_lens.training.trainer import Trainer
 
 SHAPE = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_mlp": 64}
 
@@ -280,7 +277,8 @@ def test_export_loads_strictly_and_matches_the_training_loop(tmp_path):
     problems = generate_problems(3, seed=4)
     export_codi(model, tok, tmp_path / "export")
     hooked = load_codi(tmp_path / "export", tmp_path / "export")
-    assert hooked.layout.uses_lora is False and hooked.layout.prj_dim == cfg.prj_dim
+    layout = detect_layout(read_tensor_info(hooked.checkpoint_file))
+    assert layout.uses_lora is False and layout.prj_dim == cfg.prj_dim
     # The training student pass and codi_lens' loop give the same answer logits (fp32, 1e-4).
     batch = make_batch(problems, tok, base_vocab)
     _assert_hooked_scores_match_training_pass(model, hooked, batch, problems, cfg.n_latents)
@@ -330,7 +328,8 @@ def test_lora_training_on_gpt2_exports_the_upstream_lora_layout(tmp_path):
 
     export_codi(model, tok, tmp_path / "export")
     hooked = load_codi(tmp_path / "export", tmp_path / "export", lora_alpha=8)
-    assert hooked.layout.family == "gpt2" and hooked.layout.uses_lora and hooked.layout.lora_rank == 4
+    layout = detect_layout(read_tensor_info(hooked.checkpoint_file))
+    assert layout.family == "gpt2" and layout.uses_lora and layout.lora_rank == 4
     _assert_hooked_scores_match_training_pass(model, hooked, batch, problems, cfg.n_latents)
 
 

@@ -1,0 +1,138 @@
+"""The interventions and scopes a sweep applies by name (``--interventions zero,mean``, ``--scopes single,all``).
+
+A sweep (step importance) builds, for each problem batch, what the interventions draw on
+(:class:`AblationInputs`: the baseline's own thoughts, each problem's donor's, reference means, noise
+seeds), and asks the registry for the hooks of an intervention on a set of thoughts. Adding an intervention
+to every sweep, its command-line choices, validation and ``--help`` is one entry in :data:`INTERVENTIONS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from jaxtyping import Float
+from torch import Tensor
+
+from codi_lens.core.hooks import Hooks
+from codi_lens.core.registry import Registry
+from codi_lens.interventions.thoughts import (
+    mean_thoughts,
+    noise_thoughts,
+    shuffle_thoughts,
+    swap_thoughts,
+    zero_thoughts,
+)
+
+#: The name of a scope (see :data:`SCOPES`).
+Scope = Literal["single", "cumulative", "all"]
+
+
+@dataclass(frozen=True)
+class ThoughtScope:
+    """Which thoughts (1-based) a scope ending at thought k covers in a run of n thoughts. A scope that
+    ``spans_all`` ignores k (its rows carry ``thought`` 0)."""
+
+    thoughts: Callable[[int, int], list[int]]
+    spans_all: bool = False
+
+
+SCOPES: Registry[ThoughtScope] = Registry("scope")
+SCOPES.add("single", ThoughtScope(lambda k, n: [k]))
+SCOPES.add("cumulative", ThoughtScope(lambda k, n: list(range(1, k + 1))))
+SCOPES.add("all", ThoughtScope(lambda k, n: list(range(1, n + 1)), spans_all=True))
+
+
+def thought_scope(scope: str, k: int, n_latents: int) -> list[int]:
+    """The thoughts (1-based) a scope covers: ``single`` = [k], ``cumulative`` = 1..k, ``all`` = 1..n
+    (``k`` is ignored for ``all``)."""
+    rule = SCOPES[scope]
+    if not rule.spans_all and not 1 <= k <= n_latents:
+        raise ValueError(f"thought {k} is outside 1..{n_latents}")
+    return rule.thoughts(k, n_latents)
+
+
+@dataclass
+class AblationInputs:
+    """What the interventions of one batch draw on.
+
+    Attributes:
+        baseline_thoughts: the batch's own fed thoughts ``[batch, n_latents, d_model]`` (for shuffle).
+        donor_thoughts: each problem's donor's fed thoughts ``[batch, n_latents, d_model]`` (for swap).
+        means: reference mean thoughts ``[n_latents, d_model]`` (for mean), or None.
+        seeds: one noise seed per problem.
+        seed: the run's seed (the shuffle permutation).
+    """
+
+    baseline_thoughts: Float[Tensor, "batch n_latents d_model"]
+    donor_thoughts: Float[Tensor, "batch n_latents d_model"] | None
+    means: Float[Tensor, "n_latents d_model"] | None
+    seeds: list[int]
+    seed: int
+
+
+@dataclass(frozen=True)
+class ThoughtIntervention:
+    """An intervention on fed thoughts that sweeps apply by name.
+
+    Attributes:
+        build: ``(thoughts, inputs) -> fwd_hooks`` changing the given thoughts (1-based) of a batch.
+        description: one line for ``--help`` and the docs.
+        min_thoughts: the fewest thoughts it can act on (a shuffle needs two); smaller scopes are skipped.
+        needs_means: it feeds reference mean thoughts (computed once per sweep).
+        needs_donors: it feeds another problem's thoughts (a sweep needs two problems or more).
+    """
+
+    build: Callable[[list[int], AblationInputs], Hooks]
+    description: str
+    min_thoughts: int = 1
+    needs_means: bool = False
+    needs_donors: bool = False
+
+
+def _means(inputs: AblationInputs) -> Float[Tensor, "n_latents d_model"]:
+    if inputs.means is None:
+        raise ValueError("the mean intervention needs reference means")
+    return inputs.means
+
+
+def _donors(inputs: AblationInputs) -> Float[Tensor, "batch n_latents d_model"]:
+    if inputs.donor_thoughts is None:
+        raise ValueError("the swap intervention needs donor thoughts")
+    return inputs.donor_thoughts
+
+
+INTERVENTIONS: Registry[ThoughtIntervention] = Registry("intervention")
+INTERVENTIONS.add("zero", ThoughtIntervention(lambda ks, inputs: zero_thoughts(ks), "a zero vector"))
+INTERVENTIONS.add(
+    "mean",
+    ThoughtIntervention(
+        lambda ks, inputs: mean_thoughts(ks, _means(inputs)),
+        "the mean thought at that step over a reference set of problems",
+        needs_means=True,
+    ),
+)
+INTERVENTIONS.add(
+    "noise",
+    ThoughtIntervention(
+        lambda ks, inputs: noise_thoughts(ks, inputs.seeds),
+        "the thought plus Gaussian noise of the thought's norm (seeded per problem)",
+    ),
+)
+INTERVENTIONS.add(
+    "swap",
+    ThoughtIntervention(
+        lambda ks, inputs: swap_thoughts(ks, _donors(inputs)),
+        "the thought of another problem (the next one in the problem list) at that step",
+        needs_donors=True,
+    ),
+)
+INTERVENTIONS.add(
+    "shuffle",
+    ThoughtIntervention(
+        lambda ks, inputs: shuffle_thoughts(ks, inputs.baseline_thoughts, seed=inputs.seed),
+        "the baseline's own thoughts in a seeded shuffled order",
+        min_thoughts=2,
+    ),
+)

@@ -1,0 +1,360 @@
+"""Reading and strictly validating CODI checkpoints in the upstream on-disk layout.
+
+Upstream CODI saves ``CODI.state_dict()`` as one ``pytorch_model.bin`` or ``model.safetensors``: the
+base LM under ``codi.`` (``codi.base_model.model.`` plus ``base_layer`` / ``lora_A`` / ``lora_B``
+parts when trained with LoRA via peft) and the projection head under ``prj.`` (``prj.1``, ``prj.3``
+Linear layers and an optional ``prj.ln`` LayerNorm). Upstream loads it with ``strict=False``, which
+silently ignores mismatches. codi_lens instead checks every key, shape and the vocabulary size
+against the base architecture and raises :class:`CheckpointError` naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from codi_lens.core.errors import CodiLensError, MissingFileError
+from codi_lens.loading.architectures import N_CODI_TOKENS, BaseArchitecture, Family
+from codi_lens.loading.registry import PRETRAINED
+
+CHECKPOINT_FILENAMES = ("model.safetensors", "pytorch_model.bin")
+LORA_PREFIX = "codi.base_model.model."
+PLAIN_PREFIX = "codi."
+LLAMA_ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
+LLAMA_MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
+GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+#: How many offending keys an error message lists before summarising with counts.
+MAX_LISTED = 5
+
+
+class CheckpointError(CodiLensError, ValueError):
+    """A checkpoint file that does not match what the base architecture requires."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """What a CODI checkpoint contains, read from its keys and shapes.
+
+    Attributes:
+        family: ``"llama"`` or ``"gpt2"``.
+        uses_lora: whether the base weights are peft LoRA layers (``base_layer`` + ``lora_A/B``).
+        lora_rank: r, from ``lora_A`` (None without LoRA).
+        prj_dim: hidden width of the projection head, from ``prj.1.weight``.
+        prj_layernorm: whether the head ends in ``prj.ln`` (absent when trained with ``prj_no_ln``).
+        n_layers: number of transformer layers found.
+        vocab: rows of the token embedding (V + 3 for a valid checkpoint).
+    """
+
+    family: Family
+    uses_lora: bool
+    lora_rank: int | None
+    prj_dim: int
+    prj_layernorm: bool
+    n_layers: int
+    vocab: int
+
+    @property
+    def prefix(self) -> str:
+        """Key prefix of the base LM's modules (``codi.base_model.model.`` with LoRA, else ``codi.``)."""
+        return LORA_PREFIX if self.uses_lora else PLAIN_PREFIX
+
+    @property
+    def embed_key(self) -> str:
+        module = "transformer.wte" if self.family == "gpt2" else "model.embed_tokens"
+        return f"{self.prefix}{module}.weight"
+
+
+def resolve_checkpoint_file(checkpoint: str | Path) -> Path:
+    """The weights file of ``checkpoint``: the file itself, the one CODI file inside a directory, or the
+    file of a shipped model named like ``"toy-arith"``."""
+    path = PRETRAINED.get(str(checkpoint), Path(checkpoint))
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise MissingFileError(f"checkpoint {str(path)!r} does not exist")
+    found = [path / name for name in CHECKPOINT_FILENAMES if (path / name).is_file()]
+    if not found:
+        present = sorted(p.name for p in path.iterdir())[:10]
+        raise CheckpointError(
+            f"checkpoint directory {str(path)!r} holds none of {CHECKPOINT_FILENAMES}; it contains {present}"
+        )
+    return found[0]
+
+
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    size = path.stat().st_size
+    return CheckpointError(
+        f"checkpoint file {str(path)!r} ({size:,} bytes) could not be read; it looks truncated "
+        f"or corrupt: {type(exc).__name__}: {exc}"
+    )
+
+
+def load_tensors(path: str | Path) -> dict[str, Tensor]:
+    """Load every tensor of a ``.safetensors`` or ``.bin`` file, memory-mapped where possible."""
+    path = resolve_checkpoint_file(path)
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, OSError) as exc:
+        raise _unreadable(path, exc) from exc
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{str(path)!r} does not hold a flat state dict of tensors")
+    return state
+
+
+def read_tensor_info(path: str | Path) -> dict[str, TensorInfo]:
+    """Shape and dtype of every tensor in the file, without reading safetensors data."""
+    path = resolve_checkpoint_file(path)
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                info = {}
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    sl = f.get_slice(key)
+                    info[key] = TensorInfo(tuple(sl.get_shape()), str(sl.get_dtype()))
+        except SafetensorError as exc:
+            raise _unreadable(path, exc) from exc
+        _check_safetensors_complete(path, info)
+        return info
+    return {k: TensorInfo(tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in load_tensors(path).items()}
+
+
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _check_safetensors_complete(path: Path, info: dict[str, TensorInfo]) -> None:
+    """A truncated safetensors file still has a readable header; compare its size with the header's."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+    needed = 8 + header_len
+    for t in info.values():
+        n = 1
+        for s in t.shape:
+            n *= s
+        needed += n * _ST_ITEMSIZE.get(t.dtype.upper(), 1)
+    actual = path.stat().st_size
+    if actual < needed:
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r} is truncated: its header describes {needed:,} bytes "
+            f"of tensors but the file has {actual:,}"
+        )
+
+
+def _family_of(keys: set[str]) -> Family | None:
+    if any(".transformer.wte." in k or k.startswith("transformer.wte.") for k in keys):
+        return "gpt2"
+    if any(".embed_tokens." in k or k.startswith("model.embed_tokens.") for k in keys):
+        return "llama"
+    return None
+
+
+def describe_contents(info: dict[str, TensorInfo]) -> str:
+    """A one-line guess of what a state dict is, for error messages."""
+    keys = set(info)
+    family = _family_of(keys)
+    fam = {"llama": "LLaMA", "gpt2": "GPT-2", None: "unknown-architecture"}[family]
+    has_codi = any(k.startswith(PLAIN_PREFIX) for k in keys)
+    has_prj = any(k.startswith("prj.") for k in keys)
+    if not keys:
+        return "an empty state dict"
+    if not has_codi and family is not None:
+        return f"a plain Hugging Face {fam} state dict without CODI parts (no 'codi.' prefix, no 'prj.' head)"
+    if not has_codi:
+        return "not a CODI checkpoint (no 'codi.' keys)"
+    lora = "with LoRA" if any(".lora_A." in k for k in keys) else "without LoRA"
+    head = "with projection head" if has_prj else "WITHOUT a projection head ('prj.' keys missing)"
+    return f"a CODI {fam} checkpoint {lora}, {head}, {len(keys)} tensors"
+
+
+def detect_layout(info: dict[str, TensorInfo]) -> CheckpointLayout:
+    """Read family, LoRA rank, projection width and layer count from the keys and shapes."""
+    keys = set(info)
+    family = _family_of({k for k in keys if k.startswith(PLAIN_PREFIX)})
+    if family is None or "prj.1.weight" not in keys:
+        raise CheckpointError(f"not a CODI checkpoint: the file is {describe_contents(info)}")
+    lora_a = sorted(k for k in keys if ".lora_A." in k)
+    uses_lora = bool(lora_a)
+    prefix = LORA_PREFIX if uses_lora else PLAIN_PREFIX
+    layer_pat = re.compile(
+        re.escape(prefix) + (r"transformer\.h\.(\d+)\." if family == "gpt2" else r"model\.layers\.(\d+)\.")
+    )
+    layers = {int(m.group(1)) for k in keys if (m := layer_pat.match(k))}
+    embed = f"{prefix}{'transformer.wte' if family == 'gpt2' else 'model.embed_tokens'}.weight"
+    if embed not in info:
+        raise CheckpointError(f"embedding {embed!r} missing; the file is {describe_contents(info)}")
+    return CheckpointLayout(
+        family=family,
+        uses_lora=uses_lora,
+        lora_rank=info[lora_a[0]].shape[0] if uses_lora else None,
+        prj_dim=info["prj.1.weight"].shape[0],
+        prj_layernorm="prj.ln.weight" in keys,
+        n_layers=max(layers) + 1 if layers else 0,
+        vocab=info[embed].shape[0],
+    )
+
+
+def _lora_entries(
+    module: str, out_dim: int, in_dim: int, layout: CheckpointLayout, *, conv1d: bool, bias: bool
+) -> dict[str, tuple[int, ...]]:
+    """Keys of one projection: plain weight, or peft ``base_layer`` + ``lora_A``/``lora_B``.
+
+    ``conv1d`` (GPT-2) stores the base weight as (in, out); LoRA A/B are (r, in) / (out, r) either way.
+    """
+    weight_shape = (in_dim, out_dim) if conv1d else (out_dim, in_dim)
+    if not layout.uses_lora:
+        entries = {f"{module}.weight": weight_shape}
+        if bias:
+            entries[f"{module}.bias"] = (out_dim,)
+        return entries
+    r = layout.lora_rank
+    entries = {
+        f"{module}.base_layer.weight": weight_shape,
+        f"{module}.lora_A.default.weight": (r, in_dim),
+        f"{module}.lora_B.default.weight": (out_dim, r),
+    }
+    if bias:
+        entries[f"{module}.base_layer.bias"] = (out_dim,)
+    return entries
+
+
+def _llama_expected(arch: BaseArchitecture, layout: CheckpointLayout) -> dict[str, tuple[int, ...]]:
+    p, d, v = layout.prefix, arch.d_model, arch.codi_vocab
+    q_out, kv_out = arch.n_heads * arch.d_head, arch.n_kv_heads * arch.d_head
+    shapes = {
+        "q_proj": (q_out, d),
+        "k_proj": (kv_out, d),
+        "v_proj": (kv_out, d),
+        "o_proj": (d, q_out),
+        "gate_proj": (arch.d_mlp, d),
+        "up_proj": (arch.d_mlp, d),
+        "down_proj": (d, arch.d_mlp),
+    }
+    expected: dict[str, tuple[int, ...]] = {
+        f"{p}model.embed_tokens.weight": (v, d),
+        f"{p}model.norm.weight": (d,),
+        f"{p}lm_head.weight": (v, d),
+    }
+    for i in range(arch.n_layers):
+        layer = f"{p}model.layers.{i}"
+        for proj, (out_dim, in_dim) in shapes.items():
+            group = "self_attn" if proj in LLAMA_ATTN_PROJS else "mlp"
+            expected.update(_lora_entries(f"{layer}.{group}.{proj}", out_dim, in_dim, layout, conv1d=False, bias=False))
+        expected[f"{layer}.input_layernorm.weight"] = (d,)
+        expected[f"{layer}.post_attention_layernorm.weight"] = (d,)
+    return expected
+
+
+def _gpt2_expected(arch: BaseArchitecture, layout: CheckpointLayout) -> dict[str, tuple[int, ...]]:
+    p, d, v = layout.prefix, arch.d_model, arch.codi_vocab
+    n_pos = arch.hf_config.get("n_positions", 1024)
+    dims = {
+        "attn.c_attn": (3 * d, d),
+        "attn.c_proj": (d, d),
+        "mlp.c_fc": (arch.d_mlp, d),
+        "mlp.c_proj": (d, arch.d_mlp),
+    }
+    expected: dict[str, tuple[int, ...]] = {
+        f"{p}transformer.wte.weight": (v, d),
+        f"{p}transformer.wpe.weight": (n_pos, d),
+        f"{p}transformer.ln_f.weight": (d,),
+        f"{p}transformer.ln_f.bias": (d,),
+        f"{p}lm_head.weight": (v, d),
+    }
+    for i in range(arch.n_layers):
+        layer = f"{p}transformer.h.{i}"
+        for ln in ("ln_1", "ln_2"):
+            expected[f"{layer}.{ln}.weight"] = (d,)
+            expected[f"{layer}.{ln}.bias"] = (d,)
+        for module, (out_dim, in_dim) in dims.items():
+            expected.update(_lora_entries(f"{layer}.{module}", out_dim, in_dim, layout, conv1d=True, bias=True))
+    return expected
+
+
+def expected_tensors(arch: BaseArchitecture, layout: CheckpointLayout) -> dict[str, tuple[int, ...]]:
+    """Every key (and its shape) a CODI checkpoint of this base and layout must hold, and no others."""
+    expected = (_gpt2_expected if arch.family == "gpt2" else _llama_expected)(arch, layout)
+    d = arch.d_model
+    expected.update(
+        {
+            "prj.1.weight": (layout.prj_dim, d),
+            "prj.1.bias": (layout.prj_dim,),
+            "prj.3.weight": (d, layout.prj_dim),
+            "prj.3.bias": (d,),
+        }
+    )
+    if layout.prj_layernorm:
+        expected.update({"prj.ln.weight": (d,), "prj.ln.bias": (d,)})
+    return expected
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(repr(k) for k in keys[:MAX_LISTED])
+    more = f" (+{len(keys) - MAX_LISTED} more)" if len(keys) > MAX_LISTED else ""
+    return f"{shown}{more}"
+
+
+def _structural_mismatch(info: dict[str, TensorInfo], arch: BaseArchitecture, layout: CheckpointLayout) -> str | None:
+    """A whole-file explanation (wrong family, depth or vocabulary) that beats a list of keys."""
+    fam = {"llama": "LLaMA", "gpt2": "GPT-2"}
+    if layout.family != arch.family:
+        return (
+            f"the checkpoint is a {fam[layout.family]} CODI checkpoint but the base "
+            f"{arch.source!r} is a {fam[arch.family]} model"
+        )
+    if layout.n_layers != arch.n_layers:
+        return (
+            f"the checkpoint has {layout.n_layers} transformer layers but the base {arch.source!r} has {arch.n_layers}"
+        )
+    if layout.vocab != arch.codi_vocab:
+        hint = " (the vocabulary was not grown by the 3 CODI tokens)" if layout.vocab == arch.base_vocab else ""
+        return (
+            f"embedding {layout.embed_key!r} has {layout.vocab} rows but a CODI checkpoint for base "
+            f"{arch.source!r} needs V + {N_CODI_TOKENS} = {arch.codi_vocab}{hint}"
+        )
+    return None
+
+
+def validate_checkpoint(
+    info: dict[str, TensorInfo], arch: BaseArchitecture, *, path: str = "checkpoint"
+) -> CheckpointLayout:
+    """Check a checkpoint against the base architecture; return its layout or raise CheckpointError.
+
+    Every expected key must be present, none may be unexpected, every shape must match. The error
+    names the offending keys (the first few, with counts) and what the file seems to be.
+    """
+    layout = detect_layout(info)
+    structural = _structural_mismatch(info, arch, layout)
+    if structural:
+        raise CheckpointError(f"{path}: {structural}; the file is {describe_contents(info)}")
+    expected = expected_tensors(arch, layout)
+    missing = sorted(set(expected) - set(info))
+    unexpected = sorted(set(info) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(info) if tuple(info[k].shape) != expected[k])
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {_listing(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
+    if wrong_shape:
+        detail = [f"{k} has {info[k].shape}, expected {expected[k]}" for k in wrong_shape]
+        problems.append(f"{len(wrong_shape)} key(s) with the wrong shape: {_listing(detail)}")
+    if problems:
+        raise CheckpointError(
+            f"{path} does not match base {arch.source!r}: "
+            + "; ".join(problems)
+            + f". The file is {describe_contents(info)}."
+        )
+    return layout

@@ -1,0 +1,256 @@
+"""Load a CODI checkpoint (upstream layout) and its base architecture into a :class:`CODIModel`.
+
+The LoRA deltas are merged into the base weights (``W' = W + (alpha / r) * B @ A``, transposed for
+GPT-2's Conv1D layers) and the merged weights are handed to TransformerLens' own weight converters,
+so the hooked model follows TransformerLens' conventions exactly. No weight processing (LayerNorm
+folding, centring) is applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_llama_weights
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from codi_lens.core.components import CODITokens
+from codi_lens.core.model import CODIModel
+from codi_lens.loading.architectures import BaseArchitecture, describe_base, to_hooked_config
+from codi_lens.loading.checkpoint import (
+    CheckpointError,
+    CheckpointLayout,
+    load_tensors,
+    read_tensor_info,
+    resolve_checkpoint_file,
+    validate_checkpoint,
+)
+from codi_lens.loading.llama_tokenizer import llama3_tokenizer
+from codi_lens.loading.registry import DEFAULT_MODEL, SHIPPED_MODELS
+
+#: Built-in bases whose tokenizer codi_lens can build offline when no ``tokenizer=`` is given.
+BUILT_TOKENIZERS = {"llama-3.2-1b-instruct": llama3_tokenizer}
+
+
+class _MergedWeights:
+    """Attribute view over flat checkpoint tensors, shaped like an HF model, merging LoRA on access.
+
+    ``view.model.layers[3].self_attn.q_proj.weight`` returns the fp32 merged weight of that module,
+    which is what TransformerLens' HF weight converters read.
+    """
+
+    def __init__(self, tensors: dict[str, Tensor], prefix: str, lora_scale: float, conv1d: bool):
+        self._tensors, self._prefix, self._scale, self._conv1d = tensors, prefix, lora_scale, conv1d
+
+    def _child(self, name: str) -> _MergedWeights:
+        return _MergedWeights(self._tensors, f"{self._prefix}{name}.", self._scale, self._conv1d)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in ("weight", "bias"):
+            return self._parameter(name)
+        return self._child(name)
+
+    def __getitem__(self, index: int) -> _MergedWeights:
+        return self._child(str(index))
+
+    def _parameter(self, kind: str) -> Tensor:
+        plain = f"{self._prefix}{kind}"
+        if plain in self._tensors:
+            return self._tensors[plain].float()
+        base = self._tensors[f"{self._prefix}base_layer.{kind}"].float()
+        if kind == "bias":
+            return base
+        lora_a = self._tensors[f"{self._prefix}lora_A.default.weight"].float()
+        lora_b = self._tensors[f"{self._prefix}lora_B.default.weight"].float()
+        delta = self._scale * (lora_b @ lora_a)  # [out, in]
+        return base + (delta.T if self._conv1d else delta)
+
+
+def _resolve_tokenizer(tokenizer: Any, base: str | Path) -> PreTrainedTokenizerBase:
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer
+    if tokenizer is None and str(base).lower() in BUILT_TOKENIZERS:
+        return BUILT_TOKENIZERS[str(base).lower()]()
+    source = tokenizer if tokenizer is not None else base
+    if not Path(source).is_dir():
+        raise CheckpointError(
+            f"no tokenizer: base {str(base)!r} is a built-in architecture without files; pass "
+            "tokenizer= a local tokenizer directory (codi_lens never downloads one)"
+        )
+    return AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+
+
+def _codi_tokens(arch: BaseArchitecture, tokenizer: PreTrainedTokenizerBase) -> CODITokens:
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else arch.eos_id
+    if eos is None:
+        raise ValueError("neither the tokenizer nor the base config defines an EOS token")
+    return CODITokens(pad=arch.pad_id, bot=arch.bot_id, eot=arch.eot_id, eos=int(eos))
+
+
+def _copy_into(model: CODIModel, state: dict[str, Tensor]) -> None:
+    """Copy converted weights into the model's parameters, requiring an exact key and shape match."""
+    params = dict(model.named_parameters())
+    missing = sorted(k for k in params if k not in state)
+    unexpected = sorted(k for k in state if k not in params)
+    if missing or unexpected:
+        raise RuntimeError(f"internal conversion error: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            if params[name].shape != value.shape:
+                raise RuntimeError(
+                    f"internal conversion error: {name} {tuple(value.shape)} vs {tuple(params[name].shape)}"
+                )
+            params[name].copy_(value)
+
+
+def _prj_state(tensors: dict[str, Tensor], layout: CheckpointLayout) -> dict[str, Tensor]:
+    state = {
+        "prj.fc_in.weight": tensors["prj.1.weight"],
+        "prj.fc_in.bias": tensors["prj.1.bias"],
+        "prj.fc_out.weight": tensors["prj.3.weight"],
+        "prj.fc_out.bias": tensors["prj.3.bias"],
+    }
+    if layout.prj_layernorm:
+        state.update({"prj.ln.weight": tensors["prj.ln.weight"], "prj.ln.bias": tensors["prj.ln.bias"]})
+    return state
+
+
+def model_from_tensors(
+    tensors: dict[str, Tensor],
+    layout: CheckpointLayout,
+    arch: BaseArchitecture,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    lora_alpha: float = 32,
+    dtype: torch.dtype = torch.float32,
+    checkpoint_file: Path | None = None,
+) -> CODIModel:
+    """Build a CPU :class:`CODIModel` from an (already validated) upstream-layout state dict."""
+    cfg = to_hooked_config(arch, device="cpu", dtype=dtype)
+    model = CODIModel(
+        cfg,
+        tokenizer,
+        tokens=_codi_tokens(arch, tokenizer),
+        prj_dim=layout.prj_dim,
+        prj_layernorm=layout.prj_layernorm,
+        checkpoint_file=checkpoint_file,
+    )
+    scale = lora_alpha / layout.lora_rank if layout.uses_lora else 0.0
+    view = _MergedWeights(tensors, layout.prefix, scale, conv1d=arch.family == "gpt2")
+    converter = convert_gpt2_weights if arch.family == "gpt2" else convert_llama_weights
+    state = converter(view, cfg)
+    # CODI's lm_head has no bias; TransformerLens' GPT-2 converter leaves b_U out.
+    state.setdefault("unembed.b_U", torch.zeros(cfg.d_vocab_out))
+    state.update(_prj_state(tensors, layout))
+    _copy_into(model, state)
+    model.store_weights_for_linear()
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """How a model was loaded: enough for another process (a Ray worker) to load the same model.
+
+    Recorded by :func:`load_codi` as ``model.source`` when every argument is a name or a path
+    (not when ``tokenizer`` is a tokenizer object). ``checkpoint_sha256`` lets the other process check
+    that its copy of the file is the same one.
+    """
+
+    checkpoint: str
+    base: str | None
+    tokenizer: str | None
+    lora_alpha: float
+    device: str
+    dtype: str
+    checkpoint_sha256: str
+
+    def load(self) -> CODIModel:
+        model = load_codi(
+            self.checkpoint,
+            self.base,
+            tokenizer=self.tokenizer,
+            lora_alpha=self.lora_alpha,
+            device=self.device,
+            dtype=getattr(torch, self.dtype),
+        )
+        if model.checkpoint_sha256 != self.checkpoint_sha256:
+            raise CheckpointError(
+                f"{model.checkpoint_file} here has SHA-256 {model.checkpoint_sha256}, but the model was loaded "
+                f"from a file with SHA-256 {self.checkpoint_sha256}: every machine needs the same checkpoint"
+            )
+        return model
+
+
+def load_codi(
+    checkpoint: str | Path = DEFAULT_MODEL,
+    base: str | Path | None = None,
+    *,
+    tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
+    lora_alpha: float = 32,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> CODIModel:
+    """Load a CODI checkpoint into a hooked :class:`CODIModel`.
+
+    Args:
+        checkpoint: a directory holding ``model.safetensors`` or ``pytorch_model.bin`` in the upstream
+            CODI layout, the file itself, or the name of a shipped model (``"toy-chain"``, ``"toy-arith"``).
+        base: a local HF base-model directory (``config.json`` and tokenizer) or a built-in base name
+            (``"llama-3.2-1b-instruct"``, ``"gpt2"``). Defaults to the shipped model's directory.
+        tokenizer: a local tokenizer directory or tokenizer object. With the built-in base
+            ``"llama-3.2-1b-instruct"`` it may be left out: the Llama 3 tokenizer is then built once from
+            Meta's ``llama-models`` package (extra ``codi-lens[llama]``) into a cache directory, see
+            :mod:`codi_lens.loading.llama_tokenizer`. With the built-in ``"gpt2"`` it is required.
+        lora_alpha: LoRA alpha used in training (not stored in checkpoints; CODI used 32). The rank
+            is read from the weights.
+        device, dtype: where and in which precision the model runs (float32 or bfloat16).
+
+    Raises:
+        CheckpointError: the file does not match the base (names the offending keys).
+    """
+    requested, requested_base = checkpoint, base
+    if str(checkpoint) in SHIPPED_MODELS:
+        checkpoint = SHIPPED_MODELS[str(checkpoint)].folder
+        base = checkpoint if base is None else base
+    if base is None:
+        raise CheckpointError(
+            f"--base is required for checkpoint {str(checkpoint)!r}: a base model directory or a built-in name"
+        )
+    weights_file = resolve_checkpoint_file(checkpoint)
+    arch = describe_base(base)
+    tok = _resolve_tokenizer(tokenizer, base)
+    layout = validate_checkpoint(read_tensor_info(weights_file), arch, path=str(weights_file))
+    model = model_from_tensors(
+        load_tensors(weights_file), layout, arch, tok, lora_alpha=lora_alpha, dtype=dtype, checkpoint_file=weights_file
+    )
+    if str(device) != "cpu":
+        model.cfg.device = str(device)
+        model.to(device)
+    if tokenizer is None or isinstance(tokenizer, str | Path):
+        model.source = LoadSpec(
+            checkpoint=_portable(requested),
+            base=None if requested_base is None else _portable(requested_base),
+            tokenizer=None if tokenizer is None else _portable(tokenizer),
+            lora_alpha=float(lora_alpha),
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+            checkpoint_sha256=model.checkpoint_sha256,
+        )
+    return model.eval()
+
+
+def _portable(source: str | Path) -> str:
+    """A name as it is, a path made absolute (a worker's working directory may differ)."""
+    return str(Path(source).resolve()) if Path(source).exists() else str(source)
+
+
+def load_pretrained(name: str = DEFAULT_MODEL, **kwargs: Any) -> CODIModel:
+    """Load a model shipped with codi_lens by name (see :data:`~codi_lens.loading.registry.SHIPPED_MODELS`;
+    :class:`~codi_lens.core.errors.ChoiceError` lists them for another name)."""
+    SHIPPED_MODELS[name]  # a ChoiceError naming the shipped models for any other name
+    return load_codi(name, **kwargs)

@@ -1,0 +1,58 @@
+"""Activation patching inside the real latent loop.
+
+Modules in dependency order: ``kinds`` (what a sweep patches: the registry of activation kinds, spans and
+the grid of sites), ``prepare`` (a batch of pairs made ready: clean runs, answer tokens, logit differences),
+``exact`` (patches as branches of the corrupted run), ``attribution`` (every site's linear estimate from one
+backward pass), ``sweep`` (the table of every site on every pair, resumable), ``trajectories`` (chained
+versus parallel patching).
+"""
+
+from codi_lens.patching.attribution import rank_agreement, site_attributions
+from codi_lens.patching.exact import patch_hooks, patch_start, patched_logits, replace_question_tokens, run_patches
+from codi_lens.patching.kinds import CHANGED, PATCH_KINDS, SPAN_STARTS, span_positions, sweep_sites
+from codi_lens.patching.prepare import (
+    NO_CORRUPTED_PREFERENCE,
+    PairBatch,
+    corrupted_answer_token,
+    from_other_problems,
+    number_tokens,
+    prepare_pairs,
+)
+from codi_lens.patching.sweep import DONORS, METHODS, patch_rows, patch_sweep
+from codi_lens.patching.trajectories import (
+    chained,
+    clean_thought_activations,
+    parallel,
+    trajectory_rows,
+    trajectory_sweep,
+)
+
+__all__ = [
+    "CHANGED",
+    "DONORS",
+    "METHODS",
+    "NO_CORRUPTED_PREFERENCE",
+    "PATCH_KINDS",
+    "SPAN_STARTS",
+    "PairBatch",
+    "chained",
+    "clean_thought_activations",
+    "corrupted_answer_token",
+    "from_other_problems",
+    "number_tokens",
+    "parallel",
+    "patch_hooks",
+    "patch_rows",
+    "patch_start",
+    "patch_sweep",
+    "patched_logits",
+    "prepare_pairs",
+    "rank_agreement",
+    "replace_question_tokens",
+    "run_patches",
+    "site_attributions",
+    "span_positions",
+    "sweep_sites",
+    "trajectory_rows",
+    "trajectory_sweep",
+]

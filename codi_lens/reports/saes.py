@@ -1,0 +1,103 @@
+"""Reports of SAEs on the thoughts: the trained suite, the feature browser, feature pathways."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from sae_lens import SAE
+
+from codi_lens.data.problems import Problem
+from codi_lens.features import FeatureSurvey, position_profile, top_examples
+from codi_lens.plotting import feature_dashboard, pathway_scatter, sae_quality_bars, sae_splice_bars, write_html
+from codi_lens.reports.summaries import with_ci
+from codi_lens.saes.io import sae_site
+from codi_lens.stats import mean_ci_table
+
+
+def splice_table(splice: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy with 95% CIs per SAE and splice condition (the plain run included once per SAE)."""
+    plain = splice[splice["condition"] == "spliced"].assign(condition="plain", correct=lambda f: f["baseline_correct"])
+    both = pd.concat([plain, splice], ignore_index=True).astype({"correct": float})
+    table = mean_ci_table(both, ["sae_id", "condition"], "correct").rename(columns={"mean": "accuracy"})
+    kl = both.groupby(["sae_id", "condition"])["kl"].mean().rename("kl_mean").reset_index()
+    table = table.merge(kl, on=["sae_id", "condition"])
+    return table.merge(results[["sae_id", "site", "architecture"]], on="sae_id")
+
+
+def write_sae_suite(results: pd.DataFrame, splice: pd.DataFrame, out: str | Path) -> dict[str, Any]:
+    """``splice.parquet`` and the figures ``sae_quality.html`` and ``sae_splice.html`` of a trained suite
+    (:func:`codi_lens.saes.suite.train_sae_suite`). Returns the summary's numbers."""
+    out = Path(out)
+    splice.to_parquet(out / "splice.parquet", index=False)
+    write_html(sae_quality_bars(results), out / "sae_quality.html")
+    write_html(sae_splice_bars(splice_table(splice, results)), out / "sae_splice.html")
+    return {
+        "n_saes": len(results),
+        "explained_variance": {r.sae_id: with_ci(r, "explained_variance") for r in results.itertuples()},
+        "l0": {r.sae_id: round(r.l0, 2) for r in results.itertuples()},
+        "dead_fraction": {r.sae_id: round(r.dead_fraction, 4) for r in results.itertuples()},
+        "min_explained_variance": round(float(results["explained_variance"].min()), 4),
+    }
+
+
+def write_feature_browser(
+    saes: dict[str, SAE],
+    survey: FeatureSurvey,
+    problems: list[Problem],
+    out: str | Path,
+    *,
+    top_features: int = 20,
+    top_k: int = 10,
+    n_latents: int = 6,
+) -> None:
+    """Per SAE, ``dashboard_<sae id>.html`` (an offline browser of its ``top_features`` most frequent features:
+    frequency, position profile across thoughts, the ``top_k`` problems it is most active on), and the
+    tables ``position_profile.parquet`` and ``top_examples.parquet``."""
+    out = Path(out)
+    profiles, examples = [], []
+    for sae_id, sae in saes.items():
+        site = sae_site(sae)
+        frequency = survey.table[survey.table["sae_id"] == sae_id]
+        chosen = frequency.sort_values("frequency", ascending=False).head(top_features)["feature"].tolist()
+        profile = position_profile(sae, survey.dataset, [s.thought for s in site.across_thoughts(n_latents)])
+        top = top_examples(survey.acts[sae_id], problems, chosen, k=top_k, site=site)
+        profiles.append(profile.assign(sae_id=sae_id))
+        examples.append(top.assign(sae_id=sae_id))
+        title = f"{sae_id}: {sae.cfg.d_sae} features on {len(problems)} held-out problems"
+        write_html(feature_dashboard(frequency, profile, top, chosen, title), out / f"dashboard_{sae_id}.html")
+    pd.concat(profiles, ignore_index=True).to_parquet(out / "position_profile.parquet", index=False)
+    pd.concat(examples, ignore_index=True).to_parquet(out / "top_examples.parquet", index=False)
+
+
+def features_summary(survey: FeatureSurvey, tokens: pd.DataFrame) -> dict[str, Any]:
+    """How many features each SAE has active, and per feature intervention how many answers changed and how
+    many tokens it shifts significantly."""
+    interventions = {}
+    if len(tokens):
+        per_feature = tokens.groupby(["sae_id", "feature"], as_index=False).agg(
+            answers_changed=("answers_changed", "first"), significant=("significant", "sum")
+        )
+        interventions = {
+            f"{r.sae_id}/{r.feature}": {
+                "answers_changed": int(r.answers_changed),
+                "significant_tokens": int(r.significant),
+            }
+            for r in per_feature.itertuples()
+        }
+    return {
+        "features_active": {i: int((g["frequency"] > 0).sum()) for i, g in survey.table.groupby("sae_id")},
+        "interventions": interventions,
+    }
+
+
+def write_pathways(joined: pd.DataFrame, agreement: dict[str, Any], out: str | Path) -> dict[str, Any]:
+    """``pathways.html`` (predicted against replayed change) and the summary's agreement numbers."""
+    write_html(pathway_scatter(joined, agreement), Path(out) / "pathways.html")
+    return {
+        "target_feature": agreement["target_feature"],
+        "pearson": agreement["pearson"],
+        "pearson_ci95": [agreement["low"], agreement["high"]],
+        "n_pairs": agreement["n_pairs"],
+    }

@@ -1,0 +1,199 @@
+"""Command-line plumbing shared by every ``python -m experiments.<name>``.
+
+One set of flags (:func:`command_parser` / :func:`add_common_args`, parsed by :func:`parse_common_args`),
+one way to start a command's run from them (:func:`start_run`: the model, the problems, where work runs,
+the settings that change a result), and one way to fail (:func:`run_main`): a bad flag, a missing file or
+a checkpoint that does not load stops with a single ``error: ...`` line on stderr and exit status 2;
+``--debug`` shows the traceback. The conventions every command follows are in ``docs/conventions.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from codi_lens.core.errors import CodiLensError
+from codi_lens.core.model import CODIModel
+from codi_lens.data.pairs import make_pairs, read_pair_table
+from codi_lens.data.problems import Problem, stratified_sample
+from codi_lens.data.sources import load_problems
+from codi_lens.data.synthetic import value_limit
+from codi_lens.loading import DEFAULT_MODEL, default_data, load_codi
+from codi_lens.run.executors import Executor, make_executor
+
+#: Errors that mean "the input was wrong", reported in one line without a traceback: the project's own
+#: (every user-facing error subclasses :class:`~codi_lens.core.errors.CodiLensError`). Anything else is a
+#: bug and keeps its traceback.
+USER_ERRORS = (CodiLensError,)
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, out: str, batch_size: int = 64) -> None:
+    """The flags every command shares (see ``docs/conventions.md``); parse them with :func:`parse_common_args`."""
+    parser.add_argument(
+        "--checkpoint", default=DEFAULT_MODEL, help=f"checkpoint dir/file or shipped model name ({DEFAULT_MODEL})"
+    )
+    parser.add_argument("--base", default=None, help="base model dir or built-in name (not needed for a shipped model)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer dir (needed with a built-in base)")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="gsm8k:test, gsm8k:train, toy-chain:test, toy:test, ..., a local GSM8K-format .jsonl, or a hub name "
+        "(default: a shipped model's own test split, gsm8k:test for any other checkpoint)",
+    )
+    parser.add_argument("--split", default=None, help="split name (required for a hub dataset)")
+    parser.add_argument("--limit", type=int, default=None, help="the first N records in file order")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="problems per forward pass")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="answer-token budget (upstream: 256)")
+    parser.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha of the checkpoint (CODI: 32)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--ray",
+        default=None,
+        metavar="local|ADDRESS",
+        help="run the units of work as Ray tasks: 'local' starts a cluster on this machine, an address joins "
+        "one (extra codi-lens[ray]); results are the same as a local run's and resumable either way",
+    )
+    parser.add_argument("--ray-cpus", type=float, default=1, help="CPUs each Ray task requests (default 1)")
+    parser.add_argument("--out", default=out, help=f"output folder (default {out})")
+    parser.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def command_parser(doc: str | None, *, out: str, batch_size: int = 64, **defaults: Any) -> argparse.ArgumentParser:
+    """A command's parser: its docstring as the description, the common flags (``--out`` defaulting to
+    ``out``), and ``defaults`` for any flag (``limit=300``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, out=out, batch_size=batch_size)
+    parser.set_defaults(**defaults)
+    return parser
+
+
+def add_selection_args(parser: argparse.ArgumentParser) -> None:
+    """``--stratified N`` (a seeded sample per difficulty bucket) and ``--seed``."""
+    parser.add_argument("--seed", type=int, default=0, help="seed of noise, shuffles and samples")
+    parser.add_argument(
+        "--stratified", type=int, default=None, help="N problems per difficulty bucket (<=2, 3, 4, 5+), seeded"
+    )
+
+
+def add_pair_args(parser: argparse.ArgumentParser) -> None:
+    """``--pairs FILE`` (else pairs are made from ``--data``) and ``--n-latents``; patching's defaults."""
+    parser.add_argument(
+        "--pairs", default=None, help="a pairs.parquet from experiments.make_pairs (else made from --data)"
+    )
+    parser.add_argument("--n-latents", type=int, default=6, help="continuous thoughts fed back (CODI: 6)")
+    parser.set_defaults(limit=100, batch_size=16)
+
+
+def parse_common_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, with ``--data`` defaulting to the checkpoint's own test split
+    (:func:`codi_lens.loading.default_data`), so ``--checkpoint toy-arith`` alone runs on ``toy:test``."""
+    args = parser.parse_args(argv)
+    if args.data is None:
+        args.data = default_data(args.checkpoint)
+    return args
+
+
+def load_model(args: argparse.Namespace) -> CODIModel:
+    """The model the common flags name."""
+    return load_codi(
+        args.checkpoint,
+        args.base,
+        tokenizer=args.tokenizer,
+        lora_alpha=args.lora_alpha,
+        device=args.device,
+        dtype=getattr(torch, args.dtype),
+    )
+
+
+def executor_from_args(args: argparse.Namespace) -> Executor:
+    """Where the units of work run: here, or on the Ray cluster ``--ray`` names (GPUs requested per
+    task when ``--device`` is CUDA)."""
+    return make_executor(args.ray, device=args.device, cpus_per_task=args.ray_cpus)
+
+
+def model_settings(model: CODIModel, args: argparse.Namespace) -> dict[str, Any]:
+    """Result-changing settings of the model: its content hash, base, precision and device kind."""
+    return {
+        "checkpoint": str(args.checkpoint),
+        "checkpoint_sha256": model.checkpoint_sha256,
+        "base": None if args.base is None else str(args.base),
+        "lora_alpha": args.lora_alpha,
+        "dtype": args.dtype,
+        "device": str(args.device).split(":")[0],
+    }
+
+
+@dataclass
+class CommandRun:
+    """A command once its flags are parsed: its model, where its work runs, and when it started.
+
+    Attributes:
+        args: the parsed flags.
+        model: the model ``--checkpoint`` names, loaded as the flags say.
+        executor: where units of work run (here, or on the Ray cluster ``--ray`` names).
+    """
+
+    args: argparse.Namespace
+    model: CODIModel
+    executor: Executor
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.args.out)
+
+    def problems(self) -> list[Problem]:
+        """The problems ``--data`` / ``--split`` / ``--limit`` name; with ``--stratified N``, a seeded sample of
+        ``N`` per difficulty bucket of those."""
+        problems = load_problems(self.args.data, split=self.args.split, limit=self.args.limit)
+        stratified = getattr(self.args, "stratified", None)
+        return stratified_sample(problems, stratified, seed=self.args.seed) if stratified else problems
+
+    def pairs(self) -> pd.DataFrame:
+        """The clean/corrupted pairs of ``--pairs`` (a table from ``experiments.make_pairs``), or made from the
+        problems (one number changed, the answer recomputed; values within the toy models' range for toy data)."""
+        if getattr(self.args, "pairs", None):
+            return read_pair_table(self.args.pairs)
+        problems = self.problems()
+        return make_pairs(problems, max_value=value_limit(problems))[0]
+
+    def settings(self, **extra: Any) -> dict[str, Any]:
+        """The settings that change a result (the model's, the data and its limit), with ``extra``."""
+        return {
+            **model_settings(self.model, self.args),
+            "data_source": self.args.data,
+            "limit": self.args.limit,
+            **extra,
+        }
+
+    def elapsed(self) -> float:
+        """Seconds since the command started (this invocation)."""
+        return round(time.perf_counter() - self.started, 1)
+
+
+def start_run(args: argparse.Namespace) -> CommandRun:
+    """Load the model the flags name and pick where work runs (the clock starts before loading)."""
+    started = time.perf_counter()
+    return CommandRun(args, load_model(args), executor_from_args(args), started)
+
+
+def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> Any:
+    """Call ``main(argv)``; user errors become one ``error:`` line on stderr and exit status 2."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        return main(args)
+    except USER_ERRORS as exc:
+        if "--debug" in args:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

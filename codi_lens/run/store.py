@@ -1,0 +1,226 @@
+"""The result store: resumable, kill-safe output folders that refuse stale results.
+
+A :class:`ResultStore` owns one output folder::
+
+    DIR/run.json        the settings that change a result (checkpoint content hash, data, budget,
+                        interventions, ...) and the package version
+    DIR/parts/*.parquet results as they are produced, one file per batch of units of work, each
+                        written to a temporary name and renamed (atomic), carrying the ids of the
+                        units it finished in its metadata (so a unit that yields no row is done too)
+    DIR/results.parquet the consolidated table, written by :meth:`ResultStore.finish`
+
+Opening a folder whose ``run.json`` holds different settings raises :class:`SettingsMismatchError`
+naming each differing setting (``overwrite=True`` starts afresh). After ``kill -9`` at any moment,
+running the same work again skips the units already in a part and computes the rest, so the final
+table holds every unit exactly once and equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from codi_lens.core.errors import CodiLensError
+from codi_lens.run.executors import Executor, LocalExecutor
+
+Unit = TypeVar("Unit")
+UNITS_KEY = b"codi_lens.units"
+UNIT_COLUMN = "unit_id"
+
+
+class SettingsMismatchError(CodiLensError, ValueError):
+    """An output folder holds results made with different settings."""
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("codi-lens")
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+def _normalise(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as they read back from JSON (tuples become lists, paths strings)."""
+    return json.loads(json.dumps(settings, default=str, sort_keys=True))
+
+
+def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def differing_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key (value there, value now)`` for every (dotted, nested) setting that differs."""
+    saved, current = _flatten(saved), _flatten(current)
+    missing = object()
+    return [
+        f"{key} ({saved.get(key, 'absent')!r} there, {current.get(key, 'absent')!r} now)"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key, missing) != current.get(key, missing)
+    ]
+
+
+class ResultStore:
+    """One resumable output folder (see the module docstring).
+
+    Args:
+        directory: the output folder (created if needed).
+        settings: every setting that changes a result; JSON-serialisable (paths are written as strings).
+        overwrite: delete earlier results in ``directory`` instead of refusing different settings.
+    """
+
+    def __init__(self, directory: str | Path, settings: dict[str, Any], *, overwrite: bool = False):
+        self.directory = Path(directory)
+        self.parts = self.directory / "parts"
+        self.settings = _normalise(settings)
+        run_file = self.directory / "run.json"
+        if overwrite and self.directory.exists():
+            shutil.rmtree(self.parts, ignore_errors=True)
+            for name in ("run.json", "results.parquet", "summary.json"):
+                (self.directory / name).unlink(missing_ok=True)
+        if run_file.exists():
+            saved = json.loads(run_file.read_text()).get("settings", {})
+            changed = differing_settings(saved, self.settings)
+            if changed:
+                raise SettingsMismatchError(
+                    f"{run_file} was written with different settings: {'; '.join(changed)}. "
+                    "Use another output folder, or --overwrite to start afresh"
+                )
+        self.parts.mkdir(parents=True, exist_ok=True)
+        for leftover in self.parts.glob(".tmp-*"):  # a part being written when the run was killed
+            leftover.unlink()
+        if not run_file.exists():
+            record = {"settings": self.settings, "package_version": package_version()}
+            _write_atomic(run_file, json.dumps(record, indent=2).encode())
+
+    # ------------------------------------------------------------------ parts
+    def _part_files(self) -> list[Path]:
+        return sorted(self.parts.glob("part-*.parquet"))
+
+    def done(self) -> set[str]:
+        """Ids of the units finished in earlier parts."""
+        finished: set[str] = set()
+        for path in self._part_files():
+            meta = pq.read_schema(path).metadata or {}
+            finished.update(json.loads(meta.get(UNITS_KEY, b"[]")))
+        return finished
+
+    def write_part(self, unit_ids: Sequence[str], frame: pd.DataFrame) -> Path:
+        """Write the rows of the finished ``unit_ids`` as one part (atomically)."""
+        if len(frame) and UNIT_COLUMN not in frame:
+            raise ValueError(f"a results frame needs a {UNIT_COLUMN!r} column naming each row's unit")
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), UNITS_KEY: json.dumps(list(unit_ids))})
+        name = f"part-{len(self._part_files()):06d}-{uuid.uuid4().hex[:8]}.parquet"
+        temporary = self.parts / f".tmp-{name}"
+        pq.write_table(table, temporary)
+        with open(temporary, "rb") as f:
+            os.fsync(f.fileno())
+        temporary.replace(self.parts / name)
+        return self.parts / name
+
+    def rows(self) -> pd.DataFrame:
+        """Every row written so far, in the order the parts were written (see :func:`read_parts`)."""
+        frames = [table.to_pandas() for table in read_parts(self.parts)]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    # ------------------------------------------------------------------ running
+    def run(
+        self,
+        units: Sequence[Unit],
+        work: Callable[[list[Unit]], pd.DataFrame],
+        *,
+        unit_id: Callable[[Unit], str],
+        batch_size: int,
+        desc: str = "units",
+        progress: bool = True,
+        executor: Executor | None = None,
+        collect: bool = True,
+    ) -> pd.DataFrame:
+        """Compute every unit not yet done, ``batch_size`` at a time, writing a part per batch.
+
+        ``work(batch)`` returns the batch's rows with a ``unit_id`` column (any number of rows per
+        unit, none included). ``executor`` decides where batches run (default: here, in order; a
+        :class:`~codi_lens.run.executors.RayExecutor` runs them as Ray tasks, and parts are written as
+        they come back). Returns the rows of ``units`` (earlier and new), in unit order; with
+        ``collect=False`` nothing is read back (for tables too large to hold) and an empty frame is returned.
+        """
+        ids = [unit_id(u) for u in units]
+        if len(set(ids)) != len(ids):
+            duplicated = sorted({i for i in ids if ids.count(i) > 1})[:5]
+            raise ValueError(f"unit ids must be unique; repeated: {duplicated}")
+        finished = self.done()
+        todo = [u for u, i in zip(units, ids) if i not in finished]
+        with tqdm(
+            total=len(units), initial=len(units) - len(todo), desc=desc, unit="unit", disable=not progress
+        ) as bar:
+            batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+            for index, frame in (executor or LocalExecutor()).map(work, batches):
+                batch = batches[index]
+                batch_ids = [unit_id(u) for u in batch]
+                unexpected = set(frame[UNIT_COLUMN]) - set(batch_ids) if len(frame) else set()
+                if unexpected:
+                    raise ValueError(f"work returned rows for units outside its batch: {sorted(unexpected)[:5]}")
+                self.write_part(batch_ids, frame)
+                bar.update(len(batch))
+        if not collect:
+            return pd.DataFrame()
+        rows = self.rows()
+        if rows.empty:
+            return rows
+        order = {i: n for n, i in enumerate(ids)}
+        rows = rows[rows[UNIT_COLUMN].isin(order)]
+        return rows.sort_values(UNIT_COLUMN, key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+
+    def finish(self, table: pd.DataFrame | None = None, summary: dict | None = None) -> pd.DataFrame:
+        """Write ``results.parquet`` (the given table, or every row) and ``summary.json``."""
+        table = self.rows() if table is None else table
+        table.to_parquet(self.directory / "results.parquet", index=False)
+        if summary is not None:
+            _write_atomic(self.directory / "summary.json", json.dumps(summary, indent=2, default=str).encode())
+        return table
+
+
+def read_parts(
+    parts: str | Path, *, columns: Sequence[str] | None = None, where: pc.Expression | None = None
+) -> Iterator[pa.Table]:
+    """The rows of each part of a ``parts/`` folder that has any, in the order the parts were written:
+    only ``columns`` (and ``unit_id``) when given, only the rows matching the pyarrow expression
+    ``where`` when given. A unit found in two parts (two workers racing on one folder) keeps the rows of
+    its first part only."""
+    seen: set[str] = set()
+    for path in sorted(Path(parts).glob("part-*.parquet")):
+        schema = pq.read_schema(path)
+        units = json.loads((schema.metadata or {}).get(UNITS_KEY, b"[]"))
+        fresh = [u for u in units if u not in seen]
+        seen.update(units)
+        if not fresh or UNIT_COLUMN not in schema.names:  # nothing new, or a part of units without rows
+            continue
+        wanted = None if columns is None else list(dict.fromkeys([UNIT_COLUMN, *columns]))
+        table = pq.read_table(path, columns=wanted, filters=where)
+        table = table.filter(pc.is_in(table[UNIT_COLUMN], value_set=pa.array(fresh, type=pa.string())))
+        if table.num_rows:
+            yield table
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".tmp-{path.name}")
+    temporary.write_bytes(data)
+    temporary.replace(path)
