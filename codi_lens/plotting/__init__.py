@@ -1,0 +1,54 @@
+"""Plotly figures for codi_lens results, one module per family; every figure shares ``base.TEMPLATE``."""
+
+from __future__ import annotations
+
+from codi_lens.plotting.accuracy import accuracy_bars
+from codi_lens.plotting.base import TEMPLATE, error_bars, mean_heatmap, write_html
+from codi_lens.plotting.importance import (
+    attention_by_head,
+    attention_by_layer,
+    attention_vs_importance,
+    importance_by_difficulty,
+    importance_by_thought,
+    problems_by_thought_heatmap,
+)
+from codi_lens.plotting.patching import patching_bars, patching_heatmap, recovery_slider, trajectory_lines
+from codi_lens.plotting.reading import (
+    answer_readout_lines,
+    early_answer_curves,
+    latent_readout_heatmap,
+    probe_accuracy_lines,
+    readout_heatmaps,
+    thought_decode_grid,
+    value_patching_bars,
+)
+from codi_lens.plotting.saes import feature_dashboard, pathway_scatter, sae_quality_bars, sae_splice_bars
+
+__all__ = [
+    "TEMPLATE",
+    "accuracy_bars",
+    "answer_readout_lines",
+    "attention_by_head",
+    "attention_by_layer",
+    "attention_vs_importance",
+    "early_answer_curves",
+    "error_bars",
+    "feature_dashboard",
+    "importance_by_difficulty",
+    "importance_by_thought",
+    "latent_readout_heatmap",
+    "mean_heatmap",
+    "patching_bars",
+    "patching_heatmap",
+    "pathway_scatter",
+    "probe_accuracy_lines",
+    "problems_by_thought_heatmap",
+    "readout_heatmaps",
+    "recovery_slider",
+    "sae_quality_bars",
+    "sae_splice_bars",
+    "thought_decode_grid",
+    "trajectory_lines",
+    "value_patching_bars",
+    "write_html",
+]

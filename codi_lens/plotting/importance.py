@@ -1,0 +1,106 @@
+"""Figures of step importance and of attention to the thoughts."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+
+from codi_lens.plotting.base import TEMPLATE, error_bars, mean_heatmap
+
+
+def importance_by_thought(table: pd.DataFrame, metric: str = "importance", title: str | None = None) -> go.Figure:
+    """Lines with 95% CI bars from :func:`codi_lens.importance.importance_table`: ``metric`` by thought,
+    one colour per intervention, one panel per scope (``thought`` 0 = every thought at once)."""
+    table = table.copy()
+    fig = px.line(
+        table,
+        x="thought",
+        y=metric,
+        color="intervention",
+        facet_col="scope",
+        markers=True,
+        hover_data=["n", f"{metric}_low", f"{metric}_high"],
+        template=TEMPLATE,
+        title=title or f"Step importance ({metric}) by thought, 95% bootstrap CI over problems",
+        labels={"thought": "thought k (0 = all thoughts)", metric: metric},
+        **error_bars(table, metric),
+    )
+    fig.update_xaxes(dtick=1)
+    return fig
+
+
+def problems_by_thought_heatmap(
+    results: pd.DataFrame, value: str = "kl", title: str = "KL(baseline || ablated) per problem and thought"
+) -> go.Figure:
+    """Problems x thoughts heatmap of ``value`` (rows of one intervention and scope)."""
+    grid = results.pivot_table(index="problem_id", columns="thought", values=value, aggfunc="mean", sort=False)
+    fig = px.imshow(
+        grid,
+        aspect="auto",
+        color_continuous_scale="Viridis",
+        template=TEMPLATE,
+        title=title,
+        labels={"x": "thought k", "y": "problem", "color": value},
+    )
+    return fig
+
+
+def importance_by_difficulty(table: pd.DataFrame, metric: str = "importance", title: str | None = None) -> go.Figure:
+    """``metric`` by thought with 95% CI bars, one line per difficulty bucket (``difficulty`` column)."""
+    fig = px.line(
+        table,
+        x="thought",
+        y=metric,
+        color="difficulty",
+        markers=True,
+        hover_data=["n"],
+        template=TEMPLATE,
+        title=title or f"{metric} by thought and number of steps, 95% bootstrap CI",
+        labels={"thought": "thought k", "difficulty": "steps"},
+        **error_bars(table, metric),
+    )
+    fig.update_xaxes(dtick=1)
+    return fig
+
+
+def attention_by_layer(attention: pd.DataFrame, title: str = "Attention to BOT and each thought") -> go.Figure:
+    """Layer x thought heatmap of the mean attention weight (over problems, heads and sources), one
+    panel per source kind (``eot`` / ``answer``)."""
+    frame = attention.assign(source_kind=attention["source"].str.split(":").str[0])
+    grid = frame.groupby(["source_kind", "layer", "thought"])["weight"].mean().reset_index()
+    return mean_heatmap(grid, "layer", "source_kind", title)
+
+
+def attention_vs_importance(
+    frame: pd.DataFrame, correlations: pd.DataFrame, x: str = "attention", y: str = "kl"
+) -> go.Figure:
+    """Scatter of attention against importance per layer, titled with each layer's Spearman
+    correlation and its 95% CI (from :func:`codi_lens.attention.correlation_by_layer`)."""
+    labels = {
+        int(r.layer): f"layer {int(r.layer)}: Spearman {r.spearman:.2f} [{r.spearman_low:.2f}, {r.spearman_high:.2f}]"
+        for r in correlations.itertuples()
+    }
+    frame = frame.assign(panel=frame["layer"].map(labels))
+    fig = px.scatter(
+        frame,
+        x=x,
+        y=y,
+        color="thought",
+        facet_col="panel",
+        hover_data=["problem_id", "thought"],
+        opacity=0.6,
+        template=TEMPLATE,
+        title="Attention to a thought vs its importance (zero ablation), Spearman with 95% CI",
+        labels={x: "attention (mean over heads, from EOT and answer)", y: "KL(baseline || ablated)"},
+    )
+    fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
+    return fig
+
+
+def attention_by_head(
+    attention: pd.DataFrame, title: str = "Attention from EOT and the answer to each thought, by head"
+) -> go.Figure:
+    """Head x thought heatmaps of the mean attention weight (over problems and sources), one panel per layer."""
+    grid = attention.groupby(["layer", "head", "thought"])["weight"].mean().reset_index()
+    return mean_heatmap(grid, "head", "layer", title, facet_wrap=4)
