@@ -45,9 +45,9 @@ def normalised_recovery(patched, corrupted, clean):
     Accepts tensors, arrays or scalars (returns a float64 NumPy array or scalar).
     """
     patched, corrupted, clean = (np.asarray(_numpy(x), dtype=np.float64) for x in (patched, corrupted, clean))
-    denominator = clean - corrupted
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(denominator == 0, np.nan, (patched - corrupted) / np.where(denominator == 0, 1, denominator))
+    numerator, denominator = np.broadcast_arrays(patched - corrupted, clean - corrupted)
+    out = np.divide(numerator, denominator, out=np.full(numerator.shape, np.nan), where=denominator != 0)
+    return out[()]  # a scalar for scalar inputs
 
 
 def _numpy(x):

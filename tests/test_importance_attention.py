@@ -170,19 +170,22 @@ def test_importance_table_by_hand():
             "baseline_correct": np.arange(n) < 80,
             "correct": (np.arange(n) >= 30) & (np.arange(n) < 90),  # 10 problems go from wrong to right
             "baseline_prediction": np.where(np.arange(n) < 95, 1.0, np.nan),
-            "prediction": np.where(breaks, 2.0, np.where(np.arange(n) < 95, 1.0, np.nan)),
+            # problems 90-94 lose their answer under the ablation (a change); 95-99 have none in either run
+            "prediction": np.where(breaks, 2.0, np.where(np.arange(n) < 90, 1.0, np.nan)),
             "kl": np.arange(n) / 100,
         }
     )
-    table = importance_table(pd.concat([frame, frame.assign(thought=2, correct=frame["baseline_correct"])]))
+    # conditions given out of order come back sorted
+    table = importance_table(pd.concat([frame.assign(thought=2, correct=frame["baseline_correct"]), frame]))
+    assert table["thought"].tolist() == [1, 2]
     first = table[table.thought == 1].iloc[0]
     assert first["n"] == n and first["importance"] == 0.3 and first["accuracy_drop"] == pytest.approx(0.8 - 0.6)
-    assert first["answer_changed"] == 0.3 and first["kl"] == pytest.approx(0.495)
+    assert first["answer_changed"] == 0.35 and first["kl"] == pytest.approx(0.495)
     low, high = stats.binom.ppf([0.025, 0.975], n, 0.3) / n
     assert abs(first["importance_low"] - low) <= 0.01 + 1e-12 and abs(first["importance_high"] - high) <= 0.01 + 1e-12
     second = table[table.thought == 2].iloc[0]
     assert second["importance"] == 0 and second["importance_low"] == second["importance_high"] == 0
-    assert second["accuracy_drop"] == 0 and second["answer_changed"] == 0.3
+    assert second["accuracy_drop"] == 0 and second["answer_changed"] == 0.35
 
 
 def test_experiments_run_end_to_end(tmp_path):

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
 
+import pandas as pd
 import pytest
 
-from codi_lens.data import Problem, load_problems
-from codi_lens.data.pairs import Reason, check_pairs, corrupt, make_pairs, question_numbers, read_pair_file
+from codi_lens.core.errors import MissingFileError
+from codi_lens.data import DataError, Problem, load_problems
+from codi_lens.data.pairs import (
+    Pair,
+    Reason,
+    Rejected,
+    check_pairs,
+    corrupt,
+    make_pairs,
+    parse_chain,
+    question_numbers,
+    read_pair_file,
+    recompute_program,
+)
 
 
 def gsm8k_problem(question: str, solution: str, pid: str = "p") -> Problem:
@@ -138,3 +152,162 @@ def test_checking_a_foreign_pair_file(tmp_path):
     assert report.loc["d", "status"] == "rejected" and report.loc["d", "reason"].startswith(Reason.NOT_ONE_NUMBER)
     (tmp_path / "list.json").write_text(json.dumps(rows[:1]))
     assert len(read_pair_file(tmp_path / "list.json")) == 1
+
+
+def message_of(problem: Problem, at: int, new: float, **kwargs) -> str:
+    with pytest.raises(Rejected) as info:
+        corrupt(problem, at, new, **kwargs)
+    return str(info.value)
+
+
+def one_span(expression: str, question: str = "Di has 5 coins and 2 bags. How many?") -> Problem:
+    """A problem whose chain is the single span ``expression`` (its stated result is the gold answer)."""
+    result = expression.split("=")[-1]
+    return gsm8k_problem(question, f"<<{expression}>>\n#### {result}")
+
+
+def test_rejection_messages_say_which_number_or_span():
+    """Each rejection writes its reason and the detail that locates it (what ``rejections.parquet`` shows)."""
+    cases = [
+        (gsm8k_problem("Tom has 4 cats and 3 dogs. How many pets?", "<<4+3=8>>\n#### 8"), "4", 5,
+         "a span's stated result differs from its expression: <<4+3=8>>"),
+        (gsm8k_problem("Tom has 4 cats. How many legs?", "<<4*legs=16>>\n#### 16"), "4", 5,
+         "a span cannot be re-evaluated: unsupported syntax Name"),
+        (gsm8k_problem("Ann has 4 red and 4 blue pens. How many?", "<<4+4=8>>\n#### 8"), "4", 5,
+         "the number occurs more than once in the question: 4"),
+        (gsm8k_problem("A square has side 3. How many cells?", "<<3*3=9>>\n#### 9"), "3", 4,
+         "the number plays several roles in the chain: 3 is used 2 times"),
+        (gsm8k_problem("Bo has 3 bags of 2 apples, eats 6 and finds 1. How many?",
+                       "<<3*2=6>> <<6-6=0>> <<0+1=1>>\n#### 1"), "6", 5,
+         "the number plays several roles in the chain: 6 is also an earlier result"),
+        (gsm8k_problem("Jo has 2 red and 3 blue pens, Mo 1 red and 4 blue. Each costs 6. Total cost?",
+                       "<<2+3=5>> <<1+4=5>> <<5*6=30>>\n#### 30"), "2", 3,
+         "the number plays several roles in the chain: 5 matches earlier results that now differ"),
+        (gsm8k_problem("Cy has 5 hats and buys 2. How many?", "<<5+2=7>>\n#### 8"), "5", 6,
+         "the chain does not end at the gold answer: last span gives 7, gold is 8"),
+        (gsm8k_problem("Ed is 30 and has 5 cups and 2 plates. How many things?", "<<5+2=7>>\n#### 7"), "30", 31,
+         "the number is not used in the chain: 30"),
+        (gsm8k_problem("Fi has 5 boxes with 0 cups each. How many cups?", "<<5*0=0>>\n#### 0"), "5", 6,
+         "the answer does not change"),
+        (gsm8k_problem("Gus splits 8 cakes among 2 kids. How many each?", "<<8/2=4>>\n#### 4"), "8", 9,
+         "the corrupted answer is not an integer: 4.5"),
+        (one_span("2**10=1024", "Di has 2 coins and 10 bags."), "2", 3, None),  # the largest exponent allowed
+        (one_span("2**11=2048", "Di has 2 coins and 11 bags."), "2", 3,
+         "a span cannot be re-evaluated: exponent too large"),
+        (one_span("5/(2-2)=0"), "5", 6, "a span cannot be re-evaluated: division by zero"),
+        (one_span("True+5=6"), "5", 6, "a span cannot be re-evaluated: unsupported syntax Constant"),
+    ]  # fmt: skip
+    for problem, number, new, expected in cases:
+        at = problem.question.index(number)
+        if expected is None:
+            corrupt(problem, at, new)
+            continue
+        assert message_of(problem, at, new) == expected, problem.solution
+    assert message_of(JANET, 3, 4) == "no integer in the question: no number at character 3"
+    hal = gsm8k_problem("Hal has 5 eggs and eats 4. How many left?", "<<5-4=1>>\n#### 1")
+    assert message_of(hal, hal.question.index("5"), 45, max_value=40) == (
+        "a value leaves the model's number range: above 40"
+    )
+    assert corrupt(hal, hal.question.index("5"), 40, max_value=40).corrupted_answer == 36  # the bound is allowed
+
+
+def test_signs_and_powers_are_re_evaluated():
+    """Unary minus of an expression, unary plus, powers, parentheses: the stated results check and the
+    corrupted answer is the expression on the new number."""
+    assert corrupt(one_span("-(2-5)*2=6"), 7, 7).corrupted_answer == -(2 - 7) * 2
+    assert corrupt(one_span("+5*2=10"), 7, 6).corrupted_answer == 12
+    assert corrupt(one_span("5**2=25"), 7, 6).corrupted_answer == 36
+    assert corrupt(one_span("(5+2)*2=14"), 7, 6).corrupted_answer == 16
+
+
+def toy_problem(question: str, solution: str) -> Problem:
+    gold = float(solution.split("#### ")[1])
+    return Problem(id="toy:x", question=question, solution=solution, gold=gold, n_steps=solution.count("<<"),
+                   source="toy", split="test", index=0)  # fmt: skip
+
+
+def test_synthetic_programs_refuse_what_they_cannot_trace():
+    """A span that is not one operation on two written numbers, a question number past the program's operands,
+    an odd value halved: each names itself. Halving that rounds (``//``) floors."""
+    nested = toy_problem("Ava has 6 coins. On Monday Ava keeps half and gets 1.", "<<6/2+1=4>>\n#### 4")
+    assert message_of(nested, 8, 8) == "a span cannot be re-evaluated: <<6/2+1>> is not one synthetic operation"
+    extra = toy_problem("Ava has 6 coins. On Monday Ava buys 2 more. How many after 3 days?", "<<6+2=8>>\n#### 8")
+    at_extra = question_numbers(extra.question)[2][0]
+    assert message_of(extra, at_extra, 4) == "the number is not used in the chain: number 2 of the question"
+    odd = toy_problem("Ava has 6 coins. On Monday Ava keeps half of them.", "<<6/2=3>>\n#### 3")
+    assert message_of(odd, 8, 7) == "an odd value would be halved: halving 7"
+    spans = parse_chain("<<6//2=3>> <<3+2=5>>")
+    assert recompute_program(spans, 0, 9) == [4.0, 6.0]
+
+
+def test_make_pairs_tables_by_hand():
+    """Candidates in question order, ``value + delta`` in the order given; a number-level rejection skips that
+    number's other deltas; a value-level one tries the next delta. Every tried candidate is one rejection row
+    saying whether its problem got a pair; a problem without an integer is one row with NaN numbers."""
+    hal = gsm8k_problem("Hal has 5 eggs and eats 4. How many left?", "<<5-4=1>>\n#### 1", pid="hal")
+    twice = gsm8k_problem("Ann has 4 red and 4 blue pens. How many?", "<<4+4=8>>\n#### 8", pid="ann")
+    none = gsm8k_problem("How many pens does Bo have?", "<<1+1=2>>\n#### 2", pid="bo")
+    pairs, rejections = make_pairs([hal, twice, none], deltas=(-5, 1))
+    assert list(pairs.columns) == list(Pair.__dataclass_fields__)
+    assert pairs.to_dict("records") == [
+        {"pair_id": "hal|8:5->6", "clean_id": "hal", "clean_question": hal.question,
+         "corrupted_question": hal.question.replace("5", "6"), "clean_answer": 1.0, "corrupted_answer": 2.0,
+         "changed_from": 5.0, "changed_to": 6.0, "changed_at": 8, "n_steps": 1, "source": "t", "split": "t"},
+    ]  # fmt: skip
+    expected = pd.DataFrame(
+        [
+            ("hal", 5.0, 0.0, Reason.NEGATIVE.value, "", True),
+            ("ann", 4.0, -1.0, Reason.REPEATED_IN_QUESTION.value, "4", False),
+            ("ann", 4.0, -1.0, Reason.REPEATED_IN_QUESTION.value, "4", False),
+            ("bo", math.nan, math.nan, Reason.NO_NUMBER.value, "", False),
+        ],
+        columns=["problem_id", "changed_from", "changed_to", "reason", "detail", "has_pair"],
+    )
+    pd.testing.assert_frame_equal(rejections, expected)
+    empty_pairs, empty_rejections = make_pairs([])
+    assert list(empty_pairs.columns) == list(Pair.__dataclass_fields__)
+    assert list(empty_rejections.columns) == list(expected.columns)
+
+
+def test_check_pairs_table_by_hand():
+    """Every column of the report, for a pair that agrees without a pair id or claimed answers (id = its index,
+    claims None) and one that is rejected (recomputed values NaN, no clean id, the reason's text)."""
+    hal = gsm8k_problem("Hal has 5 eggs and eats 4. How many left?", "<<5-4=1>>\n#### 1", pid="hal")
+    rows = [
+        {"clean_question": hal.question, "corrupted_question": hal.question.replace("4", "3")},
+        {"clean_question": hal.question, "corrupted_question": hal.question, "clean_answer": "1"},
+    ]
+    report = check_pairs(rows, [hal])
+    expected = pd.DataFrame(
+        [
+            ("0", "agrees", "", None, 1.0, None, 2.0, "hal", 4.0, 3.0, rows[0]["clean_question"],
+             rows[0]["corrupted_question"]),
+            ("1", "rejected", Reason.NOT_ONE_NUMBER.value + ": 0 numbers differ", 1.0, math.nan, None, math.nan,
+             None, math.nan, math.nan, hal.question, hal.question),
+        ],
+        columns=["pair_id", "status", "reason", "claimed_clean_answer", "recomputed_clean_answer",
+                 "claimed_corrupted_answer", "recomputed_corrupted_answer", "clean_id", "changed_from", "changed_to",
+                 "clean_question", "corrupted_question"],
+    )  # fmt: skip
+    pd.testing.assert_frame_equal(report, expected)
+    assert check_pairs([{**rows[0], "corrupted_answer": "two"}], [hal])["status"].tolist() == ["disagrees"]
+
+
+def test_pair_files_that_cannot_be_read_name_the_file_and_the_pair(tmp_path):
+    missing = tmp_path / "none.jsonl"
+    with pytest.raises(MissingFileError, match=f"no pair file at '{missing}'"):
+        read_pair_file(missing)
+    listed = tmp_path / "pairs.json"
+    listed.write_text('\n  [{"clean_question": "a 1", "corrupted_question": "a 2"}]')
+    assert read_pair_file(listed) == [{"clean_question": "a 1", "corrupted_question": "a 2"}]
+    listed.write_text('[{"clean_question": "a 1",\n "corrupted_question": }]')
+    with pytest.raises(DataError, match=r"pairs.json: not valid JSON \(Expecting value at line 2\)"):
+        read_pair_file(listed)
+    lines = tmp_path / "pairs.jsonl"
+    lines.write_text('{"clean_question": "a 1", "corrupted_question": "a 2"}\n{"clean_question": "b 1"}\n')
+    with pytest.raises(DataError) as info:
+        read_pair_file(lines)
+    assert str(info.value) == f"{lines}: pair 1 has no field 'corrupted_question' (fields: ['clean_question'])"
+    lines.write_text('{"clean_question": "a 1", "corrupted_question": "a 2"}\nnot json\n')
+    with pytest.raises(DataError, match=f"{lines}"):
+        read_pair_file(lines)

@@ -1,0 +1,136 @@
+"""Confidence intervals and tables of means, against independent references: normal theory for the level of a
+percentile bootstrap, the plain bootstrap of cluster means for the clustered bootstrap, and values by hand."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+
+from codi_lens.metrics import normalised_recovery
+from codi_lens.stats import bootstrap_ci, clustered_bootstrap_ci, mean_ci_table
+
+NAN_TRIPLE = (math.nan, math.nan, math.nan)
+
+
+def same(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return all((math.isnan(x) and math.isnan(y)) or x == y for x, y in zip(a, b, strict=True))
+
+
+def test_bootstrap_ci_edge_cases():
+    """No value: NaN everywhere; one value: the value, NaN bounds; two values: finite bounds; a constant sample:
+    a zero-width interval; NaN and None are dropped before anything is computed."""
+    assert same(bootstrap_ci([]), NAN_TRIPLE)
+    assert same(bootstrap_ci([math.nan, math.nan]), NAN_TRIPLE)
+    assert same(bootstrap_ci([4.0]), (4.0, math.nan, math.nan))
+    estimate, low, high = bootstrap_ci([1.0, 3.0])
+    assert estimate == 2.0 and 1.0 <= low < high <= 3.0
+    assert bootstrap_ci([2.5, 2.5, 2.5]) == (2.5, 2.5, 2.5)
+    values = [1.0, None, 2.0, math.nan, 6.0]
+    assert bootstrap_ci(values) == bootstrap_ci([1.0, 2.0, 6.0])
+    assert bootstrap_ci(values)[0] == 3.0
+
+
+def test_bootstrap_ci_is_seeded_with_documented_defaults():
+    """The same call gives the same interval; the defaults are 2000 resamples and seed 0; another seed moves it."""
+    values = np.random.default_rng(1).normal(size=50)
+    first = bootstrap_ci(values)
+    assert bootstrap_ci(values) == first
+    assert bootstrap_ci(values, n_resamples=2000, seed=0) == first
+    assert bootstrap_ci(values, seed=1) != first
+
+
+@pytest.mark.parametrize("confidence", [0.95, 0.90])
+def test_bootstrap_ci_level_matches_normal_theory(confidence):
+    """For the mean of 400 normal values the percentile bootstrap interval is mean +/- z * sd / sqrt(n) (sd with
+    ddof 0, the bootstrap's own spread) up to Monte Carlo error (about 3% of the half-width at 2000 resamples). The
+    tolerance, 6%, is well inside the 16% between the 90% and 95% half-widths, so a wrong level fails."""
+    values = np.random.default_rng(0).normal(10.0, 2.0, size=400)
+    estimate, low, high = bootstrap_ci(values, confidence=confidence)
+    half = stats.norm.ppf(0.5 + confidence / 2) * values.std() / math.sqrt(len(values))
+    assert estimate == pytest.approx(values.mean(), abs=1e-12)
+    assert abs((high - low) / 2 - half) <= 0.06 * half
+    assert abs((high + low) / 2 - values.mean()) <= 0.06 * half
+
+
+def cluster_frame() -> tuple[pd.DataFrame, np.ndarray]:
+    """Three rows per problem, problems interleaved and not in sorted order; returns the rows and the mean of
+    each problem in order of first appearance."""
+    rng = np.random.default_rng(3)
+    ids = ["p7", "p2", "p9", "p4", "p1", "p5", "p8", "p3"]
+    order = rng.permutation(np.repeat(np.arange(len(ids)), 3))
+    values = rng.normal(size=len(order)) + order  # problems differ in level, rows within one problem vary
+    frame = pd.DataFrame({"problem_id": [ids[i] for i in order], "value": values})
+    first_seen = list(dict.fromkeys(frame["problem_id"]))
+    means = frame.groupby("problem_id")["value"].mean().loc[first_seen].to_numpy()
+    return frame, means
+
+
+def test_clustered_bootstrap_resamples_whole_problems():
+    """With equal-sized clusters the mean of the resampled rows is the mean of the resampled cluster means, so the
+    clustered interval equals the plain bootstrap of the cluster means (clusters indexed in order of first
+    appearance, same seed and resamples) to float rounding."""
+    frame, means = cluster_frame()
+    for confidence in (0.95, 0.8):
+        clustered = clustered_bootstrap_ci(frame, np.mean, ["value"], confidence=confidence, n_resamples=999, seed=4)
+        plain = bootstrap_ci(means, confidence=confidence, n_resamples=999, seed=4)
+        np.testing.assert_allclose(clustered, plain, rtol=0, atol=1e-12)
+
+
+def test_clustered_bootstrap_defaults_and_edge_cases():
+    """Clusters default to ``problem_id``, 1000 resamples, seed 0; no row: NaN; one cluster: NaN bounds; two:
+    finite bounds. One row per problem gives the plain bootstrap of the values."""
+    frame, _ = cluster_frame()
+    default = clustered_bootstrap_ci(frame, np.mean, ["value"])
+    assert default == clustered_bootstrap_ci(frame, np.mean, ["value"], cluster="problem_id", n_resamples=1000, seed=0)
+    assert default != clustered_bootstrap_ci(frame, np.mean, ["value"], seed=1)
+    assert same(clustered_bootstrap_ci(frame.iloc[:0], np.mean, ["value"]), NAN_TRIPLE)
+    one = frame[frame.problem_id == "p2"]
+    assert same(clustered_bootstrap_ci(one, np.mean, ["value"]), (one["value"].mean(), math.nan, math.nan))
+    two = frame[frame.problem_id.isin(["p2", "p9"])]
+    _, low, high = clustered_bootstrap_ci(two, np.mean, ["value"])
+    assert math.isfinite(low) and math.isfinite(high) and low < high
+    single = frame.drop_duplicates("problem_id")
+    np.testing.assert_allclose(
+        clustered_bootstrap_ci(single, np.mean, ["value"], n_resamples=500),
+        bootstrap_ci(single["value"].to_numpy(), n_resamples=500),
+        rtol=0,
+        atol=1e-12,
+    )
+
+
+def test_mean_ci_table_by_hand():
+    """One row per group in sorted order, a missing group key kept as its own group, ``n`` and ``mean`` by hand
+    and the bounds of :func:`bootstrap_ci` on the group's values."""
+    rows = pd.DataFrame(
+        {
+            "layer": [2, 1, 2, 1, np.nan, 2],
+            "mode": ["b", "a", "b", "a", "a", "a"],
+            "value": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+        }
+    )
+    table = mean_ci_table(rows, ["layer", "mode"], "value")
+    assert table["layer"].fillna(-1).tolist() == [1, 2, 2, -1] and table["mode"].tolist() == ["a", "a", "b", "a"]
+    assert table["n"].tolist() == [2, 1, 2, 1] and table["mean"].tolist() == [3.0, 6.0, 2.0, 5.0]
+    assert tuple(table.iloc[2][["mean", "low", "high"]]) == bootstrap_ci([1.0, 3.0])
+
+
+def test_normalised_recovery_by_hand():
+    """(patched - corrupted) / (clean - corrupted) in float64 whatever the input dtype, NaN where clean equals
+    corrupted without a warning, from tensors that require grad too."""
+    patched = torch.tensor([1.0, 2.0, 0.1], requires_grad=True)
+    corrupted = torch.tensor([0.0, 1.0, 0.7])
+    clean = torch.tensor([3.0, 1.0, 0.3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = normalised_recovery(patched, corrupted, clean)
+    p, c, k = (np.float64(t.detach().numpy()) for t in (patched, corrupted, clean))
+    assert out.dtype == np.float64
+    assert out[0] == (p[0] - c[0]) / (k[0] - c[0]) and math.isnan(out[1])
+    assert out[2] == (p[2] - c[2]) / (k[2] - c[2])  # exact in float64 from the float32 inputs, not float32 maths
+    assert normalised_recovery(3, 1, 5) == 0.5 and math.isnan(normalised_recovery(3.0, 2.0, 2.0))
