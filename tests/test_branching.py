@@ -67,7 +67,10 @@ def test_branches_at_every_start_equal_one_full_run_per_intervention(llama_model
 def test_branch_generation_equals_run_codi_and_rows_leave_at_eos(toy):
     model, problems = toy
     questions = [p.question for p in problems]
+    push = 8 * torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    in_answer = steer(model, "blocks.1.hook_resid_post", ["answer:3"], push)  # acts where the number is predicted
     cases = [([], N + 1), (zero_thoughts(range(1, N + 1)), 1), (zero_thoughts([2]), 2), *_cases(model)[4:]]
+    cases.append((in_answer, N + 1))
     trunk = grow_trunk(model, questions)
     outs = run_branches(model, trunk, [Branch(h, s) for h, s in cases], max_new_tokens=24, max_rows=16)
     lengths = set()
@@ -76,6 +79,8 @@ def test_branch_generation_equals_run_codi_and_rows_leave_at_eos(toy):
         assert out.answer_tokens == expected, start
         lengths |= {len(a) for a in expected}
     assert len(lengths) > 2  # rows finished at different steps, so some left the batch early
+    plain = model.run_codi(questions, max_new_tokens=24).answer_tokens
+    assert outs[-1].answer_tokens != plain  # the answer-position hook changed what was generated
 
 
 def test_step_importance_rows_equal_the_naive_way(toy):

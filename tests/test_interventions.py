@@ -285,6 +285,15 @@ def test_answer_number_position_for_numbers_split_into_several_tokens():
     assert find_answer_number(tok, tok("The answer is", add_special_tokens=False)["input_ids"]) is None
 
 
+def test_answer_number_skips_special_tokens():
+    """A special token spelled with a digit ('<pad7>') after the answer is not the answer's last number."""
+    tok = _char_tokenizer()
+    tok.add_special_tokens({"pad_token": "<pad7>"})
+    ids = tok("The answer is: 18", add_special_tokens=False)["input_ids"] + [tok.pad_token_id, tok.eos_token_id]
+    number = find_answer_number(tok, ids)
+    assert number.text == "18" and number.token == tok.convert_tokens_to_ids("1")
+
+
 def test_logits_at_answer_match_the_reference(llama, questions):
     model, ref = llama
     base = model.run_codi(questions, max_new_tokens=8)
@@ -300,6 +309,10 @@ def test_logits_at_answer_match_the_reference(llama, questions):
         expected = ref.teacher_forced_logits(questions[i], list(n.prefix) + [n.token])[n.index]
         assert (logits[row] - expected).abs().max() <= 1e-4
     assert torch.equal(kl_divergence(logits, logits), torch.zeros(len(chosen), dtype=torch.float64))
+    i, n = chosen[0]  # a shorter loop: the reference with 3 thoughts
+    short = logits_at_answer(model, [questions[i]], [n], n_latents=3)[0]
+    expected = ref.teacher_forced_logits(questions[i], list(n.prefix) + [n.token], n_latents=3)[n.index]
+    assert (short - expected).abs().max() <= 1e-4 and (short - logits[0]).abs().max() > 1e-3
 
 
 def test_bootstrap_ci():

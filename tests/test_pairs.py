@@ -20,6 +20,7 @@ from codi_lens.data.pairs import (
     parse_chain,
     question_numbers,
     read_pair_file,
+    read_pair_table,
     recompute_program,
 )
 
@@ -311,3 +312,26 @@ def test_pair_files_that_cannot_be_read_name_the_file_and_the_pair(tmp_path):
     lines.write_text('{"clean_question": "a 1", "corrupted_question": "a 2"}\nnot json\n')
     with pytest.raises(DataError, match=f"{lines}"):
         read_pair_file(lines)
+
+
+def test_spans_that_cannot_be_parsed_are_rejected_and_thousands_separators_are_read():
+    for solution, detail in [("<<3+4>>", "<<3+4>> has no '='"), ("<<2=2=2>>", "<<2=2=2>>")]:
+        with pytest.raises(Rejected) as caught:
+            parse_chain(solution + "\n#### 7")
+        assert (caught.value.reason, caught.value.detail) == (Reason.NOT_EVALUABLE, detail)
+    (span,) = parse_chain("He pays <<1,000+5=1,005>> dollars.\n#### 1005")
+    assert (span.expression, span.result) == ("1,000+5", 1005)
+    assert eval(compile(span.tree, "<span>", "eval")) == 1005  # the parsed tree reads 1000, not 1 and 0
+
+
+def test_pair_tables_are_read_and_checked(tmp_path):
+    table = pd.DataFrame(
+        {"pair_id": ["a"], "clean_question": ["q"], "corrupted_question": ["r"], "clean_answer": [1.0]}
+    )
+    with pytest.raises(MissingFileError, match="no pairs file at '.*nowhere.parquet'"):
+        read_pair_table(tmp_path / "nowhere.parquet")
+    table.to_parquet(tmp_path / "short.parquet")
+    with pytest.raises(DataError, match="short.parquet lacks the column 'corrupted_answer'"):
+        read_pair_table(tmp_path / "short.parquet")
+    table.assign(corrupted_answer=[2.0]).to_parquet(tmp_path / "pairs.parquet")
+    pd.testing.assert_frame_equal(read_pair_table(tmp_path / "pairs.parquet"), table.assign(corrupted_answer=[2.0]))

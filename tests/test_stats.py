@@ -43,6 +43,11 @@ def test_bootstrap_ci_is_seeded_with_documented_defaults():
     assert bootstrap_ci(values) == first
     assert bootstrap_ci(values, n_resamples=2000, seed=0) == first
     assert bootstrap_ci(values, seed=1) != first
+    # the same draw as SciPy's percentile bootstrap called with 2000 resamples from default_rng(0)
+    scipy_ci = stats.bootstrap(
+        (values,), np.mean, n_resamples=2000, method="percentile", random_state=np.random.default_rng(0)
+    ).confidence_interval
+    assert first[1:] == (pytest.approx(scipy_ci.low, abs=1e-12), pytest.approx(scipy_ci.high, abs=1e-12))
 
 
 @pytest.mark.parametrize("confidence", [0.95, 0.90])
@@ -134,3 +139,13 @@ def test_normalised_recovery_by_hand():
     assert out[0] == (p[0] - c[0]) / (k[0] - c[0]) and math.isnan(out[1])
     assert out[2] == (p[2] - c[2]) / (k[2] - c[2])  # exact in float64 from the float32 inputs, not float32 maths
     assert normalised_recovery(3, 1, 5) == 0.5 and math.isnan(normalised_recovery(3.0, 2.0, 2.0))
+
+
+def test_mean_ci_table_drops_missing_values_of_nullable_columns():
+    # answer_changed is a nullable boolean where a prediction is missing: <NA> is dropped like NaN
+    rows = pd.DataFrame(
+        {"condition": ["a"] * 4, "answer_changed": pd.array([True, None, False, True], dtype="boolean")}
+    )
+    table = mean_ci_table(rows, ["condition"], "answer_changed")
+    assert table.loc[0, "n"] == 4
+    assert table.loc[0, "mean"] == pytest.approx(2 / 3, abs=1e-12)

@@ -69,6 +69,13 @@ class CODIPositions:
     answer_start: int
     answer_lengths: list[int]
 
+    def __post_init__(self) -> None:
+        if len(self.answer_lengths) != len(self.n_pad):
+            raise ValueError(
+                f"a position map needs one answer length per example: {len(self.n_pad)} examples, "
+                f"{len(self.answer_lengths)} answer lengths"
+            )
+
     @property
     def n_latents(self) -> int:
         return len(self.thoughts)
