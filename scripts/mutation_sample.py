@@ -22,10 +22,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from mutmut.stats import status_by_exit_code
 from statsmodels.stats.proportion import proportion_confint
 
-STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", None: "not run"}
-STATUS.update(dict.fromkeys((36, 24, -24, 152, 255), "timeout"))
+CAUGHT = ("killed", "timeout")
+NOT_RUN = ("not checked", "skipped")
 
 
 def results(mutants: Path) -> dict[str, dict[str, str]]:
@@ -37,7 +38,7 @@ def results(mutants: Path) -> dict[str, dict[str, str]]:
     for meta in metas:
         codes = json.loads(meta.read_text())["exit_code_by_key"]
         module = str(meta.relative_to(mutants)).removesuffix(".meta")
-        table[module] = {name: STATUS.get(code, "suspicious") for name, code in codes.items()}
+        table[module] = {name: status_by_exit_code[code] for name, code in codes.items()}
     return table
 
 
@@ -56,8 +57,8 @@ def report(table: dict[str, dict[str, str]], survivors: bool) -> None:
     print(header + "  score [95% Wilson]")
     for module in sorted(table):
         counts = Counter(table[module].values())
-        caught = counts["killed"] + counts["timeout"]
-        run = caught + counts["survived"] + counts["no tests"] + counts["suspicious"]
+        caught = sum(counts[status] for status in CAUGHT)
+        run = sum(n for status, n in counts.items() if status not in NOT_RUN)
         if run == 0:
             print(f"{module:32} {0:5} {len(table[module]):5}  (nothing run yet)")
             continue
@@ -68,7 +69,7 @@ def report(table: dict[str, dict[str, str]], survivors: bool) -> None:
         )
         if survivors:
             for name, status in sorted(table[module].items()):
-                if status in ("survived", "no tests", "suspicious"):
+                if status not in CAUGHT + NOT_RUN:
                     print(f"    {status:9} {name}")
 
 
@@ -83,17 +84,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     table = results(args.mutants)
     if args.command == "run":
-        pending = [name for name in sample(table, args.per_module, args.seed) if _status(table, name) == "not run"]
+        status = {name: code for statuses in table.values() for name, code in statuses.items()}
+        pending = [name for name in sample(table, args.per_module, args.seed) if status[name] == "not checked"]
         print(f"running {len(pending)} sampled mutants not yet run", flush=True)
         if pending:
             command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children), *pending]
             subprocess.run(command, check=True)
         table = results(args.mutants)
     report(table, args.survivors)
-
-
-def _status(table: dict[str, dict[str, str]], name: str) -> str:
-    return next(statuses[name] for statuses in table.values() if name in statuses)
 
 
 if __name__ == "__main__":
