@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from codi_lens.core.answers import NUMBER_PATTERN
+from codi_lens.core.answers import ANSWER_METRICS, DEFAULT_ANSWER_METRIC, NUMBER_PATTERN  # noqa: F401 (the metric names)
 
 
 # ---------------------------------------------------------------------- tensor-level
@@ -74,12 +74,21 @@ class AnswerNumber:
         prefix: the answer tokens before it (``answer_tokens[:index]``), fed when teacher forcing.
         token: the number's first token id.
         text: the number as written (``"18"``).
+        tokens: every token that spells the number (``tokens[0] == token``; Llama 3 writes ``1200`` as
+            ``120``, ``0``); ``(token,)`` when only the first is known.
     """
 
     index: int
     prefix: tuple[int, ...]
     token: int
     text: str
+    tokens: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.tokens:
+            object.__setattr__(self, "tokens", (self.token,))
+        if self.tokens[0] != self.token:
+            raise ValueError(f"the number's tokens {self.tokens} do not start with its first token {self.token}")
 
 
 def find_answer_number(tokenizer, answer_tokens: Sequence[int]) -> AnswerNumber | None:
@@ -88,7 +97,8 @@ def find_answer_number(tokenizer, answer_tokens: Sequence[int]) -> AnswerNumber 
 
     Works for any tokenizer by decoding growing prefixes: token ``i`` covers the characters between
     ``len(decode(tokens[:i]))`` and ``len(decode(tokens[:i + 1]))``; the number's first token is the
-    one covering its first character (a leading space or a split number is handled the same way).
+    one covering its first character (a leading space or a split number is handled the same way), and
+    its tokens run to the one covering its last character.
     """
     tokens = list(answer_tokens)
     text = tokenizer.decode(tokens, skip_special_tokens=True)
@@ -96,11 +106,13 @@ def find_answer_number(tokenizer, answer_tokens: Sequence[int]) -> AnswerNumber 
     if not matches:
         return None
     number = matches[-1]
-    for i in range(len(tokens)):
-        end = len(tokenizer.decode(tokens[: i + 1], skip_special_tokens=True))
-        if end > number.start():
-            return AnswerNumber(index=i, prefix=tuple(tokens[:i]), token=tokens[i], text=number.group())
-    return None  # pragma: no cover - the number lies inside the decoded text
+    ends = [len(tokenizer.decode(tokens[: i + 1], skip_special_tokens=True)) for i in range(len(tokens))]
+    first = next(i for i, end in enumerate(ends) if end > number.start())
+    last = next(i for i, end in enumerate(ends) if end >= number.end())
+    spelled = tuple(tokens[first : last + 1])
+    return AnswerNumber(
+        index=first, prefix=tuple(tokens[:first]), token=tokens[first], text=number.group(), tokens=spelled
+    )
 
 
 def logits_at_answer(
@@ -132,3 +144,75 @@ def rows_at_answer(
     rows = torch.arange(len(numbers), device=logits.device)
     index = torch.tensor([n.index for n in numbers], device=logits.device)
     return logits[rows, index].float()
+
+
+# ---------------------------------------------------------------------- two answers compared
+
+
+@dataclass(frozen=True)
+class AnswerContrast:
+    """A pair's two answer numbers after one shared answer prefix.
+
+    Attributes:
+        prefix: the answer tokens before the number (the reference run's own).
+        clean, corrupted: the tokens of each number written after that prefix.
+    """
+
+    prefix: tuple[int, ...]
+    clean: tuple[int, ...]
+    corrupted: tuple[int, ...]
+
+    @property
+    def divergence(self) -> int | None:
+        """The first index into the numbers where their tokens differ; None when one number's tokens begin
+        the other's (``12`` and ``120`` with a digit tokenizer): there is no token at which to compare them."""
+        for j, (a, b) in enumerate(zip(self.clean, self.corrupted)):
+            if a != b:
+                return j
+        return None
+
+    def compared_at(self, metric: str) -> int | None:
+        """The number token at which a logit-difference metric compares the two answers (None: undefined).
+        ``answer_logprob`` compares whole numbers; its KL is read at their first token (0)."""
+        if metric == "first_token":
+            return 0 if self.clean[0] != self.corrupted[0] else None
+        if metric == "first_difference":
+            return self.divergence
+        return 0 if self.divergence is not None else None
+
+    def forced(self, side: str = "clean", upto: int | None = None) -> AnswerNumber:
+        """The answer to teacher-force and the row to read: ``prefix + number[:upto]`` and the row predicting
+        ``number[upto]`` of ``side`` (``upto`` None: the whole number, rows from its first token on)."""
+        number = self.clean if side == "clean" else self.corrupted
+        at = 0 if upto is None else upto
+        return AnswerNumber(
+            index=len(self.prefix) + at,
+            prefix=self.prefix + number[:at],
+            token=number[at],
+            text="",
+            tokens=number[at:],
+        )
+
+
+def whole_number_rows(numbers: Sequence[AnswerNumber]) -> tuple[list[list[int]], list[list[int]], Tensor]:
+    """For :func:`number_logprob`: per example the tokens to teacher-force (prefix and the whole number),
+    the answer rows predicting each number token (padded to the longest number by repeating the last row),
+    and the mask of the real ones ``[batch, max_len]``."""
+    width = max(len(n.tokens) for n in numbers)
+    forced = [list(n.prefix) + list(n.tokens) for n in numbers]
+    rows = [[n.index + min(j, len(n.tokens) - 1) for j in range(width)] for n in numbers]
+    mask = torch.tensor([[j < len(n.tokens) for j in range(width)] for n in numbers])
+    return forced, rows, mask
+
+
+def number_logprob(
+    logits: Float[Tensor, "batch width d_vocab"], numbers: Sequence[AnswerNumber], mask: Bool[Tensor, "batch width"]
+) -> Float[Tensor, " batch"]:
+    """``sum_j log p(number_j | prefix, number_<j)`` per example, from the teacher-forced logits at the rows of
+    :func:`whole_number_rows` (float64)."""
+    width = logits.shape[1]
+    targets = torch.tensor(
+        [[n.tokens[min(j, len(n.tokens) - 1)] for j in range(width)] for n in numbers], device=logits.device
+    )
+    logprobs = logits.double().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+    return (logprobs * mask.to(logits.device)).sum(1)

@@ -32,9 +32,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-latents", type=int, default=6, help="continuous thoughts fed back (CODI: 6)")
     args = parse_common_args(parser, argv)
     run = start_run(args)
+    problems = run.problems()
     rows, store = attention_importance(
         run.model,
-        run.problems(),
+        problems,
         run.out,
         n_latents=args.n_latents,
         max_new_tokens=args.max_new_tokens,

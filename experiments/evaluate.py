@@ -12,20 +12,11 @@ it stopped; rerunning with another checkpoint, data or budget into the same fold
 from __future__ import annotations
 
 import argparse
-import time
 
 import pandas as pd
 
 from codi_lens.accuracy import Condition, evaluate_conditions
-from codi_lens.data import load_problems
-from codi_lens.run.cli import (
-    add_common_args,
-    executor_from_args,
-    load_model,
-    model_settings,
-    parse_common_args,
-    run_main,
-)
+from codi_lens.run.cli import add_common_args, parse_common_args, run_main, start_run
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -34,19 +25,17 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--n-latents", type=int, default=6, help="continuous thoughts fed back (CODI: 6)")
     args = parse_common_args(parser, argv)
 
-    started = time.perf_counter()
-    model = load_model(args)
-    problems = load_problems(args.data, split=args.split, limit=args.limit)
-    condition = Condition("latents", model, n_latents=args.n_latents, max_new_tokens=args.max_new_tokens)
-    settings = {**model_settings(model, args), "data_source": args.data, "limit": args.limit}
+    run = start_run(args)
+    problems = run.problems()
+    condition = Condition("latents", run.model, n_latents=args.n_latents, max_new_tokens=args.max_new_tokens)
     table, store = evaluate_conditions(
         [condition],
         problems,
         args.out,
         batch_size=args.batch_size,
-        settings=settings,
+        settings=run.settings(),
         overwrite=args.overwrite,
-        executor=executor_from_args(args),
+        executor=run.executor,
     )
     n_correct = int(table["correct"].sum())
     store.finish(
@@ -55,7 +44,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             "n_problems": len(table),
             "n_correct": n_correct,
             "accuracy": n_correct / max(1, len(table)),
-            "wall_seconds_this_invocation": round(time.perf_counter() - started, 1),
+            "wall_seconds_this_invocation": run.elapsed(),
         },
     )
     print(f"accuracy: {n_correct}/{len(table)}")

@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-latents", type=int, default=6, help="continuous thoughts fed back (CODI: 6)")
     args = parse_common_args(parser, argv)
     run = start_run(args)
-    sources = [s.strip() for s in args.sources.split(",")] if args.sources else None
-    choice = choose_pathway(load_saes(args.saes, device=args.device), args.target, sources)
     problems = run.problems()
+    sources = [s.strip() for s in args.sources.split(",")] if args.sources else None
+    choice = choose_pathway(load_saes(args.saes, device=args.device), args.target, sources)  # before the model
     settings = run.settings(
         saes=str(Path(args.saes)),
         target=choice.target_id,

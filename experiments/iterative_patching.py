@@ -24,6 +24,7 @@ from codi_lens.core.errors import FlagError
 from codi_lens.patching import trajectory_sweep
 from codi_lens.reports.patching import write_iterative_patching
 from codi_lens.run.cli import add_pair_args, command_parser, parse_common_args, run_main, start_run
+from codi_lens.run.outcome import stop_if_nothing_measured
 
 
 def parse_layers(text: str | None, n_layers: int) -> list[int]:
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--layers", default=None, help="comma-separated layers (default: all)")
     args = parse_common_args(parser, argv)
     run = start_run(args)
-    layers = parse_layers(args.layers, run.model.cfg.n_layers)
+    layers = parse_layers(args.layers, run.architecture.n_layers)
     pairs = run.pairs()
     rows, store = trajectory_sweep(
         run.model,
@@ -56,10 +57,12 @@ def main(argv: list[str] | None = None) -> dict:
         n_latents=args.n_latents,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
+        metric=args.metric,
         settings=run.settings(pairs_file=args.pairs),
         overwrite=args.overwrite,
         executor=run.executor,
     )
+    stop_if_nothing_measured(rows, run.out, unit_column="pair_id", noun="pairs")
     pairs.to_parquet(run.out / "pairs.parquet", index=False)
     summary = write_iterative_patching(rows, run.out)
     summary["wall_seconds_this_invocation"] = run.elapsed()

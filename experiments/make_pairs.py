@@ -16,8 +16,10 @@ are recomputed and compared with the claimed ones.
 Writes to ``--out`` (default ``results/make_pairs``): ``pairs.parquet`` (``pair_id, clean_id,
 clean_question, corrupted_question, clean_answer, corrupted_answer, changed_from, changed_to, ...``)
 and ``rejections.parquet`` (every rejected candidate, by reason), or ``import_report.parquet``
-(``pair_id, status, reason, claimed_corrupted_answer, recomputed_corrupted_answer, ...``); and
-``summary.json`` with the counts by reason. This needs no model.
+(``pair_id, status, reason, claimed_corrupted_answer, recomputed_corrupted_answer, ...``) with
+``pairs.parquet`` (the pairs that agree, with the recomputed answers, ready for ``position_patching
+--pairs``); and ``summary.json`` with the counts by reason. No usable pair: the counts are written and the
+command stops with one ``error:`` line (exit status 2). This needs no model.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from pathlib import Path
 from codi_lens.core.errors import FlagError
 from codi_lens.data import load_problems
 from codi_lens.data.pairs import DEFAULT_DELTAS, check_pairs, make_pairs, read_pair_file
+from codi_lens.data.problems import DataError
 from codi_lens.data.synthetic import value_limit
 from codi_lens.loading import DEFAULT_MODEL, default_data
 from codi_lens.reports.pairs import write_import_report, write_pairs
-from codi_lens.run.cli import run_main
+from codi_lens.run.cli import check_out, run_main
+from codi_lens.run.outcome import NothingToMeasureError
 
 
 def parse_deltas(text: str) -> list[float]:
@@ -59,6 +63,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="results/make_pairs", help="output folder")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
+    check_out(args.out)
+    if args.limit is not None and args.limit < 1:
+        raise FlagError(f"--limit must be at least 1, got {args.limit}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.import_file:
@@ -69,12 +76,18 @@ def main(argv: list[str] | None = None) -> dict:
         deltas = parse_deltas(args.deltas)
         data = args.data or default_data(DEFAULT_MODEL)
         problems = load_problems(data, split=args.split, limit=args.limit)
+        if not problems:
+            raise DataError(f"--data {data}: no problems to make pairs from (the source holds no records)")
         max_value = args.max_value if args.max_value is not None else value_limit(problems)
         pairs, rejections = make_pairs(problems, deltas=deltas, max_value=max_value)
         summary = {"data": data, "n_problems": len(problems), **write_pairs(pairs, rejections, out)}
         summary |= {"deltas": deltas, "max_value": max_value}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
+    if not args.import_file and not summary["n_pairs"]:  # a check's report is its result, even when all disagree
+        reasons = summary["problems_without_pair_by_first_reason"]
+        why = "; ".join(f"{n} {reason}" for reason, n in reasons.items())
+        raise NothingToMeasureError(f"no usable pair ({why}); counts in {out / 'summary.json'}")
     return summary
 
 

@@ -38,6 +38,7 @@ from codi_lens.core.errors import FlagError
 from codi_lens.patching import METHODS, PATCH_KINDS, patch_sweep, rank_agreement, sweep_sites
 from codi_lens.reports.patching import report_lines, write_position_patching
 from codi_lens.run.cli import add_pair_args, command_parser, parse_common_args, run_main, start_run
+from codi_lens.run.outcome import stop_if_nothing_measured
 
 
 @dataclass
@@ -84,19 +85,23 @@ def main(argv: list[str] | None = None) -> dict:
     config = PositionPatchingConfig(kinds, args.method, args.generate, args.compare)
     run = start_run(args)
     pairs = run.pairs()
+    arch = run.architecture
+    sites = sweep_sites(arch.n_layers, args.n_latents, kinds=kinds, n_heads=arch.n_heads, layer_only=True)
     model = run.model
-    sites = sweep_sites(model.cfg.n_layers, args.n_latents, kinds=kinds, n_heads=model.cfg.n_heads, layer_only=True)
     sweep = dict(
         sites=sites,
         n_latents=args.n_latents,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         max_rows=args.max_rows,
+        metric=args.metric,
+        answer_from=args.answer_from,
         settings=run.settings(pairs_file=args.pairs),
         overwrite=args.overwrite,
         executor=run.executor,
     )
     rows, store = patch_sweep(model, pairs, run.out, generate=config.generate, method=config.method, **sweep)
+    stop_if_nothing_measured(rows, run.out, unit_column="pair_id", noun="pairs", extra={"method": config.method})
     agreement = None
     if config.compare:
         other = config.other_method

@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.min_references,
     )
     run = start_run(args)
+    problems = run.problems()
     settings = run.settings(
         seed=args.seed,
         n_latents=config.n_latents,
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     reading, store = read_thoughts(
         run.model,
-        run.problems(),
+        problems,
         run.out,
         n_latents=config.n_latents,
         fit_fraction=config.fit_fraction,

@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_common_args(parser, argv)
     ids = [i.strip() for i in args.sae_ids.split(",")] if args.sae_ids else None
     run = start_run(args)
-    saes = load_saes(args.saes, ids, device=args.device)
     problems = run.problems()
+    saes = load_saes(args.saes, ids, device=args.device)  # an empty or wrong folder is named before the model loads
     settings = run.settings(
         saes={i: str(Path(args.saes)) for i in saes},
         intervention=args.intervention,

@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     run = start_run(args)
     problems = run.problems()
+    if len(problems) < 2 and any(INTERVENTIONS[name].needs_donors for name in config.interventions):
+        raise FlagError(
+            f"--interventions {args.interventions}: swapping thoughts needs two problems or more; --data and "
+            f"--limit give {len(problems)}"
+        )
     reference = load_problems(config.reference, limit=config.reference_limit) if config.reference else None
     rows, store = step_importance(
         run.model,

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parse_common_args(parser, argv)
     run = start_run(args)
-    model, problems, budget = run.model, run.problems(), args.max_new_tokens
+    problems = run.problems()
+    model, budget = run.model, args.max_new_tokens
     baseline = load_codi(args.baseline, args.baseline, device=args.device) if args.baseline else None
     conditions = model_conditions(
         model, n_latents=N_LATENTS, budget=budget, short_budget=args.write_card, baseline=baseline

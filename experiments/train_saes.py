@@ -39,6 +39,7 @@ from codi_lens.run.cli import command_parser, parse_common_args, run_main, start
 from codi_lens.run.store import UNIT_COLUMN
 from codi_lens.saes import SAE_ARCHITECTURES, SAERecipe, recipe_dict
 from codi_lens.saes.suite import train_sae_suite
+from codi_lens.saes.train import check_training_rows
 
 DEFAULT_SITES = ",".join(f"thought.{k}.hook_hidden" for k in range(1, 7))
 
@@ -113,7 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.train_data = args.train_data or default_data(args.checkpoint, "train")
     config = TrainSAEsConfig.from_args(args)
     run = start_run(args)
+    run.check_sites(config.sites, "--sites")
     train = load_problems(args.train_data, limit=args.train_limit)
+    check_training_rows(len(train), config.recipe.batch_size)
     heldout = run.problems()
     settings = run.settings(
         train_data=args.train_data,

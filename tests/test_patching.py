@@ -140,7 +140,18 @@ def test_questions_of_different_lengths_patch_the_same_thought(llama_model, ques
     corrupted_q = [questions[2], questions[0]]  # the long one padded beside a short one
     clean, cache = model.run_codi_with_cache(clean_q, names_filter=name, max_new_tokens=1)
     batch = PairBatch(
-        [None, None], torch.tensor([]), [], None, None, {name: cache[name]}, clean.thought_embeds, clean.positions
+        metric="first_difference",
+        contrasts=[],
+        clean_numbers=[None, None],
+        corrupted_tokens=torch.tensor([]),
+        changed_tokens=[],
+        clean_logits=None,
+        corrupted_logits=None,
+        ld_clean=None,
+        ld_corrupted=None,
+        clean_cache={name: cache[name]},
+        clean_thoughts=clean.thought_embeds,
+        clean_positions=clean.positions,
     )
     patched = model.run_codi(
         corrupted_q, max_new_tokens=3, fwd_hooks=patch_hooks(model, Site.of("resid_post", 0, "thought:2"), batch)

@@ -240,3 +240,33 @@ def test_stratified_sample_counts_per_bucket_without_duplicates_in_order(steps, 
         drawn = sum(difficulty_bucket(p.n_steps) == bucket for p in sample)
         assert drawn == min(n_per_bucket, available), bucket
     assert [p.id for p in stratified_sample(problems, n_per_bucket, seed=seed)] == ids  # deterministic
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(1, 7), min_size=0, max_size=60),
+    st.integers(0, 12),
+    st.integers(0, 12),
+    st.integers(0, 2**16),
+)
+def test_a_smaller_stratified_sample_is_a_subset_of_a_larger_one(steps, small, extra, seed):
+    """Seeded the same way, N per bucket lies inside N + extra per bucket (the seeds' 100 inside their 1,000),
+    and a bucket's draw does not depend on the other buckets' sizes."""
+    problems = [_problem(i, n) for i, n in enumerate(steps)]
+    smaller = {p.id for p in stratified_sample(problems, small, seed=seed)}
+    larger = {p.id for p in stratified_sample(problems, small + extra, seed=seed)}
+    assert smaller <= larger
+    without_short = [p for p in problems if difficulty_bucket(p.n_steps) != "<=2"]
+    long_ones = {p.id for p in stratified_sample(without_short, small, seed=seed)}
+    assert long_ones == {p.id for p in problems if p.id in smaller and difficulty_bucket(p.n_steps) != "<=2"}
+
+
+def test_stratified_sample_names_a_bucket_short_of_n():
+    problems = [_problem(i, n) for i, n in enumerate([1, 1, 3, 4, 5, 6])]
+    said = []
+    sample = stratified_sample(problems, 2, seed=0, report=said.append)
+    assert len(sample) == 6
+    assert said == [
+        "bucket 3 holds 1 problems, fewer than 2: taking all of them",
+        "bucket 4 holds 1 problems, fewer than 2: taking all of them",
+    ]

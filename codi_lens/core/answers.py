@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from codi_lens.core.registry import Registry
+
 NUMBER_PATTERN = re.compile(r"-?\d+\.?\d*")
 
 #: How CODI writes its final answer (upstream's training targets end with it).
@@ -39,3 +41,18 @@ def is_correct(prediction: float | None, gold: float) -> bool:
 def clean_question(question: str) -> str:
     """Upstream's question preprocessing: ``q.strip().replace('  ', ' ')`` (no prompt template)."""
     return question.strip().replace("  ", " ")
+
+
+#: How a pair's two answer numbers are compared (``--metric``).
+ANSWER_METRICS: Registry[str] = Registry("answer metric")
+ANSWER_METRICS.add(
+    "first_difference",
+    "logit difference at the first token where the two numbers differ (the default; the first token when "
+    "they differ there, so one-token numbers read as before)",
+)
+ANSWER_METRICS.add("first_token", "logit difference at the numbers' first token (pairs sharing it are skipped)")
+ANSWER_METRICS.add(
+    "answer_logprob",
+    "log-probability of the whole clean number minus the whole corrupted one's, each teacher-forced",
+)
+DEFAULT_ANSWER_METRIC = "first_difference"

@@ -57,7 +57,7 @@ def loop_gradients(
     model: CODIModel,
     questions: Sequence[str],
     answers: Sequence[Sequence[int]],
-    answer_index: Sequence[int],
+    answer_index: Sequence[int] | Sequence[Sequence[int]],
     metric: Metric,
     hook_names: Sequence[str],
     *,
@@ -66,7 +66,8 @@ def loop_gradients(
     start: int = QUESTION,
 ) -> LoopGradients:
     """Run the loop teacher-forced on ``answers`` with autograd, and differentiate
-    ``metric(logits at answer_index).sum()`` (each example's metric depends on its own row only, so the
+    ``metric(logits at answer_index).sum()`` (one row per example: the metric gets ``[batch, d_vocab]``;
+    k rows per example: ``[batch, k, d_vocab]``) (each example's metric depends on its own row only, so the
     sum's gradient is every example's own) with respect to ``hook_names`` and the fed thoughts.
 
     Gradients are total derivatives: the one at thought 2 includes what thought 2 does through
@@ -99,11 +100,11 @@ def loop_gradients(
             state, _ = loop.run_latents(model, tokens, mask, positions)
         else:
             state = run_loop_from(model, trunk, start, 1, positions)
-        index = torch.tensor(list(answer_index))
+        index = torch.tensor([list(i) if isinstance(i, Sequence) else i for i in answer_index])
         _, logits = model.forward_embeds(
             model.token_embeds(fed), fed_mask, state.kv_cache, positions=positions, logits_at=index
         )
-        values = metric(logits[:, 0].float())
+        values = metric(logits.float() if index.dim() == 2 else logits[:, 0].float())
         chunks = [recorder.chunks(name) for name in hook_names]
         inputs = [t for parts in chunks for t in parts] + state.thought_embeds
         grads = torch.autograd.grad(values.sum(), inputs, allow_unused=True)

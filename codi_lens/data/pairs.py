@@ -350,6 +350,17 @@ def read_pair_table(path: str | Path) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------- pairs made elsewhere
+def checked_pair_table(report: pd.DataFrame) -> pd.DataFrame:
+    """The pairs of a :func:`check_pairs` report that agree, as a pair table (:data:`PAIR_COLUMNS` with the
+    recomputed answers, ``clean_id``, ``n_steps``, ``changed_from``, ``changed_to``), the imported ids kept."""
+    agreeing = report[report["status"] == "agrees"]
+    table = agreeing.rename(
+        columns={"recomputed_clean_answer": "clean_answer", "recomputed_corrupted_answer": "corrupted_answer"}
+    )
+    columns = [*PAIR_COLUMNS, "clean_id", "n_steps", "changed_from", "changed_to"]
+    return table[columns].astype({"n_steps": int}).reset_index(drop=True)
+
+
 def read_pair_file(path: str | Path) -> list[dict]:
     """Rows of a JSON list or JSONL file of pairs (raises :class:`DataError` naming the line)."""
     path = Path(path)
@@ -389,9 +400,10 @@ def check_pairs(rows: Sequence[dict], problems: Iterable[Problem] | None = None)
     answers and compare them with the claimed ones.
 
     Returns one row per pair: ``pair_id, status`` (``"agrees"``, ``"disagrees"`` or ``"rejected"``),
-    ``reason``, the claimed and recomputed clean and corrupted answers, ``clean_id``,
+    ``reason``, the claimed and recomputed clean and corrupted answers, ``clean_id``, ``n_steps``,
     ``changed_from``, ``changed_to``, ``clean_question``, ``corrupted_question``. A pair that gives no
-    claimed answers agrees when it can be recomputed.
+    claimed answers agrees when it can be recomputed. :func:`checked_pair_table` turns the agreeing rows
+    into a pair table patching reads.
     """
     if problems is None:
         problems = [*load_problems("gsm8k:train"), *load_problems("gsm8k:test")]
@@ -409,6 +421,7 @@ def check_pairs(rows: Sequence[dict], problems: Iterable[Problem] | None = None)
             "claimed_corrupted_answer": _claimed(row.get("corrupted_answer")),
             "recomputed_corrupted_answer": math.nan,
             "clean_id": None,
+            "n_steps": math.nan,
             "changed_from": math.nan,
             "changed_to": math.nan,
             "clean_question": row["clean_question"],
@@ -422,6 +435,7 @@ def check_pairs(rows: Sequence[dict], problems: Iterable[Problem] | None = None)
             pair = corrupt(problem, question_numbers(problem.question)[which][0], new)
             entry.update(
                 clean_id=problem.id,
+                n_steps=problem.n_steps,
                 changed_from=pair.changed_from,
                 changed_to=pair.changed_to,
                 recomputed_clean_answer=pair.clean_answer,

@@ -12,6 +12,7 @@ import hashlib
 import json
 import random
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import pandas as pd
@@ -143,12 +144,20 @@ def difficulty_bucket(n_steps: int) -> str:
     return "5+" if n_steps >= 5 else str(n_steps)
 
 
-def stratified_sample(problems: list[Problem], n_per_bucket: int, *, seed: int) -> list[Problem]:
-    """Up to ``n_per_bucket`` problems from each difficulty bucket, drawn with ``random.Random(seed)``,
-    returned in their original order (a bucket with fewer problems gives all of them)."""
-    rng = random.Random(seed)
+def stratified_sample(
+    problems: list[Problem], n_per_bucket: int, *, seed: int, report: Callable[[str], None] | None = None
+) -> list[Problem]:
+    """Up to ``n_per_bucket`` problems from each difficulty bucket, returned in their original order.
+
+    Each bucket's problems are put in one seeded order (``random.Random(f"{seed}:{bucket}")``, independent of
+    ``n_per_bucket`` and of the other buckets) and the first ``n_per_bucket`` are taken, so a smaller sample
+    with the same seed is a subset of a larger one. A bucket with fewer problems gives all of them, and
+    ``report`` (if given) is told so."""
     chosen: set[int] = set()
     for bucket in DIFFICULTY_BUCKETS:
         members = [i for i, p in enumerate(problems) if difficulty_bucket(p.n_steps) == bucket]
-        chosen.update(rng.sample(members, min(n_per_bucket, len(members))))
+        random.Random(f"{seed}:{bucket}").shuffle(members)
+        if len(members) < n_per_bucket and report is not None:
+            report(f"bucket {bucket} holds {len(members)} problems, fewer than {n_per_bucket}: taking all of them")
+        chosen.update(members[:n_per_bucket])
     return [p for i, p in enumerate(problems) if i in chosen]

@@ -6,7 +6,7 @@ Modules in dependency order: ``registry`` (shipped models and datasets), ``archi
 tokenizer), ``load`` (:func:`load_codi`, :func:`load_pretrained`, :class:`LoadSpec`).
 """
 
-from codi_lens.loading.load import LoadSpec, load_codi, load_pretrained
+from codi_lens.loading.load import LoadSpec, check_codi, load_codi, load_pretrained
 from codi_lens.loading.registry import DATASETS, DEFAULT_MODEL, PRETRAINED, SHIPPED_MODELS, default_data
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "PRETRAINED",
     "SHIPPED_MODELS",
     "LoadSpec",
+    "check_codi",
     "default_data",
     "load_codi",
     "load_pretrained",

@@ -214,17 +214,9 @@ def load_codi(
         CheckpointError: the file does not match the base (names the offending keys).
     """
     requested, requested_base = checkpoint, base
-    if str(checkpoint) in SHIPPED_MODELS:
-        checkpoint = SHIPPED_MODELS[str(checkpoint)].folder
-        base = checkpoint if base is None else base
-    if base is None:
-        raise CheckpointError(
-            f"--base is required for checkpoint {str(checkpoint)!r}: a base model directory or a built-in name"
-        )
-    weights_file = resolve_checkpoint_file(checkpoint)
-    arch = describe_base(base)
+    checkpoint, base = _locate(checkpoint, base)
+    weights_file, arch, layout = _check(checkpoint, base)
     tok = _resolve_tokenizer(tokenizer, base)
-    layout = validate_checkpoint(read_tensor_info(weights_file), arch, path=str(weights_file))
     model = model_from_tensors(
         load_tensors(weights_file), layout, arch, tok, lora_alpha=lora_alpha, dtype=dtype, checkpoint_file=weights_file
     )
@@ -242,6 +234,33 @@ def load_codi(
             checkpoint_sha256=model.checkpoint_sha256,
         )
     return model.eval()
+
+
+def _locate(checkpoint: str | Path, base: str | Path | None) -> tuple[str | Path, str | Path]:
+    """A shipped model's folder (its own base), or the checkpoint and the base the caller named."""
+    if str(checkpoint) in SHIPPED_MODELS:
+        checkpoint = SHIPPED_MODELS[str(checkpoint)].folder
+        base = checkpoint if base is None else base
+    if base is None:
+        raise CheckpointError(
+            f"--base is required for checkpoint {str(checkpoint)!r}: a base model directory or a built-in name"
+        )
+    return checkpoint, base
+
+
+def _check(checkpoint: str | Path, base: str | Path) -> tuple[Path, BaseArchitecture, CheckpointLayout]:
+    weights_file = resolve_checkpoint_file(checkpoint)
+    arch = describe_base(base)
+    return weights_file, arch, validate_checkpoint(read_tensor_info(weights_file), arch, path=str(weights_file))
+
+
+def check_codi(checkpoint: str | Path = DEFAULT_MODEL, base: str | Path | None = None) -> BaseArchitecture:
+    """What :func:`load_codi` would check, without reading a weight: the checkpoint file exists and every key
+    and shape in its header fits the base (:class:`CheckpointError` names the offending ones). Returns the
+    base's architecture (layers, heads, widths), so flags that name layers or sites can be checked before
+    the model loads."""
+    checkpoint, base = _locate(checkpoint, base)
+    return _check(checkpoint, base)[1]
 
 
 def _portable(source: str | Path) -> str:

@@ -8,13 +8,23 @@ versus parallel patching).
 """
 
 from codi_lens.patching.attribution import rank_agreement, site_attributions
-from codi_lens.patching.exact import patch_hooks, patch_start, patched_logits, replace_question_tokens, run_patches
+from codi_lens.patching.exact import (
+    patch_hooks,
+    patch_start,
+    patched_logits,
+    patched_metric,
+    replace_question_tokens,
+    run_patches,
+)
 from codi_lens.patching.kinds import CHANGED, PATCH_KINDS, SPAN_STARTS, span_positions, sweep_sites
 from codi_lens.patching.prepare import (
+    NO_COMPARED_TOKEN,
     NO_CORRUPTED_PREFERENCE,
     PairBatch,
-    corrupted_answer_token,
+    batch_readings,
+    corrupted_number_tokens,
     from_other_problems,
+    metric_value,
     number_tokens,
     prepare_pairs,
 )
@@ -31,13 +41,17 @@ __all__ = [
     "CHANGED",
     "DONORS",
     "METHODS",
+    "NO_COMPARED_TOKEN",
     "NO_CORRUPTED_PREFERENCE",
     "PATCH_KINDS",
     "SPAN_STARTS",
     "PairBatch",
     "chained",
     "clean_thought_activations",
-    "corrupted_answer_token",
+    "corrupted_number_tokens",
+    "batch_readings",
+    "metric_value",
+    "patched_metric",
     "from_other_problems",
     "number_tokens",
     "parallel",

@@ -19,17 +19,17 @@ from codi_lens.core.branching import QUESTION
 from codi_lens.core.gradients import LoopGradients, loop_gradients
 from codi_lens.core.model import CODIModel
 from codi_lens.core.sites import Site
-from codi_lens.metrics import forced_answers, logit_difference
 from codi_lens.patching.exact import patch_start
 from codi_lens.patching.kinds import CHANGED, SPAN_STARTS, span_positions
-from codi_lens.patching.prepare import PairBatch
+from codi_lens.patching.prepare import PairBatch, batch_readings, reading_value
 
 
 def site_attributions(
     model: CODIModel, batch: PairBatch, questions: Sequence[str], sites: Sequence[Site], *, n_latents: int = 6
 ) -> list[Float[Tensor, " batch"]]:
     """Attribution patching: the linear estimate of each site's change in logit difference,
-    ``(a_clean - a_corrupted) . dLD/da`` summed over the site's positions (and, for ``z``, its head).
+    ``(a_clean - a_corrupted) . dLD/da`` summed over the site's positions (and, for ``z``, its head), where LD
+    is the batch's metric (for ``answer_logprob``, one pass per side of it, the two estimates added).
 
     One teacher-forced corrupted run with autograd and one backward pass serve every single-position
     site: the gradient flows through the unrolled loop (:mod:`codi_lens.core.gradients`), so a site at
@@ -37,22 +37,28 @@ def site_attributions(
     thought at once, or BOT and every thought) take one more pass per hook and span, with partial
     derivatives at the span's positions.
     Returns ``[batch]`` per site."""
-    clean_tok = batch.clean_tokens
+    reads = batch_readings(batch)
+    clean_tok, corrupted_tok = batch.clean_tokens, batch.corrupted_tokens
 
-    def gradients(hooks: list[str], hold=None, start: int = QUESTION) -> LoopGradients:
-        return loop_gradients(
-            model,
-            questions,
-            forced_answers(batch.clean_numbers),
-            [n.index for n in batch.clean_numbers],
-            lambda logits: logit_difference(
-                logits, clean_tok.to(logits.device), batch.corrupted_tokens.to(logits.device)
-            ),
-            hooks,
-            n_latents=n_latents,
-            hold=hold,
-            start=start,
-        )
+    def gradients(hooks: list[str], hold=None, start: int = QUESTION) -> list[LoopGradients]:
+        # One pass per reading of the metric (two for answer_logprob): the estimate is linear, so the
+        # metric's is the sum of its parts'.
+        return [
+            loop_gradients(
+                model,
+                questions,
+                reading.answers,
+                reading.rows,
+                lambda logits, reading=reading: reading_value(
+                    reading, logits, clean_tok.to(logits.device), corrupted_tok.to(logits.device)
+                ),
+                hooks,
+                n_latents=n_latents,
+                hold=hold,
+                start=start,
+            )
+            for reading in reads
+        ]
 
     single = [s for s in sites if s.position not in SPAN_STARTS]
     start = min((patch_start(s, n_latents) for s in single), default=QUESTION)  # autograd from the first step asked
@@ -66,7 +72,10 @@ def site_attributions(
         for s in sites
         if s.position in SPAN_STARTS
     }
-    return [_site_attribution(site, batch, held.get((site.hook, site.position), run)) for site in sites]
+    return [
+        sum(_site_attribution(site, batch, part) for part in held.get((site.hook, site.position), run))
+        for site in sites
+    ]
 
 
 def _site_attribution(site: Site, batch: PairBatch, run: LoopGradients) -> Float[Tensor, " batch"]:

@@ -28,9 +28,8 @@ from codi_lens.core.positions import gather_at
 from codi_lens.core.sites import Site
 from codi_lens.interventions.positions import replace_at
 from codi_lens.interventions.thoughts import replace_thoughts
-from codi_lens.metrics import forced_answers
 from codi_lens.patching.kinds import CHANGED, SPAN_STARTS, span_positions
-from codi_lens.patching.prepare import PairBatch
+from codi_lens.patching.prepare import PairBatch, Reading, batch_readings, metric_value
 
 
 def replace_question_tokens(
@@ -118,22 +117,57 @@ def run_patches(
     n_latents: int = 6,
     max_rows: int = 256,
     max_new_tokens: int = 0,
+    reading: Reading | None = None,
 ) -> list[BranchOutput]:
-    """Every site patched into the corrupted run of ``questions``, as branches of it: teacher-forced at the
-    answer row (and generating up to ``max_new_tokens``). The corrupted run is computed once; each site
-    branches off it at the first step it changes, sites with the same start batched as blocks of one
-    forward (at most ``max_rows`` rows), and the unembedding runs only at the answer row (see
-    :mod:`codi_lens.core.branching`)."""
+    """Every site patched into the corrupted run of ``questions``, as branches of it: teacher-forced as
+    ``reading`` says (default: the batch metric's first reading, see
+    :func:`~codi_lens.patching.prepare.readings`), and generating up to ``max_new_tokens``. The corrupted run
+    is computed once; each site branches off it at the first step it changes, sites with the same start
+    batched as blocks of one forward (at most ``max_rows`` rows), and the unembedding runs only at the
+    rows read (see :mod:`codi_lens.core.branching`)."""
+    reading = batch_readings(batch)[0] if reading is None else reading
     trunk = grow_trunk(model, list(questions), n_latents=n_latents)
     return run_branches(
         model,
         trunk,
         patch_branches(model, batch, sites, n_latents),
-        forced_answers(batch.clean_numbers),
-        answer_index=[n.index for n in batch.clean_numbers],
+        reading.answers,
+        answer_index=reading.rows,
         max_new_tokens=max_new_tokens,
         max_rows=max_rows,
     )
+
+
+def patched_metric(
+    model: CODIModel,
+    batch: PairBatch,
+    questions: Sequence[str],
+    sites: Sequence[Site],
+    *,
+    n_latents: int = 6,
+    max_rows: int = 256,
+    max_new_tokens: int = 0,
+) -> tuple[list[Float[Tensor, " batch"]], list[Float[Tensor, "batch d_vocab"]], list[BranchOutput]]:
+    """Each site's patched metric ``[batch]`` (float64), its logits at the compared row ``[batch, d_vocab]``
+    (where KL is read) and its branch output (generated answers with ``max_new_tokens``): one pass of
+    :func:`run_patches` per reading of the batch's metric (two for ``answer_logprob``)."""
+    reads = batch_readings(batch)
+    passes = [
+        run_patches(
+            model,
+            batch,
+            questions,
+            sites,
+            n_latents=n_latents,
+            max_rows=max_rows,
+            max_new_tokens=max_new_tokens if r == 0 else 0,
+            reading=reading,
+        )
+        for r, reading in enumerate(reads)
+    ]
+    values = [metric_value(batch, [p[s].logits for p in passes]).cpu() for s in range(len(sites))]
+    logits = [out.logits[:, 0].float() for out in passes[0]]
+    return values, logits, passes[0]
 
 
 def patched_logits(
@@ -145,7 +179,7 @@ def patched_logits(
     n_latents: int = 6,
     max_rows: int = 256,
 ) -> list[Float[Tensor, "batch d_vocab"]]:
-    """The corrupted run's logits at the answer under each site's patch, ``[batch, d_vocab]`` per site
+    """The corrupted run's logits at the compared row under each site's patch, ``[batch, d_vocab]`` per site
     (float32; see :func:`run_patches`)."""
     outputs = run_patches(model, batch, questions, sites, n_latents=n_latents, max_rows=max_rows)
     return [out.logits[:, 0].float() for out in outputs]

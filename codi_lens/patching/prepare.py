@@ -1,9 +1,13 @@
 """One batch of clean/corrupted pairs made ready for patching: the clean run cached at the sweep's hooks, each
 pair's clean and corrupted answer tokens, and the logit differences the recovery is normalised by.
 
-Metrics are taken at the answer: the position predicting the first token of the clean answer's number,
-teacher-forced on the clean run's own answer tokens before it (see :mod:`codi_lens.metrics`). A pair whose
-metrics would not mean anything is skipped with its reason (:func:`prepare_pairs`).
+Metrics are taken at the answer, teacher-forced on the clean run's own answer tokens before the number (see
+:mod:`codi_lens.metrics`), as ``metric`` says (:data:`~codi_lens.metrics.ANSWER_METRICS`): the logit difference
+at the numbers' first token (``first_token``), at the first token where the two numbers differ
+(``first_difference``, the default: Llama 3 writes ``1200`` as ``120``, ``0`` and ``1250`` as ``125``, ``0``...
+and ``1205`` as ``120``, ``5``, where the first token cannot tell the answers apart), or the log-probability of
+the whole clean number minus the whole corrupted one's (``answer_logprob``). A pair whose metric would not
+mean anything is skipped with its reason (:func:`prepare_pairs`).
 """
 
 from __future__ import annotations
@@ -13,14 +17,24 @@ from dataclasses import dataclass, replace
 
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from codi_lens.core.answers import clean_question, format_answer, is_correct
 from codi_lens.core.model import CODIModel
 from codi_lens.core.positions import CODIPositions
 from codi_lens.data.pairs import Rejected, changed_number, question_numbers
-from codi_lens.metrics import AnswerNumber, find_answer_number, logit_difference, logits_at_answer
+from codi_lens.metrics import (
+    ANSWER_METRICS,
+    DEFAULT_ANSWER_METRIC,
+    AnswerContrast,
+    AnswerNumber,
+    find_answer_number,
+    forced_answers,
+    logit_difference,
+    number_logprob,
+    whole_number_rows,
+)
 
 
 @dataclass
@@ -28,56 +42,137 @@ class PairBatch:
     """What a sweep needs about a batch of pairs, computed once.
 
     Attributes:
-        clean_numbers: the clean answer's number position (teacher-forcing prefix, clean token).
-        corrupted_tokens: the corrupted answer number's first token, written after the same prefix.
+        metric: how the two answers are compared (:data:`~codi_lens.metrics.ANSWER_METRICS`).
+        contrasts: per pair, the clean answer's prefix and both numbers' tokens.
+        clean_numbers: per pair, the compared row: the clean answer teacher-forced up to the token where the
+            metric compares the numbers (for ``answer_logprob``, their first token), and that clean token.
+        corrupted_tokens: the corrupted number's token at that row.
         changed_tokens: per pair, the question-token indices of the changed number in the clean and the
             corrupted question (equal lengths), or None when they tokenize to different lengths.
-        clean_logits, corrupted_logits: ``[batch, d_vocab]`` at the answer (float32).
+        clean_logits, corrupted_logits: ``[batch, d_vocab]`` at the compared row (float32; KL is read there).
+        ld_clean, ld_corrupted: the metric of the clean and of the corrupted run ``[batch]`` (float64).
         clean_cache: the clean run's activations for the sweep's hooks.
         clean_thoughts: the clean run's fed thoughts ``[batch, n, d_model]``.
         clean_positions: the clean run's position map.
     """
 
+    metric: str
+    contrasts: list[AnswerContrast]
     clean_numbers: list[AnswerNumber]
     corrupted_tokens: Int[Tensor, " batch"]
     changed_tokens: list[tuple[list[int], list[int]] | None]
     clean_logits: Float[Tensor, "batch d_vocab"]
     corrupted_logits: Float[Tensor, "batch d_vocab"]
+    ld_clean: Float[Tensor, " batch"]
+    ld_corrupted: Float[Tensor, " batch"]
     clean_cache: dict[str, Float[Tensor, "batch pos *rest"]]
     clean_thoughts: Float[Tensor, "batch n_latents d_model"]
     clean_positions: CODIPositions
 
     @property
     def clean_tokens(self) -> Int[Tensor, " batch"]:
-        """The clean answer number's first token per pair."""
+        """The clean number's token at the compared row, per pair."""
         return torch.tensor([n.token for n in self.clean_numbers])
 
     @property
-    def ld_clean(self) -> Float[Tensor, " batch"]:
-        return logit_difference(self.clean_logits, self.clean_tokens, self.corrupted_tokens)
-
-    @property
-    def ld_corrupted(self) -> Float[Tensor, " batch"]:
-        return logit_difference(self.corrupted_logits, self.clean_tokens, self.corrupted_tokens)
+    def compared_token(self) -> list[int]:
+        """Per pair, which token of the numbers the compared row predicts (0: the first)."""
+        return [n.index - len(c.prefix) for n, c in zip(self.clean_numbers, self.contrasts)]
 
     def rows(self, rows: Sequence[int]) -> PairBatch:
         """The batch of pairs ``rows`` only (their clean runs and answers)."""
-        positions = self.clean_positions
+        positions, rows = self.clean_positions, list(rows)
         return replace(
             self,
+            contrasts=[self.contrasts[i] for i in rows],
             clean_numbers=[self.clean_numbers[i] for i in rows],
-            corrupted_tokens=self.corrupted_tokens[list(rows)],
+            corrupted_tokens=self.corrupted_tokens[rows],
             changed_tokens=[self.changed_tokens[i] for i in rows],
-            clean_logits=self.clean_logits[list(rows)],
-            corrupted_logits=self.corrupted_logits[list(rows)],
-            clean_cache={name: acts[list(rows)] for name, acts in self.clean_cache.items()},
-            clean_thoughts=self.clean_thoughts[list(rows)],
+            clean_logits=self.clean_logits[rows],
+            corrupted_logits=self.corrupted_logits[rows],
+            ld_clean=self.ld_clean[rows],
+            ld_corrupted=self.ld_corrupted[rows],
+            clean_cache={name: acts[rows] for name, acts in self.clean_cache.items()},
+            clean_thoughts=self.clean_thoughts[rows],
             clean_positions=replace(
                 positions,
                 n_pad=[positions.n_pad[i] for i in rows],
                 answer_lengths=[positions.answer_lengths[i] for i in rows],
             ),
         )
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One teacher-forced pass a metric reads: what each pair's answer is forced to and which rows are read.
+
+    Attributes:
+        answers: per pair, the answer tokens to teacher-force.
+        rows: per pair, the answer rows whose logits are read (one row, or one per number token).
+        numbers: per pair, the number read there (its tokens are the targets of ``answer_logprob``).
+        mask: ``[batch, width]``, the real rows among padded ones (None for one row per pair).
+        sign: +1 for the clean side of the metric, -1 for the corrupted side.
+    """
+
+    answers: list[list[int]]
+    rows: list[int] | list[list[int]]
+    numbers: list[AnswerNumber]
+    mask: Bool[Tensor, "batch width"] | None
+    sign: float
+
+
+def readings(metric: str, contrasts: Sequence[AnswerContrast], compared: Sequence[AnswerNumber]) -> list[Reading]:
+    """The teacher-forced passes ``metric`` reads: the compared row (a logit difference), or the whole clean
+    and the whole corrupted number (``answer_logprob``); the first pass's first row is where KL is read."""
+    if metric != "answer_logprob":
+        return [Reading(forced_answers(compared), [n.index for n in compared], list(compared), None, 1.0)]
+    out = []
+    for side, sign in (("clean", 1.0), ("corrupted", -1.0)):
+        numbers = [c.forced(side) for c in contrasts]
+        answers, rows, mask = whole_number_rows(numbers)
+        out.append(Reading(answers, rows, numbers, mask, sign))
+    return out
+
+
+def batch_readings(batch: PairBatch) -> list[Reading]:
+    """:func:`readings` of a prepared batch."""
+    return readings(batch.metric, batch.contrasts, batch.clean_numbers)
+
+
+def reading_value(
+    reading: Reading, logits: Float[Tensor, "batch width d_vocab"], clean_tokens: Tensor, corrupted_tokens: Tensor
+) -> Float[Tensor, " batch"]:
+    """One reading's signed part of the metric from its logits (``[batch, d_vocab]`` or ``[batch, width,
+    d_vocab]``): the logit difference at the compared row, or the number's summed log-probability."""
+    if reading.mask is None:
+        logits = logits if logits.dim() == 2 else logits[:, 0]
+        return reading.sign * logit_difference(logits, clean_tokens, corrupted_tokens)
+    return reading.sign * number_logprob(logits, reading.numbers, reading.mask)
+
+
+def metric_value(
+    batch_or_readings: PairBatch | Sequence[Reading],
+    logits: Sequence[Tensor],
+    clean_tokens: Tensor | None = None,
+    corrupted_tokens: Tensor | None = None,
+) -> Float[Tensor, " batch"]:
+    """The metric from the logits of each reading (in :func:`readings` order), float64."""
+    if isinstance(batch_or_readings, PairBatch):
+        batch = batch_or_readings
+        reads, clean_tokens, corrupted_tokens = batch_readings(batch), batch.clean_tokens, batch.corrupted_tokens
+    else:
+        reads = list(batch_or_readings)
+    return sum(reading_value(r, x, clean_tokens, corrupted_tokens) for r, x in zip(reads, logits, strict=True))
+
+
+def read_logits(
+    model: CODIModel, questions: Sequence[str], reading: Reading, *, n_latents: int = 6, fwd_hooks=()
+) -> Float[Tensor, "batch width d_vocab"]:
+    """A reading's logits for ``questions`` (the latent loop under ``fwd_hooks``), float32."""
+    scores = model.score_answers(list(questions), reading.answers, n_latents=n_latents, fwd_hooks=fwd_hooks)
+    index = torch.tensor(reading.rows, device=scores.logits.device)
+    index = index[:, None] if index.dim() == 1 else index
+    return scores.logits.gather(1, index[..., None].expand(-1, -1, scores.logits.shape[-1])).float()
 
 
 def number_tokens(model: CODIModel, question: str, number_index: int) -> list[int]:
@@ -98,22 +193,31 @@ def _changed_index(clean: str, corrupted: str) -> int | None:
         return None
 
 
-def corrupted_answer_token(model: CODIModel, number: AnswerNumber, corrupted_answer: float) -> int | None:
-    """The first token of ``corrupted_answer`` written after the clean answer's prefix (None when the
-    prefix would tokenize differently, so the two logits would not be comparable)."""
+def corrupted_number_tokens(model: CODIModel, number: AnswerNumber, corrupted_answer: float) -> tuple[int, ...] | None:
+    """The tokens of ``corrupted_answer`` written after the clean answer's prefix (None when the prefix would
+    tokenize differently, so the two answers' logits would not be comparable)."""
     text = str(int(corrupted_answer)) if float(corrupted_answer).is_integer() else str(corrupted_answer)
-    prefix_text = model.tokenizer.decode(list(number.prefix), skip_special_tokens=True)
-    ids = model.tokenizer(prefix_text + text, add_special_tokens=False)["input_ids"]
+    # The corrupted number written where the clean one stands, so what the clean number's first token held
+    # before its digits (a space, in byte-level BPE) stays with it.
+    written = model.tokenizer.decode(list(number.prefix) + list(number.tokens), skip_special_tokens=True)
+    at = written.rfind(number.text)
+    ids = model.tokenizer(written[:at] + text, add_special_tokens=False)["input_ids"]
     if tuple(ids[: len(number.prefix)]) != number.prefix or len(ids) <= len(number.prefix):
         # Word-level tokenizers decode with spaces between tokens: try the number as its own word.
         ids = list(number.prefix) + model.tokenizer(text, add_special_tokens=False)["input_ids"]
     found = find_answer_number(model.tokenizer, ids)
     if found is None or found.index != number.index or found.prefix != number.prefix:
         return None
-    return found.token
+    return found.tokens
 
 
-NO_CORRUPTED_PREFERENCE = "the corrupted run does not prefer its own answer's first token to the clean one"
+NO_CORRUPTED_PREFERENCE = "the corrupted run does not prefer its own answer to the clean one"
+#: Why a pair's metric is undefined, per metric.
+NO_COMPARED_TOKEN = {
+    "first_token": "the clean and corrupted answers share their first token",
+    "first_difference": "one answer number's tokens begin the other's",
+    "answer_logprob": "one answer number's tokens begin the other's",
+}
 
 
 def prepare_pairs(
@@ -124,6 +228,7 @@ def prepare_pairs(
     n_latents: int = 6,
     max_new_tokens: int = 256,
     answer_from: str = "model",
+    metric: str = DEFAULT_ANSWER_METRIC,
 ) -> tuple[PairBatch | None, pd.DataFrame, pd.DataFrame]:
     """Run the clean questions (cached) and find each pair's answer tokens.
 
@@ -131,16 +236,18 @@ def prepare_pairs(
     answers wrong are skipped. ``"gold"``: the clean answer written as CODI writes it
     (:func:`codi_lens.core.answers.format_answer`) is teacher-forced whatever the model would say, and
     nothing is generated (for models that do not answer right, e.g. random weights in benchmarks).
+    ``metric``: how the two answers are compared (:data:`~codi_lens.metrics.ANSWER_METRICS`).
 
     Returns ``(batch, kept, skipped)``: the batch of usable pairs (None if none), their rows, and the
     other pairs with a ``reason`` (clean answered wrong, no answer number, prefixes that tokenize
-    differently, clean and corrupted answers sharing their first token, and, with
-    ``answer_from="model"``, a corrupted run that does not prefer its own answer's first token to the
-    clean one: there the recovery's denominator ``ld_clean - ld_corrupted`` can be near zero, and one
-    such pair moved a mean by -0.3 in our runs).
+    differently, answers the metric cannot tell apart (:data:`NO_COMPARED_TOKEN`), and, with
+    ``answer_from="model"``, a corrupted run that does not prefer its own answer to the clean one
+    (``ld_corrupted >= 0``): there the recovery's denominator ``ld_clean - ld_corrupted`` can be near zero,
+    and one such pair moved a mean by -0.3 in our runs).
     """
     if answer_from not in ("model", "gold"):
         raise ValueError(f"answer_from must be 'model' or 'gold', got {answer_from!r}")
+    ANSWER_METRICS[metric]
     clean_q = pairs["clean_question"].tolist()
     gold = answer_from == "gold"
     result, cache = model.run_codi_with_cache(
@@ -152,22 +259,24 @@ def prepare_pairs(
         ]
     else:
         answer_tokens = result.answer_tokens
-    reasons, numbers, corrupted_tokens, changed = [], [], [], []
+    reasons, contrasts, compared, changed = [], [], [], []
     for i, row in enumerate(pairs.itertuples()):
         number = find_answer_number(model.tokenizer, answer_tokens[i])
-        token = None if number is None else corrupted_answer_token(model, number, row.corrupted_answer)
+        corrupted = None if number is None else corrupted_number_tokens(model, number, row.corrupted_answer)
+        contrast = None if corrupted is None else AnswerContrast(number.prefix, number.tokens, corrupted)
+        at = None if contrast is None else contrast.compared_at(metric)
         reason = ""
         if not gold and not is_correct(result.prediction[i], row.clean_answer):
             reason = "the model answers the clean question wrong"
         elif number is None:
             reason = "the clean answer has no number"
-        elif token is None:
+        elif corrupted is None:
             reason = "the corrupted answer does not tokenize after the clean prefix"
-        elif token == number.token:
-            reason = "the clean and corrupted answers share their first token"
+        elif at is None:
+            reason = NO_COMPARED_TOKEN[metric]
         reasons.append(reason)
-        numbers.append(number)
-        corrupted_tokens.append(token)
+        contrasts.append(contrast)
+        compared.append(None if reason else contrast.forced("clean", at))
         which = _changed_index(row.clean_question, row.corrupted_question)
         if which is None:
             changed.append(None)
@@ -175,39 +284,46 @@ def prepare_pairs(
             a, b = number_tokens(model, row.clean_question, which), number_tokens(model, row.corrupted_question, which)
             changed.append((a, b) if len(a) == len(b) and a else None)
     keep = [i for i, r in enumerate(reasons) if not r]
-    logits = {"clean": None, "corrupted": None}
-    for side in logits if keep else ():
+    if not keep:
+        return None, pairs.iloc[[]].reset_index(drop=True), pairs.assign(reason=reasons)
+    kept_contrasts, kept_compared = [contrasts[i] for i in keep], [compared[i] for i in keep]
+    at = [n.index - len(c.prefix) for c, n in zip(kept_contrasts, kept_compared)]
+    corrupted_tokens = torch.tensor([c.corrupted[j] for c, j in zip(kept_contrasts, at)])
+    clean_tokens = torch.tensor([n.token for n in kept_compared])
+    reads = readings(metric, kept_contrasts, kept_compared)
+    logits, value = {}, {}
+    for side in ("clean", "corrupted"):
         questions = pairs[f"{side}_question"].iloc[keep].tolist()
-        logits[side] = logits_at_answer(model, questions, [numbers[i] for i in keep], n_latents=n_latents)
-    if keep and not gold:  # a gold-answer run (random weights) has no preference to ask for
-        clean_tok = torch.tensor([numbers[i].token for i in keep])
-        own_tok = torch.tensor([corrupted_tokens[i] for i in keep])
-        prefers = logit_difference(logits["corrupted"], clean_tok, own_tok) < 0
-        for i in (i for i, ok in zip(keep, prefers.tolist()) if not ok):
-            reasons[i] = NO_CORRUPTED_PREFERENCE
-        logits = {side: value[prefers] for side, value in logits.items()}
-        keep = [i for i, ok in zip(keep, prefers.tolist()) if ok]
+        side_logits = [read_logits(model, questions, r, n_latents=n_latents) for r in reads]
+        logits[side] = side_logits[0][:, 0]
+        value[side] = metric_value(reads, side_logits, clean_tokens, corrupted_tokens)
+    prefers = value["corrupted"] < 0 if not gold else torch.ones(len(keep), dtype=torch.bool)
+    for i in (i for i, ok in zip(keep, prefers.tolist()) if not ok):
+        reasons[i] = NO_CORRUPTED_PREFERENCE
+    chosen = [n for n, ok in enumerate(prefers.tolist()) if ok]  # among the kept so far
+    keep = [keep[n] for n in chosen]
     skipped = pairs.assign(reason=reasons).iloc[[i for i, r in enumerate(reasons) if r]]
     kept = pairs.iloc[keep].reset_index(drop=True)
     if not keep:
         return None, kept, skipped
-    kept_numbers = [numbers[i] for i in keep]
-    sub_cache = {name: cache[name][keep] for name in cache.cache_dict}  # the kept pairs' clean activations
     positions = result.positions
-    kept_positions = replace(
-        positions,
-        n_pad=[positions.n_pad[i] for i in keep],
-        answer_lengths=[positions.answer_lengths[i] for i in keep],
-    )
     batch = PairBatch(
-        clean_numbers=kept_numbers,
-        corrupted_tokens=torch.tensor([corrupted_tokens[i] for i in keep]),
+        metric=metric,
+        contrasts=[kept_contrasts[n] for n in chosen],
+        clean_numbers=[kept_compared[n] for n in chosen],
+        corrupted_tokens=corrupted_tokens[chosen],
         changed_tokens=[changed[i] for i in keep],
-        clean_logits=logits["clean"],
-        corrupted_logits=logits["corrupted"],
-        clean_cache=sub_cache,
+        clean_logits=logits["clean"][chosen],
+        corrupted_logits=logits["corrupted"][chosen],
+        ld_clean=value["clean"][chosen].cpu(),
+        ld_corrupted=value["corrupted"][chosen].cpu(),
+        clean_cache={name: cache[name][keep] for name in cache.cache_dict},  # the kept pairs' clean activations
         clean_thoughts=result.thought_embeds[keep],
-        clean_positions=kept_positions,
+        clean_positions=replace(
+            positions,
+            n_pad=[positions.n_pad[i] for i in keep],
+            answer_lengths=[positions.answer_lengths[i] for i in keep],
+        ),
     )
     return batch, kept, skipped
 

@@ -1,11 +1,13 @@
 """Patching sweeps: every site on every pair, as a table, resumable.
 
-Metrics per (pair, site), at the answer (the position predicting the first token of the answer number,
-teacher-forced on the clean run's own answer tokens before it; see :mod:`codi_lens.metrics`):
+Metrics per (pair, site), at the answer, teacher-forced on the clean run's own answer tokens before the
+number (see :mod:`codi_lens.metrics`), as ``metric`` says (``first_difference`` by default; the ``metric``
+column names it and ``compared_token`` says which token of the numbers was compared):
 
-- ``logit_diff``: ``LD = logit[clean answer token] - logit[corrupted answer token]`` of the patched run;
+- ``logit_diff``: ``LD = logit[clean token] - logit[corrupted token]`` at the compared row of the patched
+  run; with ``metric="answer_logprob"``, ``log p(clean number) - log p(corrupted number)`` instead;
 - ``recovery``: ``(LD_patched - LD_corrupted) / (LD_clean - LD_corrupted)`` (NaN when the denominator is 0);
-- ``kl``: ``KL(clean || patched)`` in nats;
+- ``kl``: ``KL(clean || patched)`` in nats at the compared row (``answer_logprob``: the number's first token);
 - ``answer_class`` (only with ``generate=True``): the patched run's generated answer is the clean
   one, the corrupted one, or other.
 
@@ -28,9 +30,9 @@ from codi_lens.core.branching import BranchOutput
 from codi_lens.core.model import CODIModel
 from codi_lens.core.registry import Registry
 from codi_lens.core.sites import Site
-from codi_lens.metrics import classify_answer, kl_divergence, logit_difference, normalised_recovery
+from codi_lens.metrics import DEFAULT_ANSWER_METRIC, classify_answer, kl_divergence, normalised_recovery
 from codi_lens.patching.attribution import site_attributions
-from codi_lens.patching.exact import run_patches
+from codi_lens.patching.exact import patched_metric
 from codi_lens.patching.kinds import CHANGED, sweep_sites
 from codi_lens.patching.prepare import PairBatch, from_other_problems, prepare_pairs
 from codi_lens.run.executors import Executor
@@ -58,9 +60,15 @@ def patch_rows(
     max_rows: int = 256,
     method: str = "exact",
     donor: str = "clean",
+    metric: str = DEFAULT_ANSWER_METRIC,
+    answer_from: str = "model",
 ) -> pd.DataFrame:
     """Every site on a batch of pairs: one row per (pair, site), plus one row per skipped pair with its
     ``reason`` (and NaN metrics), so a resumed run knows it was seen.
+
+    ``metric``: how the two answers are compared (:data:`~codi_lens.metrics.ANSWER_METRICS`); ``answer_from``:
+    the clean run's own answer (``"model"``) or the gold one (``"gold"``, for random weights; see
+    :func:`~codi_lens.patching.prepare.prepare_pairs`).
 
     ``donor="other"`` is the control: each pair is patched with another pair's clean run
     (:func:`~codi_lens.patching.prepare.from_other_problems`); a batch left with one usable pair skips it
@@ -73,18 +81,20 @@ def patch_rows(
     no linear estimate); the ``method`` column says which."""
     _check_sweep(sites, method, donor, generate)
     hooks = sorted({s.hook for s in sites if s.kind != "thought_input"})
-    batch, kept, skipped = prepare_pairs(model, pairs, hooks, n_latents=n_latents, max_new_tokens=max_new_tokens)
+    batch, kept, skipped = prepare_pairs(
+        model, pairs, hooks, n_latents=n_latents, max_new_tokens=max_new_tokens, metric=metric, answer_from=answer_from
+    )
     if donor == "other" and len(kept) == 1:
         skipped = pd.concat([skipped, kept.assign(reason=NO_OTHER_PAIR)])
         batch = None
-    frames = [skipped_rows(skipped).assign(donor=donor)]
+    frames = [skipped_rows(skipped).assign(donor=donor, metric=metric)]
     if batch is None:
         return frames[0]
     if donor == "other":
         batch = from_other_problems(batch)
     questions = kept["corrupted_question"].tolist()
     if method == "exact":
-        outputs = run_patches(
+        lds, logits, outputs = patched_metric(
             model,
             batch,
             questions,
@@ -93,13 +103,11 @@ def patch_rows(
             max_rows=max_rows,
             max_new_tokens=max_new_tokens if generate else 0,
         )
-        logits = [out.logits[:, 0].float() for out in outputs]
-        lds = [logit_difference(x, batch.clean_tokens, batch.corrupted_tokens) for x in logits]
         kls = [kl_divergence(batch.clean_logits, x).cpu().numpy() for x in logits]
     else:
         outputs = [None] * len(sites)
         estimates = site_attributions(model, batch, questions, sites, n_latents=n_latents)
-        lds = [batch.ld_corrupted + estimate.detach().cpu() for estimate in estimates]
+        lds = [batch.ld_corrupted + estimate.detach().cpu().double() for estimate in estimates]
         kls = [np.full(len(kept), np.nan)] * len(sites)
     for site, output, ld, kl in zip(sites, outputs, lds, kls):
         frames.append(_site_rows(model, site, kept, batch, ld, kl, output, method=method, donor=donor))
@@ -140,6 +148,8 @@ def _site_rows(
             "n_steps": kept["n_steps"].iloc[rows].to_numpy() if "n_steps" in kept else np.nan,
             "method": method,
             "donor": donor,
+            "metric": batch.metric,
+            "compared_token": np.asarray(batch.compared_token)[rows],
             "kind": site.kind,
             "hook": site.hook,
             "layer": np.nan if site.layer is None else site.layer,
@@ -177,6 +187,8 @@ def patch_sweep(
     max_rows: int = 256,
     method: str = "exact",
     donor: str = "clean",
+    metric: str = DEFAULT_ANSWER_METRIC,
+    answer_from: str = "model",
     settings: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -206,6 +218,8 @@ def patch_sweep(
             "generate": generate,
             "method": method,
             "donor": donor,
+            "metric": metric,
+            "answer_from": answer_from,
         },
         overwrite=overwrite,
     )
@@ -221,6 +235,8 @@ def patch_sweep(
             max_rows=max_rows,
             method=method,
             donor=donor,
+            metric=metric,
+            answer_from=answer_from,
         ),
         unit_id=lambda r: str(r["pair_id"]),
         batch_size=batch_size,

@@ -25,8 +25,8 @@ from codi_lens.core.names import act_name
 from codi_lens.core.positions import CODIPositions, gather_at
 from codi_lens.core.recording import ActivationRecorder
 from codi_lens.interventions.positions import replace_at
-from codi_lens.metrics import forced_answers, kl_divergence, logit_difference, normalised_recovery
-from codi_lens.patching.prepare import prepare_pairs
+from codi_lens.metrics import DEFAULT_ANSWER_METRIC, kl_divergence, normalised_recovery
+from codi_lens.patching.prepare import batch_readings, metric_value, prepare_pairs
 from codi_lens.patching.sweep import skipped_rows
 from codi_lens.run.executors import Executor
 from codi_lens.run.store import UNIT_COLUMN, ResultStore
@@ -40,6 +40,7 @@ def trajectory_rows(
     n_latents: int = 6,
     max_new_tokens: int = 256,
     max_rows: int = 256,
+    metric: str = DEFAULT_ANSWER_METRIC,
 ) -> pd.DataFrame:
     """Chained versus parallel patching of ``blocks.L.hook_resid_post`` for one batch of pairs.
 
@@ -48,21 +49,23 @@ def trajectory_rows(
     every thought k..n at once. For each (layer, start thought k, mode) one row per later thought j >= k:
     ``cos_clean`` / ``cos_corrupted`` (cosine of the patched run's layer-L activation at thought j with
     the clean / corrupted run's), ``fed_cos_clean`` / ``fed_cos_corrupted`` (the same for the thought fed
-    at j), and the run's final ``recovery``, ``logit_diff`` and ``kl`` at the answer.
+    at j), and the run's final ``recovery``, ``logit_diff`` and ``kl`` at the answer, compared as ``metric``
+    says (see :mod:`codi_lens.patching.sweep`).
 
     Every configuration branches off the corrupted run at its start thought (:mod:`codi_lens.core.branching`):
     one teacher-forced forward per layer gives every configuration's activations and answer logits.
     """
     hooks = [act_name("resid_post", layer) for layer in layers]
-    batch, kept, skipped = prepare_pairs(model, pairs, hooks, n_latents=n_latents, max_new_tokens=max_new_tokens)
+    batch, kept, skipped = prepare_pairs(
+        model, pairs, hooks, n_latents=n_latents, max_new_tokens=max_new_tokens, metric=metric
+    )
     frames = [skipped_rows(skipped)]
     if batch is None:
         return frames[0]
     corrupted_q = kept["corrupted_question"].tolist()
     corrupted = model.run_latents(corrupted_q, names_filter=hooks, n_latents=n_latents)
     trunk = grow_trunk(model, corrupted_q, n_latents=n_latents)
-    clean_tok = batch.clean_tokens
-    answers, index = forced_answers(batch.clean_numbers), [n.index for n in batch.clean_numbers]
+    reads = batch_readings(batch)
     names = [f"thought:{k}" for k in range(1, n_latents + 1)]
     for layer in layers:
         hook = act_name("resid_post", layer)
@@ -84,11 +87,15 @@ def trajectory_rows(
             )
             for (start, mode), recorder in zip(configs, recorders)
         ]
-        outputs = run_branches(model, trunk, branches, answers, answer_index=index, max_rows=max_rows)
-        for (start, mode), recorder, output in zip(configs, recorders, outputs):
+        outputs = run_branches(model, trunk, branches, reads[0].answers, answer_index=reads[0].rows, max_rows=max_rows)
+        unrecorded = [Branch(b.hooks[:-1], b.start) for b in branches]
+        others = [
+            run_branches(model, trunk, unrecorded, r.answers, answer_index=r.rows, max_rows=max_rows) for r in reads[1:]
+        ]
+        for c, ((start, mode), recorder, output) in enumerate(zip(configs, recorders, outputs)):
             acts = _at(recorder.tensors()[hook], trunk.positions, names)  # thoughts before start are not recorded
             logits = output.logits[:, 0].float()
-            ld = logit_difference(logits, clean_tok, batch.corrupted_tokens)
+            ld = metric_value(batch, [output.logits, *(other[c].logits for other in others)]).cpu()
             recovery = normalised_recovery(ld, batch.ld_corrupted, batch.ld_clean)
             kl = kl_divergence(batch.clean_logits, logits).cpu().numpy()
             for j in range(start, n_latents + 1):
@@ -106,7 +113,8 @@ def trajectory_rows(
                             "cos_corrupted": _cos(acts[:, j - 1], corrupted_acts[:, j - 1]),
                             "fed_cos_clean": _cos(fed, batch.clean_thoughts[:, j - 1]),
                             "fed_cos_corrupted": _cos(fed, corrupted.thought_embeds[:, j - 1]),
-                            "logit_diff": ld.cpu().numpy(),
+                            "logit_diff": ld.numpy(),
+                            "metric": batch.metric,
                             "recovery": recovery,
                             "kl": kl,
                             "reason": "",
@@ -160,13 +168,14 @@ def trajectory_sweep(
     n_latents: int = 6,
     max_new_tokens: int = 256,
     batch_size: int = 16,
+    metric: str = DEFAULT_ANSWER_METRIC,
     settings: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
     executor: Executor | None = None,
 ) -> tuple[pd.DataFrame, ResultStore]:
     """:func:`trajectory_rows` on every pair, resumable in ``out`` (``batch_size`` pairs at a time). Returns
-    the rows (skipped pairs carry a ``reason``) and the store."""
+    the rows (skipped pairs carry a ``reason``) and the store. ``metric``: how the answers are compared."""
     layers = list(layers)
     bad = [layer for layer in layers if not 0 <= layer < model.cfg.n_layers]
     if bad:
@@ -179,13 +188,14 @@ def trajectory_sweep(
             "layers": layers,
             "n_latents": n_latents,
             "max_new_tokens": max_new_tokens,
+            "metric": metric,
         },
         overwrite=overwrite,
     )
     rows = store.run(
         pairs.to_dict("records"),
         lambda batch: trajectory_rows(
-            model, pd.DataFrame(batch), layers, n_latents=n_latents, max_new_tokens=max_new_tokens
+            model, pd.DataFrame(batch), layers, n_latents=n_latents, max_new_tokens=max_new_tokens, metric=metric
         ),
         unit_id=lambda r: str(r["pair_id"]),
         batch_size=batch_size,

@@ -7,6 +7,8 @@ from typing import Any
 
 import pandas as pd
 
+from codi_lens.data.pairs import checked_pair_table
+
 
 def write_pairs(pairs: pd.DataFrame, rejections: pd.DataFrame, out: str | Path) -> dict[str, Any]:
     """``pairs.parquet`` and ``rejections.parquet`` (every candidate rejected, with its reason); returns the
@@ -24,8 +26,10 @@ def write_pairs(pairs: pd.DataFrame, rejections: pd.DataFrame, out: str | Path) 
 
 def write_import_report(report: pd.DataFrame, out: str | Path) -> dict[str, Any]:
     """``import_report.parquet`` (one row per pair made elsewhere: agrees, disagrees or rejected, with the
-    claimed and recomputed answers); returns the counts by status and the rejections by reason."""
+    claimed and recomputed answers) and ``pairs.parquet`` (the pairs that agree, as a pair table patching
+    reads with ``--pairs``); returns the counts by status and the rejections by reason."""
     report.to_parquet(Path(out) / "import_report.parquet", index=False)
+    checked_pair_table(report).to_parquet(Path(out) / "pairs.parquet", index=False)
     rejected = report.loc[report["status"] == "rejected", "reason"].str.split(":").str[0]
     return {
         "n_pairs": len(report),

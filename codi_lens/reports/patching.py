@@ -11,6 +11,7 @@ import pandas as pd
 from codi_lens.patching.kinds import CHANGED, SPAN_STARTS
 from codi_lens.plotting import patching_bars, patching_heatmap, trajectory_lines, write_html
 from codi_lens.reports.summaries import with_ci
+from codi_lens.run.outcome import skipped_by_reason
 from codi_lens.stats import bootstrap_ci, mean_ci_table
 
 #: Patch kinds whose sites are a layer x position grid (the others are one site per thought or head).
@@ -20,12 +21,6 @@ GRID_EXCLUDED = ("thought_input", "z")
 def used_rows(rows: pd.DataFrame) -> pd.DataFrame:
     """The rows of pairs that were measured (no skip ``reason``)."""
     return rows[rows["reason"].fillna("") == ""]
-
-
-def skipped_counts(rows: pd.DataFrame) -> dict[str, int]:
-    """How many pairs were skipped, by reason."""
-    skipped = rows[rows["reason"].fillna("") != ""].drop_duplicates("pair_id")
-    return skipped["reason"].value_counts().to_dict()
 
 
 def site_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -82,7 +77,7 @@ def write_position_patching(
     summary = {
         "n_pairs": int(rows["pair_id"].nunique()),
         "n_pairs_used": int(used["pair_id"].nunique()),
-        "skipped_by_reason": skipped_counts(rows),
+        "skipped_by_reason": skipped_by_reason(rows, "pair_id"),
         "top_cells": [
             {
                 "hook": r.hook,
@@ -138,7 +133,7 @@ def write_iterative_patching(rows: pd.DataFrame, out: str | Path) -> dict[str, A
     return {
         "n_pairs": int(rows["pair_id"].nunique()),
         "n_pairs_used": int(used["pair_id"].nunique()),
-        "skipped_by_reason": skipped_counts(rows),
+        "skipped_by_reason": skipped_by_reason(rows, "pair_id"),
         "final_recovery": recovery,
         "mean_cos_clean_after_start": {
             mode: float(np.round(after_start[after_start["mode"] == mode]["cos_clean"].mean(), 4))

@@ -10,23 +10,29 @@ a checkpoint that does not load stops with a single ``error: ...`` line on stder
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
-from codi_lens.core.errors import CodiLensError
+from codi_lens.core.answers import ANSWER_METRICS, DEFAULT_ANSWER_METRIC
+from codi_lens.core.errors import CodiLensError, FlagError
 from codi_lens.core.model import CODIModel
+from codi_lens.core.names import parse_act_name
+from codi_lens.core.sites import Site
 from codi_lens.data.pairs import make_pairs, read_pair_table
-from codi_lens.data.problems import Problem, stratified_sample
+from codi_lens.data.problems import DataError, Problem, stratified_sample
 from codi_lens.data.sources import load_problems
 from codi_lens.data.synthetic import value_limit
-from codi_lens.loading import DEFAULT_MODEL, default_data, load_codi
+from codi_lens.loading import DEFAULT_MODEL, check_codi, default_data, load_codi
+from codi_lens.loading.architectures import BaseArchitecture
 from codi_lens.run.executors import Executor, make_executor
 
 #: Errors that mean "the input was wrong", reported in one line without a traceback: the project's own
@@ -86,11 +92,25 @@ def add_selection_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_pair_args(parser: argparse.ArgumentParser) -> None:
-    """``--pairs FILE`` (else pairs are made from ``--data``) and ``--n-latents``; patching's defaults."""
+    """``--pairs FILE`` (else pairs are made from ``--data``), ``--n-latents``, ``--metric`` and
+    ``--answer-from``; patching's defaults."""
     parser.add_argument(
         "--pairs", default=None, help="a pairs.parquet from experiments.make_pairs (else made from --data)"
     )
     parser.add_argument("--n-latents", type=int, default=6, help="continuous thoughts fed back (CODI: 6)")
+    parser.add_argument(
+        "--metric",
+        choices=ANSWER_METRICS.names(),
+        default=DEFAULT_ANSWER_METRIC,
+        help="how the clean and corrupted answer numbers are compared: " + ANSWER_METRICS.help(),
+    )
+    parser.add_argument(
+        "--answer-from",
+        choices=["model", "gold"],
+        default="model",
+        help="teacher-force the clean run's own answer (model; pairs it answers wrong are skipped) or the gold "
+        "answer (gold: for checkpoints that do not answer right, such as random weights in a rehearsal)",
+    )
     parser.set_defaults(limit=100, batch_size=16)
 
 
@@ -100,7 +120,54 @@ def parse_common_args(parser: argparse.ArgumentParser, argv: list[str] | None = 
     args = parser.parse_args(argv)
     if args.data is None:
         args.data = default_data(args.checkpoint)
+    given = sys.argv[1:] if argv is None else argv
+    if getattr(args, "stratified", None) and any(a == "--limit" or a.startswith("--limit=") for a in given):
+        raise FlagError(
+            "give --limit (the first N records) or --stratified (N per bucket of the whole split), not both"
+        )
+    check_common_args(args)
     return args
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    """Refuse, naming the flag, every shared flag whose value cannot work: checked before any model loads
+    or any activation is collected (see :func:`parse_common_args`)."""
+    for flag, minimum in (("limit", 1), ("batch_size", 1), ("max_new_tokens", 1), ("stratified", 1), ("n_latents", 1)):
+        value = getattr(args, flag, None)
+        if value is not None and value < minimum:
+            raise FlagError(f"--{flag.replace('_', '-')} must be at least {minimum}, got {value}")
+    for flag in ("lora_alpha", "ray_cpus"):
+        value = getattr(args, flag, None)
+        if value is not None and not value > 0:
+            raise FlagError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if getattr(args, "device", None) is not None:
+        check_device(args.device)
+    if getattr(args, "out", None) is not None:
+        check_out(args.out)
+
+
+def check_device(device: str) -> None:
+    """``--device``: a device name torch knows, present on this machine."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise FlagError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FlagError(f"--device {device}: this machine has no CUDA device (use --device cpu)")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise FlagError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise FlagError(f"--device {device}: MPS is not available on this machine")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise FlagError(f"--device {device}: codi_lens runs on cpu, cuda or mps")
+
+
+def check_out(out: str | Path) -> None:
+    """``--out``: a folder, or a path that can become one (no file in the way)."""
+    for path in (Path(out), *Path(out).parents):
+        if path.exists() and not path.is_dir():
+            raise FlagError(f"--out {out}: {path} is a file, not a folder")
 
 
 def load_model(args: argparse.Namespace) -> CODIModel:
@@ -135,16 +202,17 @@ def model_settings(model: CODIModel, args: argparse.Namespace) -> dict[str, Any]
 
 @dataclass
 class CommandRun:
-    """A command once its flags are parsed: its model, where its work runs, and when it started.
+    """A command once its flags are parsed: its problems, its model, where its work runs, and when it started.
+
+    The model loads on first use of :attr:`model`, so a command reads and checks its data (:meth:`problems`,
+    :meth:`pairs`) and every other input before paying for the weights.
 
     Attributes:
         args: the parsed flags.
-        model: the model ``--checkpoint`` names, loaded as the flags say.
         executor: where units of work run (here, or on the Ray cluster ``--ray`` names).
     """
 
     args: argparse.Namespace
-    model: CODIModel
     executor: Executor
     started: float = field(default_factory=time.perf_counter)
 
@@ -152,27 +220,73 @@ class CommandRun:
     def out(self) -> Path:
         return Path(self.args.out)
 
+    @cached_property
+    def model(self) -> CODIModel:
+        """The model ``--checkpoint`` names, loaded as the flags say (on first use)."""
+        return load_model(self.args)
+
+    @cached_property
+    def architecture(self) -> BaseArchitecture:
+        """The checkpoint's base architecture (layers, heads, widths), read and checked against the checkpoint
+        file's header without loading a weight (see :func:`~codi_lens.loading.check_codi`)."""
+        return check_codi(self.args.checkpoint, self.args.base)
+
+    def check_sites(self, sites: list[Site], flag: str) -> None:
+        """Refuse, naming ``flag``, a site on a block the checkpoint does not have (needs no weights)."""
+        n_layers = self.architecture.n_layers
+        for site in sites:
+            parsed = parse_act_name(site.hook)
+            if parsed is not None and not 0 <= parsed[0] < n_layers:
+                raise FlagError(f"{flag}: {site.id} names layer {parsed[0]}; this model has layers 0..{n_layers - 1}")
+
     def problems(self) -> list[Problem]:
         """The problems ``--data`` / ``--split`` / ``--limit`` name; with ``--stratified N``, a seeded sample of
-        ``N`` per difficulty bucket of those."""
-        problems = load_problems(self.args.data, split=self.args.split, limit=self.args.limit)
+        ``N`` per difficulty bucket of the whole split (see :func:`~codi_lens.data.problems.stratified_sample`).
+        Refuses data with no problems, naming ``--data``."""
+        return self._problems
+
+    @cached_property
+    def _problems(self) -> list[Problem]:
         stratified = getattr(self.args, "stratified", None)
-        return stratified_sample(problems, stratified, seed=self.args.seed) if stratified else problems
+        limit = None if stratified else self.args.limit
+        problems = load_problems(self.args.data, split=self.args.split, limit=limit)
+        if not problems:
+            raise DataError(f"--data {self.args.data}: no problems to run on (the source holds no records)")
+        if stratified:
+            problems = stratified_sample(problems, stratified, seed=self.args.seed, report=_say)
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "selected_problems.json").write_text(json.dumps([p.id for p in problems], indent=0))
+        return problems
 
     def pairs(self) -> pd.DataFrame:
         """The clean/corrupted pairs of ``--pairs`` (a table from ``experiments.make_pairs``), or made from the
-        problems (one number changed, the answer recomputed; values within the toy models' range for toy data)."""
+        problems (one number changed, the answer recomputed; values within the toy models' range for toy data).
+        Refuses an empty pair set, naming the flag and, for made pairs, why each problem gave none."""
         if getattr(self.args, "pairs", None):
-            return read_pair_table(self.args.pairs)
+            pairs = read_pair_table(self.args.pairs)
+            if pairs.empty:
+                raise DataError(f"--pairs {self.args.pairs}: the file holds no pairs")
+            return pairs
         problems = self.problems()
-        return make_pairs(problems, max_value=value_limit(problems))[0]
+        pairs, rejections = make_pairs(problems, max_value=value_limit(problems))
+        if pairs.empty:
+            reasons = rejections.drop_duplicates("problem_id")["reason"].value_counts().to_dict()
+            raise DataError(
+                f"--data {self.args.data}: none of {len(problems)} problems gives a clean/corrupted pair "
+                f"({_counts_text(reasons)})"
+            )
+        return pairs
 
     def settings(self, **extra: Any) -> dict[str, Any]:
         """The settings that change a result (the model's, the data and its limit), with ``extra``."""
+        selection = {}
+        if getattr(self.args, "stratified", None):
+            selection = {"limit": None, "selected_problem_ids": [p.id for p in self.problems()]}
         return {
             **model_settings(self.model, self.args),
             "data_source": self.args.data,
             "limit": self.args.limit,
+            **selection,
             **extra,
         }
 
@@ -182,9 +296,20 @@ class CommandRun:
 
 
 def start_run(args: argparse.Namespace) -> CommandRun:
-    """Load the model the flags name and pick where work runs (the clock starts before loading)."""
+    """Pick where work runs; the model the flags name loads on first use of ``run.model`` (the clock starts
+    here, before loading)."""
     started = time.perf_counter()
-    return CommandRun(args, load_model(args), executor_from_args(args), started)
+    run = CommandRun(args, executor_from_args(args), started)
+    _ = run.architecture  # a missing or mismatched checkpoint is named before anything else is read
+    return run
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return "; ".join(f"{n} {reason}" for reason, n in counts.items())
 
 
 def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> Any:

@@ -83,13 +83,22 @@ def training_sae(
     return sae_cls(cfg)
 
 
+def check_training_rows(n_rows: int, batch_size: int) -> None:
+    """Refuse training rows that cannot fill one batch (checked before any activation is collected, from the
+    number of training problems: one row per problem and site)."""
+    if n_rows < batch_size:
+        raise SAEError(
+            f"{n_rows} training rows per site cannot fill one batch of {batch_size}: raise --train-limit (one row "
+            "per training problem) or lower --sae-batch-size"
+        )
+
+
 class ShuffledBatches(Iterator[Tensor]):
     """Endless ``[batch_size, d]`` batches of ``rows``: epoch ``e`` is a permutation seeded by ``(seed,
     e)``, so batch ``i`` depends only on the seed and ``i`` (a resumed run continues the same stream)."""
 
     def __init__(self, rows: Float[Tensor, "n d"], batch_size: int, seed: int):
-        if len(rows) < batch_size:
-            raise SAEError(f"{len(rows)} training rows cannot fill one batch of {batch_size}")
+        check_training_rows(len(rows), batch_size)
         self.rows, self.batch_size, self.seed, self.step = rows, batch_size, seed, 0
         self.per_epoch = len(rows) // batch_size
 
