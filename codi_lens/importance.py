@@ -37,7 +37,7 @@ from codi_lens.core.model import CODIModel
 from codi_lens.data.problems import Problem, difficulty_bucket, problems_fingerprint
 from codi_lens.interventions.registry import INTERVENTIONS, SCOPES, AblationInputs, thought_scope
 from codi_lens.interventions.thoughts import mean_thought_embeds
-from codi_lens.metrics import AnswerNumber, find_answer_number, forced_answers, kl_divergence
+from codi_lens.metrics import AnswerNumber, find_answer_number, kl_divergence, number_logprob, whole_number_rows
 from codi_lens.run.executors import Executor
 from codi_lens.run.store import UNIT_COLUMN, ResultStore
 from codi_lens.stats import bootstrap_ci
@@ -134,8 +134,11 @@ def importance_rows(
     ``inputs_for(baseline)`` returns the batch's :class:`AblationInputs` from a :class:`Baseline`.
     Columns: ``problem_id, n_steps, difficulty, gold, intervention, scope, thought,
     baseline_prediction, baseline_correct, prediction, correct, answer_text, kl`` (nats,
-    ``KL(baseline || ablated)`` at the answer number; NaN when the baseline answer has no number) and
-    ``kl_first_token`` (the same at the first answer token, defined for every answer).
+    ``KL(baseline || ablated)`` at the answer number's first token; NaN when the baseline answer has no
+    number), ``kl_first_token`` (the same at the first answer token, defined for every answer) and
+    ``logprob_change`` (nats: the log-probability of the baseline's whole answer number, every token of it,
+    teacher-forced, ablated minus baseline; NaN without a number; defined however many tokens the number
+    spans).
     """
     questions = [p.question for p in problems]
     trunk = grow_trunk(model, questions, n_latents=n_latents)
@@ -147,8 +150,11 @@ def importance_rows(
     has_number = torch.tensor([n is not None for n in numbers])
     inputs = inputs_for(baseline)
     branches = [Branch(ablation_hooks(a, inputs, n_latents), ablation_start(a, n_latents)) for a in ablations]
-    answers, rows = forced_answers(forced), [[0, n.index] for n in forced]  # the first answer token, the number
+    # Rows read: the first answer token, then every token of the number (padded; ``mask`` marks the real ones).
+    answers, number_rows, mask = whole_number_rows(forced)
+    rows = [[0, *r] for r in number_rows]
     reference = run_branches(model, trunk, [unpatched], answers, answer_index=rows)[0].logits.float()
+    reference_logprob = number_logprob(reference[:, 1:], forced, mask).cpu()
     outputs = run_branches(
         model, trunk, branches, answers, answer_index=rows, max_new_tokens=max_new_tokens, max_rows=max_rows
     )
@@ -159,6 +165,7 @@ def importance_rows(
         logits = output.logits.float()
         kl = kl_divergence(reference[:, 1], logits[:, 1]).cpu().where(has_number, nan)
         kl_first = kl_divergence(reference[:, 0], logits[:, 0]).cpu()
+        logprob_change = (number_logprob(logits[:, 1:], forced, mask).cpu() - reference_logprob).where(has_number, nan)
         frames.append(
             pd.DataFrame(
                 {
@@ -177,6 +184,7 @@ def importance_rows(
                     "answer_text": texts,
                     "kl": kl.numpy(),
                     "kl_first_token": kl_first.numpy(),
+                    "logprob_change": logprob_change.numpy(),
                 }
             )
         )
@@ -374,6 +382,8 @@ def importance_table(results: pd.DataFrame, by: Sequence[str] = ("intervention",
     - ``accuracy_drop``: baseline accuracy minus accuracy (can be negative);
     - ``answer_changed``: share whose prediction differs from the baseline's;
     - ``kl``: mean KL(baseline || intervened) at the answer, nats;
+    - ``logprob_change`` (where the rows have it): mean change in the log-probability of the baseline's whole
+      answer number, nats;
 
     each with ``_low`` / ``_high`` bounds.
     """
@@ -391,6 +401,7 @@ def importance_table(results: pd.DataFrame, by: Sequence[str] = ("intervention",
             ("accuracy_drop", "_drop"),
             ("answer_changed", "_changed"),
             ("kl", "kl"),
+            *((("logprob_change", "logprob_change"),) if "logprob_change" in group else ()),
         ):
             estimate, low, high = bootstrap_ci(group[column].astype(float).to_numpy())
             row.update({name: estimate, f"{name}_low": low, f"{name}_high": high})

@@ -216,3 +216,15 @@ def number_logprob(
     )
     logprobs = logits.double().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
     return (logprobs * mask.to(logits.device)).sum(1)
+
+
+def number_scores(
+    model, questions: Sequence[str], numbers: Sequence[AnswerNumber], *, n_latents: int = 6, fwd_hooks=()
+) -> tuple[Float[Tensor, "batch d_vocab"], Float[Tensor, " batch"]]:
+    """After the latent loop under ``fwd_hooks``, teacher-forced on each number's prefix and all its tokens:
+    the logits predicting its first token (float32) and the log-probability of the whole number (float64)."""
+    answers, rows, mask = whole_number_rows(numbers)
+    scores = model.score_answers(list(questions), answers, n_latents=n_latents, fwd_hooks=fwd_hooks)
+    index = torch.tensor(rows, device=scores.logits.device)
+    logits = scores.logits.gather(1, index[..., None].expand(-1, -1, scores.logits.shape[-1]))
+    return logits[:, 0].float(), number_logprob(logits, numbers, mask)

@@ -150,6 +150,8 @@ def test_importance_rows_against_the_reference(toy, toy_arith_reference):
             q = reference.teacher_forced_logits(problem.question, number, replace={k: zero})[len(number) - 1]
             kl = float((p.exp() * (p - q.double().log_softmax(-1))).sum())
             assert row["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-6), (problem.id, k)
+            change = float(q.double().log_softmax(-1)[number[-1]] - p[number[-1]])  # the number is one token here
+            assert row["logprob_change"] == pytest.approx(change, abs=1e-4), (problem.id, k)
     assert rows["kl"].max() > 0.01  # toy-arith answers mostly from the question; still no comparison of zeros
 
 

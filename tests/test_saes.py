@@ -168,6 +168,32 @@ def test_splicing_with_the_error_term_reproduces_the_loop(model, problems, site)
     assert not any("hook_sae" in name for name in model.hook_dict)  # detached on exit
 
 
+def test_splice_effect_reads_the_whole_answer_number(model, problems):
+    """``splice_effect``: with the error term nothing moves (KL and the number's log-probability change 0);
+    without it, ``logprob_change`` is the change of ``log p`` summed over the plain answer number's tokens,
+    computed here from two teacher-forced runs."""
+    from codi_lens.metrics import find_answer_number
+    from codi_lens.saes.quality import splice_effect
+
+    subset = problems[:8]
+    questions = [p.question for p in subset]
+    sae = _random_sae(THOUGHT_SITE, model.cfg.d_model)
+    exact = splice_effect(model, subset, [sae], use_error_term=True, max_new_tokens=16)
+    assert exact["kl"].abs().max() <= 1e-6 and exact["logprob_change"].abs().max() <= 1e-4
+    changed = splice_effect(model, subset, [sae], use_error_term=False, max_new_tokens=16)
+    plain = model.run_codi(questions, max_new_tokens=16)
+    for i, tokens in enumerate(plain.answer_tokens):
+        number = find_answer_number(model.tokenizer, tokens)
+        forced = [list(number.prefix) + list(number.tokens)]
+        before = model.score_answers([questions[i]], forced).logits[0].double().log_softmax(-1)
+        with attached(model, [sae], use_error_term=False):
+            after = model.score_answers([questions[i]], forced).logits[0].double().log_softmax(-1)
+        rows = range(number.index, number.index + len(number.tokens))
+        expected = sum(float(after[r, t] - before[r, t]) for r, t in zip(rows, number.tokens))
+        assert changed["logprob_change"].iloc[i] == pytest.approx(expected, abs=1e-4)
+    assert changed["logprob_change"].abs().max() > 1e-3
+
+
 def test_residual_sae_touches_only_its_thought(model, problems):
     questions = [p.question for p in problems[:8]]
     _, plain = model.run_codi_with_cache(questions, names_filter="blocks.1.hook_resid_post", max_new_tokens=4)

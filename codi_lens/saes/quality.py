@@ -21,7 +21,7 @@ from codi_lens.core.answers import is_correct
 from codi_lens.core.hooks import HookFn
 from codi_lens.core.model import CODIModel
 from codi_lens.data.problems import Problem
-from codi_lens.metrics import AnswerNumber, find_answer_number, kl_divergence, logits_at_answer
+from codi_lens.metrics import AnswerNumber, find_answer_number, kl_divergence, number_scores
 from codi_lens.saes.splice import attached
 
 #: A feature active on more than this share of rows counts as dense.
@@ -91,6 +91,7 @@ class PlainRun:
     numbers: list[AnswerNumber | None]
     with_number: list[int]
     logits: Float[Tensor, "n_with_number d_vocab"] | None
+    logprob: Float[Tensor, " n_with_number"] | None = None
 
     @classmethod
     def of(
@@ -101,14 +102,16 @@ class PlainRun:
         numbers = [find_answer_number(model.tokenizer, t) for t in result.answer_tokens]
         with_number = [i for i, n in enumerate(numbers) if n is not None]
         run = cls(questions, result.prediction, numbers, with_number, None)
-        run.logits = run.answer_logits(model, n_latents=n_latents) if with_number else None
+        if with_number:
+            run.logits, run.logprob = run.answer_scores(model, n_latents=n_latents)
         return run
 
-    def answer_logits(
+    def answer_scores(
         self, model: CODIModel, *, fwd_hooks: Sequence[tuple[str, HookFn]] = (), n_latents: int = 6
-    ) -> Float[Tensor, "n_with_number d_vocab"]:
-        """Logits at the plain run's answer numbers under ``fwd_hooks`` (and whatever is attached)."""
-        return logits_at_answer(
+    ) -> tuple[Float[Tensor, "n_with_number d_vocab"], Float[Tensor, " n_with_number"]]:
+        """Under ``fwd_hooks`` (and whatever is attached): the logits at the plain run's answer numbers' first
+        tokens and the log-probability of each whole number (see :func:`~codi_lens.metrics.number_scores`)."""
+        return number_scores(
             model,
             [self.questions[i] for i in self.with_number],
             [self.numbers[i] for i in self.with_number],
@@ -130,18 +133,20 @@ def splice_effect(
 ) -> pd.DataFrame:
     """The answer of each problem with the SAEs spliced in (and ``fwd_hooks``, e.g. feature edits)
     against the plain run: one row per problem with ``baseline_correct``, ``correct``, ``changed``
-    (prediction differs) and ``kl`` (nats, KL(plain || spliced) at the plain run's answer number;
-    NaN where that answer has no number). ``plain``: the plain run of these problems (:class:`PlainRun`),
+    (prediction differs), ``kl`` (nats, KL(plain || spliced) at the plain run's answer number's first token;
+    NaN where that answer has no number) and ``logprob_change`` (nats: the log-probability of the plain
+    run's whole answer number, spliced minus plain). ``plain``: the plain run of these problems (:class:`PlainRun`),
     computed here when not given (pass it to compare several SAEs with one plain run)."""
     plain = plain or PlainRun.of(model, problems, n_latents=n_latents, max_new_tokens=max_new_tokens)
     with attached(model, saes, use_error_term=use_error_term):
         spliced = model.run_codi(
             plain.questions, n_latents=n_latents, max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks
         )
-        edited = plain.answer_logits(model, fwd_hooks=fwd_hooks, n_latents=n_latents) if plain.with_number else None
-    kl = np.full(len(problems), np.nan)
+        edited = plain.answer_scores(model, fwd_hooks=fwd_hooks, n_latents=n_latents) if plain.with_number else None
+    kl, logprob_change = np.full(len(problems), np.nan), np.full(len(problems), np.nan)
     if plain.with_number:
-        kl[plain.with_number] = kl_divergence(plain.logits, edited).cpu().numpy()
+        kl[plain.with_number] = kl_divergence(plain.logits, edited[0]).cpu().numpy()
+        logprob_change[plain.with_number] = (edited[1] - plain.logprob).cpu().numpy()
     return pd.DataFrame(
         {
             "problem_id": [p.id for p in problems],
@@ -151,5 +156,6 @@ def splice_effect(
             "correct": [is_correct(x, p.gold) for x, p in zip(spliced.prediction, problems)],
             "changed": [a != b for a, b in zip(plain.prediction, spliced.prediction)],
             "kl": kl,
+            "logprob_change": logprob_change,
         }
     )
