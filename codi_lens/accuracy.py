@@ -132,6 +132,8 @@ def evaluate_conditions(
                 desc=f"{condition.name}",
                 progress=progress,
                 executor=executor,
+                unit="problem",
+                model=condition.model,
             )
         )
     return pd.concat(frames, ignore_index=True), store

@@ -129,6 +129,8 @@ def collect_activations(
         progress=progress,
         executor=executor,
         collect=False,
+        unit="problem",
+        model=model,
     )
     index = {"problem_ids": [p.id for p in problems], "sites": [s.id for s in sites]}
     (Path(out) / "index.json").write_text(json.dumps(index))

@@ -290,6 +290,8 @@ def feature_interventions(
         unit_id=lambda u: f"{u[0]}/{u[1]}",
         batch_size=1,
         desc="interventions",
+        unit="feature",
+        model=model,
     )
     store.finish(rows)
     return rows

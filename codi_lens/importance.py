@@ -279,6 +279,9 @@ def step_importance(
         desc="step importance",
         progress=progress,
         executor=executor,
+        size=lambda _: len(ablations),
+        unit="branch",
+        model=model,
     )
     return rows, store
 
@@ -368,6 +371,8 @@ def attention_importance(
         desc="attention and importance",
         progress=progress,
         executor=executor,
+        unit="problem",
+        model=model,
     )
     return rows, store
 

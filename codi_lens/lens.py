@@ -196,13 +196,14 @@ def train_tuned_lens(
         batch = rows[torch.randint(len(rows), (min(batch_rows, len(rows)),), generator=generator)].to(model.cfg.device)
         with torch.no_grad():
             target = F.log_softmax(logit_lens(model, batch[:, -1]).float(), dim=-1)
-        loss = 0.0
-        for layer in range(n_layers):
+        optimizer.zero_grad()
+        for layer in range(n_layers):  # one backward per layer: the layers' translators share nothing, and only
+            # one layer's [rows, d_vocab] logits and their gradient are held at a time (gradients add up as one
+            # backward of the mean would give them)
             translated = lens.translate(batch[:, layer], layer)
             logits = model.unembed(model.ln_final(translated[:, None].to(model.cfg.dtype)))[:, 0].float()
-            loss = loss + F.kl_div(F.log_softmax(logits, -1), target, log_target=True, reduction="batchmean")
-        optimizer.zero_grad()
-        (loss / n_layers).backward()
+            loss = F.kl_div(F.log_softmax(logits, -1), target, log_target=True, reduction="batchmean")
+            (loss / n_layers).backward()
         optimizer.step()
     model.zero_grad(set_to_none=True)
     return lens.cpu()
@@ -229,12 +230,17 @@ def top_decodes(
     lens_name: str | None = None,
 ) -> pd.DataFrame:
     """The top-``k`` tokens of the read-out at every (layer, thought): one row per (problem, layer,
-    thought, rank) with ``token`` (decoded), ``token_id`` and ``prob`` (softmax over the full vocabulary)."""
-    probs = lens_logits(model, residuals, lens).softmax(-1)
-    top = probs.topk(k, dim=-1)
-    n, n_layers, n_thoughts, _ = top.indices.shape
+    thought, rank) with ``token`` (decoded), ``token_id`` and ``prob`` (softmax over the full vocabulary).
+    The read-out is computed a few problems at a time (:func:`problem_chunks`), so memory does not grow with
+    the number of problems."""
+    parts = [
+        lens_logits(model, residuals[chunk], lens).softmax(-1).topk(k, dim=-1)
+        for chunk in problem_chunks(model, residuals)
+    ]
+    values, indices = torch.cat([t.values for t in parts]), torch.cat([t.indices for t in parts])
+    n, n_layers, n_thoughts, _ = indices.shape
     index = np.indices((n, n_layers, n_thoughts, k)).reshape(4, -1)
-    ids = top.indices.reshape(-1).tolist()
+    ids = indices.reshape(-1).tolist()
     tokens = model.tokenizer.convert_ids_to_tokens(ids)  # None for ids past the tokenizer (BOT, EOT, pad)
     return pd.DataFrame(
         {
@@ -245,7 +251,7 @@ def top_decodes(
             "rank": index[3],
             "token_id": ids,
             "token": [t if t is not None else f"<{i}>" for t, i in zip(tokens, ids)],
-            "prob": top.values.reshape(-1).numpy(),
+            "prob": values.reshape(-1).numpy(),
         }
     )
 
@@ -305,10 +311,43 @@ def readout_targets(problems: Sequence[Problem], *, seed: int = 0) -> pd.DataFra
 def value_ranks(
     logits: Float[Tensor, "problem layer latent d_vocab"], readers: Int[Tensor, " row"], tokens: Int[Tensor, " row"]
 ) -> Int[Tensor, "row layer latent"]:
-    """Rank of ``tokens[r]`` (0 = top-1) in the read-out of problem ``readers[r]`` at every (layer, thought)."""
-    chosen = logits[readers]  # [row, layer, latent, vocab]
-    own = chosen.gather(-1, tokens[:, None, None, None].expand(*chosen.shape[:-1], 1))
-    return (chosen > own).sum(-1)
+    """Rank of ``tokens[r]`` (0 = top-1) in the read-out of problem ``readers[r]`` at every (layer, thought)
+    (one row at a time: no copy of the read-out per value)."""
+    ranks = torch.empty((len(readers), *logits.shape[1:3]), dtype=torch.long)
+    for r, (reader, token) in enumerate(zip(readers.tolist(), tokens.tolist())):
+        chosen = logits[reader]  # [layer, latent, vocab]
+        ranks[r] = (chosen > chosen[..., token : token + 1]).sum(-1)
+    return ranks
+
+
+#: Read-out values computed at once (float32: 256 MiB), whatever the vocabulary; see :func:`problem_chunks`.
+READOUT_BUDGET = 2**26
+
+
+def problem_chunks(model: CODIModel, residuals: Float[Tensor, "problem layer latent d_model"]) -> list[slice]:
+    """Slices of problems whose read-out (``[chunk, layer, latent, d_vocab]``) holds at most
+    :data:`READOUT_BUDGET` values (one problem at least): at Llama 3's 128,256-token vocabulary with 17
+    layers and 7 positions, four problems at a time."""
+    per_problem = residuals.shape[1] * residuals.shape[2] * model.cfg.d_vocab
+    step = max(1, READOUT_BUDGET // per_problem)
+    return [slice(start, start + step) for start in range(0, residuals.shape[0], step)]
+
+
+def lens_ranks(
+    model: CODIModel,
+    residuals: Float[Tensor, "problem layer latent d_model"],
+    lens: TunedLens | None,
+    readers: Int[Tensor, " row"],
+    tokens: Int[Tensor, " row"],
+) -> Int[Tensor, "row layer latent"]:
+    """:func:`value_ranks` of the read-out of ``residuals``, computed a chunk of problems at a time."""
+    ranks = torch.empty((len(readers), *residuals.shape[1:3]), dtype=torch.long)
+    for chunk in problem_chunks(model, residuals):
+        rows = ((readers >= chunk.start) & (readers < chunk.stop)).nonzero().flatten()
+        if len(rows):
+            logits = lens_logits(model, residuals[chunk], lens)
+            ranks[rows] = value_ranks(logits, readers[rows] - chunk.start, tokens[rows])
+    return ranks
 
 
 def readout_frame(
@@ -329,7 +368,7 @@ def readout_frame(
     grid = np.array([(layer, thought) for layer in range(n_layers) for thought in range(n_thoughts)])
     frames = []
     for name, lens in lenses.items():
-        ranks = value_ranks(lens_logits(model, residuals[used], lens), local, tokens).reshape(len(targets), -1)
+        ranks = lens_ranks(model, residuals[used], lens, local, tokens).reshape(len(targets), -1)
         frame = targets.loc[targets.index.repeat(len(grid))].reset_index(drop=True)
         frame["layer"], frame["thought"] = np.tile(grid[:, 0], len(targets)), np.tile(grid[:, 1], len(targets))
         frame["lens"] = name

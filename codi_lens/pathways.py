@@ -315,7 +315,9 @@ def pathway_study(
         return rows.assign(**{UNIT_COLUMN: rows["source_site"] + "/" + rows["source_feature"].astype(str)})
 
     units = list(zip(candidates["source_site"], candidates["source_feature"].astype(int)))
-    replayed = store.run(units, work, unit_id=lambda u: f"{u[0]}/{u[1]}", batch_size=1, desc="replays")
+    replayed = store.run(
+        units, work, unit_id=lambda u: f"{u[0]}/{u[1]}", batch_size=1, desc="replays", unit="replay", model=model
+    )
     joined, agreement = pathway_agreement(attributions, replayed.drop(columns=UNIT_COLUMN))
     joined["problem_id"] = [problems[i].id for i in joined["problem"]]
     return joined, {**agreement, "target_feature": feature}, candidates, store

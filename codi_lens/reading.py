@@ -137,7 +137,14 @@ def read_thoughts(
 
     def run(folder: ResultStore, work, desc: str) -> pd.DataFrame:
         return folder.run(
-            eval_problems, work, unit_id=lambda p: p.id, batch_size=batch_size, desc=desc, executor=executor
+            eval_problems,
+            work,
+            unit_id=lambda p: p.id,
+            batch_size=batch_size,
+            desc=desc,
+            executor=executor,
+            unit="problem",
+            model=model,
         )
 
     readout = run(store, readout_work, "readout").drop(columns=UNIT_COLUMN)

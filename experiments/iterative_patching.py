@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         metric=args.metric,
+        answer_from=args.answer_from,
         settings=run.settings(pairs_file=args.pairs),
         overwrite=args.overwrite,
         executor=run.executor,

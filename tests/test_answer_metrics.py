@@ -167,3 +167,38 @@ def test_attribution_is_the_directional_derivative_of_each_metric(setup, metric)
         derivative = (moved[0] - moved[1]) / (2 * t)
         estimate = row["logit_diff"] - row["ld_corrupted"]
         assert estimate == pytest.approx(derivative, rel=0.05, abs=1e-3), (pair_id, metric)
+
+
+def test_every_gsm8k_test_pair_under_the_llama3_tokenizer(tmp_path):
+    """With the real Llama 3 tokenizer (extra ``llama``), every pair ``make_pairs`` builds from GSM8K test: the
+    numbers as written after ``The answer is:``, counted by hand from the tokenizer's own ids, and the token
+    ``first_difference`` compares for each. Pairs whose answers share their first token are measured at the
+    first token where they differ, never skipped; ``first_token`` would skip exactly those."""
+    from conftest import require
+
+    require("llama_models", "needs the extra codi-lens[llama]")
+    from codi_lens.data import load_problems
+    from codi_lens.data.pairs import make_pairs
+    from codi_lens.loading.llama_tokenizer import llama3_tokenizer
+    from codi_lens.patching import corrupted_number_tokens
+
+    tok = llama3_tokenizer(tmp_path)
+    pairs, _ = make_pairs(load_problems("gsm8k:test"))
+    prefix = tok("The answer is: ", add_special_tokens=False)["input_ids"]  # Llama 3 keeps the space apart
+    assert tok.convert_ids_to_tokens(prefix)[-1] == "Ġ"
+    multi = shared = 0
+    for row in pairs.itertuples():
+        a, b = _ids(tok, row.clean_answer), _ids(tok, row.corrupted_answer)
+        assert a[: len(prefix)] == prefix == b[: len(prefix)]
+        clean, corrupted = a[len(prefix) :], b[len(prefix) :]
+        number = find_answer_number(tok, a)
+        assert number.prefix == tuple(prefix) and list(number.tokens) == clean
+        assert list(corrupted_number_tokens(tok, number, row.corrupted_answer)) == corrupted
+        contrast = AnswerContrast(tuple(prefix), tuple(clean), tuple(corrupted))
+        multi += len(clean) > 1 or len(corrupted) > 1
+        shared += clean[0] == corrupted[0]
+        j = contrast.compared_at("first_difference")
+        assert j is not None and clean[j] != corrupted[j] and clean[:j] == corrupted[:j], row.pair_id
+        assert (contrast.compared_at("first_token") is None) == (clean[0] == corrupted[0])
+    print(f"{len(pairs)} pairs, {multi} with a multi-token answer, {shared} sharing the first number token")
+    assert shared > 0 and multi >= shared

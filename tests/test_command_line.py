@@ -253,3 +253,46 @@ def test_stratified_draws_from_the_whole_split_and_records_the_ids(tmp_path, cap
     assert json.loads((tmp_path / "selected_problems.json").read_text()) == ids
     settings = run.settings()
     assert settings["selected_problem_ids"] == ids and settings["limit"] is None
+
+
+def test_every_forward_pass_is_heard(tmp_path):
+    """``model.listening``: the prompt, each of the n thoughts and each decoded token is one forward pass (a
+    run that stops at EOS hears fewer), so a bar told of them moves within a batch."""
+    from codi_lens import load_pretrained
+
+    model = load_pretrained()
+    heard: list[int] = []
+    with model.listening(heard.append):
+        result = model.run_codi(["Uma owns 8 cards. How many cards does Uma own?"] * 3, n_latents=4, max_new_tokens=5)
+    longest = max(len(t) for t in result.answer_tokens)
+    assert heard == [3] * (1 + 4 + longest)
+    model.run_codi(["Uma owns 8 cards."], n_latents=2, max_new_tokens=2)
+    assert len(heard) == 1 + 4 + longest  # not told outside the block
+
+
+def test_a_dry_run_prints_the_plan_keeps_its_first_batch_and_the_full_run_goes_on(tmp_path, capsys):
+    flags = [
+        "--limit",
+        "4",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--interventions",
+        "zero",
+        "--scopes",
+        "single",
+    ]
+    assert cli.run_main(step_importance.main, [*flags, "--out", str(tmp_path / "dry"), "--dry-run"]) is None
+    err = capsys.readouterr().err
+    assert "plan: step importance: 4 of 4 units to compute (24 branches) in 2 batch(es) of up to 2" in err
+    assert "first batch: 12 branches in " in err and "for the remaining 12" in err
+    assert err.strip().splitlines()[-1].startswith("dry run: stopped after the first batch")
+    assert not (tmp_path / "dry" / "results.parquet").exists()
+    kept = pd.concat(pd.read_parquet(f) for f in sorted((tmp_path / "dry" / "parts").glob("part-*.parquet")))
+    assert kept["problem_id"].nunique() == 2
+    step_importance.main([*flags, "--out", str(tmp_path / "dry")])
+    assert "plan: step importance: 2 of 4 units to compute (12 branches)" in capsys.readouterr().err
+    step_importance.main([*flags, "--out", str(tmp_path / "straight")])
+    resumed = pd.read_parquet(tmp_path / "dry" / "results.parquet")
+    pd.testing.assert_frame_equal(resumed, pd.read_parquet(tmp_path / "straight" / "results.parquet"))

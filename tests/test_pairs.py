@@ -281,14 +281,14 @@ def test_check_pairs_table_by_hand():
     report = check_pairs(rows, [hal])
     expected = pd.DataFrame(
         [
-            ("0", "agrees", "", None, 1.0, None, 2.0, "hal", 4.0, 3.0, rows[0]["clean_question"],
+            ("0", "agrees", "", None, 1.0, None, 2.0, "hal", 1, 4.0, 3.0, rows[0]["clean_question"],
              rows[0]["corrupted_question"]),
             ("1", "rejected", Reason.NOT_ONE_NUMBER.value + ": 0 numbers differ", 1.0, math.nan, None, math.nan,
-             None, math.nan, math.nan, hal.question, hal.question),
+             None, math.nan, math.nan, math.nan, hal.question, hal.question),
         ],
         columns=["pair_id", "status", "reason", "claimed_clean_answer", "recomputed_clean_answer",
-                 "claimed_corrupted_answer", "recomputed_corrupted_answer", "clean_id", "changed_from", "changed_to",
-                 "clean_question", "corrupted_question"],
+                 "claimed_corrupted_answer", "recomputed_corrupted_answer", "clean_id", "n_steps", "changed_from",
+                 "changed_to", "clean_question", "corrupted_question"],
     )  # fmt: skip
     pd.testing.assert_frame_equal(report, expected)
     assert check_pairs([{**rows[0], "corrupted_answer": "two"}], [hal])["status"].tolist() == ["disagrees"]

@@ -215,8 +215,9 @@ def load_codi(
     """
     requested, requested_base = checkpoint, base
     checkpoint, base = _locate(checkpoint, base)
-    weights_file, arch, layout = _check(checkpoint, base)
-    tok = _resolve_tokenizer(tokenizer, base)
+    weights_file, arch = resolve_checkpoint_file(checkpoint), describe_base(base)
+    tok = _resolve_tokenizer(tokenizer, base)  # a missing tokenizer is named before the file is checked
+    layout = validate_checkpoint(read_tensor_info(weights_file), arch, path=str(weights_file))
     model = model_from_tensors(
         load_tensors(weights_file), layout, arch, tok, lora_alpha=lora_alpha, dtype=dtype, checkpoint_file=weights_file
     )

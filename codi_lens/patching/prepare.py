@@ -193,19 +193,19 @@ def _changed_index(clean: str, corrupted: str) -> int | None:
         return None
 
 
-def corrupted_number_tokens(model: CODIModel, number: AnswerNumber, corrupted_answer: float) -> tuple[int, ...] | None:
-    """The tokens of ``corrupted_answer`` written after the clean answer's prefix (None when the prefix would
-    tokenize differently, so the two answers' logits would not be comparable)."""
+def corrupted_number_tokens(tokenizer, number: AnswerNumber, corrupted_answer: float) -> tuple[int, ...] | None:
+    """The tokens of ``corrupted_answer`` written after the clean answer's prefix, in ``tokenizer``'s ids (None
+    when the prefix would tokenize differently, so the two answers' logits would not be comparable)."""
     text = str(int(corrupted_answer)) if float(corrupted_answer).is_integer() else str(corrupted_answer)
     # The corrupted number written where the clean one stands, so what the clean number's first token held
     # before its digits (a space, in byte-level BPE) stays with it.
-    written = model.tokenizer.decode(list(number.prefix) + list(number.tokens), skip_special_tokens=True)
+    written = tokenizer.decode(list(number.prefix) + list(number.tokens), skip_special_tokens=True)
     at = written.rfind(number.text)
-    ids = model.tokenizer(written[:at] + text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(written[:at] + text, add_special_tokens=False)["input_ids"]
     if tuple(ids[: len(number.prefix)]) != number.prefix or len(ids) <= len(number.prefix):
         # Word-level tokenizers decode with spaces between tokens: try the number as its own word.
-        ids = list(number.prefix) + model.tokenizer(text, add_special_tokens=False)["input_ids"]
-    found = find_answer_number(model.tokenizer, ids)
+        ids = list(number.prefix) + tokenizer(text, add_special_tokens=False)["input_ids"]
+    found = find_answer_number(tokenizer, ids)
     if found is None or found.index != number.index or found.prefix != number.prefix:
         return None
     return found.tokens
@@ -262,7 +262,7 @@ def prepare_pairs(
     reasons, contrasts, compared, changed = [], [], [], []
     for i, row in enumerate(pairs.itertuples()):
         number = find_answer_number(model.tokenizer, answer_tokens[i])
-        corrupted = None if number is None else corrupted_number_tokens(model, number, row.corrupted_answer)
+        corrupted = None if number is None else corrupted_number_tokens(model.tokenizer, number, row.corrupted_answer)
         contrast = None if corrupted is None else AnswerContrast(number.prefix, number.tokens, corrupted)
         at = None if contrast is None else contrast.compared_at(metric)
         reason = ""

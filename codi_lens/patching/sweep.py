@@ -243,6 +243,9 @@ def patch_sweep(
         desc="patching",
         progress=progress,
         executor=executor,
+        size=lambda _: len(sites),
+        unit="cell",
+        model=model,
     )
     return rows, store
 

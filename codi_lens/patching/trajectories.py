@@ -41,6 +41,7 @@ def trajectory_rows(
     max_new_tokens: int = 256,
     max_rows: int = 256,
     metric: str = DEFAULT_ANSWER_METRIC,
+    answer_from: str = "model",
 ) -> pd.DataFrame:
     """Chained versus parallel patching of ``blocks.L.hook_resid_post`` for one batch of pairs.
 
@@ -57,7 +58,7 @@ def trajectory_rows(
     """
     hooks = [act_name("resid_post", layer) for layer in layers]
     batch, kept, skipped = prepare_pairs(
-        model, pairs, hooks, n_latents=n_latents, max_new_tokens=max_new_tokens, metric=metric
+        model, pairs, hooks, n_latents=n_latents, max_new_tokens=max_new_tokens, metric=metric, answer_from=answer_from
     )
     frames = [skipped_rows(skipped)]
     if batch is None:
@@ -169,13 +170,15 @@ def trajectory_sweep(
     max_new_tokens: int = 256,
     batch_size: int = 16,
     metric: str = DEFAULT_ANSWER_METRIC,
+    answer_from: str = "model",
     settings: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
     executor: Executor | None = None,
 ) -> tuple[pd.DataFrame, ResultStore]:
     """:func:`trajectory_rows` on every pair, resumable in ``out`` (``batch_size`` pairs at a time). Returns
-    the rows (skipped pairs carry a ``reason``) and the store. ``metric``: how the answers are compared."""
+    the rows (skipped pairs carry a ``reason``) and the store. ``metric``: how the answers are compared;
+    ``answer_from``: whose answer is teacher-forced (see :func:`~codi_lens.patching.prepare.prepare_pairs`)."""
     layers = list(layers)
     bad = [layer for layer in layers if not 0 <= layer < model.cfg.n_layers]
     if bad:
@@ -189,18 +192,28 @@ def trajectory_sweep(
             "n_latents": n_latents,
             "max_new_tokens": max_new_tokens,
             "metric": metric,
+            "answer_from": answer_from,
         },
         overwrite=overwrite,
     )
     rows = store.run(
         pairs.to_dict("records"),
         lambda batch: trajectory_rows(
-            model, pd.DataFrame(batch), layers, n_latents=n_latents, max_new_tokens=max_new_tokens, metric=metric
+            model,
+            pd.DataFrame(batch),
+            layers,
+            n_latents=n_latents,
+            max_new_tokens=max_new_tokens,
+            metric=metric,
+            answer_from=answer_from,
         ),
         unit_id=lambda r: str(r["pair_id"]),
         batch_size=batch_size,
         desc="chained vs parallel",
         progress=progress,
         executor=executor,
+        size=lambda _: 2 * len(layers) * n_latents,
+        unit="configuration",
+        model=model,
     )
     return rows, store

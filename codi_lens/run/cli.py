@@ -33,7 +33,7 @@ from codi_lens.data.sources import load_problems
 from codi_lens.data.synthetic import value_limit
 from codi_lens.loading import DEFAULT_MODEL, check_codi, default_data, load_codi
 from codi_lens.loading.architectures import BaseArchitecture
-from codi_lens.run.executors import Executor, make_executor
+from codi_lens.run.executors import Executor, FirstBatchOnly, PlanShown, make_executor
 
 #: Errors that mean "the input was wrong", reported in one line without a traceback: the project's own
 #: (every user-facing error subclasses :class:`~codi_lens.core.errors.CodiLensError`). Anything else is a
@@ -71,6 +71,12 @@ def add_common_args(parser: argparse.ArgumentParser, *, out: str, batch_size: in
     parser.add_argument("--ray-cpus", type=float, default=1, help="CPUs each Ray task requests (default 1)")
     parser.add_argument("--out", default=out, help=f"output folder (default {out})")
     parser.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan, compute the first batch (kept: the full run continues from it), print the "
+        "time it took and the estimate for the rest, and stop",
+    )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
@@ -185,7 +191,8 @@ def load_model(args: argparse.Namespace) -> CODIModel:
 def executor_from_args(args: argparse.Namespace) -> Executor:
     """Where the units of work run: here, or on the Ray cluster ``--ray`` names (GPUs requested per
     task when ``--device`` is CUDA)."""
-    return make_executor(args.ray, device=args.device, cpus_per_task=args.ray_cpus)
+    executor = make_executor(args.ray, device=args.device, cpus_per_task=args.ray_cpus)
+    return FirstBatchOnly(executor) if getattr(args, "dry_run", False) else executor
 
 
 def model_settings(model: CODIModel, args: argparse.Namespace) -> dict[str, Any]:
@@ -313,10 +320,16 @@ def _counts_text(counts: dict[str, int]) -> str:
 
 
 def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> Any:
-    """Call ``main(argv)``; user errors become one ``error:`` line on stderr and exit status 2."""
+    """Call ``main(argv)``; user errors become one ``error:`` line on stderr and exit status 2; a ``--dry-run``
+    that showed its plan and first batch ends here with exit status 0."""
     args = sys.argv[1:] if argv is None else argv
     try:
         return main(args)
+    except PlanShown:
+        print(
+            "dry run: stopped after the first batch, which is kept; rerun without --dry-run to go on", file=sys.stderr
+        )
+        return None
     except USER_ERRORS as exc:
         if "--debug" in args:
             raise

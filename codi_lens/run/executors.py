@@ -40,13 +40,36 @@ class DistributedError(CodiLensError, RuntimeError):
 
 
 class Executor(Protocol):
-    """Computes ``work(batch)`` for each batch, yielding ``(batch index, rows)`` as batches finish."""
+    """Computes ``work(batch)`` for each batch, yielding ``(batch index, rows)`` as batches finish;
+    ``in_process``: whether the work runs in this process (so it can report progress as it goes)."""
+
+    in_process: bool
 
     def map(self, work: Work, batches: Sequence[list[Any]]) -> Iterator[tuple[int, pd.DataFrame]]: ...
 
 
+class PlanShown(Exception):  # noqa: N818 (not an error: how a dry run ends)
+    """A dry run computed its first batch (kept in the output folder), printed the estimate and stopped."""
+
+
+class FirstBatchOnly:
+    """``--dry-run``: the first batch of the first sweep on ``inner``, then :class:`PlanShown` (the batch is
+    written like any other, so the full run continues from it)."""
+
+    def __init__(self, inner: Executor):
+        self.inner = inner
+        self.in_process = inner.in_process
+
+    def map(self, work: Work, batches: Sequence[list[Any]]) -> Iterator[tuple[int, pd.DataFrame]]:
+        yield from self.inner.map(work, batches[:1])
+        if batches:
+            raise PlanShown
+
+
 class LocalExecutor:
     """Every batch in this process, in order."""
+
+    in_process = True
 
     def map(self, work: Work, batches: Sequence[list[Any]]) -> Iterator[tuple[int, pd.DataFrame]]:
         for index, batch in enumerate(batches):
@@ -101,6 +124,8 @@ class RayExecutor:
         max_retries: how often Ray reruns a task whose worker died.
         max_in_flight: tasks submitted but not yet collected (default: twice the cluster's CPUs / task).
     """
+
+    in_process = False
 
     def __init__(
         self,

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
@@ -33,6 +35,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from codi_lens.core.errors import CodiLensError
+from codi_lens.core.model import CODIModel
 from codi_lens.run.executors import Executor, LocalExecutor
 
 Unit = TypeVar("Unit")
@@ -153,6 +156,9 @@ class ResultStore:
         progress: bool = True,
         executor: Executor | None = None,
         collect: bool = True,
+        size: Callable[[Unit], int] | None = None,
+        unit: str = "unit",
+        model: CODIModel | None = None,
     ) -> pd.DataFrame:
         """Compute every unit not yet done, ``batch_size`` at a time, writing a part per batch.
 
@@ -161,6 +167,12 @@ class ResultStore:
         :class:`~codi_lens.run.executors.RayExecutor` runs them as Ray tasks, and parts are written as
         they come back). Returns the rows of ``units`` (earlier and new), in unit order; with
         ``collect=False`` nothing is read back (for tables too large to hold) and an empty frame is returned.
+
+        Progress counts the work that takes the time: ``size(unit)`` pieces of it per unit (branches,
+        cells, ...; named ``unit``), and, with ``model`` computing here, every forward pass of the batch
+        being computed (its rows and passes in the bar's postfix), so the bar moves within a long batch.
+        Before the work the plan is printed (units, pieces, batches); after the first batch, its time and
+        the estimate for the rest.
         """
         ids = [unit_id(u) for u in units]
         if len(set(ids)) != len(ids):
@@ -168,18 +180,25 @@ class ResultStore:
             raise ValueError(f"unit ids must be unique; repeated: {duplicated}")
         finished = self.done()
         todo = [u for u, i in zip(units, ids) if i not in finished]
-        with tqdm(
-            total=len(units), initial=len(units) - len(todo), desc=desc, unit="unit", disable=not progress
-        ) as bar:
-            batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
-            for index, frame in (executor or LocalExecutor()).map(work, batches):
+        weight = size or (lambda _: 1)
+        batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+        total, remaining = sum(weight(u) for u in units), sum(weight(u) for u in todo)
+        executor = executor or LocalExecutor()
+        with WorkBar(total, total - remaining, desc=desc, unit=unit, disable=not progress) as bar:
+            if todo:
+                bar.say(
+                    f"plan: {desc}: {len(todo)} of {len(units)} units to compute ({remaining} {plural(unit)}) in "
+                    f"{len(batches)} batch(es) of up to {batch_size}; an estimate follows the first batch"
+                )
+            listening = isinstance(model, CODIModel) and executor.in_process
+            for index, frame in executor.map(_listened(work, model, bar) if listening else work, batches):
                 batch = batches[index]
                 batch_ids = [unit_id(u) for u in batch]
                 unexpected = set(frame[UNIT_COLUMN]) - set(batch_ids) if len(frame) else set()
                 if unexpected:
                     raise ValueError(f"work returned rows for units outside its batch: {sorted(unexpected)[:5]}")
                 self.write_part(batch_ids, frame)
-                bar.update(len(batch))
+                bar.finish_batch(sum(weight(u) for u in batch))
         if not collect:
             return pd.DataFrame()
         rows = self.rows()
@@ -196,6 +215,63 @@ class ResultStore:
         if summary is not None:
             _write_atomic(self.directory / "summary.json", json.dumps(summary, indent=2, default=str).encode())
         return table
+
+
+class WorkBar:
+    """A tqdm bar over pieces of work, told each forward pass of the batch being computed (:meth:`forward`) so it
+    moves within a long batch; it prints the time of the first batch and the estimate for the rest."""
+
+    def __init__(self, total: int, initial: int, *, desc: str, unit: str, disable: bool):
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable)
+        self.disable, self.unit = disable, unit
+        self.started = time.perf_counter()
+        self.batches = self.forwards = self.rows = 0
+        self.last_shown = 0.0
+
+    def __enter__(self) -> WorkBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+    def say(self, line: str) -> None:
+        if not self.disable:
+            tqdm.write(line, file=sys.stderr)
+
+    def forward(self, rows: int) -> None:
+        """One forward pass of ``rows`` rows ran: show it (at most once a second)."""
+        self.forwards += 1
+        self.rows += rows
+        now = time.perf_counter()
+        if now - self.last_shown >= 1.0:
+            self.last_shown = now
+            self.bar.set_postfix_str(f"batch {self.batches + 1}: {self.forwards} forward passes", refresh=True)
+
+    def finish_batch(self, pieces: int) -> None:
+        self.batches += 1
+        self.forwards = 0
+        self.bar.set_postfix_str(f"{self.batches} batch(es) done", refresh=False)
+        self.bar.update(pieces)
+        if self.batches == 1 and self.bar.total > self.bar.n:
+            seconds = time.perf_counter() - self.started
+            left = (self.bar.total - self.bar.n) * seconds / max(pieces, 1)
+            self.say(
+                f"first batch: {pieces} {plural(self.unit)} in {seconds:.0f} s on this device; about "
+                f"{left / 60:.1f} min for the remaining {self.bar.total - self.bar.n}"
+            )
+
+
+def plural(noun: str) -> str:
+    """``branch`` -> ``branches``, ``cell`` -> ``cells``."""
+    return noun + ("es" if noun.endswith(("s", "sh", "ch", "x")) else "s")
+
+
+def _listened(work: Callable[[list[Any]], pd.DataFrame], model: CODIModel, bar: WorkBar):
+    def listened(batch: list[Any]) -> pd.DataFrame:
+        with model.listening(bar.forward):
+            return work(batch)
+
+    return listened
 
 
 def read_parts(

@@ -1,0 +1,248 @@
+"""Every experiment on a random checkpoint in a real CODI layout, run as a user runs it, in a table.
+
+    python -m benchmarks.real_scale_experiments [--family llama|gpt2] [--quick] [--workdir DIR]
+        [--only NAME,...] [--timeout SECONDS]
+
+Writes a random-weight checkpoint once (``--family llama``: the 377-key CODI-LLaMA-3.2-1B layout with the
+real 128,259-row vocabulary and the Llama 3 tokenizer of the ``llama`` extra; ``gpt2``: the 251-key CODI-GPT-2
+layout with a stand-in tokenizer trained here on the shipped GSM8K text, whose ids fall below GPT-2's 50,257),
+then runs each ``python -m experiments.<name>`` in its own process at a small ``--limit``, as a user with that
+checkpoint would (``--checkpoint DIR --base ... --data gsm8k:test --max-new-tokens 16``). Random weights answer
+nothing right, so patching teacher-forces the gold answers (``--answer-from gold``). ``--quick``: the same
+layout at 4 layers and width 256 (the vocabulary stays real), for the test suite.
+
+Prints one JSON line per experiment (``experiment, exit_status, wall_s, peak_rss_gb, rows, last_line``) and a
+table at the end. ``train_toy_codi`` and ``toy_model_report`` are for the shipped toy models and are not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import save_file
+
+from codi_lens.data import load_problems
+from codi_lens.loading.architectures import BUILTIN_BASES, architecture_from_config, describe_base
+from codi_lens.loading.checkpoint import CheckpointLayout, expected_tensors
+
+#: The built-in base of each family, its LoRA rank and the width of the quick variant's heads.
+FAMILIES = {
+    "llama": {"base": "llama-3.2-1b-instruct", "lora_rank": 128},
+    "gpt2": {"base": "gpt2", "lora_rank": 128},
+}
+NOT_RUN = {"train_toy_codi": "trains the shipped toy models", "toy_model_report": "reports on a shipped toy model"}
+
+
+def quick_config(family: str) -> dict:
+    """The family's base config at 4 layers and width 256, its vocabulary unchanged."""
+    config = dict(BUILTIN_BASES[FAMILIES[family]["base"]])
+    if family == "llama":
+        config.update(num_hidden_layers=4, hidden_size=256, intermediate_size=1024, head_dim=8)
+    else:
+        config.update(n_layer=4, n_embd=256, n_head=8)
+    return config
+
+
+def stand_in_tokenizer(folder: Path, vocab_size: int = 2000):
+    """A byte-level BPE trained on the shipped GSM8K questions and answers (ids below ``vocab_size``), saved in
+    ``folder``: where a base's own tokenizer files are not at hand, any tokenizer whose ids fit its vocabulary
+    serves random weights."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [t for p in load_problems("gsm8k:train") for t in (p.question, p.solution)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def write_checkpoint(folder: Path, family: str, quick: bool, seed: int = 0) -> tuple[str, str | None]:
+    """Random tensors for every key of the family's CODI layout (bf16 base, fp32 LoRA and projection), in
+    ``folder/checkpoint``; returns the ``--base`` and ``--tokenizer`` to load it with."""
+    spec = FAMILIES[family]
+    base: str = spec["base"]
+    tokenizer: str | None = None
+    if quick or family == "gpt2":
+        base_dir = folder / "base"
+        base_dir.mkdir(parents=True, exist_ok=True)
+        config = quick_config(family) if quick else dict(BUILTIN_BASES[base])
+        (base_dir / "config.json").write_text(json.dumps(config))
+        if family == "llama":
+            from codi_lens.loading.llama_tokenizer import llama3_tokenizer
+
+            llama3_tokenizer().save_pretrained(base_dir)
+        else:
+            stand_in_tokenizer(base_dir)
+        base = str(base_dir) if quick else base
+        tokenizer = None if quick else str(base_dir)
+    arch = architecture_from_config(quick_config(family), "quick") if quick else describe_base(base)
+    layout = CheckpointLayout(
+        family=family,
+        uses_lora=True,
+        lora_rank=spec["lora_rank"],
+        prj_dim=arch.d_model,
+        prj_layernorm=True,
+        n_layers=arch.n_layers,
+        vocab=arch.codi_vocab,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, shape in expected_tensors(arch, layout).items():
+        if key.endswith(("norm.weight", "ln.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            value = torch.ones(shape)
+        elif key.endswith("bias"):
+            value = torch.zeros(shape)
+        else:
+            value = torch.randn(shape, generator=generator) * 0.02
+        fp32 = "lora_" in key or key.startswith("prj.")
+        tensors[key] = value.to(torch.float32 if fp32 else torch.bfloat16)
+    (folder / "checkpoint").mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "checkpoint" / "model.safetensors"))
+    return base, tokenizer
+
+
+def commands(folder: Path, base: str, tokenizer: str | None, quick: bool) -> dict[str, list[str]]:
+    """The flags of each experiment, as a user with this checkpoint would run it at a small limit."""
+    model = ["--checkpoint", str(folder / "checkpoint"), "--base", base, "--max-new-tokens", "16"]
+    model += ["--tokenizer", tokenizer] if tokenizer else []
+    data = [*model, "--data", "gsm8k:test"]
+    out = folder / "results"
+    pairs = ["--pairs", str(out / "make_pairs" / "pairs.parquet"), "--answer-from", "gold", "--limit", "4"]
+    saes = ["--saes", str(out / "train_saes")]
+    sae_sites = "thought.2.hook_hidden,thought.4.hook_hidden"
+    return {
+        "inspect_checkpoint": [str(folder / "checkpoint")],
+        "evaluate": [*data, "--limit", "4", "--batch-size", "4"],
+        "make_pairs": ["--data", "gsm8k:test", "--limit", "40"],
+        "step_importance": [*data, "--limit", "2", "--interventions", "zero,mean,swap", "--scopes", "single,all"],
+        "ablation_attention": [*data, "--limit", "2"],
+        "position_patching": [*data, *pairs, "--hooks", "resid_post,thought_input", "--batch-size", "4"],
+        "position_patching_attribution": [*data, *pairs, "--method", "attribution", "--batch-size", "4"],
+        "iterative_patching": [*data, *pairs, "--layers", "0"],
+        "read_thoughts": [*data, "--limit", "8" if quick else "16", "--tuned-lens-steps", "2", "--batch-size", "8"],
+        "train_saes": [
+            *data,
+            "--limit",
+            "4",
+            "--train-data",
+            "gsm8k:train",
+            "--train-limit",
+            "32",
+            "--sae-batch-size",
+            "16",
+            "--training-samples",
+            "64",
+            "--splice-limit",
+            "2",
+            "--d-sae",
+            "64",
+            "--k",
+            "4",
+            "--sites",
+            sae_sites,
+        ],  # fmt: skip
+        "sae_features": [*data, *saes, "--limit", "4", "--intervene", "1", "--top-features", "2"],
+        "feature_pathways": [*data, *saes, "--limit", "4", "--candidates", "2"],
+    }
+
+
+def run_one(name: str, argv: list[str], out: Path, timeout: float) -> dict:
+    """One experiment in its own process: exit status, wall time, its peak resident memory, rows written."""
+    module = "position_patching" if name.startswith("position_patching") else name
+    peak_file = out.with_suffix(".peak")
+    flags = argv if name == "inspect_checkpoint" else [*argv, "--out", str(out)]
+    if name == "make_pairs":
+        flags = [*argv, "--out", str(out)]
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.real_scale_experiments", "--child", module, str(peak_file), *flags],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        status, lines = proc.returncode, (proc.stdout + proc.stderr).strip().splitlines()
+    except subprocess.TimeoutExpired:
+        status, lines = "timeout", [f"still running after {timeout:.0f} s"]
+    results = out / "results.parquet"
+    return {
+        "experiment": name,
+        "exit_status": status,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "peak_rss_gb": round(float(peak_file.read_text()), 2) if peak_file.exists() else None,
+        "rows": pq.read_metadata(results).num_rows if results.exists() else None,
+        "last_line": lines[-1][-200:] if lines else "",
+    }
+
+
+def child(module: str, peak_file: str, argv: list[str]) -> None:
+    """Run ``experiments.<module>`` as ``python -m`` does; write this process's peak resident memory (GB)."""
+    from codi_lens.run.cli import run_main
+
+    main = importlib.import_module(f"experiments.{module}").main
+    try:
+        run_main(main, argv)
+    finally:
+        Path(peak_file).write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as a Markdown table."""
+    keys = ["experiment", "exit_status", "wall_s", "peak_rss_gb", "rows", "last_line"]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r[k]).replace("|", "/") for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--child":
+        child(argv[1], argv[2], argv[3:])
+        return []
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="llama")
+    parser.add_argument("--quick", action="store_true", help="4 layers, width 256, the real vocabulary")
+    parser.add_argument("--workdir", default=None, help="where the checkpoint and results go (default: a temp dir)")
+    parser.add_argument("--only", default=None, help="comma-separated experiments (default: all)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds an experiment may run")
+    args = parser.parse_args(argv)
+    folder = Path(args.workdir or tempfile.mkdtemp(prefix=f"codi_rehearsal_{args.family}_"))
+    started = time.perf_counter()
+    base, tokenizer = write_checkpoint(folder, args.family, args.quick)
+    print(json.dumps({"checkpoint": str(folder / "checkpoint"), "written_s": round(time.perf_counter() - started, 1)}))
+    planned = commands(folder, base, tokenizer, args.quick)
+    chosen = [s.strip() for s in args.only.split(",")] if args.only else list(planned)
+    rows = []
+    for name in chosen:
+        row = run_one(name, planned[name], folder / "results" / name, args.timeout)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    rows += [
+        {"experiment": n, "exit_status": "not run", "wall_s": 0, "peak_rss_gb": None, "rows": None, "last_line": why}
+        for n, why in NOT_RUN.items()
+    ]
+    print(table(rows))
+    print(json.dumps({"machine_cores": os.cpu_count(), "total_s": round(time.perf_counter() - started, 1)}))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
