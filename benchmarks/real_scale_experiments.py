@@ -11,8 +11,10 @@ checkpoint would (``--checkpoint DIR --base ... --data gsm8k:test --max-new-toke
 nothing right, so patching teacher-forces the gold answers (``--answer-from gold``). ``--quick``: the same
 layout at 4 layers and width 256 (the vocabulary stays real), for the test suite.
 
-Prints one JSON line per experiment (``experiment, exit_status, wall_s, peak_rss_gb, rows, last_line``) and a
-table at the end. ``train_toy_codi`` and ``toy_model_report`` are for the shipped toy models and are not run.
+Prints one JSON line per experiment (``experiment, exit_status, wall_s, peak_rss_gb, rows, first_bar_s,
+max_bar_gap_s, last_line``: ``max_bar_gap_s`` is the longest time the experiment's progress bar stood still once it
+appeared) and a table at the end. ``train_toy_codi`` and ``toy_model_report`` are for the shipped toy models and
+are not run.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import argparse
 import importlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +34,7 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save_file
 
+from benchmarks.common import PeakSampler, machine_gb
 from codi_lens.data import load_problems
 from codi_lens.loading.architectures import BUILTIN_BASES, architecture_from_config, describe_base
 from codi_lens.loading.checkpoint import CheckpointLayout, expected_tensors
@@ -165,50 +168,74 @@ def commands(folder: Path, base: str, tokenizer: str | None, quick: bool) -> dic
 
 
 def run_one(name: str, argv: list[str], out: Path, timeout: float) -> dict:
-    """One experiment in its own process: exit status, wall time, its peak resident memory, rows written."""
+    """One experiment in its own process: exit status, wall time, its peak resident memory, rows written, and
+    the longest silence on its stderr once its first progress bar appeared (``max_bar_gap_s``: how long a user
+    watched a bar that did not move)."""
     module = "position_patching" if name.startswith("position_patching") else name
     peak_file = out.with_suffix(".peak")
+    out.parent.mkdir(parents=True, exist_ok=True)
     flags = argv if name == "inspect_checkpoint" else [*argv, "--out", str(out)]
-    if name == "make_pairs":
-        flags = [*argv, "--out", str(out)]
+    command = [sys.executable, "-m", "benchmarks.real_scale_experiments", "--child", module, str(peak_file), *flags]
     started = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stderr_writes: list[tuple[float, bytes]] = []
+    readers = [
+        threading.Thread(target=_read, args=(proc.stdout, stdout := [])),
+        threading.Thread(target=_read, args=(proc.stderr, stderr_writes)),
+    ]
+    for reader in readers:
+        reader.start()
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.real_scale_experiments", "--child", module, str(peak_file), *flags],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        status, lines = proc.returncode, (proc.stdout + proc.stderr).strip().splitlines()
+        status = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        status, lines = "timeout", [f"still running after {timeout:.0f} s"]
-    results = out / "results.parquet"
+        proc.kill()
+        status = "timeout"
+    for reader in readers:
+        reader.join()
+    ended = time.perf_counter()
+    err = b"".join(chunk for _, chunk in stderr_writes).decode(errors="replace")
+    out_text = b"".join(chunk for _, chunk in stdout).decode(errors="replace")
+    lines = (err if status else out_text or err).replace("\r", "\n").strip().splitlines()
+    bar_times = [t for t, chunk in stderr_writes if b"|" in chunk]
+    gaps = [b - a for a, b in zip(bar_times, [*bar_times[1:], ended])] if bar_times else []
+    written = [out / name for name in ("results.parquet", "pairs.parquet") if (out / name).exists()]
     return {
         "experiment": name,
         "exit_status": status,
-        "wall_s": round(time.perf_counter() - started, 1),
+        "wall_s": round(ended - started, 1),
         "peak_rss_gb": round(float(peak_file.read_text()), 2) if peak_file.exists() else None,
-        "rows": pq.read_metadata(results).num_rows if results.exists() else None,
+        "rows": pq.read_metadata(written[0]).num_rows if written else None,
+        "first_bar_s": round(bar_times[0] - started, 1) if bar_times else None,
+        "max_bar_gap_s": round(max(gaps), 1) if gaps else None,
         "last_line": lines[-1][-200:] if lines else "",
     }
 
 
+def _read(stream, chunks: list) -> None:
+    """Everything a child writes to ``stream``, as ``(arrival time, bytes)``."""
+    while chunk := os.read(stream.fileno(), 65536):
+        chunks.append((time.perf_counter(), chunk))
+
+
 def child(module: str, peak_file: str, argv: list[str]) -> None:
-    """Run ``experiments.<module>`` as ``python -m`` does; write this process's peak resident memory (GB)."""
+    """Run ``experiments.<module>`` as ``python -m`` does; write this process's peak resident memory (GB),
+    sampled from ``/proc`` (``ru_maxrss`` would count the parent's memory at the fork)."""
     from codi_lens.run.cli import run_main
 
     main = importlib.import_module(f"experiments.{module}").main
+    sampler = PeakSampler(limit_gb=machine_gb())
+    sampler.start()
     try:
         run_main(main, argv)
     finally:
-        Path(peak_file).write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
+        Path(peak_file).write_text(str(sampler.stop()))
 
 
 def table(rows: list[dict]) -> str:
     """The rows as a Markdown table."""
-    keys = ["experiment", "exit_status", "wall_s", "peak_rss_gb", "rows", "last_line"]
+    keys = ["experiment", "exit_status", "wall_s", "peak_rss_gb", "rows", "first_bar_s", "max_bar_gap_s", "last_line"]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r[k]).replace("|", "/") for k in keys) + " |" for r in rows]
+    lines += ["| " + " | ".join(str(r.get(k, "")).replace("|", "/") for k in keys) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -235,10 +262,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row = run_one(name, planned[name], folder / "results" / name, args.timeout)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    rows += [
-        {"experiment": n, "exit_status": "not run", "wall_s": 0, "peak_rss_gb": None, "rows": None, "last_line": why}
-        for n, why in NOT_RUN.items()
-    ]
+    rows += [{"experiment": n, "exit_status": "not run", "last_line": why} for n, why in NOT_RUN.items()]
     print(table(rows))
     print(json.dumps({"machine_cores": os.cpu_count(), "total_s": round(time.perf_counter() - started, 1)}))
     return rows

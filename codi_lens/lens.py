@@ -192,7 +192,8 @@ def train_tuned_lens(
     rows = residuals.permute(0, 2, 1, 3).reshape(-1, n_layers + 1, residuals.shape[-1])  # [position, layer, d]
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(lens.parameters(), lr=lr)
-    for _ in tqdm(range(steps), desc="tuned lens", disable=not progress):
+    bar = tqdm(total=steps * n_layers, desc="tuned lens", unit="layer step", disable=not progress)
+    for _ in range(steps):
         batch = rows[torch.randint(len(rows), (min(batch_rows, len(rows)),), generator=generator)].to(model.cfg.device)
         with torch.no_grad():
             target = F.log_softmax(logit_lens(model, batch[:, -1]).float(), dim=-1)
@@ -204,7 +205,9 @@ def train_tuned_lens(
             logits = model.unembed(model.ln_final(translated[:, None].to(model.cfg.dtype)))[:, 0].float()
             loss = F.kl_div(F.log_softmax(logits, -1), target, log_target=True, reduction="batchmean")
             (loss / n_layers).backward()
+            bar.update(1)  # a step at Llama 3's vocabulary is many seconds: the bar moves per layer
         optimizer.step()
+    bar.close()
     model.zero_grad(set_to_none=True)
     return lens.cpu()
 

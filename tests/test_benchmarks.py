@@ -59,3 +59,22 @@ def test_attribution_ranks_cells_as_exact_patching_does(model):
     assert match, last
     spearman, overlap = ATTRIBUTION_FLOORS[model]
     assert float(match.group(2)) >= spearman and float(match.group(3)) >= overlap, last
+
+
+@pytest.mark.slow
+def test_the_real_vocabulary_rehearsal_runs_every_experiment(tmp_path):
+    """``benchmarks.real_scale_experiments --quick``: a random checkpoint in the CODI-LLaMA layout at 4 layers with
+    the real 128,259-row vocabulary and the Llama 3 tokenizer; every experiment, each in its own process as a user
+    runs it, exits 0 and writes rows (patching on gold answers: random weights answer nothing right)."""
+    from conftest import require
+
+    require("llama_models", "needs the extra codi-lens[llama]")
+    from benchmarks import real_scale_experiments
+
+    rows = real_scale_experiments.main(["--quick", "--workdir", str(tmp_path), "--timeout", "600"])
+    ran = {r["experiment"]: r for r in rows if r["exit_status"] != "not run"}
+    assert set(ran) == set(real_scale_experiments.commands(tmp_path, "b", None, True))
+    for name, row in ran.items():
+        assert row["exit_status"] == 0, row
+        assert name == "inspect_checkpoint" or row["rows"] > 0, row
+    assert "keys          101" in ran["inspect_checkpoint"]["last_line"]  # 4 layers of the 377-key layout

@@ -229,6 +229,12 @@ def test_a_checked_import_feeds_position_patching(tmp_path):
         ]
     )
     assert summary["n_pairs"] == len(pairs) and summary["n_pairs_used"] > 0
+    first = position_patching.main(
+        ["--pairs", str(tmp_path / "imp" / "pairs.parquet"), "--limit", "2", "--max-new-tokens", "16"]
+        + ["--hooks", "thought_input", "--out", str(tmp_path / "pp2")]
+    )
+    assert first["n_pairs"] == 2  # --limit takes the first pairs of a pair file
+    assert pd.read_parquet(tmp_path / "pp2" / "pairs.parquet")["pair_id"].tolist() == ["ext-0", "ext-1"]
 
 
 def test_stratified_draws_from_the_whole_split_and_records_the_ids(tmp_path, capsys):
@@ -256,18 +262,20 @@ def test_stratified_draws_from_the_whole_split_and_records_the_ids(tmp_path, cap
 
 
 def test_every_forward_pass_is_heard(tmp_path):
-    """``model.listening``: the prompt, each of the n thoughts and each decoded token is one forward pass (a
-    run that stops at EOS hears fewer), so a bar told of them moves within a batch."""
+    """``model.listening``: each transformer block of each forward pass is told (rows, block); the prompt, each of
+    the n thoughts and each decoded token is one pass (a run that stops at EOS has fewer), so a bar told of them
+    moves within a batch and within one long pass."""
     from codi_lens import load_pretrained
 
     model = load_pretrained()
-    heard: list[int] = []
-    with model.listening(heard.append):
+    heard: list[tuple[int, int]] = []
+    with model.listening(lambda rows, block: heard.append((rows, block))):
         result = model.run_codi(["Uma owns 8 cards. How many cards does Uma own?"] * 3, n_latents=4, max_new_tokens=5)
     longest = max(len(t) for t in result.answer_tokens)
-    assert heard == [3] * (1 + 4 + longest)
+    passes = 1 + 4 + longest
+    assert heard == [(3, block) for _ in range(passes) for block in range(model.cfg.n_layers)]
     model.run_codi(["Uma owns 8 cards."], n_latents=2, max_new_tokens=2)
-    assert len(heard) == 1 + 4 + longest  # not told outside the block
+    assert len(heard) == passes * model.cfg.n_layers  # not told outside the block
 
 
 def test_a_dry_run_prints_the_plan_keeps_its_first_batch_and_the_full_run_goes_on(tmp_path, capsys):

@@ -62,8 +62,9 @@ class CODIModel(HookedSAETransformer):
         tokenizer, codi_tokens: the base tokenizer and the ids CODI adds (pad, BOT, EOT) with the stop token.
         prj: the projection head; ``thought``: the hook points of steps 0..n.
         chunk_scope: where a run publishes the chunk being computed to hooks (see :class:`ChunkScope`).
-        forward_listeners: callables told the number of rows of every forward pass (see
-            :meth:`listening`); progress bars count work with them. They see no activation and change nothing.
+        forward_listeners: callables told ``(rows, block)`` as each transformer block of every forward pass
+            finishes (see :meth:`listening`); progress bars count work with them. They see no activation and
+            change nothing.
         checkpoint_file: the weights file (None for a model built in memory, e.g. during training).
         source: how :func:`codi_lens.load_codi` loaded this model (None when built otherwise).
     """
@@ -87,14 +88,15 @@ class CODIModel(HookedSAETransformer):
         self.thought = nn.ModuleList([ThoughtStep() for _ in range(n_thought_hooks + 1)])
         self.prj.to(device=cfg.device, dtype=cfg.dtype)
         self.chunk_scope = ChunkScope()
-        self.forward_listeners: list[Callable[[int], None]] = []
+        self.forward_listeners: list[Callable[[int, int], None]] = []
         self.source: ModelSource | None = None
         self.setup()
 
     @contextmanager
-    def listening(self, listener: Callable[[int], None]) -> Iterator[None]:
-        """Within the block, ``listener(rows)`` is called after every forward pass (a loop step, a decoding
-        step, a teacher-forced answer), so a progress bar moves while one long batch runs."""
+    def listening(self, listener: Callable[[int, int], None]) -> Iterator[None]:
+        """Within the ``with`` block, ``listener(rows, block)`` is called as each transformer block of every
+        forward pass (a loop step, a decoding step, a teacher-forced answer) finishes (``block`` 0 starts a new
+        pass), so a progress bar moves while one long batch runs, even when one pass takes minutes."""
         self.forward_listeners.append(listener)
         try:
             yield
@@ -201,21 +203,8 @@ class CODIModel(HookedSAETransformer):
         ``[batch, pos, d_vocab]`` for ``"all"``, or None for ``"none"``; a ``[batch]`` (or
         ``[batch, k]``) tensor of indices into this chunk gives ``[batch, 1 (or k), d_vocab]`` at each
         row's own indices (the unembedding, the largest matmul of a small model with a large
-        vocabulary, then runs only there). Every listener of :meth:`listening` is told the rows afterwards.
+        vocabulary, then runs only there). Every listener of :meth:`listening` is told each block as it ends.
         """
-        out = self._run_chunk(embeds, attention_mask, kv_cache, positions, logits_at)
-        for listener in self.forward_listeners:
-            listener(embeds.shape[0])
-        return out
-
-    def _run_chunk(
-        self,
-        embeds: Float[Tensor, "batch pos d_model"],
-        attention_mask: Int[Tensor, "batch pos"],
-        kv_cache: TransformerLensKeyValueCache | None,
-        positions: CODIPositions,
-        logits_at: LogitsAt,
-    ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch n d_vocab"] | None]:
         n_past = 0 if kv_cache is None else kv_cache.previous_attention_mask.shape[1]
         span = torch.arange(n_past, n_past + embeds.shape[1])
         attention_mask = attention_mask.to(self.cfg.device)
@@ -230,6 +219,8 @@ class CODIModel(HookedSAETransformer):
                     past_kv_cache_entry=None if kv_cache is None else kv_cache[i],
                     attention_mask=full_mask,
                 )
+                for listener in self.forward_listeners:
+                    listener(embeds.shape[0], i)
             final = self.ln_final(residual)
             if isinstance(logits_at, Tensor):
                 index = logits_at.to(final.device)

@@ -101,7 +101,9 @@ def add_pair_args(parser: argparse.ArgumentParser) -> None:
     """``--pairs FILE`` (else pairs are made from ``--data``), ``--n-latents``, ``--metric`` and
     ``--answer-from``; patching's defaults."""
     parser.add_argument(
-        "--pairs", default=None, help="a pairs.parquet from experiments.make_pairs (else made from --data)"
+        "--pairs",
+        default=None,
+        help="a pairs.parquet from experiments.make_pairs, its first --limit rows (else made from --data)",
     )
     parser.add_argument("--n-latents", type=int, default=6, help="continuous thoughts fed back (CODI: 6)")
     parser.add_argument(
@@ -266,14 +268,15 @@ class CommandRun:
         return problems
 
     def pairs(self) -> pd.DataFrame:
-        """The clean/corrupted pairs of ``--pairs`` (a table from ``experiments.make_pairs``), or made from the
-        problems (one number changed, the answer recomputed; values within the toy models' range for toy data).
-        Refuses an empty pair set, naming the flag and, for made pairs, why each problem gave none."""
+        """The clean/corrupted pairs of ``--pairs`` (a table from ``experiments.make_pairs``; its first ``--limit``
+        rows), or made from the problems (one number changed, the answer recomputed; values within the toy models'
+        range for toy data). Refuses an empty pair set, naming the flag and, for made pairs, why each problem gave
+        none."""
         if getattr(self.args, "pairs", None):
             pairs = read_pair_table(self.args.pairs)
             if pairs.empty:
                 raise DataError(f"--pairs {self.args.pairs}: the file holds no pairs")
-            return pairs
+            return pairs if self.args.limit is None else pairs.head(self.args.limit).reset_index(drop=True)
         problems = self.problems()
         pairs, rejections = make_pairs(problems, max_value=value_limit(problems))
         if pairs.empty:

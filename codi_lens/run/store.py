@@ -238,14 +238,18 @@ class WorkBar:
         if not self.disable:
             tqdm.write(line, file=sys.stderr)
 
-    def forward(self, rows: int) -> None:
-        """One forward pass of ``rows`` rows ran: show it (at most once a second)."""
-        self.forwards += 1
-        self.rows += rows
+    def forward(self, rows: int, block: int) -> None:
+        """Transformer block ``block`` of a forward pass over ``rows`` rows finished (block 0 starts a pass):
+        show the pass and the layer (at most once a second)."""
+        if block == 0:
+            self.forwards += 1
+            self.rows += rows
         now = time.perf_counter()
         if now - self.last_shown >= 1.0:
             self.last_shown = now
-            self.bar.set_postfix_str(f"batch {self.batches + 1}: {self.forwards} forward passes", refresh=True)
+            self.bar.set_postfix_str(
+                f"batch {self.batches + 1}: forward pass {self.forwards} ({rows} rows), layer {block + 1}", refresh=True
+            )
 
     def finish_batch(self, pieces: int) -> None:
         self.batches += 1
