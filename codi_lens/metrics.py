@@ -146,6 +146,16 @@ def rows_at_answer(
     return logits[rows, index].float()
 
 
+def logits_at_rows(
+    logits: Float[Tensor, "batch answer_pos d_vocab"], rows: Sequence[int] | Sequence[Sequence[int]]
+) -> Float[Tensor, "batch k d_vocab"]:
+    """The answer logits at ``k`` chosen rows of each example (``rows[b]``: example b's rows, or one row per
+    example, read as ``k = 1``), in the logits' own dtype."""
+    index = torch.tensor(rows, device=logits.device)
+    index = index[:, None] if index.dim() == 1 else index
+    return logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
+
+
 # ---------------------------------------------------------------------- two answers compared
 
 
@@ -225,6 +235,5 @@ def number_scores(
     the logits predicting its first token (float32) and the log-probability of the whole number (float64)."""
     answers, rows, mask = whole_number_rows(numbers)
     scores = model.score_answers(list(questions), answers, n_latents=n_latents, fwd_hooks=fwd_hooks)
-    index = torch.tensor(rows, device=scores.logits.device)
-    logits = scores.logits.gather(1, index[..., None].expand(-1, -1, scores.logits.shape[-1]))
+    logits = logits_at_rows(scores.logits, rows)
     return logits[:, 0].float(), number_logprob(logits, numbers, mask)

@@ -32,6 +32,7 @@ from codi_lens.metrics import (
     find_answer_number,
     forced_answers,
     logit_difference,
+    logits_at_rows,
     number_logprob,
     whole_number_rows,
 )
@@ -170,9 +171,7 @@ def read_logits(
 ) -> Float[Tensor, "batch width d_vocab"]:
     """A reading's logits for ``questions`` (the latent loop under ``fwd_hooks``), float32."""
     scores = model.score_answers(list(questions), reading.answers, n_latents=n_latents, fwd_hooks=fwd_hooks)
-    index = torch.tensor(reading.rows, device=scores.logits.device)
-    index = index[:, None] if index.dim() == 1 else index
-    return scores.logits.gather(1, index[..., None].expand(-1, -1, scores.logits.shape[-1])).float()
+    return logits_at_rows(scores.logits, reading.rows).float()
 
 
 def number_tokens(model: CODIModel, question: str, number_index: int) -> list[int]:
