@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         overwrite=args.overwrite,
         executor=run.executor,
     )
-    stop_if_nothing_measured(rows, run.out, unit_column="pair_id", noun="pairs")
+    stop_if_nothing_measured(rows, store, unit_column="pair_id", noun="pairs")
     pairs.to_parquet(run.out / "pairs.parquet", index=False)
     summary = write_iterative_patching(rows, run.out)
     summary["wall_seconds_this_invocation"] = run.elapsed()

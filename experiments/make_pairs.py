@@ -36,7 +36,7 @@ from codi_lens.data.synthetic import value_limit
 from codi_lens.loading import DEFAULT_MODEL, default_data
 from codi_lens.reports.pairs import write_import_report, write_pairs
 from codi_lens.run.cli import check_out, run_main
-from codi_lens.run.outcome import NothingToMeasureError
+from codi_lens.run.outcome import NothingToMeasureError, counts_text
 
 
 def parse_deltas(text: str) -> list[float]:
@@ -86,8 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(summary, indent=2))
     if not args.import_file and not summary["n_pairs"]:  # a check's report is its result, even when all disagree
         reasons = summary["problems_without_pair_by_first_reason"]
-        why = "; ".join(f"{n} {reason}" for reason, n in reasons.items())
-        raise NothingToMeasureError(f"no usable pair ({why}); counts in {out / 'summary.json'}")
+        raise NothingToMeasureError(f"no usable pair ({counts_text(reasons)}); counts in {out / 'summary.json'}")
     return summary
 
 

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         executor=run.executor,
     )
     rows, store = patch_sweep(model, pairs, run.out, generate=config.generate, method=config.method, **sweep)
-    stop_if_nothing_measured(rows, run.out, unit_column="pair_id", noun="pairs", extra={"method": config.method})
+    stop_if_nothing_measured(rows, store, unit_column="pair_id", noun="pairs", extra={"method": config.method})
     agreement = None
     if config.compare:
         other = config.other_method

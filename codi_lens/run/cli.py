@@ -34,6 +34,7 @@ from codi_lens.data.synthetic import value_limit
 from codi_lens.loading import DEFAULT_MODEL, check_codi, default_data, load_codi
 from codi_lens.loading.architectures import BaseArchitecture
 from codi_lens.run.executors import Executor, FirstBatchOnly, PlanShown, make_executor
+from codi_lens.run.outcome import counts_text
 
 #: Errors that mean "the input was wrong", reported in one line without a traceback: the project's own
 #: (every user-facing error subclasses :class:`~codi_lens.core.errors.CodiLensError`). Anything else is a
@@ -283,7 +284,7 @@ class CommandRun:
             reasons = rejections.drop_duplicates("problem_id")["reason"].value_counts().to_dict()
             raise DataError(
                 f"--data {self.args.data}: none of {len(problems)} problems gives a clean/corrupted pair "
-                f"({_counts_text(reasons)})"
+                f"({counts_text(reasons)})"
             )
         return pairs
 
@@ -316,10 +317,6 @@ def start_run(args: argparse.Namespace) -> CommandRun:
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr)
-
-
-def _counts_text(counts: dict[str, int]) -> str:
-    return "; ".join(f"{n} {reason}" for reason, n in counts.items())
 
 
 def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> Any:

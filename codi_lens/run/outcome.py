@@ -9,13 +9,14 @@ and a non-zero exit status.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from codi_lens.core.errors import CodiLensError
+
+if TYPE_CHECKING:
+    from codi_lens.run.store import ResultStore
 
 
 class NothingToMeasureError(CodiLensError):
@@ -39,19 +40,21 @@ def measured_units(rows: pd.DataFrame, unit_column: str) -> int:
     return int(rows.loc[rows["reason"].fillna("") == "", unit_column].nunique())
 
 
+def counts_text(counts: dict[str, int]) -> str:
+    """``{"reason a": 3, "reason b": 1}`` as ``3 reason a; 1 reason b`` (``no reason recorded`` when empty)."""
+    return "; ".join(f"{n} {reason}" for reason, n in counts.items()) or "no reason recorded"
+
+
 def stop_if_nothing_measured(
-    rows: pd.DataFrame, out: str | Path, *, unit_column: str, noun: str, extra: dict[str, Any] | None = None
+    rows: pd.DataFrame, store: ResultStore, *, unit_column: str, noun: str, extra: dict[str, Any] | None = None
 ) -> None:
-    """Return when any unit was measured; else write ``results.parquet`` (the skipped rows) and
-    ``summary.json`` (``n_<noun>``, ``n_<noun>_used`` = 0, ``skipped_by_reason``, ``nothing_to_measure``
-    and ``extra``) into ``out`` and raise :class:`NothingToMeasureError` with the counts."""
+    """Return when any unit was measured; else finish ``store`` with the skipped rows as ``results.parquet``
+    and ``summary.json`` (``n_<noun>``, ``n_<noun>_used`` = 0, ``skipped_by_reason``, ``nothing_to_measure``
+    and ``extra``) and raise :class:`NothingToMeasureError` with the counts."""
     if measured_units(rows, unit_column):
         return
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     counts = skipped_by_reason(rows, unit_column)
     total = int(rows[unit_column].nunique()) if len(rows) else 0
-    rows.to_parquet(out / "results.parquet", index=False)
     summary = {
         f"n_{noun}": total,
         f"n_{noun}_used": 0,
@@ -59,8 +62,8 @@ def stop_if_nothing_measured(
         "nothing_to_measure": True,
         **(extra or {}),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    why = "; ".join(f"{n} {reason}" for reason, n in counts.items()) or "no reason recorded"
+    store.finish(rows, summary)
     raise NothingToMeasureError(
-        f"nothing left to measure: all {total} {noun} were skipped ({why}); counts in {out / 'summary.json'}"
+        f"nothing left to measure: all {total} {noun} were skipped ({counts_text(counts)}); "
+        f"counts in {store.directory / 'summary.json'}"
     )
