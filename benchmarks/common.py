@@ -29,6 +29,7 @@ from codi_lens.data.pairs import make_pairs
 from codi_lens.data.synthetic import build_tokenizer
 from codi_lens.importance import step_importance
 from codi_lens.loading.architectures import BUILTIN_BASES, architecture_from_config, to_hooked_config
+from codi_lens.loading.checkpoint import expected_tensors
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -132,6 +133,27 @@ def best_time(fn: Callable[[], Any], repeats: int = 1) -> tuple[float, Any]:
 
 def describe(args: argparse.Namespace) -> str:
     return f"{args.dtype}, {args.device}, {torch.get_num_threads()} threads"
+
+
+def random_checkpoint_tensors(arch, layout, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors for every key of a CODI checkpoint layout (``codi_lens.loading.checkpoint``), stored as
+    the released files store them: base weights bf16 (norm scales 1, biases 0, the rest N(0, 0.02)), LoRA and
+    projection fp32. A LLaMA layout ties ``lm_head.weight`` to ``embed_tokens.weight`` as LLaMA-3.2-1B does."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, shape in expected_tensors(arch, layout).items():
+        if key.endswith(("norm.weight", "ln.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            value = torch.ones(shape)
+        elif key.endswith("bias"):
+            value = torch.zeros(shape)
+        else:
+            value = torch.randn(shape, generator=generator) * 0.02
+        fp32 = "lora_" in key or key.startswith("prj.")
+        tensors[key] = value.to(torch.float32 if fp32 else torch.bfloat16)
+    head, embedding = f"{layout.prefix}lm_head.weight", f"{layout.prefix}model.embed_tokens.weight"
+    if layout.family == "llama" and head in tensors and embedding in tensors:
+        tensors[head] = tensors[embedding].clone()
+    return tensors
 
 
 def resident_gb() -> float:

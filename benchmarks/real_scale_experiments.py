@@ -12,9 +12,10 @@ nothing right, so patching teacher-forces the gold answers (``--answer-from gold
 layout at 4 layers and width 256 (the vocabulary stays real), for the test suite.
 
 Prints one JSON line per experiment (``experiment, exit_status, wall_s, peak_rss_gb, rows, first_bar_s,
-max_bar_gap_s, last_line``: ``max_bar_gap_s`` is the longest time the experiment's progress bar stood still once it
-appeared) and a table at the end. ``train_toy_codi`` and ``toy_model_report`` are for the shipped toy models and
-are not run.
+max_bar_gap_s, still_at, last_line``: ``max_bar_gap_s`` is the longest time the experiment's progress bar stood
+still once it appeared, ``still_at`` what the bar showed then) and a table at the end; each child's stderr goes to
+``<experiment>.log``, every write prefixed by the second it arrived. ``train_toy_codi`` and ``toy_model_report``
+are for the shipped toy models and are not run.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,13 +33,12 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import torch
 from safetensors.torch import save_file
 
-from benchmarks.common import PeakSampler, machine_gb
+from benchmarks.common import PeakSampler, machine_gb, random_checkpoint_tensors
 from codi_lens.data import load_problems
 from codi_lens.loading.architectures import BUILTIN_BASES, architecture_from_config, describe_base
-from codi_lens.loading.checkpoint import CheckpointLayout, expected_tensors
+from codi_lens.loading.checkpoint import CheckpointLayout
 
 #: The built-in base of each family, its LoRA rank and the width of the quick variant's heads.
 FAMILIES = {
@@ -78,8 +79,8 @@ def stand_in_tokenizer(folder: Path, vocab_size: int = 2000):
 
 
 def write_checkpoint(folder: Path, family: str, quick: bool, seed: int = 0) -> tuple[str, str | None]:
-    """Random tensors for every key of the family's CODI layout (bf16 base, fp32 LoRA and projection), in
-    ``folder/checkpoint``; returns the ``--base`` and ``--tokenizer`` to load it with."""
+    """Random tensors for every key of the family's CODI layout (``benchmarks.common.random_checkpoint_tensors``),
+    in ``folder/checkpoint``; returns the ``--base`` and ``--tokenizer`` to load it with."""
     spec = FAMILIES[family]
     base: str = spec["base"]
     tokenizer: str | None = None
@@ -106,17 +107,7 @@ def write_checkpoint(folder: Path, family: str, quick: bool, seed: int = 0) -> t
         n_layers=arch.n_layers,
         vocab=arch.codi_vocab,
     )
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for key, shape in expected_tensors(arch, layout).items():
-        if key.endswith(("norm.weight", "ln.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")):
-            value = torch.ones(shape)
-        elif key.endswith("bias"):
-            value = torch.zeros(shape)
-        else:
-            value = torch.randn(shape, generator=generator) * 0.02
-        fp32 = "lora_" in key or key.startswith("prj.")
-        tensors[key] = value.to(torch.float32 if fp32 else torch.bfloat16)
+    tensors = random_checkpoint_tensors(arch, layout, seed)
     (folder / "checkpoint").mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "checkpoint" / "model.safetensors"))
     return base, tokenizer
@@ -173,6 +164,7 @@ def run_one(name: str, argv: list[str], out: Path, timeout: float) -> dict:
     watched a bar that did not move)."""
     module = "position_patching" if name.startswith("position_patching") else name
     peak_file = out.with_suffix(".peak")
+    shutil.rmtree(out, ignore_errors=True)  # a rehearsal measures a fresh run, not a resumed one
     out.parent.mkdir(parents=True, exist_ok=True)
     flags = argv if name == "inspect_checkpoint" else [*argv, "--out", str(out)]
     command = [sys.executable, "-m", "benchmarks.real_scale_experiments", "--child", module, str(peak_file), *flags]
@@ -196,8 +188,13 @@ def run_one(name: str, argv: list[str], out: Path, timeout: float) -> dict:
     err = b"".join(chunk for _, chunk in stderr_writes).decode(errors="replace")
     out_text = b"".join(chunk for _, chunk in stdout).decode(errors="replace")
     lines = (err if status else out_text or err).replace("\r", "\n").strip().splitlines()
-    bar_times = [t for t, chunk in stderr_writes if b"|" in chunk]
+    bars = [(t, chunk) for t, chunk in stderr_writes if b"|" in chunk]
+    bar_times = [t for t, _ in bars]
     gaps = [b - a for a, b in zip(bar_times, [*bar_times[1:], ended])] if bar_times else []
+    still_at = _last_bar(bars[gaps.index(max(gaps))][1]) if gaps else ""
+    out.with_suffix(".log").write_text(
+        "".join(f"{t - started:9.1f}s {chunk.decode(errors='replace')}\n" for t, chunk in stderr_writes)
+    )
     written = [out / name for name in ("results.parquet", "pairs.parquet") if (out / name).exists()]
     return {
         "experiment": name,
@@ -207,8 +204,15 @@ def run_one(name: str, argv: list[str], out: Path, timeout: float) -> dict:
         "rows": pq.read_metadata(written[0]).num_rows if written else None,
         "first_bar_s": round(bar_times[0] - started, 1) if bar_times else None,
         "max_bar_gap_s": round(max(gaps), 1) if gaps else None,
+        "still_at": still_at,
         "last_line": lines[-1][-200:] if lines else "",
     }
+
+
+def _last_bar(chunk: bytes) -> str:
+    """The last progress-bar line in ``chunk``: what the bar showed while it stood still."""
+    shown = [line for line in chunk.decode(errors="replace").replace("\r", "\n").splitlines() if "|" in line]
+    return shown[-1].strip()[:120] if shown else ""
 
 
 def _read(stream, chunks: list) -> None:

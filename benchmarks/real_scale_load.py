@@ -25,18 +25,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from benchmarks.common import random_checkpoint_tensors
 from codi_lens import load_codi
 from codi_lens.data import load_problems
 from codi_lens.loading.architectures import describe_base
-from codi_lens.loading.checkpoint import CheckpointLayout, expected_tensors
+from codi_lens.loading.checkpoint import CheckpointLayout
 
 BASE = "llama-3.2-1b-instruct"
 
 
 def write_random_checkpoint(path: Path, fmt: str, seed: int = 0) -> tuple[Path, int]:
-    """Random tensors for every key of the real 1B layout: bf16 base, fp32 LoRA and prj. LLaMA-3.2-1B ties
-    its embeddings, so ``lm_head.weight`` holds the same values as ``embed_tokens.weight``, as in the
-    released file (a model with tied weights reads one table for both)."""
+    """Random tensors for every key of the real 1B layout (``benchmarks.common.random_checkpoint_tensors``:
+    bf16 base, fp32 LoRA and prj, ``lm_head.weight`` holding ``embed_tokens.weight``'s values as in the
+    released file), as safetensors or a torch ``.bin``."""
     arch = describe_base(BASE)
     layout = CheckpointLayout(
         family="llama",
@@ -47,16 +48,7 @@ def write_random_checkpoint(path: Path, fmt: str, seed: int = 0) -> tuple[Path, 
         n_layers=arch.n_layers,
         vocab=arch.codi_vocab,
     )
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for key, shape in expected_tensors(arch, layout).items():
-        fp32 = "lora_" in key or key.startswith("prj.")
-        if key.endswith(("norm.weight", "layernorm.weight", "ln.weight")):
-            value = torch.ones(shape)
-        else:
-            value = torch.randn(shape, generator=gen) * 0.02
-        tensors[key] = value.to(torch.float32 if fp32 else torch.bfloat16)
-    tensors[f"{layout.prefix}lm_head.weight"] = tensors[f"{layout.prefix}model.embed_tokens.weight"].clone()
+    tensors = random_checkpoint_tensors(arch, layout, seed)
     path.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
         out = path / "model.safetensors"
