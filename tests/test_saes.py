@@ -328,8 +328,15 @@ def test_legacy_files_with_a_bad_key_are_refused_by_name(tmp_path):
         convert_legacy_sae(tmp_path / "pos_1_final.pt", hook_name="thought.1.hook_hidden")
 
 
-def test_train_saes_experiment_writes_saelens_folders_and_the_table(tmp_path):
+def test_train_saes_experiment_writes_saelens_folders_and_the_table(tmp_path, monkeypatch):
+    """... and every stage that runs the model tells its progress bar of each forward pass (at the 1B shape
+    the SAE stage's plain and spliced runs left the bar still for 30 s when it did not)."""
+    from codi_lens.run.store import WorkBar
     from experiments import train_saes
+
+    heard: set[str] = set()
+    told = WorkBar.forward
+    monkeypatch.setattr(WorkBar, "forward", lambda bar, *a: (heard.add(bar.bar.desc.rstrip(": ")), told(bar, *a)))
 
     out = tmp_path / "run"
     flags = ["--sites", "thought.2.hook_hidden,blocks.0.hook_resid_post@1", "--train-limit", "128", "--limit", "32"]
@@ -345,6 +352,7 @@ def test_train_saes_experiment_writes_saelens_folders_and_the_table(tmp_path):
     for sae_id in table["sae_id"]:
         assert load_sae(out / "saes" / sae_id).cfg.d_sae == 128
     assert summary["n_saes"] == 2
+    assert heard == {"thought activations", "SAEs"}  # the evaluation stage reads saved activations only
     again = train_saes.main(flags)  # a finished run reruns from its files
     assert again["explained_variance"] == summary["explained_variance"]
     assert ActivationDataset(out / "activations" / "heldout").problem_ids[0] == "toy-chain:test:0"

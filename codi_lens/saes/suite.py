@@ -137,7 +137,9 @@ def train_sae_suite(
 
     # Training happens in the first stage (each SAE is saved when trained, so it resumes SAE by SAE).
     splice_store = ResultStore(out / "splice", settings or {}, overwrite=overwrite)
-    splice = splice_store.run(units, splice_work, unit_id=lambda u: sae_id(*u), batch_size=1, desc="SAEs")
+    splice = splice_store.run(
+        units, splice_work, unit_id=lambda u: sae_id(*u), batch_size=1, desc="SAEs", unit="SAE", model=model
+    )
     splice = splice.rename(columns={UNIT_COLUMN: "sae_id"})
 
     def evaluate(batch: list[tuple[Site, str]]) -> pd.DataFrame:
