@@ -8,7 +8,8 @@
 - :func:`token_association`: which answer tokens a feature intervention makes more or less frequent:
   per token, answers containing it in the intervened run against the reference run, a smoothed
   log-odds ratio, Fisher's exact test (``scipy.stats.fisher_exact``) and Benjamini-Hochberg q-values
-  (``statsmodels``' ``multipletests``).
+  (``statsmodels``' ``multipletests``); :func:`feature_interventions` adds each feature's effect on the
+  log-probability of the whole answer number (every token, so multi-token numbers count whole).
 
 :func:`survey_features` and :func:`feature_interventions` run these on a set of SAEs and problems, each
 resumable in an output folder (what ``python -m experiments.sae_features`` does).
@@ -39,8 +40,9 @@ from codi_lens.run.executors import Executor
 from codi_lens.run.store import UNIT_COLUMN, ResultStore
 from codi_lens.saes.edits import FEATURE_OPS, feature_edit
 from codi_lens.saes.io import sae_site
-from codi_lens.saes.quality import encode_decode
+from codi_lens.saes.quality import PlainRun, encode_decode
 from codi_lens.saes.splice import attached
+from codi_lens.stats import bootstrap_ci
 
 
 def feature_frequency(acts: Float[Tensor, "n d_sae"]) -> pd.DataFrame:
@@ -249,17 +251,33 @@ def feature_interventions(
 ) -> pd.DataFrame:
     """Each SAE's ``intervene`` most frequent features intervened on (``op``: ``clamp`` to ``clamp_scale``
     times the feature's largest activation, or ``ablate``) inside the loop, with the SAE spliced in with its
-    error term: the answers' tokens against the SAE's reference run (:func:`token_association`), one
-    resumable unit per feature in ``out``, finished there. Returns the rows (``sae_id``, ``feature``,
-    ``value``, ``answers_changed`` and the association columns)."""
+    error term: the answers' tokens against the SAE's reference run (:func:`token_association`), and the
+    change in the log-probability of the plain run's whole answer number (every token of it, teacher-forced;
+    the same measure as step importance), one resumable unit per feature in ``out``, finished there.
+
+    Returns the rows: one per feature x answer token (``sae_id``, ``feature``, ``value``, ``answers_changed``,
+    the association columns) with the feature's answer-number effect repeated on each: ``logprob_change``
+    (nats, mean over the problems whose plain answer has a number, edited minus plain) and its bootstrap CI
+    ``logprob_change_low``/``_high`` (95%, over problems), and ``n_scored`` (those problems)."""
     FEATURE_OPS[op]
     questions = [p.question for p in problems]
     eos = model.codi_tokens.eos
+    plain: list[PlainRun] = []  # computed on first use (a resumed run that is done needs no model)
 
-    def answers(sae_id: str, fwd_hooks: Hooks) -> list[list[str]]:
+    def edited_run(sae_id: str, fwd_hooks: Hooks) -> tuple[list[list[str]], np.ndarray]:
+        """Answer tokens with the SAE spliced in under ``fwd_hooks``, and each scored problem's change in the
+        log-probability of the plain answer number."""
+        if not plain:
+            plain.append(PlainRun.of(model, problems, n_latents=n_latents, max_new_tokens=max_new_tokens))
         with attached(model, [saes[sae_id]], use_error_term=True):
             result = model.run_codi(questions, n_latents=n_latents, max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks)
-        return answer_tokens_as_text(model.tokenizer, result.answer_tokens, eos)
+            scored = (
+                plain[0].answer_scores(model, fwd_hooks=fwd_hooks, n_latents=n_latents)
+                if plain[0].with_number
+                else None
+            )
+        change = (scored[1] - plain[0].logprob).cpu().numpy() if scored is not None else np.array([])
+        return answer_tokens_as_text(model.tokenizer, result.answer_tokens, eos), change
 
     references: dict[str, list[list[str]]] = {}
     largest = survey.table.set_index(["sae_id", "feature"])["max_activation"]
@@ -268,10 +286,11 @@ def feature_interventions(
         frames = []
         for sae_id, feature in batch:
             if sae_id not in references:
-                references[sae_id] = answers(sae_id, [])
+                references[sae_id] = edited_run(sae_id, [])[0]
             value = clamp_scale * float(largest[(sae_id, feature)]) if op == "clamp" else 0.0
-            edited = answers(sae_id, feature_edit(saes[sae_id], [feature], op, value))
+            edited, change = edited_run(sae_id, feature_edit(saes[sae_id], [feature], op, value))
             changed = sum(a != b for a, b in zip(references[sae_id], edited))
+            estimate, low, high = bootstrap_ci(change)
             frames.append(
                 token_association(references[sae_id], edited).assign(
                     **{UNIT_COLUMN: f"{sae_id}/{feature}"},
@@ -279,6 +298,10 @@ def feature_interventions(
                     feature=feature,
                     value=value,
                     answers_changed=changed,
+                    logprob_change=estimate,
+                    logprob_change_low=low,
+                    logprob_change_high=high,
+                    n_scored=len(change),
                 )
             )
         return pd.concat(frames, ignore_index=True)

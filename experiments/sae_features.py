@@ -12,12 +12,15 @@ intermediate values; and an offline HTML feature browser. Then, for the ``--inte
 features, the answers are generated with the feature ``clamp``-ed to ``--clamp-scale`` (10) times its
 largest activation on these problems (or ``ablate``-d) inside the loop (SAE spliced in with its error
 term, so everything else is the model's own) and compared token by token with the unedited answers: smoothed log-odds,
-Fisher exact p-values and Benjamini-Hochberg q-values (``codi_lens.features.token_association``).
+Fisher exact p-values and Benjamini-Hochberg q-values (``codi_lens.features.token_association``); and each
+intervention's change in the log-probability of the plain run's whole answer number (every token of it,
+teacher-forced: ``logprob_change`` in nats, with a 95% bootstrap CI over problems).
 
 Writes to ``--out`` (default ``results/sae_features``): ``run.json``, ``parts/``, ``results.parquet``
 (one row per SAE x feature: ``sae_id, site, feature, frequency, mean_when_active, max_activation``),
 ``position_profile.parquet``, ``top_examples.parquet``, ``token_association/results.parquet`` (one row per
-SAE x feature x token), ``summary.json`` and ``dashboard_<sae_id>.html``. Resumable after a kill.
+SAE x feature x token, the feature's ``logprob_change``, ``logprob_change_low``/``_high`` and ``n_scored`` on
+each), ``summary.json`` and ``dashboard_<sae_id>.html``. Resumable after a kill.
 """
 
 from __future__ import annotations

@@ -177,5 +177,42 @@ def test_sae_features_experiment_writes_tables_and_a_browser(sae_dir, tmp_path):
     tokens = pd.read_parquet(tmp_path / "token_association" / "results.parquet")
     assert {"token", "log_odds", "p_value", "q_value", "significant"} <= set(tokens.columns)
     assert len(summary["interventions"]) == 2
+    for effect in summary["interventions"].values():
+        low, high = effect["logprob_change_ci95"]
+        assert low <= effect["logprob_change"] <= high
     html = (tmp_path / "dashboard_thought.2.hook_hidden-standard.html").read_text()
     assert "updatemenus" in html and json.loads((tmp_path / "run.json").read_text())["settings"]["intervene"] == 1
+
+
+def test_feature_interventions_score_the_whole_answer_number(model, sae_dir, tmp_path):
+    """``feature_interventions``' ``logprob_change`` is the mean over problems of ``log p`` summed over every
+    token of the plain answer number, SAE spliced with its error term and the feature clamped, minus the
+    plain run's: computed here from two teacher-forced runs per problem."""
+    from codi_lens.features import FeatureSurvey, feature_interventions
+    from codi_lens.metrics import find_answer_number
+    from codi_lens.saes.splice import attached
+
+    saes = load_saes(sae_dir / "saes", ["thought.2.hook_hidden-standard"])
+    (sae_id, sae), feature, value = next(iter(saes.items())), 5, 30.0
+    table = pd.DataFrame(
+        {"sae_id": [sae_id], "site": ["thought.2.hook_hidden"], "feature": [feature], "frequency": [1.0]}
+    ).assign(mean_when_active=1.0, max_activation=value / 10.0)
+    problems = load_problems("toy-chain:test", limit=6)
+    survey = FeatureSurvey(table, None, {})
+    rows = feature_interventions(model, saes, problems, survey, tmp_path, intervene=1, max_new_tokens=16)
+    questions = [p.question for p in problems]
+    changes = []
+    for question, tokens in zip(questions, model.run_codi(questions, max_new_tokens=16).answer_tokens):
+        number = find_answer_number(model.tokenizer, tokens)
+        forced = [list(number.prefix) + list(number.tokens)]
+        before = model.score_answers([question], forced).logits[0].double().log_softmax(-1)
+        with attached(model, [sae], use_error_term=True):
+            edit = feature_edit(sae, [feature], "clamp", value)
+            after = model.score_answers([question], forced, fwd_hooks=edit).logits[0].double().log_softmax(-1)
+        answer_rows = range(number.index, number.index + len(number.tokens))
+        changes.append(sum(float(after[r, t] - before[r, t]) for r, t in zip(answer_rows, number.tokens)))
+    first = rows.iloc[0]
+    assert first["n_scored"] == len(problems)
+    assert first["logprob_change"] == pytest.approx(np.mean(changes), abs=1e-4)
+    assert abs(np.mean(changes)) > 1e-2  # the clamp moves the answer, so the comparison means something
+    assert first["logprob_change_low"] <= first["logprob_change"] <= first["logprob_change_high"]

@@ -72,17 +72,24 @@ def write_feature_browser(
 
 
 def features_summary(survey: FeatureSurvey, tokens: pd.DataFrame) -> dict[str, Any]:
-    """How many features each SAE has active, and per feature intervention how many answers changed and how
-    many tokens it shifts significantly."""
+    """How many features each SAE has active, and per feature intervention how many answers changed, how
+    many tokens it shifts significantly, and the change in the log-probability of the whole answer number
+    (nats, with its 95% bootstrap CI over problems)."""
     interventions = {}
     if len(tokens):
         per_feature = tokens.groupby(["sae_id", "feature"], as_index=False).agg(
-            answers_changed=("answers_changed", "first"), significant=("significant", "sum")
+            answers_changed=("answers_changed", "first"),
+            significant=("significant", "sum"),
+            logprob_change=("logprob_change", "first"),
+            low=("logprob_change_low", "first"),
+            high=("logprob_change_high", "first"),
         )
         interventions = {
             f"{r.sae_id}/{r.feature}": {
                 "answers_changed": int(r.answers_changed),
                 "significant_tokens": int(r.significant),
+                "logprob_change": float(r.logprob_change),
+                "logprob_change_ci95": [float(r.low), float(r.high)],
             }
             for r in per_feature.itertuples()
         }
