@@ -1,7 +1,7 @@
 """Every experiment on a random checkpoint in a real CODI layout, run as a user runs it, in a table.
 
     python -m benchmarks.real_scale_experiments [--family llama|gpt2] [--quick] [--workdir DIR]
-        [--only NAME,...] [--timeout SECONDS]
+        [--only NAME,...] [--timeout SECONDS] [--read-limit N]
 
 Writes a random-weight checkpoint once (``--family llama``: the 377-key CODI-LLaMA-3.2-1B layout with the
 real 128,259-row vocabulary and the Llama 3 tokenizer of the ``llama`` extra; ``gpt2``: the 251-key CODI-GPT-2
@@ -113,8 +113,12 @@ def write_checkpoint(folder: Path, family: str, quick: bool, seed: int = 0) -> t
     return base, tokenizer
 
 
-def commands(folder: Path, base: str, tokenizer: str | None, quick: bool) -> dict[str, list[str]]:
-    """The flags of each experiment, as a user with this checkpoint would run it at a small limit."""
+def commands(
+    folder: Path, base: str, tokenizer: str | None, quick: bool, read_limit: int | None = None
+) -> dict[str, list[str]]:
+    """The flags of each experiment, as a user with this checkpoint would run it at a small limit
+    (``read_limit``: read_thoughts' ``--limit``, default 16, 8 with ``quick``)."""
+    read_limit = read_limit or (8 if quick else 16)
     model = ["--checkpoint", str(folder / "checkpoint"), "--base", base, "--max-new-tokens", "16"]
     model += ["--tokenizer", tokenizer] if tokenizer else []
     data = [*model, "--data", "gsm8k:test"]
@@ -131,7 +135,7 @@ def commands(folder: Path, base: str, tokenizer: str | None, quick: bool) -> dic
         "position_patching": [*data, *pairs, "--hooks", "resid_post,thought_input", "--batch-size", "4"],
         "position_patching_attribution": [*data, *pairs, "--method", "attribution", "--batch-size", "4"],
         "iterative_patching": [*data, *pairs, "--layers", "0"],
-        "read_thoughts": [*data, "--limit", "8" if quick else "16", "--tuned-lens-steps", "2", "--batch-size", "8"],
+        "read_thoughts": [*data, "--limit", str(read_limit), "--tuned-lens-steps", "2", "--batch-size", "8"],
         "train_saes": [
             *data,
             "--limit",
@@ -254,12 +258,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--workdir", default=None, help="where the checkpoint and results go (default: a temp dir)")
     parser.add_argument("--only", default=None, help="comma-separated experiments (default: all)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds an experiment may run")
+    parser.add_argument(
+        "--read-limit", type=int, default=None, help="read_thoughts' --limit (default 16; 8 with --quick)"
+    )
     args = parser.parse_args(argv)
     folder = Path(args.workdir or tempfile.mkdtemp(prefix=f"codi_rehearsal_{args.family}_"))
     started = time.perf_counter()
     base, tokenizer = write_checkpoint(folder, args.family, args.quick)
     print(json.dumps({"checkpoint": str(folder / "checkpoint"), "written_s": round(time.perf_counter() - started, 1)}))
-    planned = commands(folder, base, tokenizer, args.quick)
+    planned = commands(folder, base, tokenizer, args.quick, args.read_limit)
     chosen = [s.strip() for s in args.only.split(",")] if args.only else list(planned)
     rows = []
     for name in chosen:
