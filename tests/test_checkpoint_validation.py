@@ -150,3 +150,57 @@ def test_inspect_checkpoint_summary(gpt2, capsys):
     assert "rank 8" in format_summary(summary)
     inspect_main([str(gpt2.checkpoint_dir), "--json"])
     assert json.loads(capsys.readouterr().out)["n_keys"] == len(state)
+
+
+@pytest.mark.parametrize("family, fmt", [("llama", "safetensors"), ("gpt2", "bin")])
+def test_tensors_read_on_lookup_equal_the_file(tiny_checkpoint, family, fmt):
+    """``CheckpointTensors`` (what the loader reads from, one tensor per lookup) holds the file's keys
+    and, for each, the file's tensor bit for bit; an absent key is a KeyError."""
+    from codi_lens.loading.checkpoint import CheckpointTensors
+
+    ckpt = tiny_checkpoint(family, fmt)
+    expected, lazy = _state(ckpt), CheckpointTensors(ckpt.checkpoint_dir)
+    assert sorted(lazy) == sorted(expected) and len(lazy) == len(expected)
+    for key, value in expected.items():
+        assert key in lazy and lazy[key].dtype == value.dtype and torch.equal(lazy[key], value)
+    assert "codi.no_such_key" not in lazy
+    with pytest.raises(KeyError, match="codi.no_such_key"):
+        lazy["codi.no_such_key"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loading_part_by_part_equals_converting_the_whole_state_at_once(llama, dtype):
+    """The loader converts the embeddings and each block separately; the result equals TransformerLens'
+    converter run once over the whole merged state (LoRA merged by hand here: W + alpha/r * B @ A in float32),
+    every parameter bit for bit, in float32 and bfloat16."""
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+
+    model = load_codi(llama.checkpoint_dir, llama.base_dir, dtype=dtype)
+    state, prefix = _state(llama), "codi.base_model.model."
+    merged = {}
+    for key, value in state.items():
+        if ".lora_" in key or not key.startswith(prefix):
+            continue
+        name = key.removeprefix(prefix).replace(".base_layer", "")
+        if ".base_layer." in key and key.endswith("weight"):
+            module = key.removesuffix("base_layer.weight")
+            lora_a, lora_b = state[f"{module}lora_A.default.weight"].float(), state[f"{module}lora_B.default.weight"]
+            rank = lora_a.shape[0]
+            value = value.float() + (32 / rank) * (lora_b.float() @ lora_a)
+        merged[name] = value.float()
+
+    class Node:  # attribute access over the merged names, as an HF model's modules
+        def __init__(self, path: str = ""):
+            self.path = path
+
+        def __getattr__(self, name):
+            full = f"{self.path}{name}"
+            return merged[full] if full in merged else Node(f"{full}.")
+
+        def __getitem__(self, index):
+            return Node(f"{self.path}{index}.")
+
+    whole = convert_llama_weights(Node(), model.cfg)
+    params = dict(model.named_parameters())
+    for name, value in whole.items():
+        assert torch.equal(params[name], value.to(dtype)), name

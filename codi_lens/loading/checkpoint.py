@@ -11,6 +11,7 @@ against the base architecture and raises :class:`CheckpointError` naming what is
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,45 @@ def load_tensors(path: str | Path) -> dict[str, Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{str(path)!r} does not hold a flat state dict of tensors")
     return state
+
+
+class CheckpointTensors(Mapping[str, Tensor]):
+    """The tensors of a checkpoint file, each read when it is looked up.
+
+    A ``.safetensors`` file is opened for each lookup and closed after it, so at most one tensor's pages of
+    the file are mapped at a time and a loader that copies tensor by tensor holds one tensor, not the file.
+    A ``.bin`` file (a pickle) is memory-mapped whole (``torch.load(mmap=True)``): the pages it reads stay
+    resident until the mapping is dropped.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = resolve_checkpoint_file(path)
+        if self.path.suffix == ".safetensors":
+            self._keys = dict.fromkeys(read_tensor_info(self.path))
+            self._loaded: dict[str, Tensor] | None = None
+        else:
+            self._loaded = load_tensors(self.path)
+            self._keys = dict.fromkeys(self._loaded)
+
+    def __getitem__(self, key: str) -> Tensor:
+        if self._loaded is not None:
+            return self._loaded[key]
+        if key not in self._keys:
+            raise KeyError(key)
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                return f.get_tensor(key)
+        except SafetensorError as exc:
+            raise _unreadable(self.path, exc) from exc
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def read_tensor_info(path: str | Path) -> dict[str, TensorInfo]:

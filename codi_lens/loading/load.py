@@ -8,12 +8,16 @@ folding, centring) is applied.
 
 from __future__ import annotations
 
+import copy
+import itertools
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+from transformer_lens import HookedTransformerConfig
 from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_llama_weights
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -23,7 +27,7 @@ from codi_lens.loading.architectures import BaseArchitecture, describe_base, to_
 from codi_lens.loading.checkpoint import (
     CheckpointError,
     CheckpointLayout,
-    load_tensors,
+    CheckpointTensors,
     read_tensor_info,
     resolve_checkpoint_file,
     validate_checkpoint,
@@ -35,18 +39,40 @@ from codi_lens.loading.registry import DEFAULT_MODEL, SHIPPED_MODELS
 BUILT_TOKENIZERS = {"llama-3.2-1b-instruct": llama3_tokenizer}
 
 
+#: What a block's conversion reads for the embeddings, final norm and unembedding: they are converted once,
+#: in their own pass, so a per-block pass gets an empty stand-in instead of reading them again.
+_NOT_READ = torch.empty(0, 0)
+
+
 class _MergedWeights:
     """Attribute view over flat checkpoint tensors, shaped like an HF model, merging LoRA on access.
 
-    ``view.model.layers[3].self_attn.q_proj.weight`` returns the fp32 merged weight of that module,
-    which is what TransformerLens' HF weight converters read.
+    ``view.model.layers[3].self_attn.q_proj.weight`` returns the merged weight of that module (LoRA merged
+    in float32; a weight without LoRA in its stored dtype, so copying it into the model's parameter is its
+    one conversion), which is what TransformerLens' HF weight converters read. With ``block`` set, the view
+    shows only that transformer block, as block 0 (``layers[0]`` or ``h[0]`` is block ``block``), and an
+    empty stand-in for every weight outside the blocks.
     """
 
-    def __init__(self, tensors: dict[str, Tensor], prefix: str, lora_scale: float, conv1d: bool):
+    def __init__(
+        self,
+        tensors: Mapping[str, Tensor],
+        prefix: str,
+        lora_scale: float,
+        conv1d: bool,
+        block: int | None = None,
+        in_block: bool = False,
+    ):
         self._tensors, self._prefix, self._scale, self._conv1d = tensors, prefix, lora_scale, conv1d
+        self._block, self._in_block = block, in_block
 
-    def _child(self, name: str) -> _MergedWeights:
-        return _MergedWeights(self._tensors, f"{self._prefix}{name}.", self._scale, self._conv1d)
+    def block_view(self, block: int) -> _MergedWeights:
+        """This view showing only transformer block ``block``, as block 0."""
+        return _MergedWeights(self._tensors, self._prefix, self._scale, self._conv1d, block=block)
+
+    def _child(self, name: str, in_block: bool = False) -> _MergedWeights:
+        prefix = f"{self._prefix}{name}."
+        return _MergedWeights(self._tensors, prefix, self._scale, self._conv1d, self._block, in_block or self._in_block)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -56,19 +82,21 @@ class _MergedWeights:
         return self._child(name)
 
     def __getitem__(self, index: int) -> _MergedWeights:
-        return self._child(str(index))
+        return self._child(str(index if self._block is None else self._block), in_block=True)
 
     def _parameter(self, kind: str) -> Tensor:
+        if self._block is not None and not self._in_block:
+            return _NOT_READ
         plain = f"{self._prefix}{kind}"
         if plain in self._tensors:
-            return self._tensors[plain].float()
-        base = self._tensors[f"{self._prefix}base_layer.{kind}"].float()
+            return self._tensors[plain]
+        base = self._tensors[f"{self._prefix}base_layer.{kind}"]
         if kind == "bias":
             return base
         lora_a = self._tensors[f"{self._prefix}lora_A.default.weight"].float()
         lora_b = self._tensors[f"{self._prefix}lora_B.default.weight"].float()
         delta = self._scale * (lora_b @ lora_a)  # [out, in]
-        return base + (delta.T if self._conv1d else delta)
+        return base.float() + (delta.T if self._conv1d else delta)
 
 
 def _resolve_tokenizer(tokenizer: Any, base: str | Path) -> PreTrainedTokenizerBase:
@@ -92,20 +120,43 @@ def _codi_tokens(arch: BaseArchitecture, tokenizer: PreTrainedTokenizerBase) -> 
     return CODITokens(pad=arch.pad_id, bot=arch.bot_id, eot=arch.eot_id, eos=int(eos))
 
 
-def _copy_into(model: CODIModel, state: dict[str, Tensor]) -> None:
-    """Copy converted weights into the model's parameters, requiring an exact key and shape match."""
+def _converted_parts(
+    view: _MergedWeights, cfg: HookedTransformerConfig, converter: Callable
+) -> Iterator[dict[str, Tensor]]:
+    """TransformerLens' converter run one part at a time: the embeddings, final norm and unembedding (a pass
+    with no blocks), then each transformer block (a one-block pass, its keys renamed to the block's), so only
+    one part's converted weights exist at once."""
+    part_cfg = copy.copy(cfg)
+    part_cfg.n_layers = 0
+    yield converter(view, part_cfg)
+    part_cfg.n_layers = 1
+    for block in range(cfg.n_layers):
+        state = converter(view.block_view(block), part_cfg)
+        yield {
+            f"blocks.{block}.{k.removeprefix('blocks.0.')}": v for k, v in state.items() if k.startswith("blocks.0.")
+        }
+
+
+def _copy_into(model: CODIModel, parts: Iterator[dict[str, Tensor]]) -> None:
+    """Copy converted weights into the model's parameters part by part (each converted to the parameter's
+    dtype in the copy), requiring every parameter to be written once with its exact shape."""
     params = dict(model.named_parameters())
-    missing = sorted(k for k in params if k not in state)
-    unexpected = sorted(k for k in state if k not in params)
-    if missing or unexpected:
-        raise RuntimeError(f"internal conversion error: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    written: set[str] = set()
     with torch.no_grad():
-        for name, value in state.items():
-            if params[name].shape != value.shape:
-                raise RuntimeError(
-                    f"internal conversion error: {name} {tuple(value.shape)} vs {tuple(params[name].shape)}"
-                )
-            params[name].copy_(value)
+        for state in parts:
+            unexpected = sorted(k for k in state if k not in params or k in written)
+            if unexpected:
+                raise RuntimeError(f"internal conversion error: unexpected or repeated {unexpected[:5]}")
+            for name, value in state.items():
+                if params[name].shape != value.shape:
+                    raise RuntimeError(
+                        f"internal conversion error: {name} {tuple(value.shape)} vs {tuple(params[name].shape)}"
+                    )
+                params[name].copy_(value)
+                written.add(name)
+    missing = sorted(k for k in params if k not in written)
+    if missing:
+        raise RuntimeError(f"internal conversion error: missing {missing[:5]}")
 
 
 def _prj_state(tensors: dict[str, Tensor], layout: CheckpointLayout) -> dict[str, Tensor]:
@@ -121,7 +172,7 @@ def _prj_state(tensors: dict[str, Tensor], layout: CheckpointLayout) -> dict[str
 
 
 def model_from_tensors(
-    tensors: dict[str, Tensor],
+    tensors: Mapping[str, Tensor],
     layout: CheckpointLayout,
     arch: BaseArchitecture,
     tokenizer: PreTrainedTokenizerBase,
@@ -130,7 +181,11 @@ def model_from_tensors(
     dtype: torch.dtype = torch.float32,
     checkpoint_file: Path | None = None,
 ) -> CODIModel:
-    """Build a CPU :class:`CODIModel` from an (already validated) upstream-layout state dict."""
+    """Build a CPU :class:`CODIModel` from an (already validated) upstream-layout state dict.
+
+    Memory: the model's parameters, plus one part's converted weights at a time (a block, or the embeddings
+    and unembedding) and whatever ``tensors`` holds (a :class:`CheckpointTensors` reads one tensor per
+    lookup)."""
     cfg = to_hooked_config(arch, device="cpu", dtype=dtype)
     model = CODIModel(
         cfg,
@@ -143,11 +198,10 @@ def model_from_tensors(
     scale = lora_alpha / layout.lora_rank if layout.uses_lora else 0.0
     view = _MergedWeights(tensors, layout.prefix, scale, conv1d=arch.family == "gpt2")
     converter = convert_gpt2_weights if arch.family == "gpt2" else convert_llama_weights
-    state = converter(view, cfg)
+    parts = _converted_parts(view, cfg, converter)
     # CODI's lm_head has no bias; TransformerLens' GPT-2 converter leaves b_U out.
-    state.setdefault("unembed.b_U", torch.zeros(cfg.d_vocab_out))
-    state.update(_prj_state(tensors, layout))
-    _copy_into(model, state)
+    unembed_bias = {} if arch.family == "llama" else {"unembed.b_U": torch.zeros(cfg.d_vocab_out)}
+    _copy_into(model, itertools.chain(parts, [unembed_bias, _prj_state(tensors, layout)]))
     model.store_weights_for_linear()
     return model.eval()
 
@@ -219,7 +273,13 @@ def load_codi(
     tok = _resolve_tokenizer(tokenizer, base)  # a missing tokenizer is named before the file is checked
     layout = validate_checkpoint(read_tensor_info(weights_file), arch, path=str(weights_file))
     model = model_from_tensors(
-        load_tensors(weights_file), layout, arch, tok, lora_alpha=lora_alpha, dtype=dtype, checkpoint_file=weights_file
+        CheckpointTensors(weights_file),
+        layout,
+        arch,
+        tok,
+        lora_alpha=lora_alpha,
+        dtype=dtype,
+        checkpoint_file=weights_file,
     )
     if str(device) != "cpu":
         model.cfg.device = str(device)
