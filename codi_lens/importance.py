@@ -230,7 +230,8 @@ def step_importance(
     reference = problems if reference is None else reference
     means = None
     if any(INTERVENTIONS[name].needs_means for name in interventions):
-        means = mean_thought_embeds(model, [p.question for p in reference], n_latents=n_latents, batch_size=batch_size)
+        questions = [p.question for p in reference]
+        means = mean_thought_embeds(model, questions, n_latents=n_latents, batch_size=batch_size, progress=progress)
     donor = {p.id: problems[(i + 1) % len(problems)] for i, p in enumerate(problems)}
     store = ResultStore(
         out,

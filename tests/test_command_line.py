@@ -304,3 +304,22 @@ def test_a_dry_run_prints_the_plan_keeps_its_first_batch_and_the_full_run_goes_o
     step_importance.main([*flags, "--out", str(tmp_path / "straight")])
     resumed = pd.read_parquet(tmp_path / "dry" / "results.parquet")
     pd.testing.assert_frame_equal(resumed, pd.read_parquet(tmp_path / "straight" / "results.parquet"))
+
+
+def test_mean_thoughts_move_a_bar_and_equal_the_mean_of_one_run(monkeypatch):
+    """The 'mean' intervention's reference pass (minutes at the 1B shape, before any other bar) has its own
+    bar told of every block; batching does not change the mean (one run over all questions, averaged here)."""
+    from codi_lens import load_pretrained
+    from codi_lens.data import load_problems
+    from codi_lens.interventions.thoughts import mean_thought_embeds
+    from codi_lens.run.store import WorkBar
+
+    heard: list[str] = []
+    told = WorkBar.forward
+    monkeypatch.setattr(WorkBar, "forward", lambda bar, *a: (heard.append(bar.bar.desc.rstrip(": ")), told(bar, *a)))
+    model = load_pretrained()
+    questions = [p.question for p in load_problems("toy-chain:test", limit=5)]
+    means = mean_thought_embeds(model, questions, n_latents=3, batch_size=2)
+    assert set(heard) == {"mean thoughts"} and len(heard) == 3 * (1 + 3) * model.cfg.n_layers  # 3 batches
+    expected = model.run_latents(questions, n_latents=3).thought_embeds.double().mean(0)
+    assert torch.allclose(means.double(), expected, atol=1e-6)

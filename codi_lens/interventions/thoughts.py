@@ -15,6 +15,7 @@ from torch import Tensor
 from codi_lens.core.hooks import HookFn, Hooks
 from codi_lens.core.model import CODIModel
 from codi_lens.core.names import thought_hook_name
+from codi_lens.run.store import WorkBar
 
 
 def zero_thoughts(thoughts: Iterable[int]) -> Hooks:
@@ -87,17 +88,22 @@ def noise_thoughts(thoughts: Iterable[int], seeds: Sequence[int], scale: float =
 
 @torch.no_grad()
 def mean_thought_embeds(
-    model: CODIModel, questions: Sequence[str], *, n_latents: int = 6, batch_size: int = 32
+    model: CODIModel, questions: Sequence[str], *, n_latents: int = 6, batch_size: int = 32, progress: bool = True
 ) -> Float[Tensor, "n_latents d_model"]:
     """The mean fed thought at each k over a reference set of questions (thoughts only: the answer is
-    not generated)."""
+    not generated), with a progress bar over the questions that moves with every transformer block."""
     total, count = None, 0
-    for start in range(0, len(questions), batch_size):
-        batch = list(questions[start : start + batch_size])
-        embeds = model.run_latents(batch, n_latents=n_latents).thought_embeds
-        batch_sum = embeds.double().sum(0)
-        total = batch_sum if total is None else total + batch_sum
-        count += embeds.shape[0]
+    with (
+        WorkBar(len(questions), 0, desc="mean thoughts", unit="problem", disable=not progress) as bar,
+        model.listening(bar.forward),
+    ):
+        for start in range(0, len(questions), batch_size):
+            batch = list(questions[start : start + batch_size])
+            embeds = model.run_latents(batch, n_latents=n_latents).thought_embeds
+            batch_sum = embeds.double().sum(0)
+            total = batch_sum if total is None else total + batch_sum
+            count += embeds.shape[0]
+            bar.finish_batch(len(batch))
     if total is None:
         raise ValueError("the reference set is empty")
     return (total / count).to(model.cfg.dtype)
