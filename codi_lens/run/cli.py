@@ -232,8 +232,13 @@ class CommandRun:
 
     @cached_property
     def model(self) -> CODIModel:
-        """The model ``--checkpoint`` names, loaded as the flags say (on first use)."""
-        return load_model(self.args)
+        """The model ``--checkpoint`` names, loaded as the flags say (on first use), saying so on stderr (a
+        real checkpoint takes a minute on a CPU)."""
+        started = time.perf_counter()
+        _say(f"loading {self.args.checkpoint} ({self.architecture.family}, {self.args.dtype}, {self.args.device})")
+        model = load_model(self.args)
+        _say(f"loaded in {time.perf_counter() - started:.1f} s")
+        return model
 
     @cached_property
     def architecture(self) -> BaseArchitecture:
