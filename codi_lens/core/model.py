@@ -30,6 +30,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from codi_lens.core import loop
 from codi_lens.core.answers import clean_question, extract_prediction
 from codi_lens.core.components import CODITokens, ProjectionHead, ThoughtStep
+from codi_lens.core.fused_attention import fuse_attention
 from codi_lens.core.hashing import file_sha256
 from codi_lens.core.hooks import HookFn
 from codi_lens.core.loop import LogitsAt, LoopState, stack_steps
@@ -81,6 +82,7 @@ class CODIModel(HookedSAETransformer):
         checkpoint_file: str | Path | None = None,
     ):
         super().__init__(cfg)
+        fuse_attention(self.blocks)  # TransformerLens' explicit attention only where a hook needs the pattern
         self.tokenizer = tokenizer
         self.codi_tokens = tokens
         self.checkpoint_file = None if checkpoint_file is None else Path(checkpoint_file)

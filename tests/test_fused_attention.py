@@ -1,0 +1,148 @@
+"""The fused attention path (no per-head expansion of grouped keys and values) against TransformerLens' own
+explicit path, hook point by hook point, and the switch between them.
+
+The explicit path is TransformerLens' code (its attention scores, mask, softmax and pattern); a no-op hook on
+``hook_pattern`` makes a module take it. The two are compared on the tiny LLaMA (grouped query heads) and
+GPT-2 checkpoints, on questions of different lengths in one batch (left padding), through the loop's KV cache
+and through decoding. The whole loop against HF + peft is ``test_parity.py``'s (it runs the fused path).
+"""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from codi_lens import load_codi
+from codi_lens.core.fused_attention import FusedAttention, FusedGroupedQueryAttention
+
+#: Every hook point of an attention module that both paths fire.
+SHARED_POINTS = ("hook_q", "hook_k", "hook_v", "hook_z")
+ROTARY_POINTS = ("hook_rot_q", "hook_rot_k")
+#: float32: the fused kernel sums in another order than the explicit softmax and matmul.
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def model(request, tiny_checkpoint):
+    ckpt = tiny_checkpoint(request.param, "safetensors" if request.param == "llama" else "bin")
+    return load_codi(ckpt.checkpoint_dir, ckpt.base_dir)
+
+
+def _points(model) -> list[str]:
+    points = SHARED_POINTS + (ROTARY_POINTS if model.cfg.positional_embedding_type == "rotary" else ())
+    return [f"blocks.{layer}.attn.{p}" for layer in range(model.cfg.n_layers) for p in points]
+
+
+def _explicit_everywhere(model) -> list[tuple[str, object]]:
+    """A hook that changes nothing on every layer's pattern: every module takes the explicit path."""
+    return [(f"blocks.{layer}.attn.hook_pattern", lambda x, hook: x) for layer in range(model.cfg.n_layers)]
+
+
+def test_the_blocks_take_the_fused_class(model):
+    expected = FusedGroupedQueryAttention if model.cfg.n_key_value_heads else FusedAttention
+    assert all(type(block.attn) is expected for block in model.blocks)
+
+
+def test_every_shared_hook_sees_the_same_activation_on_both_paths(model, questions):
+    """Questions of different lengths in one batch, the six thoughts through the KV cache and decoded answers:
+    each activation at every attention hook point, and the run's latents and step logits, agree."""
+    fused, fused_cache = model.run_codi_with_cache(
+        questions, names_filter=_points(model), max_new_tokens=6, return_logits=True
+    )
+    explicit, explicit_cache = model.run_codi_with_cache(
+        questions,
+        names_filter=_points(model),
+        max_new_tokens=6,
+        return_logits=True,
+        fwd_hooks=_explicit_everywhere(model),
+    )
+    assert fused.answer_tokens == explicit.answer_tokens
+    for name in _points(model):
+        assert fused_cache[name].shape == explicit_cache[name].shape, name
+        assert torch.allclose(fused_cache[name], explicit_cache[name], atol=ATOL), name
+    assert torch.allclose(fused.latent_states, explicit.latent_states, atol=ATOL)
+    assert torch.allclose(fused.step_logits, explicit.step_logits, atol=ATOL)
+
+
+def test_a_left_pad_query_gets_zero_z_on_both_paths(model, questions):
+    """The shortest question's left-pad positions attend to no key: z is exactly 0 there, on both paths."""
+    name = "blocks.0.attn.hook_z"
+    fused = model.run_codi_with_cache(questions, names_filter=[name], max_new_tokens=1)[1][name]
+    explicit = model.run_codi_with_cache(
+        questions, names_filter=[name], max_new_tokens=1, fwd_hooks=_explicit_everywhere(model)
+    )[1][name]
+    lengths = [len(model.tokenize_questions([q])[0][0]) for q in questions]
+    pads = max(lengths) - min(lengths)
+    shortest = lengths.index(min(lengths))
+    assert pads > 0
+    assert (fused[shortest, :pads] == 0).all() and (explicit[shortest, :pads] == 0).all()
+
+
+def test_a_hook_on_z_changes_the_run_the_same_way_on_both_paths(model, questions):
+    """``hook_z`` is fired on the fused path too: a hook that scales one head's z moves the run, and moves
+    it to the same place as on the explicit path."""
+
+    def scale_head(z, hook):
+        z = z.clone()
+        z[:, :, 0] *= 3.0
+        return z
+
+    hooks = [("blocks.0.attn.hook_z", scale_head)]
+    plain = model.run_codi(questions, max_new_tokens=4, return_logits=True)
+    fused = model.run_codi(questions, max_new_tokens=4, return_logits=True, fwd_hooks=hooks)
+    explicit = model.run_codi(
+        questions, max_new_tokens=4, return_logits=True, fwd_hooks=hooks + _explicit_everywhere(model)
+    )
+    assert (fused.latent_states - plain.latent_states).abs().max() > 1e-3
+    assert torch.allclose(fused.latent_states, explicit.latent_states, atol=ATOL)
+
+
+def test_the_pattern_hook_switches_paths_per_module(model):
+    """With no hook the kernel runs once per block and pass; a hook on one block's pattern (or its scores)
+    sends that block, and only it, to the explicit path; removing the hook brings the kernel back."""
+    question = ["Uma owns 8 cards. How many cards does Uma own?"]
+    calls = []
+    kernel = F.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    n_layers = model.cfg.n_layers
+    with mock.patch("torch.nn.functional.scaled_dot_product_attention", counted):
+        model.run_codi(question, n_latents=2, max_new_tokens=1)
+        passes = len(calls) // n_layers
+        assert len(calls) == passes * n_layers and passes >= 3  # question, two thoughts, at least one token
+        for point in ("hook_pattern", "hook_attn_scores"):
+            calls.clear()
+            model.run_codi(
+                question, n_latents=2, max_new_tokens=1, fwd_hooks=[(f"blocks.0.attn.{point}", lambda x, hook: x)]
+            )
+            assert len(calls) == passes * (n_layers - 1), point
+        calls.clear()
+        model.run_codi(question, n_latents=2, max_new_tokens=1)
+        assert len(calls) == passes * n_layers
+
+
+def test_gradients_through_the_fused_path_equal_the_explicit_path(model, questions):
+    """Attribution patching differentiates through attention: the gradient of the answer logits with respect
+    to the fed thoughts is the same on both paths (left padding included, no NaN from masked rows)."""
+    from codi_lens.core.model import CODIModel
+
+    assert isinstance(model, CODIModel)
+    tokens, mask = model.tokenize_questions(questions)
+    embeds = model.token_embeds(tokens).detach().requires_grad_(True)
+
+    def grad(hooks):
+        embeds.grad = None
+        with model.hooks(fwd_hooks=hooks):
+            _, logits = model.forward_embeds(embeds, mask, positions=None, logits_at="last")
+        logits.float().logsumexp(-1).sum().backward()
+        return embeds.grad.clone()
+
+    fused, explicit = grad([]), grad(_explicit_everywhere(model))
+    assert torch.isfinite(fused).all()
+    assert torch.allclose(fused, explicit, atol=ATOL)
