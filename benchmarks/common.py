@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -129,6 +130,21 @@ def best_time(fn: Callable[[], Any], repeats: int = 1) -> tuple[float, Any]:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return best, result
+
+
+def alternating_medians(
+    ways: dict[str, Callable[[], Any]], rounds: int = 3
+) -> tuple[dict[str, float], dict[str, list[float]], dict[str, Any]]:
+    """Each way timed once per round, the ways alternating within a round (so a machine that slows down or
+    speeds up during the run weighs on every way alike): the median wall time of each way (seconds), every
+    time, and each way's last result."""
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    results: dict[str, Any] = {}
+    for _ in range(rounds):
+        for name, fn in ways.items():
+            seconds, results[name] = best_time(fn, 1)
+            times[name].append(seconds)
+    return {name: float(statistics.median(t)) for name, t in times.items()}, times, results
 
 
 def describe(args: argparse.Namespace) -> str:

@@ -12,8 +12,9 @@ projection head with LayerNorm) is written to a temporary directory and loaded t
 - ``codi_lens``: ``load_codi`` and ``run_codi`` (LoRA merged at load, TransformerLens blocks with
   every hook point in place, none attached), one question at a time, the same dtype.
 
-Each answers the same questions greedily to ``--max-new-tokens`` (random weights seldom stop early).
-Prints each way's time per question and, last, ``speedup <hf / codi_lens>x max_abs_diff <D>`` with D
+Each answers the same questions greedily to ``--max-new-tokens`` (random weights seldom stop early),
+``--rounds`` times, the two ways alternating. Prints each way's median time and every round's, and, last,
+``speedup <hf / codi_lens>x max_abs_diff <D>`` (the ratio of the medians) with D
 the largest difference of the latent states ``h_0..h_n`` and of every step's logits; a speedup of
 0.67 or more is "within 1.5x". The two ways must agree: the same answer tokens (so the same length and
 the same EOS stop) and every step's logits present on both sides, within ``TOLERANCE`` (float32);
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.common import DTYPES, add_device_args, bench_problems, best_time, describe
+from benchmarks.common import DTYPES, add_device_args, alternating_medians, bench_problems, describe
 from codi_lens import load_codi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2, help="timed repeats of each way (the best is kept)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds, the two ways alternating (medians kept)")
     parser.add_argument("--quick", action="store_true", help="2 questions, 8 tokens")
     add_device_args(parser)
     args = parser.parse_args(argv)
@@ -79,8 +80,8 @@ def main(argv: list[str] | None = None) -> float:
     def ours():
         return [model.run_codi([q], max_new_tokens=tokens) for q in questions]
 
-    hf_s, ref_out = best_time(hf, args.repeats)
-    ours_s, _ = best_time(ours, args.repeats)
+    medians, times, results = alternating_medians({"hf": hf, "codi_lens": ours}, args.rounds)
+    hf_s, ours_s, ref_out = medians["hf"], medians["codi_lens"], results["hf"]
     difference, mismatches = 0.0, []
     for q, ref in zip(questions, ref_out):
         mine = model.run_codi([q], max_new_tokens=tokens, return_logits=True)
@@ -99,8 +100,9 @@ def main(argv: list[str] | None = None) -> float:
         )
     print(f"{model.cfg.n_layers} layers, d_model {model.cfg.d_model}, vocabulary {model.cfg.d_vocab}; {describe(args)}")
     print(f"{n} questions, one at a time, {tokens} new tokens each")
-    print(f"hf         {hf_s:7.2f} s  ({hf_s / n:.2f} s per question)")
-    print(f"codi_lens  {ours_s:7.2f} s  ({ours_s / n:.2f} s per question)")
+    for name, label in (("hf", "hf       "), ("codi_lens", "codi_lens")):
+        runs = ", ".join(f"{t:.2f}" for t in times[name])
+        print(f"{label}  {medians[name]:7.2f} s median of {runs}  ({medians[name] / n:.2f} s per question)")
     ratio = hf_s / ours_s
     print(f"speedup {ratio:.2f}x max_abs_diff {difference:.2e}")
     if mismatches or difference > TOLERANCE[args.dtype]:
