@@ -1,6 +1,7 @@
 """Speed of the hooked CODI loop (``run_codi``, no hooks) against the plain HF + peft loop.
 
-    python -m benchmarks.hooked_loop [--questions 8] [--max-new-tokens 32] [--quick] [--device cpu] [--dtype float32]
+    python -m benchmarks.hooked_loop [--questions 8] [--max-new-tokens 32] [--batch 1] [--rounds 3] [--quick]
+                                     [--device cpu] [--dtype float32]
 
 One random checkpoint in the upstream layout with the benchmark model's shape (LLaMA-3.2-1B's 16
 layers, 32/8 heads and vocabulary at d_model 512; bf16 base weights, LoRA r=8 on every projection,
@@ -11,6 +12,10 @@ projection head with LayerNorm) is written to a temporary directory and loaded t
   time;
 - ``codi_lens``: ``load_codi`` and ``run_codi`` (LoRA merged at load, TransformerLens blocks with
   every hook point in place, none attached), one question at a time, the same dtype.
+
+With ``--batch B`` (B > 1) both run B questions at once: HF as a batched loop would (``run_batch``: left
+padding, a growing attention mask, position ids from each row's first token; compared on answers and latent
+states, as it keeps no step logits).
 
 Each answers the same questions greedily to ``--max-new-tokens`` (random weights seldom stop early),
 ``--rounds`` times, the two ways alternating. Prints each way's median time and every round's, and, last,
@@ -65,41 +70,55 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds, the two ways alternating (medians kept)")
+    parser.add_argument("--batch", type=int, default=1, help="questions per run (1: upstream's one-at-a-time loop)")
     parser.add_argument("--quick", action="store_true", help="2 questions, 8 tokens")
     add_device_args(parser)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes
     n, tokens = (2, 8) if args.quick else (args.questions, args.max_new_tokens)
+    n = max(n, args.batch)
     questions = [p.question for p in bench_problems(n)]
     with tempfile.TemporaryDirectory() as tmp:
         reference, model = build_both(Path(tmp), DTYPES[args.dtype], args.device)
 
+    groups = [questions[i : i + args.batch] for i in range(0, n, args.batch)]
+
     def hf():
-        return [reference.run(q, max_new_tokens=tokens) for q in questions]
+        if args.batch == 1:  # upstream's own loop, one question at a time
+            return [reference.run(q, max_new_tokens=tokens) for q in questions]
+        return [reference.run_batch(group, max_new_tokens=tokens) for group in groups]
 
     def ours():
-        return [model.run_codi([q], max_new_tokens=tokens) for q in questions]
+        return [model.run_codi(group, max_new_tokens=tokens) for group in groups]
 
     medians, times, results = alternating_medians({"hf": hf, "codi_lens": ours}, args.rounds)
-    hf_s, ours_s, ref_out = medians["hf"], medians["codi_lens"], results["hf"]
+    hf_s, ours_s = medians["hf"], medians["codi_lens"]
     difference, mismatches = 0.0, []
-    for q, ref in zip(questions, ref_out):
-        mine = model.run_codi([q], max_new_tokens=tokens, return_logits=True)
-        if mine.answer_tokens[0] != ref["answer_tokens"]:
-            mismatches.append(f"answers differ on {q[:40]!r}: {mine.answer_tokens[0]} vs {ref['answer_tokens']}")
-            continue
-        if mine.step_logits.shape[1] != ref["step_logits"].shape[0]:
-            mismatches.append(
-                f"step counts differ on {q[:40]!r}: {mine.step_logits.shape[1]} vs {ref['step_logits'].shape[0]}"
+    if args.batch == 1:
+        for q, ref in zip(questions, results["hf"]):
+            mine = model.run_codi([q], max_new_tokens=tokens, return_logits=True)
+            if mine.answer_tokens[0] != ref["answer_tokens"]:
+                mismatches.append(f"answers differ on {q[:40]!r}: {mine.answer_tokens[0]} vs {ref['answer_tokens']}")
+                continue
+            if mine.step_logits.shape[1] != ref["step_logits"].shape[0]:
+                mismatches.append(
+                    f"step counts differ on {q[:40]!r}: {mine.step_logits.shape[1]} vs {ref['step_logits'].shape[0]}"
+                )
+                continue
+            difference = max(
+                difference,
+                float((mine.latent_states[0].float() - ref["latent_states"].float()).abs().max()),
+                float((mine.step_logits[0].float() - ref["step_logits"].float()).abs().max()),
             )
-            continue
-        difference = max(
-            difference,
-            float((mine.latent_states[0].float() - ref["latent_states"].float()).abs().max()),
-            float((mine.step_logits[0].float() - ref["step_logits"].float()).abs().max()),
-        )
+    else:
+        for group, mine, ref in zip(groups, results["codi_lens"], results["hf"]):
+            for q, ours_tokens, ref_tokens in zip(group, mine.answer_tokens, ref["answer_tokens"]):
+                if ours_tokens != ref_tokens:
+                    mismatches.append(f"answers differ on {q[:40]!r}: {ours_tokens} vs {ref_tokens}")
+            difference = max(difference, float((mine.latent_states.float() - ref["latent_states"].float()).abs().max()))
     print(f"{model.cfg.n_layers} layers, d_model {model.cfg.d_model}, vocabulary {model.cfg.d_vocab}; {describe(args)}")
-    print(f"{n} questions, one at a time, {tokens} new tokens each")
+    how = "one at a time" if args.batch == 1 else f"in batches of {args.batch}"
+    print(f"{n} questions, {how}, {tokens} new tokens each")
     for name, label in (("hf", "hf       "), ("codi_lens", "codi_lens")):
         runs = ", ".join(f"{t:.2f}" for t in times[name])
         print(f"{label}  {medians[name]:7.2f} s median of {runs}  ({medians[name] / n:.2f} s per question)")

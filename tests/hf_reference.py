@@ -135,6 +135,52 @@ class ReferenceCODI:
         }
 
     @torch.no_grad()
+    def run_batch(self, questions: list[str], n_latents: int = 6, max_new_tokens: int = 64) -> dict:
+        """Several questions at once, as a batched HF loop would run them: left padding, an attention mask that
+        grows with the cache and position ids counted from each row's first real token (so a row's numbers do
+        not depend on its padding). Greedy; a row that reached EOS keeps being fed EOS until every row has.
+        Returns ``latent_states`` ``[batch, n_latents + 1, d_model]`` and each row's ``answer_tokens``."""
+        rows = [self.tokenizer(q.strip().replace("  ", " "))["input_ids"] + [self.bot_id] for q in questions]
+        width = max(len(r) for r in rows)
+        pad = self.eos_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        embed = self.model.get_input_embeddings()
+        cache = DynamicCache()
+
+        def step(embeds, mask):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -embeds.shape[1] :]
+            return self.model(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                output_hidden_states=True,
+            )
+
+        out = step(embed(ids), mask)
+        states = [out.hidden_states[-1][:, -1]]
+        grow = torch.ones(len(rows), 1, dtype=mask.dtype)
+        for _ in range(n_latents):
+            mask = torch.cat([mask, grow], 1)
+            out = step(self.prj(states[-1])[:, None], mask)
+            states.append(out.hidden_states[-1][:, -1])
+        next_ids, answers, done = torch.full((len(rows), 1), self.eot_id), [[] for _ in rows], [False] * len(rows)
+        for _ in range(max_new_tokens):
+            mask = torch.cat([mask, grow], 1)
+            out = step(embed(next_ids), mask)
+            tokens = out.logits[:, -1, : self.vocab - 1].argmax(-1)
+            for i, token in enumerate(tokens.tolist()):
+                if not done[i]:
+                    answers[i].append(token)
+                    done[i] = token == self.eos_id
+            if all(done):
+                break
+            next_ids = torch.where(torch.tensor(done), self.eos_id, tokens)[:, None]
+        return {"latent_states": torch.stack(states, 1), "answer_tokens": answers}
+
+    @torch.no_grad()
     def teacher_forced_logits(self, question: str, answer, n_latents: int = 6, replace: dict | None = None):
         """Row j predicts answer token j (row 0 is the output at EOT). ``answer``: text or token ids;
         ``replace``: thoughts fed instead of the model's own (see ``_latents``)."""

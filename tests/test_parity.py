@@ -72,6 +72,18 @@ def test_batch_matches_one_question_at_a_time(tiny_checkpoint, questions, family
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_batch_matches_a_batched_hf_loop(tiny_checkpoint, questions, family):
+    """A padded batch against HF run batched (left padding, its own mask and position ids): the reference the
+    batched speed benchmark compares with gives the same latents and answers."""
+    ckpt = tiny_checkpoint(family)
+    model = load_codi(ckpt.checkpoint_dir, ckpt.base_dir)
+    ours = model.run_codi(questions, max_new_tokens=MAX_NEW)
+    reference = ckpt.reference().run_batch(questions, n_latents=6, max_new_tokens=MAX_NEW)
+    assert ours.answer_tokens == reference["answer_tokens"]
+    assert _max_diff(ours.latent_states, reference["latent_states"]) <= ATOL
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_teacher_forced_scores_match_reference_and_generation(tiny_checkpoint, questions, family):
     ckpt = tiny_checkpoint(family)
     model = load_codi(ckpt.checkpoint_dir, ckpt.base_dir)
