@@ -78,3 +78,36 @@ def test_the_real_vocabulary_rehearsal_runs_every_experiment(tmp_path):
         assert row["exit_status"] == 0, row
         assert name == "inspect_checkpoint" or row["rows"] > 0, row
     assert "keys          101" in ran["inspect_checkpoint"]["last_line"]  # 4 layers of the 377-key layout
+
+
+def test_roofline_counts_every_product_of_the_workload():
+    """The roofline's product count against torch's own FLOP counter (``FlopCounterMode``: mm, addmm, bmm) over
+    a run of the shipped model, plus the two products of a grouped attention call worked out by hand; the
+    ``--quick`` benchmark prints a fraction for both workloads."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.roofline import Product, recorded_products
+    from codi_lens import load_pretrained
+
+    model = load_pretrained()
+    questions = ["Uma owns 8 cards. How many cards does Uma own?", "Tom has 3 apples and buys 4 more. How many?"]
+    with torch.no_grad():
+        products = recorded_products(lambda: model.run_codi(questions, max_new_tokens=4))
+        with FlopCounterMode(display=False) as counter:
+            model.run_codi(questions, max_new_tokens=4)
+    counted = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    matmuls = sum(counted.get(op, 0) for op in ("aten.mm", "aten.addmm", "aten.bmm"))
+    attention = sum(p.flops * n for p, n in products.items() if p.batch > 1)  # the fused attention calls
+    assert sum(p.flops * n for p, n in products.items()) - attention == matmuls > 0
+    q, k = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 9, 8)
+    alone = recorded_products(lambda: F.scaled_dot_product_attention(q, k, k, enable_gqa=True))
+    assert alone == {Product(8, 6, 8, 9, torch.float32): 1, Product(8, 6, 9, 8, torch.float32): 1}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.roofline", "--quick", "--rounds", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for workload in ("sweep", "decode"):
+        assert re.search(rf"^{workload}: fraction_of_matmul {NUMBER}$", done.stdout, re.M), done.stdout
