@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformer_lens import HookedTransformerConfig
 from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_llama_weights
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -137,13 +138,15 @@ def _converted_parts(
         }
 
 
-def _copy_into(model: CODIModel, parts: Iterator[dict[str, Tensor]]) -> None:
+def _copy_into(model: CODIModel, parts: Iterator[dict[str, Tensor]], bar: tqdm) -> None:
     """Copy converted weights into the model's parameters part by part (each converted to the parameter's
-    dtype in the copy), requiring every parameter to be written once with its exact shape."""
+    dtype in the copy), requiring every parameter to be written once with its exact shape; ``bar`` moves
+    one step per part."""
     params = dict(model.named_parameters())
     written: set[str] = set()
     with torch.no_grad():
         for state in parts:
+            bar.update()
             unexpected = sorted(k for k in state if k not in params or k in written)
             if unexpected:
                 raise RuntimeError(f"internal conversion error: unexpected or repeated {unexpected[:5]}")
@@ -180,13 +183,31 @@ def model_from_tensors(
     lora_alpha: float = 32,
     dtype: torch.dtype = torch.float32,
     checkpoint_file: Path | None = None,
+    progress: bool = False,
 ) -> CODIModel:
     """Build a CPU :class:`CODIModel` from an (already validated) upstream-layout state dict.
 
     Memory: the model's parameters, plus one part's converted weights at a time (a block, or the embeddings
     and unembedding) and whatever ``tensors`` holds (a :class:`CheckpointTensors` reads one tensor per
-    lookup)."""
+    lookup). ``progress``: a bar over building the modules and copying each part (a minute at the 1B shape)."""
     cfg = to_hooked_config(arch, device="cpu", dtype=dtype)
+    with tqdm(total=cfg.n_layers + 4, desc="loading", unit="part", disable=not progress) as bar:
+        model = _filled_model(tensors, layout, arch, tokenizer, cfg, lora_alpha, checkpoint_file, bar)
+    model.store_weights_for_linear()
+    return model.eval()
+
+
+def _filled_model(
+    tensors: Mapping[str, Tensor],
+    layout: CheckpointLayout,
+    arch: BaseArchitecture,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: HookedTransformerConfig,
+    lora_alpha: float,
+    checkpoint_file: Path | None,
+    bar: tqdm,
+) -> CODIModel:
+    """The model's modules built (one step of ``bar``), then every part of the checkpoint copied in."""
     model = CODIModel(
         cfg,
         tokenizer,
@@ -201,9 +222,9 @@ def model_from_tensors(
     parts = _converted_parts(view, cfg, converter)
     # CODI's lm_head has no bias; TransformerLens' GPT-2 converter leaves b_U out.
     unembed_bias = {} if arch.family == "llama" else {"unembed.b_U": torch.zeros(cfg.d_vocab_out)}
-    _copy_into(model, itertools.chain(parts, [unembed_bias, _prj_state(tensors, layout)]))
-    model.store_weights_for_linear()
-    return model.eval()
+    bar.update()  # the modules are built
+    _copy_into(model, itertools.chain(parts, [unembed_bias, _prj_state(tensors, layout)]), bar)
+    return model
 
 
 @dataclass(frozen=True)
@@ -248,6 +269,7 @@ def load_codi(
     lora_alpha: float = 32,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    progress: bool = False,
 ) -> CODIModel:
     """Load a CODI checkpoint into a hooked :class:`CODIModel`.
 
@@ -263,6 +285,7 @@ def load_codi(
         lora_alpha: LoRA alpha used in training (not stored in checkpoints; CODI used 32). The rank
             is read from the weights.
         device, dtype: where and in which precision the model runs (float32 or bfloat16).
+        progress: show a bar while the weights are copied in, part by part.
 
     Raises:
         CheckpointError: the file does not match the base (names the offending keys).
@@ -280,6 +303,7 @@ def load_codi(
         lora_alpha=lora_alpha,
         dtype=dtype,
         checkpoint_file=weights_file,
+        progress=progress,
     )
     if str(device) != "cpu":
         model.cfg.device = str(device)

@@ -179,8 +179,8 @@ def check_out(out: str | Path) -> None:
             raise FlagError(f"--out {out}: {path} is a file, not a folder")
 
 
-def load_model(args: argparse.Namespace) -> CODIModel:
-    """The model the common flags name."""
+def load_model(args: argparse.Namespace, progress: bool = False) -> CODIModel:
+    """The model the common flags name (``progress``: a bar while its weights are copied in)."""
     return load_codi(
         args.checkpoint,
         args.base,
@@ -188,6 +188,7 @@ def load_model(args: argparse.Namespace) -> CODIModel:
         lora_alpha=args.lora_alpha,
         device=args.device,
         dtype=getattr(torch, args.dtype),
+        progress=progress,
     )
 
 
@@ -236,7 +237,7 @@ class CommandRun:
         real checkpoint takes a minute on a CPU)."""
         started = time.perf_counter()
         _say(f"loading {self.args.checkpoint} ({self.architecture.family}, {self.args.dtype}, {self.args.device})")
-        model = load_model(self.args)
+        model = load_model(self.args, progress=True)
         _say(f"loaded in {time.perf_counter() - started:.1f} s")
         return model
 
