@@ -38,7 +38,7 @@ from codi_lens.core.model import CODIModel
 from codi_lens.core.recording import ActivationRecorder
 from codi_lens.core.sites import Site
 from codi_lens.data.problems import Problem
-from codi_lens.run.store import UNIT_COLUMN, ResultStore
+from codi_lens.run.store import UNIT_COLUMN, ResultStore, WorkBar
 from codi_lens.saes.edits import feature_edit
 from codi_lens.saes.io import SAEError, sae_site
 from codi_lens.saes.splice import attached, sae_acts_hook_name
@@ -124,6 +124,24 @@ def feature_attributions(
             )
         )
     return pd.concat(frames, ignore_index=True), value.detach().float().cpu().numpy()
+
+
+def _batched_attributions(
+    model: CODIModel, batches: list[list[str]], choice: PathwayChoice, feature: int, n_latents: int, progress: bool
+) -> pd.DataFrame:
+    """:func:`feature_attributions` over batches of questions, problem indices counted across batches."""
+    frames, offset = [], 0
+    total = sum(len(b) for b in batches)
+    with (
+        WorkBar(total, 0, desc="gradients", unit="problem", disable=not progress) as bar,
+        model.listening(bar.forward),
+    ):
+        for batch in batches:
+            frame, _ = feature_attributions(model, batch, choice.target, feature, choice.sources, n_latents=n_latents)
+            frames.append(frame.assign(problem=frame["problem"] + offset))
+            offset += len(batch)
+            bar.finish_batch(len(batch))
+    return pd.concat(frames, ignore_index=True)
 
 
 def top_candidates(attributions: pd.DataFrame, n_problems: int, k: int) -> pd.DataFrame:
@@ -275,27 +293,38 @@ def pathway_study(
     target_feature: int | None = None,
     n_candidates: int = 20,
     n_latents: int = 6,
+    batch_size: int = 16,
     settings: dict[str, Any] | None = None,
     overwrite: bool = False,
+    progress: bool = True,
 ) -> tuple[pd.DataFrame, dict, pd.DataFrame, ResultStore]:
     """Steps 1-3 of the module docstring for one target feature (default: the target SAE's most frequent on
     these problems), resumable in ``out``: ``attributions.parquet`` (kept), ``candidates.parquet``, and the
-    replays as units of the store. Returns the joined predicted/actual table (``problem_id`` added), the
-    agreement (with ``target_feature``), the candidates and the store."""
+    replays as units of the store. The baseline and the gradients run ``batch_size`` problems at a time (each
+    problem's gradient is its own, so batching changes nothing), each with a bar that moves per block.
+    Returns the joined predicted/actual table (``problem_id`` added), the agreement (with
+    ``target_feature``), the candidates and the store."""
     out = Path(out)
     questions = [p.question for p in problems]
     saes = [*choice.sources, choice.target]
-    # Every target feature on every problem, unablated: picks the default feature and is the replays' baseline.
-    every = target_activation(model, questions, choice.target, None, saes, n_latents=n_latents)
+    batches = [questions[start : start + batch_size] for start in range(0, len(questions), batch_size)]
+    attributions_file = out / "attributions.parquet"
+    with (
+        WorkBar(len(questions), 0, desc="baseline", unit="problem", disable=not progress) as bar,
+        model.listening(bar.forward),
+    ):
+        # Every target feature on every problem, unablated: picks the default feature, the replays' baseline.
+        parts = []
+        for batch in batches:
+            parts.append(target_activation(model, batch, choice.target, None, saes, n_latents=n_latents))
+            bar.finish_batch(len(batch))
+    every = np.concatenate(parts)
     feature = target_feature if target_feature is not None else int((every > 0).mean(axis=0).argmax())
     store = ResultStore(out, {**(settings or {}), "target_feature": feature}, overwrite=overwrite)
-    attributions_file = out / "attributions.parquet"
     if attributions_file.exists():
         attributions = pd.read_parquet(attributions_file)
     else:
-        attributions, _ = feature_attributions(
-            model, questions, choice.target, feature, choice.sources, n_latents=n_latents
-        )
+        attributions = _batched_attributions(model, batches, choice, feature, n_latents, progress)
         attributions.to_parquet(attributions_file, index=False)
     candidates = top_candidates(attributions, len(problems), n_candidates)
     candidates.to_parquet(out / "candidates.parquet", index=False)

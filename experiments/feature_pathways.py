@@ -31,7 +31,7 @@ from codi_lens.saes import load_saes
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = command_parser(__doc__, out="results/feature_pathways", batch_size=200, limit=200)
+    parser = command_parser(__doc__, out="results/feature_pathways", batch_size=16, limit=200)
     parser.add_argument("--saes", default="results/train_saes", help="folder of SAELens folders (train_saes --out)")
     parser.add_argument("--target", default=None, help="SAE id of the target (default: the last-computed site)")
     parser.add_argument("--target-feature", type=int, default=None, help="default: its most frequent feature")
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
         target_feature=args.target_feature,
         n_candidates=args.candidates,
         n_latents=args.n_latents,
+        batch_size=args.batch_size,
         settings=settings,
         overwrite=args.overwrite,
     )

@@ -153,6 +153,15 @@ def test_feature_pathways_experiment_agrees_with_replay(sae_dir, tmp_path):
     low, high = summary["pearson_ci95"]
     assert low <= summary["pearson"] <= high and summary["pearson"] > 0.8
     assert (tmp_path / "pathways.html").read_text().count("plotly") > 0
+    # 48 problems in batches of 16 (the default) against one batch: each problem's gradient is its own.
+    flags = ["--saes", str(sae_dir), "--limit", "48", "--candidates", "6", "--batch-size", "48"]
+    feature_pathways.main([*flags, "--out", str(tmp_path / "one")])
+    batched, whole = (pd.read_parquet(d / "attributions.parquet") for d in (tmp_path, tmp_path / "one"))
+    assert batched["problem"].max() == 47 and len(batched) == len(whole)
+    keys = ["problem", "source_site", "source_feature"]
+    batched, whole = (t.sort_values(keys).reset_index(drop=True) for t in (batched, whole))
+    assert (batched[keys] == whole[keys]).all().all()
+    assert np.allclose(batched["attribution"], whole["attribution"], atol=1e-6)
 
 
 def test_sae_features_experiment_writes_tables_and_a_browser(sae_dir, tmp_path):
