@@ -228,3 +228,19 @@ def test_read_thoughts_experiment_writes_every_output_and_resumes(tmp_path):
     assert again["early_answer_accuracy"] == summary["early_answer_accuracy"]
     with pytest.raises(Exception, match="different settings"):
         read_thoughts.main([*args[:-2], "--patch-thoughts", "2"])
+
+
+def test_thought_states_move_their_bar_per_block(monkeypatch):
+    """Collecting the thought states (half a minute per batch at the 1B shape) tells its bar of every block."""
+    from codi_lens import load_pretrained
+    from codi_lens.data import load_problems
+    from codi_lens.lens import thought_states
+    from codi_lens.run.store import WorkBar
+
+    heard: list[str] = []
+    told = WorkBar.forward
+    monkeypatch.setattr(WorkBar, "forward", lambda bar, *a: (heard.append(bar.bar.desc.rstrip(": ")), told(bar, *a)))
+    model = load_pretrained()
+    states = thought_states(model, load_problems("toy-chain:test", limit=3), n_latents=2, max_new_tokens=2, batch_size=2)
+    assert states.residuals.shape[0] == 3
+    assert set(heard) == {"thought states"} and len(heard) >= 2 * (1 + 2) * model.cfg.n_layers
