@@ -45,9 +45,11 @@ from hf_reference import ReferenceCODI  # noqa: E402
 from upstream_factory import build_codi_module, make_base_dir, save_codi_checkpoint  # noqa: E402
 
 LORA_R, PRJ_DIM = 8, 512
-#: Largest allowed difference of latent states and step logits in float32 (16 layers, d_model 512); a
-#: bfloat16 run is compared at 5e-2.
-TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
+#: Largest allowed difference of latent states and step logits in float32 (16 layers, d_model 512, 6 thoughts and
+#: 32 tokens, every step fed back): the two loops sum in different orders (HF repeats the key/value heads for its
+#: attention, codi_lens attends on the grouped heads); measured 9.3e-5 with TransformerLens' explicit attention
+#: and 1.1e-4 with the fused one, with identical answers. A bfloat16 run is compared at 5e-2.
+TOLERANCE = {"float32": 2e-4, "bfloat16": 5e-2}
 
 
 def build_both(root: Path, dtype: torch.dtype, device: str):
