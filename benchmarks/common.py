@@ -185,6 +185,17 @@ def high_water_gb() -> float:
     return kb / 2**20
 
 
+def reset_high_water() -> bool:
+    """Start the kernel's peak (``VmHWM``) of this process again from its present resident memory (Linux
+    ``/proc/self/clear_refs``, value 5); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def machine_gb() -> float:
     """Physical memory of this machine."""
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
@@ -200,6 +211,7 @@ class PeakSampler(threading.Thread):
     def __init__(self, limit_gb: float) -> None:
         super().__init__(daemon=True)
         self.peak, self.limit_gb, self._done = resident_gb(), limit_gb, threading.Event()
+        self.kernel_peak = reset_high_water()  # the kernel's peak then counts from here, if it can be reset
 
     def run(self) -> None:
         while not self._done.wait(0.005):
@@ -209,8 +221,8 @@ class PeakSampler(threading.Thread):
                 os._exit(3)
 
     def stop(self) -> float:
-        """The peak: the largest sample, or the kernel's high-water mark of this process if larger (a spike
-        shorter than the sampling interval)."""
+        """The peak since this sampler was made: the largest sample, or the kernel's high-water mark of this
+        process if larger (a spike shorter than the sampling interval; reset when the sampler was made)."""
         self._done.set()
         self.join()
-        return max(self.peak, resident_gb(), high_water_gb())
+        return max(self.peak, resident_gb(), high_water_gb() if self.kernel_peak else 0.0)
