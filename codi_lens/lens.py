@@ -36,7 +36,7 @@ from codi_lens.core.errors import CodiLensError, MissingFileError
 from codi_lens.core.model import CODIModel
 from codi_lens.core.names import act_name
 from codi_lens.data.problems import Problem
-from codi_lens.run.store import WorkBar
+from codi_lens.run.store import batches_heard
 from codi_lens.stats import bootstrap_ci
 
 TUNED_LENS_WEIGHTS, TUNED_LENS_CONFIG = "tuned_lens.safetensors", "tuned_lens.json"
@@ -84,20 +84,14 @@ def thought_states(
     CPU in float32), the fed thoughts and whether each answer is right."""
     names = lens_hook_names(model)
     residuals, embeds, predictions = [], [], []
-    with (
-        WorkBar(len(problems), 0, desc="thought states", unit="problem", disable=not progress) as bar,
-        model.listening(bar.forward),
-    ):
-        for start in range(0, len(problems), batch_size):
-            batch = problems[start : start + batch_size]
-            result, cache = model.run_codi_with_cache(
-                [p.question for p in batch], names_filter=names, n_latents=n_latents, max_new_tokens=max_new_tokens
-            )
-            where = [result.positions.bot, *result.positions.thoughts]
-            residuals.append(torch.stack([cache[name][:, where] for name in names], dim=1).float().cpu())
-            embeds.append(result.thought_embeds.float().cpu())
-            predictions.extend(result.prediction)
-            bar.finish_batch(len(batch))
+    for batch in batches_heard(problems, batch_size, model=model, desc="thought states", progress=progress):
+        result, cache = model.run_codi_with_cache(
+            [p.question for p in batch], names_filter=names, n_latents=n_latents, max_new_tokens=max_new_tokens
+        )
+        where = [result.positions.bot, *result.positions.thoughts]
+        residuals.append(torch.stack([cache[name][:, where] for name in names], dim=1).float().cpu())
+        embeds.append(result.thought_embeds.float().cpu())
+        predictions.extend(result.prediction)
     correct = np.array([pred is not None and float(pred) == float(p.gold) for pred, p in zip(predictions, problems)])
     return ThoughtStates(torch.cat(residuals), torch.cat(embeds), predictions, correct)
 
@@ -471,14 +465,8 @@ def latent_value_readout(
     beat. With a single problem there is no other problem, and no control row.
     """
     latent_states = []
-    with (
-        WorkBar(len(problems), 0, desc="logit lens", unit="problem", disable=not progress) as bar,
-        model.listening(bar.forward),
-    ):
-        for start in range(0, len(problems), batch_size):
-            batch = problems[start : start + batch_size]
-            latent_states.append(model.run_latents([p.question for p in batch], n_latents=n_latents).latent_states)
-            bar.finish_batch(len(batch))
+    for batch in batches_heard(problems, batch_size, model=model, desc="logit lens", progress=progress):
+        latent_states.append(model.run_latents([p.question for p in batch], n_latents=n_latents).latent_states)
     states = torch.cat(latent_states)
     values = [p.intermediates for p in problems]
     frames = []

@@ -38,7 +38,7 @@ from codi_lens.core.model import CODIModel
 from codi_lens.core.recording import ActivationRecorder
 from codi_lens.core.sites import Site
 from codi_lens.data.problems import Problem
-from codi_lens.run.store import UNIT_COLUMN, ResultStore, WorkBar
+from codi_lens.run.store import UNIT_COLUMN, ResultStore, batches_heard
 from codi_lens.saes.edits import feature_edit
 from codi_lens.saes.io import SAEError, sae_site
 from codi_lens.saes.splice import attached, sae_acts_hook_name
@@ -127,20 +127,20 @@ def feature_attributions(
 
 
 def _batched_attributions(
-    model: CODIModel, batches: list[list[str]], choice: PathwayChoice, feature: int, n_latents: int, progress: bool
+    model: CODIModel,
+    questions: list[str],
+    batch_size: int,
+    choice: PathwayChoice,
+    feature: int,
+    n_latents: int,
+    progress: bool,
 ) -> pd.DataFrame:
     """:func:`feature_attributions` over batches of questions, problem indices counted across batches."""
     frames, offset = [], 0
-    total = sum(len(b) for b in batches)
-    with (
-        WorkBar(total, 0, desc="gradients", unit="problem", disable=not progress) as bar,
-        model.listening(bar.forward),
-    ):
-        for batch in batches:
-            frame, _ = feature_attributions(model, batch, choice.target, feature, choice.sources, n_latents=n_latents)
-            frames.append(frame.assign(problem=frame["problem"] + offset))
-            offset += len(batch)
-            bar.finish_batch(len(batch))
+    for batch in batches_heard(questions, batch_size, model=model, desc="gradients", progress=progress):
+        frame, _ = feature_attributions(model, batch, choice.target, feature, choice.sources, n_latents=n_latents)
+        frames.append(frame.assign(problem=frame["problem"] + offset))
+        offset += len(batch)
     return pd.concat(frames, ignore_index=True)
 
 
@@ -307,24 +307,19 @@ def pathway_study(
     out = Path(out)
     questions = [p.question for p in problems]
     saes = [*choice.sources, choice.target]
-    batches = [questions[start : start + batch_size] for start in range(0, len(questions), batch_size)]
     attributions_file = out / "attributions.parquet"
-    with (
-        WorkBar(len(questions), 0, desc="baseline", unit="problem", disable=not progress) as bar,
-        model.listening(bar.forward),
-    ):
-        # Every target feature on every problem, unablated: picks the default feature, the replays' baseline.
-        parts = []
-        for batch in batches:
-            parts.append(target_activation(model, batch, choice.target, None, saes, n_latents=n_latents))
-            bar.finish_batch(len(batch))
+    # Every target feature on every problem, unablated: picks the default feature, the replays' baseline.
+    parts = [
+        target_activation(model, batch, choice.target, None, saes, n_latents=n_latents)
+        for batch in batches_heard(questions, batch_size, model=model, desc="baseline", progress=progress)
+    ]
     every = np.concatenate(parts)
     feature = target_feature if target_feature is not None else int((every > 0).mean(axis=0).argmax())
     store = ResultStore(out, {**(settings or {}), "target_feature": feature}, overwrite=overwrite)
     if attributions_file.exists():
         attributions = pd.read_parquet(attributions_file)
     else:
-        attributions = _batched_attributions(model, batches, choice, feature, n_latents, progress)
+        attributions = _batched_attributions(model, questions, batch_size, choice, feature, n_latents, progress)
         attributions.to_parquet(attributions_file, index=False)
     candidates = top_candidates(attributions, len(problems), n_candidates)
     candidates.to_parquet(out / "candidates.parquet", index=False)

@@ -15,7 +15,7 @@ from torch import Tensor
 from codi_lens.core.hooks import HookFn, Hooks
 from codi_lens.core.model import CODIModel
 from codi_lens.core.names import thought_hook_name
-from codi_lens.run.store import WorkBar
+from codi_lens.run.store import batches_heard
 
 
 def zero_thoughts(thoughts: Iterable[int]) -> Hooks:
@@ -93,17 +93,11 @@ def mean_thought_embeds(
     """The mean fed thought at each k over a reference set of questions (thoughts only: the answer is
     not generated), with a progress bar over the questions that moves with every transformer block."""
     total, count = None, 0
-    with (
-        WorkBar(len(questions), 0, desc="mean thoughts", unit="problem", disable=not progress) as bar,
-        model.listening(bar.forward),
-    ):
-        for start in range(0, len(questions), batch_size):
-            batch = list(questions[start : start + batch_size])
-            embeds = model.run_latents(batch, n_latents=n_latents).thought_embeds
-            batch_sum = embeds.double().sum(0)
-            total = batch_sum if total is None else total + batch_sum
-            count += embeds.shape[0]
-            bar.finish_batch(len(batch))
+    for batch in batches_heard(questions, batch_size, model=model, desc="mean thoughts", progress=progress):
+        embeds = model.run_latents(batch, n_latents=n_latents).thought_embeds
+        batch_sum = embeds.double().sum(0)
+        total = batch_sum if total is None else total + batch_sum
+        count += embeds.shape[0]
     if total is None:
         raise ValueError("the reference set is empty")
     return (total / count).to(model.cfg.dtype)

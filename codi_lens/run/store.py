@@ -265,6 +265,24 @@ class WorkBar:
             )
 
 
+def batches_heard(
+    items: Sequence[Unit], batch_size: int, *, model: CODIModel, desc: str, unit: str = "problem", progress: bool = True
+) -> Iterator[list[Unit]]:
+    """``items`` ``batch_size`` at a time, under a :class:`WorkBar` over the items that ``model`` tells of every
+    transformer block while the caller computes a batch (so the bar moves within a long batch, and the first
+    batch's time and the estimate for the rest are printed). The bar counts a batch done when the caller asks
+    for the next one::
+
+        for batch in batches_heard(questions, 16, model=model, desc="baseline"):
+            parts.append(work(batch))
+    """
+    with WorkBar(len(items), 0, desc=desc, unit=unit, disable=not progress) as bar, model.listening(bar.forward):
+        for start in range(0, len(items), batch_size):
+            batch = list(items[start : start + batch_size])
+            yield batch
+            bar.finish_batch(len(batch))
+
+
 def plural(noun: str) -> str:
     """``branch`` -> ``branches``, ``cell`` -> ``cells``."""
     return noun + ("es" if noun.endswith(("s", "sh", "ch", "x")) else "s")
