@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.common import DTYPES, add_device_args, bench_pairs, bench_problems, describe, random_1b_shape_model
@@ -101,13 +102,15 @@ def recorded_products(workload: Callable[[], object]) -> Counter[Product]:
 
 def replay(products: Counter[Product], device: str) -> Callable[[], None]:
     """A function that performs the same products with ``torch.matmul`` on tensors made beforehand."""
+
+    def operand(batch: int, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
+        shape = (rows, cols) if batch == 1 else (batch, rows, cols)  # one product is a plain mm, as recorded
+        return torch.randn(shape, dtype=dtype, device=device)
+
     operands = [
-        (torch.randn(p.batch, p.m, p.k, dtype=p.dtype, device=device).squeeze(0) if p.batch == 1 else
-         torch.randn(p.batch, p.m, p.k, dtype=p.dtype, device=device),
-         torch.randn(p.batch, p.k, p.n, dtype=p.dtype, device=device).squeeze(0) if p.batch == 1 else
-         torch.randn(p.batch, p.k, p.n, dtype=p.dtype, device=device), count)
+        (operand(p.batch, p.m, p.k, p.dtype), operand(p.batch, p.k, p.n, p.dtype), count)
         for p, count in products.items()
-    ]  # fmt: skip
+    ]
 
     def run() -> None:
         for a, b, count in operands:
