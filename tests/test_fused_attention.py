@@ -146,3 +146,33 @@ def test_gradients_through_the_fused_path_equal_the_explicit_path(model, questio
     fused, explicit = grad([]), grad(_explicit_everywhere(model))
     assert torch.isfinite(fused).all()
     assert torch.allclose(fused, explicit, atol=ATOL)
+
+
+def test_a_run_copies_no_weight(model, questions):
+    """Every weight is stored in the memory order the block's calls read it (``store_weights_for_linear``), so a
+    whole run (question, thoughts, decoding) never copies a parameter: no clone, copy or conversion reads a
+    parameter's storage. Without the layout, TransformerLens copies W_Q/W_K/W_V (its ``rearrange``) and the
+    MLP and unembedding weights (``.T.contiguous()``) on every call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    copying = {aten.clone.default, aten._to_copy.default, aten.copy_.default, aten.contiguous.default}
+    weights = {p.untyped_storage().data_ptr(): name for name, p in model.named_parameters()}
+
+    class CopiedWeights(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in copying:
+                source = args[1] if func is aten.copy_.default else args[0]
+                if isinstance(source, torch.Tensor):
+                    name = weights.get(source.untyped_storage().data_ptr())
+                    if name is not None:
+                        self.names.add(name)
+            return func(*args, **(kwargs or {}))
+
+    with CopiedWeights() as recorder:
+        model.run_codi(questions[:2], max_new_tokens=3)
+    assert recorder.names == set()

@@ -241,6 +241,7 @@ def test_thought_states_move_their_bar_per_block(monkeypatch):
     told = WorkBar.forward
     monkeypatch.setattr(WorkBar, "forward", lambda bar, *a: (heard.append(bar.bar.desc.rstrip(": ")), told(bar, *a)))
     model = load_pretrained()
-    states = thought_states(model, load_problems("toy-chain:test", limit=3), n_latents=2, max_new_tokens=2, batch_size=2)
+    problems = load_problems("toy-chain:test", limit=3)
+    states = thought_states(model, problems, n_latents=2, max_new_tokens=2, batch_size=2)
     assert states.residuals.shape[0] == 3
     assert set(heard) == {"thought states"} and len(heard) >= 2 * (1 + 2) * model.cfg.n_layers

@@ -106,6 +106,15 @@ class FusedAttentionMixin(AbstractAttention):
         z = self.hook_z(torch.where(attends, z, 0.0).transpose(1, 2))
         return self.project_out(z)
 
+    def rotate_every_two(self, x: Float[Tensor, "... rotary_dim"]) -> Float[Tensor, "... rotary_dim"]:
+        """``[x1, x2] -> [-x2, x1]`` over the halves of the last axis (LLaMA's rotary layout) in two ops, where
+        TransformerLens clones ``x`` and writes both halves into the clone; the same values on both paths.
+        Adjacent-pair layouts (GPT-J) keep TransformerLens' own."""
+        if self.cfg.rotary_adjacent_pairs:
+            return super().rotate_every_two(x)
+        half = x.size(-1) // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
     def allowed_keys(
         self, n_queries: int, n_keys: int, offset: int, attention_mask: Tensor | None
     ) -> Bool[Tensor, "batch_or_1 1 query_pos key_pos"]:

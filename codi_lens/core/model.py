@@ -112,14 +112,16 @@ class CODIModel(HookedSAETransformer):
 
     # ------------------------------------------------------------------ set-up helpers
     def store_weights_for_linear(self) -> None:
-        """Lay out weights so TransformerLens' per-call ``.T.contiguous()`` copies become no-ops.
+        """Lay out weights so TransformerLens' per-call weight copies become views.
 
         TransformerLens runs its gated MLP, unembedding and attention output through ``F.linear``
-        on ``W.T.contiguous()`` (HF's memory layout, for identical bf16 accumulation). With the
-        weights stored as ``[d_model, d_mlp]`` that copies every weight on every call: on a CPU
-        decoding one token at a time that copy, not the matmul, dominated (41 of 51 s for
-        LLaMA-1B). Storing the same values in the transposed memory layout keeps every shape and
-        value and makes those copies free.
+        on ``W.T.contiguous()`` (HF's memory layout, for identical bf16 accumulation), and its query,
+        key and value projections on ``rearrange(W, "head d_model d_head -> (head d_head) d_model")``.
+        With the weights stored in their logical order each of those copies the whole weight on every
+        call: on a CPU decoding one token at a time the MLP's copies, not the matmuls, dominated (41 of
+        51 s for LLaMA-1B), and the query/key/value copies moved 24 MB per block per pass at that shape.
+        Storing the same values in the memory order those calls read keeps every shape and value and
+        makes the copies free.
         """
         with torch.no_grad():
             for name, param in self.named_parameters():
@@ -129,6 +131,8 @@ class CODIModel(HookedSAETransformer):
                     param.data = param.data.T.contiguous().T
                 elif name.endswith("attn.W_O"):
                     param.data = param.data.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+                elif name.endswith(("attn.W_Q", "attn.W_K", "attn.W_V", "attn._W_K", "attn._W_V")):
+                    param.data = param.data.permute(0, 2, 1).contiguous().permute(0, 2, 1)
 
     def ensure_thought_hooks(self, n_latents: int) -> None:
         """Make sure hook points exist for thought steps ``0..n_latents``."""
