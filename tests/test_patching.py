@@ -381,3 +381,39 @@ def test_attribution_is_the_derivative_through_the_loop_along_clean_minus_corrup
     late_estimates = site_attributions(model, batch, questions, [cells[i] for i in late])
     for i, estimate in zip(late, late_estimates):
         assert torch.allclose(estimate, estimates[i], rtol=1e-9, atol=1e-12), cells[i]
+
+
+def test_sweeps_branch_off_the_batchs_corrupted_run(toy, monkeypatch):
+    """prepare_pairs grows the corrupted run once and keeps it in the batch: an exact sweep and attribution
+    afterwards run no question pass of their own, and give what a freshly grown corrupted run gives (float32,
+    1e-5). A subset of the pairs in another order (``PairBatch.rows``: its trunk rows keep the batch's padding)
+    gives those pairs' numbers (1e-4, as any two batchings: another batch sums in another order)."""
+    from dataclasses import replace
+
+    from codi_lens.core import loop
+    from codi_lens.patching import site_attributions
+
+    model, pairs = toy
+    cells = [Site.of("resid_post", 0, "thought:2"), Site.of("resid_post", 1, "eot"), Site.of("z", 0, "bot", head=1)]
+    cells.append(Site.of("resid_post", 1, "thoughts"))  # a span: attribution's extra pass with held positions
+    hooks = sorted({c.hook for c in cells})
+    batch, kept, _ = prepare_pairs(model, pairs, hooks, max_new_tokens=24)
+    questions = kept["corrupted_question"].tolist()
+    assert batch.corrupted_trunk is not None and len(kept) >= 4
+    fresh = replace(batch, corrupted_trunk=None)
+    expected_exact = patched_logits(model, fresh, questions, cells)
+    expected_attribution = site_attributions(model, fresh, questions, cells)
+
+    prompts = []
+    run_prompt = loop.run_prompt
+    monkeypatch.setattr(loop, "run_prompt", lambda *a, **k: (prompts.append(1), run_prompt(*a, **k))[1])
+    exact = patched_logits(model, batch, questions, cells)
+    attribution = site_attributions(model, batch, questions, cells)
+    assert prompts == []  # no question pass: both branched off the batch's corrupted run
+    for got, want in zip(exact + attribution, expected_exact + expected_attribution):
+        assert (got - want).abs().max() <= 1e-5
+    rows = [3, 0, 2]
+    subset = patched_logits(model, batch.rows(rows), [questions[i] for i in rows], cells)
+    assert prompts == []
+    for got, want in zip(subset, expected_exact):
+        assert (got - want[rows]).abs().max() <= 1e-4

@@ -68,6 +68,7 @@ class Trunk:
     """The unpatched run of a batch of questions up to thought ``through``.
 
     Attributes:
+        questions: the questions, in row order.
         tokens, mask: the left-padded questions ``[batch, width]``.
         positions: the run's position map.
         keys, values: per layer, the KV cache over question, BOT and thoughts 1..through,
@@ -77,6 +78,7 @@ class Trunk:
         latent_states: ``h_0 .. h_through``, ``[batch, through + 1, d_model]``.
     """
 
+    questions: tuple[str, ...]
     tokens: Int[Tensor, "batch width"]
     mask: Int[Tensor, "batch width"]
     positions: CODIPositions
@@ -92,6 +94,31 @@ class Trunk:
     @property
     def through(self) -> int:
         return self.thought_inputs.shape[1] - 1
+
+    def serves(self, questions: Sequence[str], n_latents: int, through: int) -> bool:
+        """Whether this trunk is the unpatched run of ``questions`` (in this order) with ``n_latents``
+        thoughts, reaching thought ``through`` or further."""
+        return self.questions == tuple(questions) and self.positions.n_latents == n_latents and self.through >= through
+
+    def rows(self, rows: Sequence[int]) -> Trunk:
+        """The trunk of questions ``rows`` only. Their padding stays as it was (every row's values are its
+        own: the loop is batch-invariant), so the position map keeps the width."""
+        rows = list(rows)
+        index = torch.tensor(rows, dtype=torch.long, device=self.tokens.device)
+        return Trunk(
+            questions=tuple(self.questions[i] for i in rows),
+            tokens=self.tokens[index],
+            mask=self.mask[index],
+            positions=replace(
+                self.positions,
+                n_pad=[self.positions.n_pad[i] for i in rows],
+                answer_lengths=[self.positions.answer_lengths[i] for i in rows],
+            ),
+            keys=[k[index] for k in self.keys],
+            values=[v[index] for v in self.values],
+            thought_inputs=self.thought_inputs[index],
+            latent_states=self.latent_states[index],
+        )
 
     def cache_before(self, start: int, blocks: int, model: CODIModel, positions: CODIPositions) -> LoopState:
         """A loop state whose KV cache holds the steps before ``start``, repeated ``blocks`` times."""
@@ -117,6 +144,7 @@ def grow_trunk(model: CODIModel, questions: Sequence[str], *, n_latents: int = 6
     positions = loop.run_positions(mask, n_latents, [1] * len(questions))
     state, last = loop.run_latents(model, tokens, mask, positions, through=through)
     return Trunk(
+        questions=tuple(questions),
         tokens=tokens,
         mask=mask,
         positions=positions,

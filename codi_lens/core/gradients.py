@@ -23,7 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from codi_lens.core import loop
-from codi_lens.core.branching import QUESTION, grow_trunk, run_loop_from
+from codi_lens.core.branching import QUESTION, Trunk, grow_trunk, run_loop_from
 from codi_lens.core.loop import stack_steps
 from codi_lens.core.model import CODIModel
 from codi_lens.core.names import position_axis, thought_hook_name
@@ -64,6 +64,7 @@ def loop_gradients(
     n_latents: int = 6,
     hold: Mapping[str, Sequence[str]] | None = None,
     start: int = QUESTION,
+    trunk: Trunk | None = None,
 ) -> LoopGradients:
     """Run the loop teacher-forced on ``answers`` with autograd, and differentiate
     ``metric(logits at answer_index).sum()`` (one row per example: the metric gets ``[batch, d_vocab]``;
@@ -79,15 +80,24 @@ def loop_gradients(
     ``start`` (a step, as in :mod:`codi_lens.core.branching`): the steps before it run without autograd
     (their keys and values are constants) and their positions hold NaN in ``acts`` and ``grads``:
     when no position before ``start`` is asked about, this saves most of the backward pass (the
-    question is most of the sequence)."""
+    question is most of the sequence). Those steps are taken from ``trunk`` when given (the unpatched run
+    of ``questions``, e.g. a patching batch's corrupted run, grown once for many passes), else grown here."""
     for name in hook_names:
         if position_axis(name) != 1:
             raise ValueError(f"{name}: gradients are recorded for activations with positions on axis 1")
-    tokens, mask = loop.prepare(model, list(questions), n_latents)
+    if start == QUESTION:
+        trunk = None
+    elif trunk is None:
+        trunk = grow_trunk(model, questions, n_latents=n_latents, through=max(start - 1, 0))
+    elif not trunk.serves(questions, n_latents, through=max(start - 1, 0)):
+        raise ValueError(
+            f"the trunk given is not the run of these {len(questions)} questions with {n_latents} thoughts "
+            f"through step {max(start - 1, 0)}"
+        )
+    tokens, mask = (trunk.tokens, trunk.mask) if trunk is not None else loop.prepare(model, list(questions), n_latents)
     answer_tokens, answer_mask = model.tokenize_answers(list(answers))
     positions = loop.run_positions(mask, n_latents, answer_mask.sum(1).tolist())
     fed, fed_mask = loop.teacher_forced_input(model.codi_tokens.eot, answer_tokens, answer_mask)
-    trunk = None if start == QUESTION else grow_trunk(model, questions, n_latents=n_latents, through=max(start - 1, 0))
     recorder = ActivationRecorder(model.chunk_scope, keep_graph=True)
     held = HeldPositions(model, positions, hold)
     hooks = [

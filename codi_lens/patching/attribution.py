@@ -39,6 +39,7 @@ def site_attributions(
     Returns ``[batch]`` per site."""
     reads = batch_readings(batch)
     clean_tok, corrupted_tok = batch.clean_tokens, batch.corrupted_tokens
+    trunk = batch.trunk_of(model, questions, n_latents)  # the steps before each pass's start, computed once
 
     def gradients(hooks: list[str], hold=None, start: int = QUESTION) -> list[LoopGradients]:
         # One pass per reading of the metric (two for answer_logprob): the estimate is linear, so the
@@ -56,6 +57,7 @@ def site_attributions(
                 n_latents=n_latents,
                 hold=hold,
                 start=start,
+                trunk=trunk,
             )
             for reading in reads
         ]

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from codi_lens.core.branching import QUESTION, Branch, BranchOutput, grow_trunk, run_branches
+from codi_lens.core.branching import QUESTION, Branch, BranchOutput, run_branches
 from codi_lens.core.hooks import Hooks, PositionalHook
 from codi_lens.core.model import CODIModel
 from codi_lens.core.positions import gather_at
@@ -126,7 +126,7 @@ def run_patches(
     batched as blocks of one forward (at most ``max_rows`` rows), and the unembedding runs only at the
     rows read (see :mod:`codi_lens.core.branching`)."""
     reading = batch_readings(batch)[0] if reading is None else reading
-    trunk = grow_trunk(model, list(questions), n_latents=n_latents)
+    trunk = batch.trunk_of(model, questions, n_latents)
     return run_branches(
         model,
         trunk,

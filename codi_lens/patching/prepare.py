@@ -21,6 +21,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from codi_lens.core.answers import clean_question, format_answer, is_correct
+from codi_lens.core.branching import Branch, Trunk, grow_trunk, run_branches
 from codi_lens.core.model import CODIModel
 from codi_lens.core.positions import CODIPositions
 from codi_lens.data.pairs import Rejected, changed_number, question_numbers
@@ -55,6 +56,8 @@ class PairBatch:
         clean_cache: the clean run's activations for the sweep's hooks.
         clean_thoughts: the clean run's fed thoughts ``[batch, n, d_model]``.
         clean_positions: the clean run's position map.
+        corrupted_trunk: the corrupted questions' unpatched run through every thought (their KV cache),
+            which every sweep of the batch branches off instead of recomputing it (None: grown when needed).
     """
 
     metric: str
@@ -69,6 +72,7 @@ class PairBatch:
     clean_cache: dict[str, Float[Tensor, "batch pos *rest"]]
     clean_thoughts: Float[Tensor, "batch n_latents d_model"]
     clean_positions: CODIPositions
+    corrupted_trunk: Trunk | None = None
 
     @property
     def clean_tokens(self) -> Int[Tensor, " batch"]:
@@ -100,7 +104,16 @@ class PairBatch:
                 n_pad=[positions.n_pad[i] for i in rows],
                 answer_lengths=[positions.answer_lengths[i] for i in rows],
             ),
+            corrupted_trunk=None if self.corrupted_trunk is None else self.corrupted_trunk.rows(rows),
         )
+
+    def trunk_of(self, model: CODIModel, questions: Sequence[str], n_latents: int) -> Trunk:
+        """The unpatched run of ``questions`` through every thought: the batch's corrupted run when those are
+        its corrupted questions, else grown here."""
+        trunk = self.corrupted_trunk
+        if trunk is not None and trunk.serves(questions, n_latents, through=n_latents):
+            return trunk
+        return grow_trunk(model, list(questions), n_latents=n_latents)
 
 
 @dataclass(frozen=True)
@@ -172,6 +185,15 @@ def read_logits(
     """A reading's logits for ``questions`` (the latent loop under ``fwd_hooks``), float32."""
     scores = model.score_answers(list(questions), reading.answers, n_latents=n_latents, fwd_hooks=fwd_hooks)
     return logits_at_rows(scores.logits, reading.rows).float()
+
+
+def trunk_logits(model: CODIModel, trunk: Trunk, reading: Reading) -> Float[Tensor, "batch width d_vocab"]:
+    """A reading's logits for the trunk's questions, unpatched: the answer teacher-forced after the trunk's
+    KV cache (what :func:`read_logits` computes with the whole loop), float32."""
+    (output,) = run_branches(
+        model, trunk, [Branch(start=trunk.positions.n_latents + 1)], reading.answers, answer_index=reading.rows
+    )
+    return output.logits.float()
 
 
 def number_tokens(model: CODIModel, question: str, number_index: int) -> list[int]:
@@ -291,9 +313,14 @@ def prepare_pairs(
     clean_tokens = torch.tensor([n.token for n in kept_compared])
     reads = readings(metric, kept_contrasts, kept_compared)
     logits, value = {}, {}
+    # The corrupted run is grown once as a trunk, kept in the batch for the sweeps to branch off.
+    trunk = grow_trunk(model, pairs["corrupted_question"].iloc[keep].tolist(), n_latents=n_latents)
     for side in ("clean", "corrupted"):
         questions = pairs[f"{side}_question"].iloc[keep].tolist()
-        side_logits = [read_logits(model, questions, r, n_latents=n_latents) for r in reads]
+        if side == "clean":
+            side_logits = [read_logits(model, questions, r, n_latents=n_latents) for r in reads]
+        else:
+            side_logits = [trunk_logits(model, trunk, r) for r in reads]
         logits[side] = side_logits[0][:, 0]
         value[side] = metric_value(reads, side_logits, clean_tokens, corrupted_tokens)
     prefers = value["corrupted"] < 0 if not gold else torch.ones(len(keep), dtype=torch.bool)
@@ -323,6 +350,7 @@ def prepare_pairs(
             n_pad=[positions.n_pad[i] for i in keep],
             answer_lengths=[positions.answer_lengths[i] for i in keep],
         ),
+        corrupted_trunk=trunk if len(chosen) == trunk.batch else trunk.rows(chosen),
     )
     return batch, kept, skipped
 

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from codi_lens.core.branching import Branch, grow_trunk, run_branches
+from codi_lens.core.branching import Branch, run_branches
 from codi_lens.core.hooks import Hooks
 from codi_lens.core.model import CODIModel
 from codi_lens.core.names import act_name
@@ -65,7 +65,7 @@ def trajectory_rows(
         return frames[0]
     corrupted_q = kept["corrupted_question"].tolist()
     corrupted = model.run_latents(corrupted_q, names_filter=hooks, n_latents=n_latents)
-    trunk = grow_trunk(model, corrupted_q, n_latents=n_latents)
+    trunk = batch.trunk_of(model, corrupted_q, n_latents)
     reads = batch_readings(batch)
     names = [f"thought:{k}" for k in range(1, n_latents + 1)]
     for layer in layers:
