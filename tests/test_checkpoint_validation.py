@@ -168,6 +168,44 @@ def test_tensors_read_on_lookup_equal_the_file(tiny_checkpoint, family, fmt):
         lazy["codi.no_such_key"]
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_loading_holds_one_part_at_a_time(tiny_checkpoint, family, monkeypatch):
+    """Loading reads the embeddings, then the final norm and unembedding, then each block, then the projection:
+    when it first reads a part's tensor, no tensor it read for an earlier part is still referenced, so the two
+    vocabulary-sized matrices are never held at once, nor two blocks (at the 1B shape each is 0.5 GB in bf16)."""
+    import re
+    import weakref
+
+    from codi_lens.loading import load as load_module
+    from codi_lens.loading.checkpoint import CheckpointTensors
+
+    def part_of(key: str) -> str:
+        block = re.search(r"\.(?:layers|h)\.(\d+)\.", key)
+        if block:
+            return f"block {block.group(1)}"
+        if re.search(r"\.(embed_tokens|wte|wpe)\.", key):
+            return "embeddings"
+        return "projection" if key.startswith("prj.") else "head"
+
+    reads: list[tuple[str, weakref.ref]] = []
+    held_at_switch: dict[str, set[str]] = {}
+
+    class Recording(CheckpointTensors):
+        def __getitem__(self, key: str) -> torch.Tensor:
+            tensor = super().__getitem__(key)
+            part = part_of(key)
+            if reads and reads[-1][0] != part:
+                held_at_switch[part] = {p for p, ref in reads if p != part and ref() is not None}
+            reads.append((part, weakref.ref(tensor)))
+            return tensor
+
+    monkeypatch.setattr(load_module, "CheckpointTensors", Recording)
+    ckpt = tiny_checkpoint(family, "safetensors")
+    load_codi(ckpt.checkpoint_dir, ckpt.base_dir)
+    assert reads[0][0] == "embeddings" and set(held_at_switch) == {"head", "block 0", "block 1", "projection"}
+    assert held_at_switch == {part: set() for part in held_at_switch}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_loading_part_by_part_equals_converting_the_whole_state_at_once(llama, dtype):
     """The loader converts the embeddings and each block separately; the result equals TransformerLens'

@@ -297,7 +297,7 @@ def test_a_dry_run_prints_the_plan_keeps_its_first_batch_and_the_full_run_goes_o
     assert "plan: step importance: 4 of 4 units to compute (24 branches) in 2 batch(es) of up to 2" in err
     assert "first batch: 12 branches in " in err and "for the remaining 12" in err
     assert err.strip().splitlines()[-1].startswith("dry run: stopped after the first batch")
-    assert re.search(r"loading: 100%.*\b6/6\b", err) and "loaded in" in err  # 2 layers: modules, 2 + 4 parts
+    assert re.search(r"loading: 100%.*\b7/7\b", err) and "loaded in" in err  # 2 blocks + 5 parts
     assert not (tmp_path / "dry" / "results.parquet").exists()
     kept = pd.concat(pd.read_parquet(f) for f in sorted((tmp_path / "dry" / "parts").glob("part-*.parquet")))
     assert kept["problem_id"].nunique() == 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,35 +45,56 @@ BUILT_TOKENIZERS = {"llama-3.2-1b-instruct": llama3_tokenizer}
 _NOT_READ = torch.empty(0, 0)
 
 
+#: Modules holding the input embeddings (LLaMA's, GPT-2's token and position embeddings): converted in a pass
+#: of their own, apart from the final norm and unembedding, so the two vocabulary-sized matrices are never
+#: held at once.
+EMBEDDING_MODULES = ("embed_tokens", "wte", "wpe")
+#: What each pass outside the blocks shows: the embeddings, or everything else (final norm, unembedding).
+OUTSIDE_PASSES = ("embeddings", "head")
+
+
+@dataclass(frozen=True)
 class _MergedWeights:
     """Attribute view over flat checkpoint tensors, shaped like an HF model, merging LoRA on access.
 
     ``view.model.layers[3].self_attn.q_proj.weight`` returns the merged weight of that module (LoRA merged
-    in float32; a weight without LoRA in its stored dtype, so copying it into the model's parameter is its
-    one conversion), which is what TransformerLens' HF weight converters read. With ``block`` set, the view
-    shows only that transformer block, as block 0 (``layers[0]`` or ``h[0]`` is block ``block``), and an
-    empty stand-in for every weight outside the blocks.
+    in float32, then cast to ``dtype``, the model's; a weight without LoRA in its stored dtype, so copying it
+    into the model's parameter is its one conversion), which is what TransformerLens' HF weight converters
+    read. With ``block`` set, the view shows only that transformer block, as block 0 (``layers[0]`` or
+    ``h[0]`` is block ``block``), and an empty stand-in for every weight outside the blocks; with ``outside``
+    (one of :data:`OUTSIDE_PASSES`), only the embeddings or only the rest of what lies outside the blocks.
+    Its fields start with ``_`` so that no HF attribute name a converter reads can meet one.
     """
 
-    def __init__(
-        self,
-        tensors: Mapping[str, Tensor],
-        prefix: str,
-        lora_scale: float,
-        conv1d: bool,
-        block: int | None = None,
-        in_block: bool = False,
-    ):
-        self._tensors, self._prefix, self._scale, self._conv1d = tensors, prefix, lora_scale, conv1d
-        self._block, self._in_block = block, in_block
+    _tensors: Mapping[str, Tensor]
+    _prefix: str
+    _lora_scale: float
+    _conv1d: bool
+    _dtype: torch.dtype
+    _block: int | None = None
+    _in_block: bool = False
+    _outside: str | None = None
 
     def block_view(self, block: int) -> _MergedWeights:
         """This view showing only transformer block ``block``, as block 0."""
-        return _MergedWeights(self._tensors, self._prefix, self._scale, self._conv1d, block=block)
+        return replace(self, _block=block, _outside=None)
+
+    def outside_view(self, outside: str) -> _MergedWeights:
+        """This view showing, of the weights outside the blocks, only the embeddings or only the rest."""
+        return replace(self, _block=None, _outside=outside)
 
     def _child(self, name: str, in_block: bool = False) -> _MergedWeights:
-        prefix = f"{self._prefix}{name}."
-        return _MergedWeights(self._tensors, prefix, self._scale, self._conv1d, self._block, in_block or self._in_block)
+        return replace(self, _prefix=f"{self._prefix}{name}.", _in_block=in_block or self._in_block)
+
+    def _hidden(self) -> bool:
+        if self._in_block:
+            return False
+        if self._block is not None:
+            return True
+        if self._outside is None:
+            return False
+        embedding = any(part in EMBEDDING_MODULES for part in self._prefix.split("."))
+        return embedding != (self._outside == "embeddings")
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -86,7 +107,7 @@ class _MergedWeights:
         return self._child(str(index if self._block is None else self._block), in_block=True)
 
     def _parameter(self, kind: str) -> Tensor:
-        if self._block is not None and not self._in_block:
+        if self._hidden():
             return _NOT_READ
         plain = f"{self._prefix}{kind}"
         if plain in self._tensors:
@@ -96,8 +117,8 @@ class _MergedWeights:
             return base
         lora_a = self._tensors[f"{self._prefix}lora_A.default.weight"].float()
         lora_b = self._tensors[f"{self._prefix}lora_B.default.weight"].float()
-        delta = self._scale * (lora_b @ lora_a)  # [out, in]
-        return base.float() + (delta.T if self._conv1d else delta)
+        delta = self._lora_scale * (lora_b @ lora_a)  # [out, in]
+        return (base.float() + (delta.T if self._conv1d else delta)).to(self._dtype)
 
 
 def _resolve_tokenizer(tokenizer: Any, base: str | Path) -> PreTrainedTokenizerBase:
@@ -124,18 +145,27 @@ def _codi_tokens(arch: BaseArchitecture, tokenizer: PreTrainedTokenizerBase) -> 
 def _converted_parts(
     view: _MergedWeights, cfg: HookedTransformerConfig, converter: Callable
 ) -> Iterator[dict[str, Tensor]]:
-    """TransformerLens' converter run one part at a time: the embeddings, final norm and unembedding (a pass
-    with no blocks), then each transformer block (a one-block pass, its keys renamed to the block's), so only
-    one part's converted weights exist at once."""
+    """TransformerLens' converter run one part at a time: the embeddings, then the final norm and unembedding
+    (passes with no blocks, each keeping its own keys), then each transformer block (a one-block pass, its keys
+    renamed to the block's), so only one part's converted weights exist at once."""
+    # No name here outlives its part: the next part is converted only once the last is dropped.
     part_cfg = copy.copy(cfg)
     part_cfg.n_layers = 0
-    yield converter(view, part_cfg)
+    for outside in OUTSIDE_PASSES:
+        yield _own_keys(converter(view.outside_view(outside), part_cfg), embeddings=outside == "embeddings")
     part_cfg.n_layers = 1
     for block in range(cfg.n_layers):
-        state = converter(view.block_view(block), part_cfg)
-        yield {
-            f"blocks.{block}.{k.removeprefix('blocks.0.')}": v for k, v in state.items() if k.startswith("blocks.0.")
-        }
+        yield _block_keys(converter(view.block_view(block), part_cfg), block)
+
+
+def _own_keys(state: dict[str, Tensor], embeddings: bool) -> dict[str, Tensor]:
+    """Of a pass outside the blocks, the embeddings' keys, or every other key."""
+    return {k: v for k, v in state.items() if k.startswith(("embed.", "pos_embed.")) == embeddings}
+
+
+def _block_keys(state: dict[str, Tensor], block: int) -> dict[str, Tensor]:
+    """A one-block pass's keys, renamed to block ``block``'s."""
+    return {f"blocks.{block}.{k.removeprefix('blocks.0.')}": v for k, v in state.items() if k.startswith("blocks.0.")}
 
 
 def _copy_into(model: CODIModel, parts: Iterator[dict[str, Tensor]], bar: tqdm) -> None:
@@ -144,25 +174,29 @@ def _copy_into(model: CODIModel, parts: Iterator[dict[str, Tensor]], bar: tqdm) 
     one step per part."""
     params = dict(model.named_parameters())
     written: set[str] = set()
-    with torch.no_grad():
-        for state in parts:
-            bar.update()
-            unexpected = sorted(k for k in state if k not in params or k in written)
-            if unexpected:
-                raise RuntimeError(f"internal conversion error: unexpected or repeated {unexpected[:5]}")
-            for name, value in state.items():
-                if params[name].shape != value.shape:
-                    raise RuntimeError(
-                        f"internal conversion error: {name} {tuple(value.shape)} vs {tuple(params[name].shape)}"
-                    )
-                params[name].copy_(value)
-                written.add(name)
+    for state in parts:
+        bar.update()
+        _copy_part(params, state, written)
+        del state  # dropped before the next part is converted
     missing = sorted(k for k in params if k not in written)
     if missing:
         raise RuntimeError(f"internal conversion error: missing {missing[:5]}")
 
 
-def _prj_state(tensors: dict[str, Tensor], layout: CheckpointLayout) -> dict[str, Tensor]:
+@torch.no_grad()
+def _copy_part(params: dict[str, torch.nn.Parameter], state: dict[str, Tensor], written: set[str]) -> None:
+    unexpected = sorted(k for k in state if k not in params or k in written)
+    if unexpected:
+        raise RuntimeError(f"internal conversion error: unexpected or repeated {unexpected[:5]}")
+    for name, value in state.items():
+        if params[name].shape != value.shape:
+            raise RuntimeError(f"internal conversion error: {name} {tuple(value.shape)} vs {tuple(params[name].shape)}")
+        params[name].copy_(value)
+        written.add(name)
+
+
+def _projection_part(tensors: Mapping[str, Tensor], layout: CheckpointLayout) -> Iterator[dict[str, Tensor]]:
+    """The projection head's weights, read when the part is asked for."""
     state = {
         "prj.fc_in.weight": tensors["prj.1.weight"],
         "prj.fc_in.bias": tensors["prj.1.bias"],
@@ -171,7 +205,7 @@ def _prj_state(tensors: dict[str, Tensor], layout: CheckpointLayout) -> dict[str
     }
     if layout.prj_layernorm:
         state.update({"prj.ln.weight": tensors["prj.ln.weight"], "prj.ln.bias": tensors["prj.ln.bias"]})
-    return state
+    yield state
 
 
 def model_from_tensors(
@@ -191,7 +225,7 @@ def model_from_tensors(
     and unembedding) and whatever ``tensors`` holds (a :class:`CheckpointTensors` reads one tensor per
     lookup). ``progress``: a bar over building the modules and copying each part (a minute at the 1B shape)."""
     cfg = to_hooked_config(arch, device="cpu", dtype=dtype)
-    with tqdm(total=cfg.n_layers + 4, desc="loading", unit="part", disable=not progress) as bar:
+    with tqdm(total=cfg.n_layers + 5, desc="loading", unit="part", disable=not progress) as bar:
         model = _filled_model(tensors, layout, arch, tokenizer, cfg, lora_alpha, checkpoint_file, bar)
     model.store_weights_for_linear()
     return model.eval()
@@ -217,13 +251,13 @@ def _filled_model(
         checkpoint_file=checkpoint_file,
     )
     scale = lora_alpha / layout.lora_rank if layout.uses_lora else 0.0
-    view = _MergedWeights(tensors, layout.prefix, scale, conv1d=arch.family == "gpt2")
+    view = _MergedWeights(tensors, layout.prefix, scale, arch.family == "gpt2", cfg.dtype)
     converter = convert_gpt2_weights if arch.family == "gpt2" else convert_llama_weights
-    parts = _converted_parts(view, cfg, converter)
     # CODI's lm_head has no bias; TransformerLens' GPT-2 converter leaves b_U out.
     unembed_bias = {} if arch.family == "llama" else {"unembed.b_U": torch.zeros(cfg.d_vocab_out)}
     bar.update()  # the modules are built
-    _copy_into(model, itertools.chain(parts, [unembed_bias, _prj_state(tensors, layout)]), bar)
+    parts = itertools.chain(_converted_parts(view, cfg, converter), [unembed_bias], _projection_part(tensors, layout))
+    _copy_into(model, parts, bar)
     return model
 
 
