@@ -176,3 +176,16 @@ def test_a_run_copies_no_weight(model, questions):
     with CopiedWeights() as recorder:
         model.run_codi(questions[:2], max_new_tokens=3)
     assert recorder.names == set()
+
+
+def test_laying_out_a_filled_model_again_keeps_every_value(model):
+    """``store_weights_for_linear`` on a loaded model (values kept) changes no parameter's shape or value, and
+    every parameter it lays out ends in the memory order its calls read (the permuted view is contiguous)."""
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model.store_weights_for_linear()
+    for name, p in model.named_parameters():
+        assert p.shape == before[name].shape and torch.equal(p, before[name]), name
+        order = model.linear_memory_order(name)
+        if order is not None:
+            assert p.permute(order).is_contiguous(), name
+    assert any(model.linear_memory_order(name) for name in before)

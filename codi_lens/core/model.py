@@ -111,7 +111,7 @@ class CODIModel(HookedSAETransformer):
         return None if self.checkpoint_file is None else file_sha256(self.checkpoint_file)
 
     # ------------------------------------------------------------------ set-up helpers
-    def store_weights_for_linear(self) -> None:
+    def store_weights_for_linear(self, keep_values: bool = True) -> None:
         """Lay out weights so TransformerLens' per-call weight copies become views.
 
         TransformerLens runs its gated MLP, unembedding and attention output through ``F.linear``
@@ -122,17 +122,33 @@ class CODIModel(HookedSAETransformer):
         51 s for LLaMA-1B), and the query/key/value copies moved 24 MB per block per pass at that shape.
         Storing the same values in the memory order those calls read keeps every shape and value and
         makes the copies free.
+
+        ``keep_values=False`` (a model about to be filled, as loading does): each such parameter gets new,
+        uninitialised storage in that order, its old storage freed first, so no weight is ever held twice
+        (re-laying out the filled unembedding held 1 GB twice at the 1B shape in float32).
         """
         with torch.no_grad():
             for name, param in self.named_parameters():
-                if (
-                    self.cfg.gated_mlp and name.endswith(("mlp.W_gate", "mlp.W_in", "mlp.W_out"))
-                ) or name == "unembed.W_U":
-                    param.data = param.data.T.contiguous().T
-                elif name.endswith("attn.W_O"):
-                    param.data = param.data.permute(2, 0, 1).contiguous().permute(1, 2, 0)
-                elif name.endswith(("attn.W_Q", "attn.W_K", "attn.W_V", "attn._W_K", "attn._W_V")):
-                    param.data = param.data.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+                order = self.linear_memory_order(name)
+                if order is None:
+                    continue
+                if keep_values:
+                    param.data = param.data.permute(order).contiguous().permute(_inverse(order))
+                else:
+                    shape, dtype, device = param.shape, param.dtype, param.device
+                    param.data = torch.empty(0, dtype=dtype, device=device)  # the old storage goes first
+                    stored = torch.empty([shape[i] for i in order], dtype=dtype, device=device)
+                    param.data = stored.permute(_inverse(order))
+
+    def linear_memory_order(self, name: str) -> tuple[int, ...] | None:
+        """The order of axes in which parameter ``name`` is stored for the calls that read it (None: its own)."""
+        if (self.cfg.gated_mlp and name.endswith(("mlp.W_gate", "mlp.W_in", "mlp.W_out"))) or name == "unembed.W_U":
+            return (1, 0)
+        if name.endswith("attn.W_O"):
+            return (2, 0, 1)
+        if name.endswith(("attn.W_Q", "attn.W_K", "attn.W_V", "attn._W_K", "attn._W_V")):
+            return (0, 2, 1)
+        return None
 
     def ensure_thought_hooks(self, n_latents: int) -> None:
         """Make sure hook points exist for thought steps ``0..n_latents``."""
@@ -466,3 +482,11 @@ def _as_name_predicate(names_filter: NamesFilter) -> Callable[[str], bool]:
         return names_filter
     allowed = set(names_filter)
     return lambda name: name in allowed
+
+
+def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
+    """The permutation that undoes ``order``."""
+    inverse = [0] * len(order)
+    for position, axis in enumerate(order):
+        inverse[axis] = position
+    return tuple(inverse)

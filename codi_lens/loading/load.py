@@ -227,7 +227,6 @@ def model_from_tensors(
     cfg = to_hooked_config(arch, device="cpu", dtype=dtype)
     with tqdm(total=cfg.n_layers + 5, desc="loading", unit="part", disable=not progress) as bar:
         model = _filled_model(tensors, layout, arch, tokenizer, cfg, lora_alpha, checkpoint_file, bar)
-    model.store_weights_for_linear()
     return model.eval()
 
 
@@ -250,6 +249,7 @@ def _filled_model(
         prj_layernorm=layout.prj_layernorm,
         checkpoint_file=checkpoint_file,
     )
+    model.store_weights_for_linear(keep_values=False)  # the layout the weights are copied into
     scale = lora_alpha / layout.lora_rank if layout.uses_lora else 0.0
     view = _MergedWeights(tensors, layout.prefix, scale, arch.family == "gpt2", cfg.dtype)
     converter = convert_gpt2_weights if arch.family == "gpt2" else convert_llama_weights
