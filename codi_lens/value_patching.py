@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from codi_lens.core.branching import Branch, grow_trunk, run_branches
 from codi_lens.core.model import CODIModel
 from codi_lens.data.problems import CALC_SPAN, Problem
 from codi_lens.interventions.thoughts import replace_thoughts
@@ -148,50 +149,64 @@ def value_patching_rows(
     max_new_tokens: int = 256,
     min_count: int = 3,
     seed: int = 0,
+    max_rows: int = 64,
 ) -> pd.DataFrame:
     """Every (problem, thought k, step j, condition): one generation with ``z_k`` replaced (see the
-    module docstring). Columns: ``problem_id, n_steps, thought, step, condition, own_value, value``
-    (substituted; NaN for ``any_value``), ``n_reference``, ``predicted_answer`` (the chain recomputed
-    from ``value``), ``prediction``, ``correct`` (equals the gold answer), ``moved`` (equals
-    ``predicted_answer``, for ``different`` only)."""
-    thoughts = range(1, n_latents + 1) if thoughts is None else thoughts
+    module docstring). The problems' unpatched run is computed once; each generation branches off it at
+    thought k (:mod:`codi_lens.core.branching`), the generations of every (step, condition) side by side,
+    ``max_rows`` at a time.
+    Columns: ``problem_id, n_steps, thought, step, condition, own_value, value`` (substituted; NaN for
+    ``any_value``), ``n_reference``, ``predicted_answer`` (the chain recomputed from ``value``),
+    ``prediction``, ``correct`` (equals the gold answer), ``moved`` (equals ``predicted_answer``, for
+    ``different`` only)."""
+    thoughts = list(range(1, n_latents + 1) if thoughts is None else thoughts)
     max_steps = max((p.n_steps for p in problems), default=0)
-    rows = []
-    for k in thoughts:
-        for step in range(1, max_steps + 1):
-            for condition in conditions:
-                chosen = substitutions(problems, means, step, condition, min_count=min_count, seed=seed)
-                if not chosen:
-                    continue
-                subset = [problems[r] for r, *_ in chosen]
-                fed = torch.stack([m[k - 1] for _, _, m, _ in chosen])
-                result = model.run_codi(
-                    [p.question for p in subset],
-                    n_latents=n_latents,
-                    max_new_tokens=max_new_tokens,
-                    fwd_hooks=replace_thoughts({k: fed}),
-                )
-                for (_, value, _, n_ref), p, prediction in zip(chosen, subset, result.prediction):
-                    predicted = answer_with_value(p, step, value) if condition == "different" else None
-                    rows.append(
-                        {
-                            UNIT_COLUMN: p.id,
-                            "problem_id": p.id,
-                            "n_steps": p.n_steps,
-                            "thought": k,
-                            "step": step,
-                            "condition": condition,
-                            "own_value": float(p.intermediates[step - 1]),
-                            "value": np.nan if value is None else value,
-                            "n_reference": n_ref,
-                            "predicted_answer": np.nan if predicted is None else predicted,
-                            "prediction": np.nan if prediction is None else float(prediction),
-                            "correct": prediction is not None and float(prediction) == float(p.gold),
-                            "moved": float(
-                                predicted is not None and prediction is not None and float(prediction) == predicted
-                            )
-                            if condition == "different"
-                            else np.nan,
-                        }
-                    )
-    return pd.DataFrame(rows)
+    configurations = {
+        (step, condition): chosen
+        for step in range(1, max_steps + 1)
+        for condition in conditions
+        if (chosen := substitutions(problems, means, step, condition, min_count=min_count, seed=seed))
+    }
+    # Every configuration's generations side by side (a problem once per configuration it is in).
+    entries = [
+        (step, condition, row, value, mean, n_ref)
+        for (step, condition), chosen in configurations.items()
+        for row, value, mean, n_ref in chosen
+    ]
+    predictions: dict[int, list[float | None]] = {k: [] for k in thoughts}
+    trunk = grow_trunk(model, [p.question for p in problems], n_latents=n_latents) if entries else None
+    for start in range(0, len(entries), max_rows):
+        block = entries[start : start + max_rows]
+        branches = [Branch(replace_thoughts({k: torch.stack([e[4][k - 1] for e in block])}), k) for k in thoughts]
+        outputs = run_branches(model, trunk.rows([e[2] for e in block]), branches, max_new_tokens=max_new_tokens)
+        for k, output in zip(thoughts, outputs):
+            predictions[k].extend(model.decode_answers(output.answer_tokens)[1])
+    return pd.DataFrame(
+        [
+            _row(problems[r], k, step, condition, value, n_ref, prediction)
+            for k in thoughts
+            for (step, condition, r, value, _, n_ref), prediction in zip(entries, predictions[k], strict=True)
+        ]
+    )
+
+
+def _row(
+    p: Problem, k: int, step: int, condition: str, value: float | None, n_ref: int, prediction: float | None
+) -> dict:
+    predicted = answer_with_value(p, step, value) if condition == "different" else None
+    moved = predicted is not None and prediction is not None and float(prediction) == predicted
+    return {
+        UNIT_COLUMN: p.id,
+        "problem_id": p.id,
+        "n_steps": p.n_steps,
+        "thought": k,
+        "step": step,
+        "condition": condition,
+        "own_value": float(p.intermediates[step - 1]),
+        "value": np.nan if value is None else value,
+        "n_reference": n_ref,
+        "predicted_answer": np.nan if predicted is None else predicted,
+        "prediction": np.nan if prediction is None else float(prediction),
+        "correct": prediction is not None and float(prediction) == float(p.gold),
+        "moved": float(moved) if condition == "different" else np.nan,
+    }

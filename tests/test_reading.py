@@ -15,6 +15,7 @@ import torch
 from codi_lens import load_codi
 from codi_lens.data import load_problems, problem_from_record
 from codi_lens.early_answers import early_answer_rows
+from codi_lens.interventions import replace_thoughts
 from codi_lens.lens import (
     LensError,
     TunedLens,
@@ -27,7 +28,7 @@ from codi_lens.lens import (
     value_ranks,
 )
 from codi_lens.probes import fit_probe, probe_labels, probe_table, step_operations
-from codi_lens.value_patching import ValueMeans, answer_with_value, value_patching_rows
+from codi_lens.value_patching import CONDITIONS, ValueMeans, answer_with_value, substitutions, value_patching_rows
 
 ATOL = 1e-4  # fp32 against the HF reference, as in test_parity
 
@@ -204,6 +205,31 @@ def test_feeding_a_problems_own_mean_thought_changes_nothing(toy):
     assert len(own) == subset[0].n_steps and own["value"].tolist() == list(subset[0].intermediates)
     baseline = model.run_codi([subset[0].question], max_new_tokens=24).prediction[0]
     assert (own["prediction"] == baseline).all()
+
+
+def test_value_patching_branches_answer_as_one_full_run_per_configuration():
+    """Each (thought, step, condition) generation branches off the problems' unpatched run, side by side with
+    other configurations' in blocks; its prediction equals a whole run of that configuration's problems with
+    ``z_k`` replaced (``run_codi`` with the same hook), for every thought, step and condition."""
+    from codi_lens import load_pretrained
+
+    model = load_pretrained()  # toy-chain: its answers need its thoughts (4% right with them zeroed)
+    problems = load_problems("toy-chain:test", limit=30)
+    evaluated, reference = problems[:6], problems[6:]
+    means = ValueMeans.from_reference(reference, thought_states(model, reference, progress=False).thought_embeds)
+    rows = value_patching_rows(
+        model, evaluated, means, thoughts=[1, 3, 6], min_count=1, max_new_tokens=24, max_rows=5
+    )  # blocks of 5 generations cut across configurations
+    assert set(rows["condition"]) == set(CONDITIONS) and set(rows["thought"]) == {1, 3, 6}
+    for (k, step, condition), group in rows.groupby(["thought", "step", "condition"]):
+        chosen = substitutions(evaluated, means, step, condition, min_count=1)
+        fed = torch.stack([m[k - 1] for _, _, m, _ in chosen])
+        whole = model.run_codi(
+            [evaluated[r].question for r, *_ in chosen], max_new_tokens=24, fwd_hooks=replace_thoughts({k: fed})
+        )
+        expected = [np.nan if x is None else float(x) for x in whole.prediction]
+        assert group["problem_id"].tolist() == [evaluated[r].id for r, *_ in chosen]
+        np.testing.assert_array_equal(group["prediction"].to_numpy(), expected)
 
 
 def test_read_thoughts_experiment_writes_every_output_and_resumes(tmp_path):
