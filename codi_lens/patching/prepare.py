@@ -33,7 +33,6 @@ from codi_lens.metrics import (
     find_answer_number,
     forced_answers,
     logit_difference,
-    logits_at_rows,
     number_logprob,
     whole_number_rows,
 )
@@ -179,17 +178,9 @@ def metric_value(
     return sum(reading_value(r, x, clean_tokens, corrupted_tokens) for r, x in zip(reads, logits, strict=True))
 
 
-def read_logits(
-    model: CODIModel, questions: Sequence[str], reading: Reading, *, n_latents: int = 6, fwd_hooks=()
-) -> Float[Tensor, "batch width d_vocab"]:
-    """A reading's logits for ``questions`` (the latent loop under ``fwd_hooks``), float32."""
-    scores = model.score_answers(list(questions), reading.answers, n_latents=n_latents, fwd_hooks=fwd_hooks)
-    return logits_at_rows(scores.logits, reading.rows).float()
-
-
 def trunk_logits(model: CODIModel, trunk: Trunk, reading: Reading) -> Float[Tensor, "batch width d_vocab"]:
     """A reading's logits for the trunk's questions, unpatched: the answer teacher-forced after the trunk's
-    KV cache (what :func:`read_logits` computes with the whole loop), float32."""
+    KV cache, float32."""
     (output,) = run_branches(
         model, trunk, [Branch(start=trunk.positions.n_latents + 1)], reading.answers, answer_index=reading.rows
     )
@@ -312,15 +303,12 @@ def prepare_pairs(
     corrupted_tokens = torch.tensor([c.corrupted[j] for c, j in zip(kept_contrasts, at)])
     clean_tokens = torch.tensor([n.token for n in kept_compared])
     reads = readings(metric, kept_contrasts, kept_compared)
-    logits, value = {}, {}
-    # The corrupted run is grown once as a trunk, kept in the batch for the sweeps to branch off.
-    trunk = grow_trunk(model, pairs["corrupted_question"].iloc[keep].tolist(), n_latents=n_latents)
+    logits, value, trunks = {}, {}, {}
     for side in ("clean", "corrupted"):
-        questions = pairs[f"{side}_question"].iloc[keep].tolist()
-        if side == "clean":
-            side_logits = [read_logits(model, questions, r, n_latents=n_latents) for r in reads]
-        else:
-            side_logits = [trunk_logits(model, trunk, r) for r in reads]
+        # Each side's run is grown once and every reading teacher-forced after it; the corrupted one stays in
+        # the batch for the sweeps to branch off.
+        trunks[side] = grow_trunk(model, pairs[f"{side}_question"].iloc[keep].tolist(), n_latents=n_latents)
+        side_logits = [trunk_logits(model, trunks[side], r) for r in reads]
         logits[side] = side_logits[0][:, 0]
         value[side] = metric_value(reads, side_logits, clean_tokens, corrupted_tokens)
     prefers = value["corrupted"] < 0 if not gold else torch.ones(len(keep), dtype=torch.bool)
@@ -332,7 +320,7 @@ def prepare_pairs(
     kept = pairs.iloc[keep].reset_index(drop=True)
     if not keep:
         return None, kept, skipped
-    positions = result.positions
+    positions, corrupted = result.positions, trunks["corrupted"]
     batch = PairBatch(
         metric=metric,
         contrasts=[kept_contrasts[n] for n in chosen],
@@ -350,7 +338,7 @@ def prepare_pairs(
             n_pad=[positions.n_pad[i] for i in keep],
             answer_lengths=[positions.answer_lengths[i] for i in keep],
         ),
-        corrupted_trunk=trunk if len(chosen) == trunk.batch else trunk.rows(chosen),
+        corrupted_trunk=corrupted if len(chosen) == corrupted.batch else corrupted.rows(chosen),
     )
     return batch, kept, skipped
 
@@ -363,7 +351,7 @@ def from_other_problems(batch: PairBatch) -> PairBatch:
     n = len(batch.clean_numbers)
     if n < 2:
         raise ValueError("patching from other problems needs at least two pairs in a batch")
-    donors = batch.rows([(i + 1) % n for i in range(n)])
+    donors = replace(batch, corrupted_trunk=None).rows([(i + 1) % n for i in range(n)])  # clean fields only
     return replace(
         batch,
         clean_cache=donors.clean_cache,
