@@ -22,6 +22,7 @@ import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -168,31 +169,42 @@ def value_patching_rows(
         if (chosen := substitutions(problems, means, step, condition, min_count=min_count, seed=seed))
     }
     # Every configuration's generations side by side (a problem once per configuration it is in).
-    entries = [
-        (step, condition, row, value, mean, n_ref)
+    generations = [
+        _Generation(step, condition, row, value, mean, n_ref)
         for (step, condition), chosen in configurations.items()
         for row, value, mean, n_ref in chosen
     ]
     predictions: dict[int, list[float | None]] = {k: [] for k in thoughts}
-    trunk = grow_trunk(model, [p.question for p in problems], n_latents=n_latents) if entries else None
-    for start in range(0, len(entries), max_rows):
-        block = entries[start : start + max_rows]
-        branches = [Branch(replace_thoughts({k: torch.stack([e[4][k - 1] for e in block])}), k) for k in thoughts]
-        outputs = run_branches(model, trunk.rows([e[2] for e in block]), branches, max_new_tokens=max_new_tokens)
+    trunk = grow_trunk(model, [p.question for p in problems], n_latents=n_latents) if generations else None
+    for start in range(0, len(generations), max_rows):
+        block = generations[start : start + max_rows]
+        branches = [Branch(replace_thoughts({k: torch.stack([g.mean[k - 1] for g in block])}), k) for k in thoughts]
+        outputs = run_branches(model, trunk.rows([g.row for g in block]), branches, max_new_tokens=max_new_tokens)
         for k, output in zip(thoughts, outputs):
             predictions[k].extend(model.decode_answers(output.answer_tokens)[1])
     return pd.DataFrame(
         [
-            _row(problems[r], k, step, condition, value, n_ref, prediction)
+            _row(problems[g.row], k, g, prediction)
             for k in thoughts
-            for (step, condition, r, value, _, n_ref), prediction in zip(entries, predictions[k], strict=True)
+            for g, prediction in zip(generations, predictions[k], strict=True)
         ]
     )
 
 
-def _row(
-    p: Problem, k: int, step: int, condition: str, value: float | None, n_ref: int, prediction: float | None
-) -> dict:
+class _Generation(NamedTuple):
+    """One (step, condition) generation of problem ``row``: the value substituted, the mean thoughts fed and
+    the reference problems they average."""
+
+    step: int
+    condition: str
+    row: int
+    value: float | None
+    mean: Float[Tensor, "n_latents d_model"]
+    n_ref: int
+
+
+def _row(p: Problem, k: int, g: _Generation, prediction: float | None) -> dict:
+    step, condition, value = g.step, g.condition, g.value
     predicted = answer_with_value(p, step, value) if condition == "different" else None
     moved = predicted is not None and prediction is not None and float(prediction) == predicted
     return {
@@ -204,7 +216,7 @@ def _row(
         "condition": condition,
         "own_value": float(p.intermediates[step - 1]),
         "value": np.nan if value is None else value,
-        "n_reference": n_ref,
+        "n_reference": g.n_ref,
         "predicted_answer": np.nan if predicted is None else predicted,
         "prediction": np.nan if prediction is None else float(prediction),
         "correct": prediction is not None and float(prediction) == float(p.gold),
