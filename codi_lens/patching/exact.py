@@ -125,17 +125,57 @@ def run_patches(
     is computed once; each site branches off it at the first step it changes, sites with the same start
     batched as blocks of one forward (at most ``max_rows`` rows), and the unembedding runs only at the
     rows read (see :mod:`codi_lens.core.branching`)."""
+    branches = patch_branches(model, batch, sites, n_latents)
+    return run_reading(model, batch, questions, branches, n_latents, max_rows, max_new_tokens, reading)
+
+
+def run_reading(
+    model: CODIModel,
+    batch: PairBatch,
+    questions: Sequence[str],
+    branches: Sequence[Branch],
+    n_latents: int,
+    max_rows: int,
+    max_new_tokens: int,
+    reading: Reading | None,
+) -> list[BranchOutput]:
+    """``branches`` of the corrupted run of ``questions``, teacher-forced as ``reading`` says (default: the
+    batch metric's first reading)."""
     reading = batch_readings(batch)[0] if reading is None else reading
     trunk = batch.trunk_of(model, questions, n_latents)
     return run_branches(
         model,
         trunk,
-        patch_branches(model, batch, sites, n_latents),
+        branches,
         reading.answers,
         answer_index=reading.rows,
         max_new_tokens=max_new_tokens,
         max_rows=max_rows,
     )
+
+
+def branch_metric(
+    model: CODIModel,
+    batch: PairBatch,
+    questions: Sequence[str],
+    branches: Sequence[Branch],
+    *,
+    n_latents: int = 6,
+    max_rows: int = 256,
+    max_new_tokens: int = 0,
+) -> tuple[list[Float[Tensor, " batch"]], list[Float[Tensor, "batch d_vocab"]], list[BranchOutput]]:
+    """Each branch's metric ``[batch]`` (float64), its logits at the compared row ``[batch, d_vocab]`` (where KL
+    is read) and its output (generated answers with ``max_new_tokens``), for any branches of the batch's
+    corrupted run (patches, routes): one pass of them per reading of the batch's metric (two for
+    ``answer_logprob``)."""
+    reads = batch_readings(batch)
+    passes = [
+        run_reading(model, batch, questions, branches, n_latents, max_rows, max_new_tokens if r == 0 else 0, reading)
+        for r, reading in enumerate(reads)
+    ]
+    values = [metric_value(batch, [p[b].logits for p in passes]).cpu() for b in range(len(branches))]
+    logits = [out.logits[:, 0].float() for out in passes[0]]
+    return values, logits, passes[0]
 
 
 def patched_metric(
@@ -149,25 +189,12 @@ def patched_metric(
     max_new_tokens: int = 0,
 ) -> tuple[list[Float[Tensor, " batch"]], list[Float[Tensor, "batch d_vocab"]], list[BranchOutput]]:
     """Each site's patched metric ``[batch]`` (float64), its logits at the compared row ``[batch, d_vocab]``
-    (where KL is read) and its branch output (generated answers with ``max_new_tokens``): one pass of
-    :func:`run_patches` per reading of the batch's metric (two for ``answer_logprob``)."""
-    reads = batch_readings(batch)
-    passes = [
-        run_patches(
-            model,
-            batch,
-            questions,
-            sites,
-            n_latents=n_latents,
-            max_rows=max_rows,
-            max_new_tokens=max_new_tokens if r == 0 else 0,
-            reading=reading,
-        )
-        for r, reading in enumerate(reads)
-    ]
-    values = [metric_value(batch, [p[s].logits for p in passes]).cpu() for s in range(len(sites))]
-    logits = [out.logits[:, 0].float() for out in passes[0]]
-    return values, logits, passes[0]
+    (where KL is read) and its branch output (generated answers with ``max_new_tokens``): see
+    :func:`branch_metric`."""
+    branches = patch_branches(model, batch, sites, n_latents)
+    return branch_metric(
+        model, batch, questions, branches, n_latents=n_latents, max_rows=max_rows, max_new_tokens=max_new_tokens
+    )
 
 
 def patched_logits(
