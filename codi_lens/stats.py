@@ -1,5 +1,7 @@
 """Statistics over results: bootstrap confidence intervals over problems (``scipy.stats.bootstrap``), per
-value or clustered by problem, and tables of means with their CIs.
+value or clustered by problem, and tables of means with their CIs; paired contrasts (bootstrap CI, Wilcoxon and
+sign tests, Cohen's d), sign-flip permutation p-values and the Benjamini-Hochberg correction across cells
+(``statsmodels``).
 
 Rows of a result table are clustered by problem (one problem gives one row per condition, thought or cell),
 so every interval here resamples problems, never rows."""
@@ -11,6 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 from scipy import stats
+from statsmodels.stats.multitest import multipletests
 
 
 def _percentile_interval(
@@ -96,3 +99,75 @@ def clustered_bootstrap_ci(
         return float(statistic(*(a[rows] for a in arrays)))
 
     return (estimate, *_percentile_interval(np.arange(len(members)), resampled, False, confidence, n_resamples, seed))
+
+
+def benjamini_hochberg(pvalues: Sequence[float] | np.ndarray, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """``(rejected, q_values)``: the Benjamini-Hochberg false-discovery-rate correction of ``pvalues`` across
+    cells (``statsmodels``' ``multipletests``, method ``fdr_bh``). NaN p-values (cells that were not tested)
+    stay NaN and are never rejected; the others are corrected among themselves."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    rejected, q = np.zeros(p.shape, dtype=bool), np.full(p.shape, np.nan)
+    tested = ~np.isnan(p)
+    if tested.any():
+        rejected[tested], q[tested], _, _ = multipletests(p[tested], alpha=alpha, method="fdr_bh")
+    return rejected, q
+
+
+def sign_flip_pvalue(values: Sequence[float] | np.ndarray, *, n_resamples: int = 9999, seed: int = 0) -> float:
+    """Two-sided permutation p-value that the mean of ``values`` (one per problem, e.g. a recovery or a paired
+    difference) is zero: every value's sign flipped at random (``scipy.stats.permutation_test``,
+    ``permutation_type="samples"``; exact when there are at most ``n_resamples`` sign patterns). NaNs are
+    dropped; fewer than two values, or all zero, give NaN (nothing to test)."""
+    data = np.asarray(values, dtype=np.float64)
+    data = data[~np.isnan(data)]
+    if len(data) < 2 or not np.any(data):
+        return float("nan")
+    result = stats.permutation_test(
+        (data,),
+        lambda x, axis: np.mean(x, axis=axis),
+        permutation_type="samples",
+        n_resamples=n_resamples,
+        alternative="two-sided",
+        random_state=np.random.default_rng(seed),
+        vectorized=True,
+    )
+    return float(result.pvalue)
+
+
+def cohens_d(values: Sequence[float] | np.ndarray) -> float:
+    """The standardised mean of one value per problem, ``mean / sd`` (sample sd, ``ddof=1``): for paired
+    differences this is Cohen's d_z. NaN with fewer than two values or no spread."""
+    data = np.asarray(values, dtype=np.float64)
+    data = data[~np.isnan(data)]
+    if len(data) < 2:
+        return float("nan")
+    sd = data.std(ddof=1)
+    return float(data.mean() / sd) if sd > 0 else float("nan")
+
+
+def paired_contrast(
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, *, seed: int = 0
+) -> dict[str, float]:
+    """``a - b`` on the same problems (one value of each per problem, in the same order): the mean difference
+    with its 95% bootstrap CI over problems, Cohen's d_z, the Wilcoxon signed-rank p-value and the exact sign
+    test's (``scipy.stats``), and ``n``, the problems both are measured on (a NaN on either side drops the
+    problem)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"a paired contrast needs one value of each per problem: {a.shape} against {b.shape}")
+    both = ~(np.isnan(a) | np.isnan(b))
+    difference = a[both] - b[both]
+    mean, low, high = bootstrap_ci(difference, seed=seed)
+    nonzero = difference[difference != 0]
+    wilcoxon = float(stats.wilcoxon(nonzero).pvalue) if len(nonzero) >= 1 else float("nan")
+    positive = int((nonzero > 0).sum())
+    sign = float(stats.binomtest(positive, len(nonzero)).pvalue) if len(nonzero) else float("nan")
+    return {
+        "n": int(both.sum()),
+        "mean_difference": mean,
+        "low": low,
+        "high": high,
+        "cohens_d": cohens_d(difference),
+        "wilcoxon_p": wilcoxon,
+        "sign_p": sign,
+    }

@@ -149,3 +149,39 @@ def test_mean_ci_table_drops_missing_values_of_nullable_columns():
     table = mean_ci_table(rows, ["condition"], "answer_changed")
     assert table.loc[0, "n"] == 4
     assert table.loc[0, "mean"] == pytest.approx(2 / 3, abs=1e-12)
+
+
+def test_benjamini_hochberg_by_hand():
+    """q = min over ranks >= r of p_(r) * m / r, NaN cells left out of m: p = 0.01, 0.04, 0.03, 0.2 (m = 4) give
+    0.04, 0.04 * 4 / 3, min(0.03 * 4 / 2, 0.04 * 4 / 3), 0.2; at alpha 0.05 only the first survives."""
+    from codi_lens.stats import benjamini_hochberg
+
+    rejected, q = benjamini_hochberg([0.01, 0.04, np.nan, 0.03, 0.2])
+    np.testing.assert_allclose(q, [0.04, 0.16 / 3, np.nan, 0.16 / 3, 0.2])
+    assert rejected.tolist() == [True, False, False, False, False]
+
+
+def test_sign_flip_pvalue_is_exact_for_few_problems():
+    """[1, 2, 3]: of the 8 sign patterns, two (all +, all -) have |mean| >= 2, so p = 2 / 8."""
+    from codi_lens.stats import sign_flip_pvalue
+
+    assert sign_flip_pvalue([1.0, 2.0, 3.0]) == pytest.approx(0.25)
+    assert sign_flip_pvalue([1.0, -1.0, 2.0, -2.0]) == pytest.approx(1.0)
+    assert np.isnan(sign_flip_pvalue([0.0, 0.0, 0.0]))
+
+
+def test_paired_contrast_by_hand():
+    """Differences 1, 1, 1, -1: mean 0.5, sample sd 1 (so d_z = 0.5), three of four positive (two-sided sign
+    test 10 / 16); a NaN on one side drops that problem."""
+    from codi_lens.stats import paired_contrast
+
+    out = paired_contrast([2.0, 3.0, 1.0, 0.0, np.nan], [1.0, 2.0, 0.0, 1.0, 5.0])
+    assert out["n"] == 4
+    assert out["mean_difference"] == pytest.approx(0.5)
+    assert out["cohens_d"] == pytest.approx(0.5)
+    assert out["sign_p"] == pytest.approx(10 / 16)
+    assert out["low"] <= 0.5 <= out["high"]
+    # Wilcoxon, exact: differences 1, 2, 3, 4, -5 give W- = 5; 10 of the 32 sign patterns have W- <= 5
+    # ({}, {1}, ..., {5}, {1,2}, {1,3}, {1,4}, {2,3}), so the two-sided p is 20 / 32.
+    out = paired_contrast([1.0, 2.0, 3.0, 4.0, -5.0], [0.0] * 5)
+    assert out["wilcoxon_p"] == pytest.approx(20 / 32)
