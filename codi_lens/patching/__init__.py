@@ -2,13 +2,15 @@
 
 Modules in dependency order: ``kinds`` (what a sweep patches: the registry of activation kinds, spans and
 the grid of sites), ``prepare`` (a batch of pairs made ready: clean runs, answer tokens, logit differences),
-``exact`` (patches as branches of the corrupted run), ``attribution`` (every site's linear estimate from one
+``exact`` (patches as branches of the corrupted run), ``routes`` (a step's content patched through the
+recurrence or the attention route), ``attribution`` (every site's linear estimate from one
 backward pass), ``sweep`` (the table of every site on every pair, resumable), ``trajectories`` (chained
 versus parallel patching).
 """
 
 from codi_lens.patching.attribution import rank_agreement, site_attributions
 from codi_lens.patching.exact import (
+    branch_metric,
     patch_hooks,
     patch_start,
     patched_logits,
@@ -28,6 +30,16 @@ from codi_lens.patching.prepare import (
     number_tokens,
     prepare_pairs,
 )
+from codi_lens.patching.routes import (
+    EVERY_LAYER,
+    ROUTES,
+    RoutePatch,
+    Span,
+    interactions,
+    route_patches,
+    route_rows,
+    route_sweep,
+)
 from codi_lens.patching.sweep import DONORS, METHODS, patch_rows, patch_sweep
 from codi_lens.patching.trajectories import (
     chained,
@@ -38,6 +50,15 @@ from codi_lens.patching.trajectories import (
 )
 
 __all__ = [
+    "EVERY_LAYER",
+    "ROUTES",
+    "RoutePatch",
+    "Span",
+    "branch_metric",
+    "interactions",
+    "route_patches",
+    "route_rows",
+    "route_sweep",
     "CHANGED",
     "DONORS",
     "METHODS",
