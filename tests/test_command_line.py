@@ -23,6 +23,7 @@ from experiments import (
     make_pairs,
     position_patching,
     read_thoughts,
+    route_patching,
     sae_features,
     step_importance,
     toy_model_report,
@@ -36,6 +37,7 @@ COMMANDS = {
     "ablation_attention": ablation_attention,
     "position_patching": position_patching,
     "iterative_patching": iterative_patching,
+    "route_patching": route_patching,
     "read_thoughts": read_thoughts,
     "train_saes": train_saes,
     "sae_features": sae_features,
@@ -182,6 +184,7 @@ def wrong_pairs(tmp_path_factory):
         ("position_patching", []),
         ("position_patching", ["--method", "attribution"]),
         ("iterative_patching", ["--layers", "1"]),
+        ("route_patching", ["--spans", "2"]),
     ],
 )
 def test_when_every_pair_is_skipped_the_counts_are_written_and_the_command_stops(

@@ -190,3 +190,34 @@ def test_route_patches_and_spans():
     )
     # by hand: 0.9 - 0.5 - 0.25; (2.5 + 1) - (1 + 1) - (0 + 1)
     np.testing.assert_allclose(interactions(frame)[["recovery", "logit_diff"]].to_numpy(), [[0.15, 0.5]])
+
+
+def test_route_patching_experiment_writes_its_contract(tmp_path):
+    from codi_lens.core.errors import FlagError
+    from experiments import route_patching
+
+    out = tmp_path / "rp"
+    summary = route_patching.main(
+        ["--limit", "24", "--max-new-tokens", "32", "--spans", "bot,2,5,6,1-3", "--out", str(out)]
+    )
+    rows = pd.read_parquet(out / "results.parquet")
+    assert {"pair_id", "thought", "route", "layer", "recovery", "logit_diff", "kl"} <= set(rows.columns)
+    used = rows[rows["reason"] == ""]
+    assert set(used["route"]) == {"recurrence", "attention", "both"} and set(used["donor"]) == {"clean", "other"}
+    assert set(used["layer"]) == {EVERY_LAYER, 0, 1}
+    assert set(used["target"]) == {"bot", "thought:2", "thought:5", "thought:6", "thoughts:1-3"}
+    assert len(pd.read_parquet(out / "pairs.parquet")) == summary["n_pairs"]
+    for name in ("routes.html", "attention_by_layer.html"):
+        assert "Plotly.newPlot" in (out / name).read_text()
+    cells = pd.read_parquet(out / "cells.parquet")
+    assert cells["q"].between(0, 1).all() and (cells["q"] >= cells["p"] - 1e-12).all()
+    # Each reported estimate is the mean of its rows.
+    mean = used[(used["donor"] == "clean") & (used["target"] == "thought:2") & (used["route"] == "both")]["recovery"]
+    assert summary["steps"]["thought:2"]["both"][0] == pytest.approx(mean.mean(), abs=1e-4)
+    assert summary["steps"]["thought:2"]["recurrence_minus_attention"]["carried_by"] in (
+        "recurrence",
+        "attention",
+        "not distinguishable",
+    )
+    with pytest.raises(FlagError, match="--spans"):
+        route_patching.main(["--limit", "4", "--spans", "2-9", "--out", str(tmp_path / "bad")])

@@ -12,7 +12,14 @@ from codi_lens.plotting.importance import (
     importance_by_thought,
     problems_by_thought_heatmap,
 )
-from codi_lens.plotting.patching import patching_bars, patching_heatmap, recovery_slider, trajectory_lines
+from codi_lens.plotting.patching import (
+    patching_bars,
+    patching_heatmap,
+    recovery_slider,
+    route_bars,
+    route_layer_heatmap,
+    trajectory_lines,
+)
 from codi_lens.plotting.reading import (
     answer_readout_lines,
     early_answer_curves,
@@ -45,6 +52,8 @@ __all__ = [
     "problems_by_thought_heatmap",
     "readout_heatmaps",
     "recovery_slider",
+    "route_bars",
+    "route_layer_heatmap",
     "sae_quality_bars",
     "sae_splice_bars",
     "thought_decode_grid",

@@ -122,3 +122,69 @@ def recovery_slider(rows: pd.DataFrame, positions: list[str], value: str = "reco
         xaxis_title="position patched",
     )
     return fig
+
+
+def route_bars(cells: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """Mean recovery per step (or span) through the recurrence, the attention route (every layer) and both, with
+    95% bootstrap CI bars over pairs, one panel per donor (the pair's own clean run, and the other-problem
+    control). ``cells``: one row per (donor, target, route) with ``mean``, ``low``, ``high``, ``n`` and
+    ``significant`` (survives the Benjamini-Hochberg correction; starred in the hover)."""
+    table = cells.assign(star=cells["significant"].map({True: "yes", False: "no"}))
+    fig = px.bar(
+        table,
+        x="target",
+        y="mean",
+        color="route",
+        barmode="group",
+        facet_row="donor" if table["donor"].nunique() > 1 else None,
+        category_orders={"route": ["recurrence", "attention", "both"], "donor": ["clean", "other"]},
+        **error_bars(table, "mean", low="low", high="high"),
+        hover_data={"n": True, "low": ":.3f", "high": ":.3f", "star": True},
+        template=TEMPLATE,
+        title=title
+        or "Which route carries each step's content: recovery through the recurrence (fed z_k+1), attention<br>"
+        "(its keys and values at every layer) or both (95% CI over pairs; donor other = another problem's run)",
+        labels={"mean": "mean recovery", "target": "step patched (bot = 0)", "star": "BH-significant"},
+    )
+    fig.update_layout(margin={"t": 110})
+    return fig
+
+
+def route_layer_heatmap(cells: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """Step x layer heatmap of the attention route's mean recovery at one layer at a time (the rest pinned at the
+    corrupted run), hover: n, mean and 95% CI; cells that survive the Benjamini-Hochberg correction across the
+    grid are marked with a star."""
+    targets = list(dict.fromkeys(cells["target"]))
+    layers = sorted(cells["layer"].unique())
+    grid = cells.pivot(index="layer", columns="target", values="mean").reindex(index=layers, columns=targets)
+    marks = cells.assign(mark=[f"{r.mean:.2f}{'*' if r.significant else ''}" for r in cells.itertuples()])
+    text = marks.pivot(index="layer", columns="target", values="mark").reindex(index=layers, columns=targets)
+    hover = cells.assign(
+        h=[
+            f"n={r.n}<br>mean {r.mean:.3f}<br>95% CI [{r.low:.3f}, {r.high:.3f}]<br>BH q {r.q:.3g}"
+            for r in cells.itertuples()
+        ]
+    ).pivot(index="layer", columns="target", values="h")
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.to_numpy(),
+            x=targets,
+            y=[f"layer {int(layer)}" for layer in layers],
+            text=text.to_numpy(),
+            texttemplate="%{text}",
+            customdata=hover.reindex(index=layers, columns=targets).to_numpy(),
+            hovertemplate="%{y}, %{x}<br>%{customdata}<extra></extra>",
+            colorscale="RdBu",
+            zmid=0,
+            colorbar={"title": "recovery"},
+        )
+    )
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title
+        or "Attention route by layer: recovery when only this layer's keys and values of the step are clean<br>"
+        "(* = survives Benjamini-Hochberg at 5% across the grid; hover: n, mean, 95% CI)",
+        xaxis_title="step patched (bot = 0)",
+        margin={"t": 110},
+    )
+    return fig

@@ -9,10 +9,18 @@ import numpy as np
 import pandas as pd
 
 from codi_lens.patching.kinds import CHANGED, SPAN_STARTS
-from codi_lens.plotting import patching_bars, patching_heatmap, trajectory_lines, write_html
-from codi_lens.reports.summaries import with_ci
+from codi_lens.patching.routes import EVERY_LAYER, interactions
+from codi_lens.plotting import (
+    patching_bars,
+    patching_heatmap,
+    route_bars,
+    route_layer_heatmap,
+    trajectory_lines,
+    write_html,
+)
+from codi_lens.reports.summaries import ci_triplet, with_ci
 from codi_lens.run.outcome import skipped_by_reason
-from codi_lens.stats import bootstrap_ci, mean_ci_table
+from codi_lens.stats import benjamini_hochberg, bootstrap_ci, mean_ci_table, paired_contrast, sign_flip_pvalue
 
 #: Patch kinds whose sites are a layer x position grid (the others are one site per thought or head).
 GRID_EXCLUDED = ("thought_input", "z")
@@ -140,3 +148,145 @@ def write_iterative_patching(rows: pd.DataFrame, out: str | Path) -> dict[str, A
             for mode in ("chained", "parallel")
         },
     }
+
+
+#: The columns that name one route patch in a table of route rows.
+ROUTE_CELL = ["donor", "target", "thought", "first_thought", "route", "layer", "head"]
+
+
+def route_family(layer: float, head: float) -> str:
+    """Which grid a route cell belongs to, for the multiple-testing correction: the routes over every layer,
+    the attention route by layer, or by key/value head."""
+    if not pd.isna(head):
+        return "head"
+    return "routes" if layer == EVERY_LAYER else "layer"
+
+
+def route_cells(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per route patch: ``n`` pairs, mean recovery with its 95% bootstrap CI (``mean, low, high``), the mean KL,
+    a sign-flip permutation p-value that the mean recovery is zero, and its Benjamini-Hochberg ``q`` and
+    ``significant`` (at 5%) within its donor's grid (:func:`route_family`)."""
+    used = used_rows(rows)
+    table = mean_ci_table(used, ROUTE_CELL, "recovery")
+    grouped = used.groupby(ROUTE_CELL, dropna=False, sort=True)
+    table["kl"] = grouped["kl"].mean().to_numpy()
+    table["p"] = [sign_flip_pvalue(group["recovery"].to_numpy()) for _, group in grouped]
+    table["family"] = [route_family(r.layer, r.head) for r in table.itertuples()]
+    table["q"], table["significant"] = np.nan, False
+    for _, part in table.groupby(["donor", "family"]):
+        rejected, q = benjamini_hochberg(part["p"].to_numpy())
+        table.loc[part.index, "q"], table.loc[part.index, "significant"] = q, rejected
+    return table
+
+
+def route_contrasts(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per step with both routes (own clean run as donor): recurrence minus attention recovery on the same pairs
+    (:func:`~codi_lens.stats.paired_contrast`: mean difference, 95% CI, Cohen's d_z, Wilcoxon and sign tests),
+    the Wilcoxon p-values corrected across steps (Benjamini-Hochberg ``q``)."""
+    used = used_rows(rows)
+    whole = used[(used["donor"] == "clean") & (used["layer"] == EVERY_LAYER) & used["head"].isna()]
+    out = []
+    for (target, thought), group in whole.groupby(["target", "thought"], sort=False):
+        wide = group.pivot(index="pair_id", columns="route", values="recovery")
+        if {"recurrence", "attention"} <= set(wide.columns):
+            contrast = paired_contrast(wide["recurrence"].to_numpy(), wide["attention"].to_numpy())
+            out.append({"target": target, "thought": thought, **contrast})
+    table = pd.DataFrame(out)
+    if len(table):
+        table["significant"], table["q"] = benjamini_hochberg(table["wilcoxon_p"].to_numpy())
+    return table
+
+
+def route_controls(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per step and route (every layer): the pair's own clean run minus the other-problem control on the same
+    pairs (:func:`~codi_lens.stats.paired_contrast`), Wilcoxon p-values corrected across steps and routes
+    (Benjamini-Hochberg ``q``). Empty without the control."""
+    used = used_rows(rows)
+    whole = used[(used["layer"] == EVERY_LAYER) & used["head"].isna()]
+    if set(whole["donor"]) != {"clean", "other"}:
+        return pd.DataFrame()
+    wide = whole.pivot_table(index=["target", "route", "pair_id"], columns="donor", values="recovery").dropna()
+    out = []
+    for (target, route), group in wide.groupby(level=["target", "route"], sort=False):
+        contrast = paired_contrast(group["clean"].to_numpy(), group["other"].to_numpy())
+        out.append({"target": target, "route": route, **contrast})
+    table = pd.DataFrame(out)
+    table["significant"], table["q"] = benjamini_hochberg(table["wilcoxon_p"].to_numpy())
+    return table
+
+
+def carried_by(contrast: pd.Series) -> str:
+    """The route a step's content is carried by, read from its paired contrast: the route with the larger
+    recovery when the difference survives the correction, else that the two cannot be told apart."""
+    if not contrast["significant"]:
+        return "not distinguishable"
+    return "recurrence" if contrast["mean_difference"] > 0 else "attention"
+
+
+def write_route_patching(rows: pd.DataFrame, out: str | Path) -> dict[str, Any]:
+    """From route rows (:func:`codi_lens.patching.route_sweep`, both donors if the control ran): ``cells.parquet``
+    (:func:`route_cells`), ``contrasts.parquet`` (:func:`route_contrasts`), ``controls.parquet``
+    (:func:`route_controls`), ``interactions.parquet`` (per pair and step), the figures ``routes.html`` and
+    ``attention_by_layer.html``, and the summary's numbers: per step the recovery by each route, the interaction,
+    the recurrence-minus-attention contrast, which route carries it, and each route against the control."""
+    out = Path(out)
+    used = used_rows(rows)
+    cells = route_cells(rows)
+    cells.to_parquet(out / "cells.parquet", index=False)
+    contrasts = route_contrasts(rows)
+    contrasts.to_parquet(out / "contrasts.parquet", index=False)
+    controls = route_controls(rows)
+    controls.to_parquet(out / "controls.parquet", index=False)
+    joint = interactions(used[used["donor"] == "clean"])
+    joint.to_parquet(out / "interactions.parquet", index=False)
+    whole = cells[cells["family"] == "routes"]
+    write_html(route_bars(whole), out / "routes.html")
+    by_layer = cells[(cells["family"] == "layer") & (cells["donor"] == "clean")]
+    if len(by_layer):
+        write_html(route_layer_heatmap(by_layer), out / "attention_by_layer.html")
+    steps = {}
+    for target in dict.fromkeys(whole["target"]):
+        entry: dict[str, Any] = {}
+        for r in whole[(whole["target"] == target)].itertuples():
+            entry[f"{r.route}" if r.donor == "clean" else f"{r.route}_other_problem"] = ci_triplet(
+                r.mean, r.low, r.high
+            )
+        mine = joint[joint["target"] == target]["recovery"].to_numpy(dtype=float)
+        if len(mine):
+            entry["interaction"] = ci_triplet(*bootstrap_ci(mine))
+        row = contrasts[contrasts["target"] == target] if len(contrasts) else contrasts
+        if len(row):
+            c = row.iloc[0]
+            entry["recurrence_minus_attention"] = {
+                "mean": ci_triplet(c["mean_difference"], c["low"], c["high"]),
+                "cohens_d": round(float(c["cohens_d"]), 3),
+                "wilcoxon_q": float(c["q"]),
+                "carried_by": carried_by(c),
+            }
+        for c in controls[controls["target"] == target].itertuples() if len(controls) else ():
+            entry[f"{c.route}_own_minus_other_problem"] = {
+                "mean": ci_triplet(c.mean_difference, c.low, c.high),
+                "cohens_d": round(float(c.cohens_d), 3),
+                "wilcoxon_q": float(c.q),
+            }
+        steps[target] = entry
+    return {
+        "n_pairs": int(rows["pair_id"].nunique()),
+        "n_pairs_used": int(used["pair_id"].nunique()),
+        "skipped_by_reason": skipped_by_reason(rows, "pair_id"),
+        "steps": steps,
+    }
+
+
+def route_report_lines(summary: dict[str, Any]) -> str:
+    """What route patching prints: per step, each route's recovery with its CI and the route that carries it."""
+    lines = [f"{summary['n_pairs_used']} of {summary['n_pairs']} pairs used; recovery [95% CI]:"]
+    for target, entry in summary["steps"].items():
+        parts = [
+            f"{route} {entry[route][0]:.2f} [{entry[route][1]:.2f}, {entry[route][2]:.2f}]"
+            for route in ("recurrence", "attention", "both")
+            if route in entry
+        ]
+        carried = entry.get("recurrence_minus_attention", {}).get("carried_by")
+        lines.append(f"  {target}: " + ", ".join(parts) + (f"; carried by: {carried}" if carried else ""))
+    return "\n".join(lines)
