@@ -29,7 +29,7 @@ LAYERS = {
     "interventions": 5,
     **dict.fromkeys(
         ["patching", "saes", "accuracy", "importance", "attention", "lens", "probes", "early_answers",
-         "value_patching", "activations", "features", "pathways", "reading", "training"],
+         "value_patching", "activations", "features", "pathways", "reading", "training", "logit_attribution"],
         6,
     ),
     "plotting": 7,

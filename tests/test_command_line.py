@@ -20,6 +20,7 @@ from experiments import (
     evaluate,
     feature_pathways,
     iterative_patching,
+    logit_attribution,
     make_pairs,
     position_patching,
     read_thoughts,
@@ -38,6 +39,7 @@ COMMANDS = {
     "position_patching": position_patching,
     "iterative_patching": iterative_patching,
     "route_patching": route_patching,
+    "logit_attribution": logit_attribution,
     "read_thoughts": read_thoughts,
     "train_saes": train_saes,
     "sae_features": sae_features,
@@ -185,6 +187,7 @@ def wrong_pairs(tmp_path_factory):
         ("position_patching", ["--method", "attribution"]),
         ("iterative_patching", ["--layers", "1"]),
         ("route_patching", ["--spans", "2"]),
+        ("logit_attribution", []),
     ],
 )
 def test_when_every_pair_is_skipped_the_counts_are_written_and_the_command_stops(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from codi_lens.plotting.accuracy import accuracy_bars
 from codi_lens.plotting.base import TEMPLATE, error_bars, mean_heatmap, write_html
+from codi_lens.plotting.circuits import attribution_bars, head_heatmap, source_heatmap
 from codi_lens.plotting.importance import (
     attention_by_head,
     attention_by_layer,
@@ -35,12 +36,14 @@ __all__ = [
     "TEMPLATE",
     "accuracy_bars",
     "answer_readout_lines",
+    "attribution_bars",
     "attention_by_head",
     "attention_by_layer",
     "attention_vs_importance",
     "early_answer_curves",
     "error_bars",
     "feature_dashboard",
+    "head_heatmap",
     "importance_by_difficulty",
     "importance_by_thought",
     "latent_readout_heatmap",
@@ -56,6 +59,7 @@ __all__ = [
     "route_layer_heatmap",
     "sae_quality_bars",
     "sae_splice_bars",
+    "source_heatmap",
     "thought_decode_grid",
     "trajectory_lines",
     "value_patching_bars",
