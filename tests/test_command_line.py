@@ -22,6 +22,7 @@ from experiments import (
     iterative_patching,
     logit_attribution,
     make_pairs,
+    path_patching,
     position_patching,
     read_thoughts,
     route_patching,
@@ -40,6 +41,7 @@ COMMANDS = {
     "iterative_patching": iterative_patching,
     "route_patching": route_patching,
     "logit_attribution": logit_attribution,
+    "path_patching": path_patching,
     "read_thoughts": read_thoughts,
     "train_saes": train_saes,
     "sae_features": sae_features,
@@ -188,6 +190,7 @@ def wrong_pairs(tmp_path_factory):
         ("iterative_patching", ["--layers", "1"]),
         ("route_patching", ["--spans", "2"]),
         ("logit_attribution", []),
+        ("path_patching", []),
     ],
 )
 def test_when_every_pair_is_skipped_the_counts_are_written_and_the_command_stops(

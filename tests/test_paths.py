@@ -101,3 +101,19 @@ def test_senders_are_components():
         check_sender(Site("blocks.0.attn.hook_z", "eot"))
     with pytest.raises(ValueError, match="a sender is"):
         check_sender(Site("blocks.0.hook_resid_post", "eot"))
+
+
+def test_path_patching_experiment_writes_its_table(tmp_path):
+    import pandas as pd
+
+    from experiments import path_patching
+
+    out = tmp_path / "pp"
+    summary = path_patching.main(["--limit", "16", "--max-new-tokens", "32", "--out", str(out)])
+    rows = pd.read_parquet(out / "results.parquet")
+    used = rows[rows["reason"] == ""]
+    assert {"pair_id", "path", "group", "logit_diff", "recovery"} <= set(rows.columns)
+    assert set(used["group"]) == {"direct", "head to last MLP", "thought to heads", "recurrence"}
+    assert "Plotly.newPlot" in (out / "paths.html").read_text()
+    mlp = used[used["path"] == "mlp1 -> answer"]["recovery"]
+    assert summary["paths"]["mlp1 -> answer"]["recovery"][0] == pytest.approx(mlp.mean(), abs=1e-4)

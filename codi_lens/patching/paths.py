@@ -27,7 +27,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path as FilePath
+from typing import Any
 
+import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -38,7 +41,11 @@ from codi_lens.core.names import act_name, parse_thought_hook, thought_hook_name
 from codi_lens.core.positions import CODIPositions, gather_at
 from codi_lens.core.recording import ActivationRecorder
 from codi_lens.core.sites import Site
-from codi_lens.patching.prepare import PairBatch, batch_readings, metric_value
+from codi_lens.metrics import DEFAULT_ANSWER_METRIC, normalised_recovery
+from codi_lens.patching.prepare import PairBatch, batch_readings, metric_value, prepare_pairs
+from codi_lens.patching.sweep import skipped_rows
+from codi_lens.run.executors import Executor
+from codi_lens.run.store import UNIT_COLUMN, ResultStore
 
 #: The receiver that is the answer itself: the sender's effect read at the compared row's logits.
 ANSWER = "answer"
@@ -266,3 +273,147 @@ def path_patch(
     rows = torch.arange(len(questions))
     logits = scores.logits[rows, torch.tensor(reading.rows)].float()
     return metric_value(batch, [logits]).cpu()
+
+
+@dataclass(frozen=True)
+class Path:
+    """A named path: senders (sent together) and the receivers their effect is let through."""
+
+    name: str
+    senders: tuple[Site, ...]
+    receivers: tuple[Site, ...] | str = ANSWER
+    group: str = ""
+
+
+def site_label(site: Site) -> str:
+    """``L1H2`` for a head, ``mlp1`` for an MLP, the site's id otherwise."""
+    if site.kind == "z":
+        return f"L{site.layer}H{site.head}"
+    if site.kind == "mlp_out":
+        return f"mlp{site.layer}"
+    return site.id
+
+
+def default_paths(n_layers: int, n_heads: int, n_latents: int) -> list[Path]:
+    """The paths a ``path_patching`` run measures by default: each head and each MLP at the compared row straight
+    to the answer (``direct``); each head there through the last layer's MLP there (``head to last MLP``); each
+    thought's fed input to the answer through the heads at the compared row (``thought to heads``); each
+    thought's fed input to the next thought's input (``recurrence``)."""
+    row_heads = tuple(
+        Site(act_name("z", layer), ANSWER_ROW, head=h) for layer in range(n_layers) for h in range(n_heads)
+    )
+    paths = [Path(f"{site_label(s)} -> answer", (s,), ANSWER, "direct") for s in row_heads]
+    paths += [
+        Path(f"mlp{layer} -> answer", (Site(act_name("mlp_out", layer), ANSWER_ROW),), ANSWER, "direct")
+        for layer in range(n_layers)
+    ]
+    last_mlp = (Site(act_name("mlp_out", n_layers - 1), ANSWER_ROW),)
+    paths += [Path(f"{site_label(s)} -> mlp{n_layers - 1}", (s,), last_mlp, "head to last MLP") for s in row_heads]
+    for k in range(1, n_latents + 1):
+        sender = (Site("hook_embed", f"thought:{k}"),)
+        paths.append(Path(f"thought {k} -> heads at the answer", sender, row_heads, "thought to heads"))
+        if k < n_latents:
+            paths.append(
+                Path(
+                    f"thought {k} -> thought {k + 1}", sender, (Site(thought_hook_name(k + 1, "input")),), "recurrence"
+                )
+            )
+    return paths
+
+
+def path_rows(
+    model: CODIModel,
+    pairs: pd.DataFrame,
+    paths: Sequence[Path],
+    *,
+    n_latents: int = 6,
+    max_new_tokens: int = 256,
+    metric: str = DEFAULT_ANSWER_METRIC,
+    answer_from: str = "model",
+) -> pd.DataFrame:
+    """Every path on a batch of pairs: one row per (pair, path) with ``path``, ``group``, ``logit_diff`` and
+    ``recovery``, plus one row per skipped pair with its ``reason``."""
+    batch, kept, skipped = prepare_pairs(
+        model, pairs, [], n_latents=n_latents, max_new_tokens=max_new_tokens, metric=metric, answer_from=answer_from
+    )
+    frames = [skipped_rows(skipped)]
+    if batch is None:
+        return frames[0]
+    runs = record_runs(
+        model, batch, kept["clean_question"].tolist(), kept["corrupted_question"].tolist(), n_latents=n_latents
+    )
+    ids = kept["pair_id"].to_numpy()
+    for path in paths:
+        ld = path_patch(model, batch, runs, path.senders, path.receivers)
+        frames.append(
+            pd.DataFrame(
+                {
+                    UNIT_COLUMN: ids,
+                    "pair_id": ids,
+                    "path": path.name,
+                    "group": path.group,
+                    "logit_diff": ld.numpy(),
+                    "ld_clean": batch.ld_clean.numpy(),
+                    "ld_corrupted": batch.ld_corrupted.numpy(),
+                    "recovery": normalised_recovery(ld, batch.ld_corrupted, batch.ld_clean),
+                    "reason": "",
+                }
+            )
+        )
+    return pd.concat([f for f in frames if len(f)], ignore_index=True)
+
+
+def path_sweep(
+    model: CODIModel,
+    pairs: pd.DataFrame,
+    out: str | FilePath,
+    *,
+    paths: Sequence[Path] | None = None,
+    n_latents: int = 6,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    metric: str = DEFAULT_ANSWER_METRIC,
+    answer_from: str = "model",
+    settings: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    executor: Executor | None = None,
+) -> tuple[pd.DataFrame, ResultStore]:
+    """Every path (default: :func:`default_paths`) on every pair, resumable in ``out``; see :func:`path_rows`."""
+    cfg = model.cfg
+    paths = default_paths(cfg.n_layers, cfg.n_heads, n_latents) if paths is None else list(paths)
+    store = ResultStore(
+        out,
+        {
+            **(settings or {}),
+            "checkpoint_sha256": model.checkpoint_sha256,
+            "pairs": sorted(str(p) for p in pairs["pair_id"]),
+            "paths": [p.name for p in paths],
+            "n_latents": n_latents,
+            "max_new_tokens": max_new_tokens,
+            "metric": metric,
+            "answer_from": answer_from,
+        },
+        overwrite=overwrite,
+    )
+    rows = store.run(
+        pairs.to_dict("records"),
+        lambda records: path_rows(
+            model,
+            pd.DataFrame(records),
+            paths,
+            n_latents=n_latents,
+            max_new_tokens=max_new_tokens,
+            metric=metric,
+            answer_from=answer_from,
+        ),
+        unit_id=lambda r: str(r["pair_id"]),
+        batch_size=batch_size,
+        desc="path patching",
+        progress=progress,
+        executor=executor,
+        size=lambda _: len(paths),
+        unit="path",
+        model=model,
+    )
+    return rows, store

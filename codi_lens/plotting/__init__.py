@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from codi_lens.plotting.accuracy import accuracy_bars
 from codi_lens.plotting.base import TEMPLATE, error_bars, mean_heatmap, write_html
-from codi_lens.plotting.circuits import attribution_bars, head_heatmap, source_heatmap
+from codi_lens.plotting.circuits import attribution_bars, head_heatmap, path_bars, source_heatmap
 from codi_lens.plotting.importance import (
     attention_by_head,
     attention_by_layer,
@@ -48,6 +48,7 @@ __all__ = [
     "importance_by_thought",
     "latent_readout_heatmap",
     "mean_heatmap",
+    "path_bars",
     "patching_bars",
     "patching_heatmap",
     "pathway_scatter",

@@ -104,3 +104,23 @@ def source_heatmap(table: pd.DataFrame, sources: list[str], title: str | None = 
         margin={"t": 110},
     )
     return fig
+
+
+def path_bars(table: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """Mean recovery per path with 95% bootstrap CI bars over pairs, coloured by the kind of path; hover: n, CI,
+    Benjamini-Hochberg q across paths."""
+    fig = px.bar(
+        table,
+        x="path",
+        y="mean",
+        color="group",
+        **error_bars(table, "mean", low="low", high="high"),
+        hover_data={"n": True, "low": ":.3f", "high": ":.3f", "q": ":.3g"},
+        template=TEMPLATE,
+        title=title
+        or "Path patching: recovery when the clean sender reaches the answer only through the receivers<br>"
+        "(every other head, MLP and fed thought frozen at the corrupted run; 95% CI over pairs)",
+        labels={"mean": "mean recovery", "path": "sender -> receivers", "group": "path"},
+    )
+    fig.update_layout(margin={"t": 110}, xaxis_tickangle=-45)
+    return fig

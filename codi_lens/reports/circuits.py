@@ -1,4 +1,4 @@
-"""Reports of circuits at the answer: direct logit attribution tables, figures and the summary."""
+"""Reports of circuits at the answer: direct logit attribution and path patching tables, figures and summaries."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from codi_lens.plotting import attribution_bars, head_heatmap, source_heatmap, write_html
+from codi_lens.plotting import attribution_bars, head_heatmap, path_bars, source_heatmap, write_html
 from codi_lens.reports.summaries import ci_triplet
 from codi_lens.run.outcome import skipped_by_reason
 from codi_lens.stats import benjamini_hochberg, bootstrap_ci, mean_ci_table, sign_flip_pvalue
@@ -108,4 +108,45 @@ def attribution_report_lines(summary: dict[str, Any]) -> str:
             if head["share_from_there"] is not None
             else f"  {head['head']}: {mean:.2f} [{low:.2f}, {high:.2f}]"
         )
+    return "\n".join(lines)
+
+
+def path_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per path: ``n`` pairs, mean recovery with its 95% bootstrap CI, a sign-flip permutation p-value and the
+    Benjamini-Hochberg ``q`` and ``significant`` across every path."""
+    used = rows[rows["reason"].fillna("") == ""]
+    table = mean_ci_table(used, ["group", "path"], "recovery")
+    grouped = used.groupby(["group", "path"], sort=True)
+    table["p"] = [sign_flip_pvalue(group["recovery"].to_numpy()) for _, group in grouped]
+    table["significant"], table["q"] = benjamini_hochberg(table["p"].to_numpy())
+    order = list(dict.fromkeys(used["path"]))
+    return table.sort_values("path", key=lambda s: s.map(order.index)).reset_index(drop=True)
+
+
+def write_path_patching(rows: pd.DataFrame, out: str | Path) -> dict[str, Any]:
+    """From path patching rows (:func:`codi_lens.patching.paths.path_sweep`): ``paths.parquet``
+    (:func:`path_table`), the figure ``paths.html`` and the summary's numbers (every path's recovery with its CI
+    and q)."""
+    out = Path(out)
+    used = rows[rows["reason"].fillna("") == ""]
+    table = path_table(rows)
+    table.to_parquet(out / "paths.parquet", index=False)
+    write_html(path_bars(table), out / "paths.html")
+    return {
+        "n_pairs": int(rows["pair_id"].nunique()),
+        "n_pairs_used": int(used["pair_id"].nunique()),
+        "skipped_by_reason": skipped_by_reason(rows, "pair_id"),
+        "paths": {
+            r.path: {"recovery": ci_triplet(r.mean, r.low, r.high), "bh_q": float(r.q), "group": r.group}
+            for r in table.itertuples()
+        },
+    }
+
+
+def path_report_lines(summary: dict[str, Any]) -> str:
+    """What path patching prints: every path's recovery with its CI, starred where it survives the correction."""
+    lines = [f"{summary['n_pairs_used']} of {summary['n_pairs']} pairs used; recovery [95% CI] (* BH q < 0.05):"]
+    for name, entry in summary["paths"].items():
+        mean, low, high = entry["recovery"]
+        lines.append(f"  {name}: {mean:.3f} [{low:.3f}, {high:.3f}]{' *' if entry['bh_q'] < 0.05 else ''}")
     return "\n".join(lines)
