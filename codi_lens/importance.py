@@ -35,7 +35,7 @@ from codi_lens.core.branching import Branch, grow_trunk, run_branches
 from codi_lens.core.hooks import Hooks
 from codi_lens.core.model import CODIModel
 from codi_lens.data.problems import Problem, difficulty_bucket, problems_fingerprint
-from codi_lens.interventions.registry import INTERVENTIONS, SCOPES, AblationInputs, thought_scope
+from codi_lens.interventions.registry import DEFAULT_SCOPES, INTERVENTIONS, SCOPES, AblationInputs, thought_scope
 from codi_lens.interventions.thoughts import mean_thought_embeds
 from codi_lens.metrics import AnswerNumber, find_answer_number, kl_divergence, number_logprob, whole_number_rows
 from codi_lens.run.executors import Executor
@@ -45,36 +45,44 @@ from codi_lens.stats import bootstrap_ci
 
 @dataclass(frozen=True)
 class Ablation:
-    """One condition: an intervention over a scope ending at ``thought`` (0 for scope ``all``)."""
+    """One condition: an intervention over a scope ending at ``thought`` (0 for scope ``all``), acting on the
+    thoughts ``members`` (1-based; for ``pairs`` and ``triples`` the set itself, ``thought`` its last)."""
 
     intervention: str
     scope: str
     thought: int
+    members: tuple[int, ...] = ()
 
     @property
     def name(self) -> str:
+        if SCOPES[self.scope].set_size:
+            return f"{self.intervention}/{self.scope}/{'+'.join(map(str, self.members))}"
         return f"{self.intervention}/{self.scope}/{self.thought}"
+
+    def thoughts(self, n_latents: int) -> list[int]:
+        """The thoughts it acts on."""
+        return list(self.members) if self.members else thought_scope(self.scope, self.thought, n_latents)
 
 
 def ablation_grid(
     interventions: Sequence[str] = INTERVENTIONS.names(),
-    scopes: Sequence[str] = SCOPES.names(),
+    scopes: Sequence[str] = DEFAULT_SCOPES,
     *,
     n_latents: int = 6,
 ) -> list[Ablation]:
-    """Every (intervention, scope, thought) condition, in that order; a scope covering fewer thoughts than an
-    intervention acts on (a single thought for ``shuffle``) is skipped. Names come from the registries of
-    :mod:`codi_lens.interventions.registry` (a :class:`~codi_lens.core.errors.ChoiceError` lists them)."""
+    """Every (intervention, scope, thought or set of thoughts) condition, in that order; a scope covering fewer
+    thoughts than an intervention acts on (a single thought for ``shuffle``) is skipped. Names come from the
+    registries of :mod:`codi_lens.interventions.registry` (a :class:`~codi_lens.core.errors.ChoiceError` lists
+    them)."""
     INTERVENTIONS.check(interventions)
     SCOPES.check(scopes)
     grid = []
     for intervention in interventions:
         for scope in scopes:
-            thoughts = [0] if SCOPES[scope].spans_all else range(1, n_latents + 1)
-            for k in thoughts:
-                if len(thought_scope(scope, k, n_latents)) < INTERVENTIONS[intervention].min_thoughts:
+            for k, members in SCOPES[scope].sets(n_latents):
+                if len(members) < INTERVENTIONS[intervention].min_thoughts:
                     continue
-                grid.append(Ablation(intervention, scope, k))
+                grid.append(Ablation(intervention, scope, k, members))
     return grid
 
 
@@ -84,9 +92,8 @@ def problem_seed(problem_id: str, seed: int) -> int:
 
 
 def ablation_hooks(ablation: Ablation, inputs: AblationInputs, n_latents: int) -> Hooks:
-    """The ``fwd_hooks`` of one ablation for one batch (the registry's builder on the scope's thoughts)."""
-    thoughts = thought_scope(ablation.scope, ablation.thought, n_latents)
-    return INTERVENTIONS[ablation.intervention].build(thoughts, inputs)
+    """The ``fwd_hooks`` of one ablation for one batch (the registry's builder on the thoughts it acts on)."""
+    return INTERVENTIONS[ablation.intervention].build(ablation.thoughts(n_latents), inputs)
 
 
 def answer_numbers(model: CODIModel, answer_tokens: Sequence[Sequence[int]]) -> list[AnswerNumber | None]:
@@ -101,7 +108,7 @@ def _forced(numbers: list[AnswerNumber | None], answer_tokens: Sequence[Sequence
 
 def ablation_start(ablation: Ablation, n_latents: int) -> int:
     """The first thought an ablation changes (where its branch leaves the baseline run)."""
-    return min(thought_scope(ablation.scope, ablation.thought, n_latents))
+    return min(ablation.thoughts(n_latents))
 
 
 @dataclass
@@ -177,6 +184,7 @@ def importance_rows(
                     "intervention": ablation.intervention,
                     "scope": ablation.scope,
                     "thought": ablation.thought,
+                    "thoughts": ",".join(map(str, ablation.thoughts(n_latents))),
                     "baseline_prediction": [_nan(x) for x in baseline.prediction],
                     "baseline_correct": [is_correct(x, p.gold) for x, p in zip(baseline.prediction, problems)],
                     "prediction": [_nan(x) for x in predictions],
@@ -201,7 +209,7 @@ def step_importance(
     out: str | Path,
     *,
     interventions: Sequence[str] = INTERVENTIONS.names(),
-    scopes: Sequence[str] = SCOPES.names(),
+    scopes: Sequence[str] = DEFAULT_SCOPES,
     n_latents: int = 6,
     max_new_tokens: int = 256,
     reference: list[Problem] | None = None,
@@ -418,3 +426,38 @@ def importance_table(results: pd.DataFrame, by: Sequence[str] = ("intervention",
 def _same_prediction(a: pd.Series, b: pd.Series) -> pd.Series:
     """Equal predictions, two missing answers counting as equal."""
     return (a == b) | (a.isna() & b.isna())
+
+
+def set_interactions(results: pd.DataFrame) -> pd.DataFrame:
+    """Per problem and ablation of a set of thoughts (scopes ``pairs``, ``triples``): how the set's effect compares
+    with its members' single ablations (same intervention, same problem). Columns: ``problem_id, intervention,
+    scope, thoughts``, ``logprob_interaction`` (nats: the set's change in the log-probability of the baseline's
+    answer number minus the sum of its members' changes; 0 when their effects add, negative when together they
+    do more harm than apart (synergy), positive when they do less (redundancy)), ``breaks_only_together`` (the
+    set breaks a right answer that no single member breaks) and ``breaks_alone`` (some member alone breaks it).
+    Needs the ``single`` scope in the same results."""
+    singles = results[results["scope"] == "single"].set_index(["problem_id", "intervention", "thought"])
+    sets = results[results["scope"].map(lambda s: SCOPES[s].set_size > 0)]
+    out = []
+    for row in sets.itertuples():
+        members = [int(k) for k in row.thoughts.split(",")]
+        try:
+            alone = singles.loc[[(row.problem_id, row.intervention, k) for k in members]]
+        except KeyError:
+            raise ValueError(
+                f"set interactions need the single ablation of every member ({row.thoughts}): add scope 'single'"
+            ) from None
+        broken_alone = bool((alone["baseline_correct"] & ~alone["correct"]).any())
+        broken = bool(row.baseline_correct and not row.correct)
+        out.append(
+            {
+                "problem_id": row.problem_id,
+                "intervention": row.intervention,
+                "scope": row.scope,
+                "thoughts": row.thoughts,
+                "logprob_interaction": row.logprob_change - alone["logprob_change"].sum(),
+                "breaks_only_together": float(broken and not broken_alone),
+                "breaks_alone": float(broken_alone),
+            }
+        )
+    return pd.DataFrame(out)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from codi_lens.core.errors import FlagError
 from codi_lens.data import load_problems
 from codi_lens.importance import step_importance
-from codi_lens.interventions import INTERVENTIONS, SCOPES
+from codi_lens.interventions import DEFAULT_SCOPES, INTERVENTIONS, SCOPES
 from codi_lens.reports.importance import write_step_importance
 from codi_lens.run.cli import add_selection_args, command_parser, parse_common_args, run_main, start_run
 
@@ -43,6 +43,8 @@ class StepImportanceConfig:
     def __post_init__(self) -> None:
         INTERVENTIONS.check(self.interventions, "--interventions")
         SCOPES.check(self.scopes, "--scopes")
+        if any(SCOPES[s].set_size for s in self.scopes) and "single" not in self.scopes:
+            raise FlagError("--scopes: pairs and triples are compared with each thought alone; add single")
         if self.n_latents < 1:
             raise FlagError(f"--n-latents must be at least 1, got {self.n_latents}")
 
@@ -54,7 +56,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--interventions", default=",".join(INTERVENTIONS), help=f"comma-separated: {INTERVENTIONS.help()}"
     )
-    parser.add_argument("--scopes", default=",".join(SCOPES), help=f"comma-separated: {SCOPES.help()}")
+    parser.add_argument(
+        "--scopes",
+        default=",".join(DEFAULT_SCOPES),
+        help=f"comma-separated: {SCOPES.help()} (pairs, triples: every set of 2 or 3 thoughts ablated together, with "
+        "the interaction against single; add single)",
+    )
     parser.add_argument("--reference", default=None, help="data whose mean thoughts 'mean' feeds (default: --data)")
     parser.add_argument("--reference-limit", type=int, default=None, help="first N records of --reference")
     args = parse_common_args(parser, argv)
@@ -88,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
         overwrite=args.overwrite,
         executor=run.executor,
     )
-    summary = write_step_importance(rows, run.out, config.interventions[0], config.scopes[0])
+    headline = next(s for s in [*config.scopes, "single"] if not SCOPES[s].set_size)
+    summary = write_step_importance(rows, run.out, config.interventions[0], headline)
     elapsed = run.elapsed()
     summary |= {
         "wall_seconds_this_invocation": elapsed,

@@ -21,7 +21,14 @@ from codi_lens.interventions.positions import (
     steer,
     zero_at,
 )
-from codi_lens.interventions.registry import INTERVENTIONS, SCOPES, AblationInputs, Scope, thought_scope
+from codi_lens.interventions.registry import (
+    DEFAULT_SCOPES,
+    INTERVENTIONS,
+    SCOPES,
+    AblationInputs,
+    Scope,
+    thought_scope,
+)
 from codi_lens.interventions.thoughts import (
     gaussian_noise_like,
     mean_thought_embeds,
@@ -34,6 +41,7 @@ from codi_lens.interventions.thoughts import (
 )
 
 __all__ = [
+    "DEFAULT_SCOPES",
     "INTERVENTIONS",
     "SCOPES",
     "AblationInputs",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import combinations
 from typing import Literal
 
 from jaxtyping import Float
@@ -26,28 +27,45 @@ from codi_lens.interventions.thoughts import (
 )
 
 #: The name of a scope (see :data:`SCOPES`).
-Scope = Literal["single", "cumulative", "all"]
+Scope = Literal["single", "cumulative", "all", "pairs", "triples"]
 
 
 @dataclass(frozen=True)
 class ThoughtScope:
     """Which thoughts (1-based) a scope ending at thought k covers in a run of n thoughts. A scope that
-    ``spans_all`` ignores k (its rows carry ``thought`` 0)."""
+    ``spans_all`` ignores k (its rows carry ``thought`` 0). A scope of ``set_size`` > 0 is not indexed by one k:
+    its conditions are every set of that many distinct thoughts (rows carry the set's last thought and the set
+    in ``thoughts``)."""
 
-    thoughts: Callable[[int, int], list[int]]
+    thoughts: Callable[[int, int], list[int]] | None
     spans_all: bool = False
+    set_size: int = 0
+
+    def sets(self, n_latents: int) -> list[tuple[int, tuple[int, ...]]]:
+        """Every condition of the scope in a run of ``n_latents`` thoughts: ``(thought, thoughts acted on)``."""
+        if self.set_size:
+            return [(ks[-1], ks) for ks in combinations(range(1, n_latents + 1), self.set_size)]
+        ks = [0] if self.spans_all else range(1, n_latents + 1)
+        return [(k, tuple(self.thoughts(k, n_latents))) for k in ks]
 
 
 SCOPES: Registry[ThoughtScope] = Registry("scope")
 SCOPES.add("single", ThoughtScope(lambda k, n: [k]))
 SCOPES.add("cumulative", ThoughtScope(lambda k, n: list(range(1, k + 1))))
 SCOPES.add("all", ThoughtScope(lambda k, n: list(range(1, n + 1)), spans_all=True))
+SCOPES.add("pairs", ThoughtScope(None, set_size=2))
+SCOPES.add("triples", ThoughtScope(None, set_size=3))
+#: The scopes a sweep runs unless told otherwise (sets of thoughts are asked for by name).
+DEFAULT_SCOPES = ("single", "cumulative", "all")
 
 
 def thought_scope(scope: str, k: int, n_latents: int) -> list[int]:
     """The thoughts (1-based) a scope covers: ``single`` = [k], ``cumulative`` = 1..k, ``all`` = 1..n
-    (``k`` is ignored for ``all``)."""
+    (``k`` is ignored for ``all``). Scopes of sets (``pairs``, ``triples``) have no single k: see
+    :meth:`ThoughtScope.sets`."""
     rule = SCOPES[scope]
+    if rule.set_size:
+        raise ValueError(f"scope {scope!r} is every set of {rule.set_size} thoughts, not one thought k")
     if not rule.spans_all and not 1 <= k <= n_latents:
         raise ValueError(f"thought {k} is outside 1..{n_latents}")
     return rule.thoughts(k, n_latents)

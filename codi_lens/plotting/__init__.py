@@ -11,6 +11,7 @@ from codi_lens.plotting.importance import (
     attention_vs_importance,
     importance_by_difficulty,
     importance_by_thought,
+    pair_interaction_heatmap,
     problems_by_thought_heatmap,
 )
 from codi_lens.plotting.patching import (
@@ -48,6 +49,7 @@ __all__ = [
     "importance_by_thought",
     "latent_readout_heatmap",
     "mean_heatmap",
+    "pair_interaction_heatmap",
     "path_bars",
     "patching_bars",
     "patching_heatmap",

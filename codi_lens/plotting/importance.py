@@ -104,3 +104,41 @@ def attention_by_head(
     """Head x thought heatmaps of the mean attention weight (over problems and sources), one panel per layer."""
     grid = attention.groupby(["layer", "head", "thought"])["weight"].mean().reset_index()
     return mean_heatmap(grid, "head", "layer", title, facet_wrap=4)
+
+
+def pair_interaction_heatmap(table: pd.DataFrame, n_latents: int, title: str | None = None) -> go.Figure:
+    """Thought i x thought j heatmap of the mean interaction of ablating the pair together (one intervention):
+    the pair's change in the answer number's log-probability minus the sum of the two single ablations' (nats);
+    a star where it survives the Benjamini-Hochberg correction across pairs; hover: n, mean, 95% CI, q."""
+    grid = pd.DataFrame(index=range(1, n_latents + 1), columns=range(1, n_latents + 1), dtype=float)
+    text = pd.DataFrame("", index=grid.index, columns=grid.columns)
+    hover = pd.DataFrame("", index=grid.index, columns=grid.columns)
+    for r in table.itertuples():
+        i, j = (int(k) for k in r.thoughts.split(","))
+        for a, b in ((i, j), (j, i)):
+            grid.loc[a, b] = r.mean
+            text.loc[a, b] = f"{r.mean:.2f}{'*' if r.significant else ''}"
+            hover.loc[a, b] = f"n={r.n}<br>mean {r.mean:.3f}<br>95% CI [{r.low:.3f}, {r.high:.3f}]<br>BH q {r.q:.3g}"
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.to_numpy(dtype=float),
+            x=[f"thought {k}" for k in grid.columns],
+            y=[f"thought {k}" for k in grid.index],
+            text=text.to_numpy(),
+            texttemplate="%{text}",
+            customdata=hover.to_numpy(),
+            hovertemplate="%{y} with %{x}<br>%{customdata}<extra></extra>",
+            colorscale="RdBu",
+            zmid=0,
+            colorbar={"title": "nats"},
+        )
+    )
+    fig.update_layout(
+        template=TEMPLATE,
+        title=title
+        or "Ablating two thoughts together against apart: change in log p(answer number), pair minus the sum of<br>"
+        "singles (nats; < 0 synergy, > 0 redundancy; * = BH 5% across pairs; hover: n, 95% CI)",
+        yaxis={"autorange": "reversed"},
+        margin={"t": 110},
+    )
+    return fig

@@ -8,17 +8,20 @@ from typing import Any
 import pandas as pd
 
 from codi_lens.attention import correlation_by_layer, per_thought
-from codi_lens.importance import importance_table
+from codi_lens.importance import importance_table, set_interactions
+from codi_lens.interventions.registry import SCOPES
 from codi_lens.plotting import (
     attention_by_head,
     attention_by_layer,
     attention_vs_importance,
     importance_by_difficulty,
     importance_by_thought,
+    pair_interaction_heatmap,
     problems_by_thought_heatmap,
     write_html,
 )
-from codi_lens.reports.summaries import with_ci
+from codi_lens.reports.summaries import ci_triplet, with_ci
+from codi_lens.stats import benjamini_hochberg, mean_ci_table, sign_flip_pvalue
 
 
 def write_step_importance(rows: pd.DataFrame, out: str | Path, intervention: str, scope: str) -> dict[str, Any]:
@@ -27,8 +30,13 @@ def write_step_importance(rows: pd.DataFrame, out: str | Path, intervention: str
     ``importance.html``, ``kl.html``, ``heatmap.html`` (per problem and thought) and ``difficulty.html`` for
     ``intervention`` at ``scope``. Returns the summary's numbers."""
     out = Path(out)
-    table = importance_table(rows)
+    is_set = rows["scope"].map(lambda s: SCOPES[s].set_size > 0)
+    table = importance_table(rows, by=("intervention", "scope", "thought", "thoughts"))
     table.to_parquet(out / "importance.parquet", index=False)
+    sets_summary = write_set_interactions(rows, out) if is_set.any() else None
+    rows, table = rows[~is_set], table[~table["scope"].map(lambda s: SCOPES[s].set_size > 0)]
+    if rows.empty:
+        return {"n_problems": int(sets_summary["n_problems"]), "set_interactions": sets_summary}
     chosen = rows[(rows["intervention"] == intervention) & (rows["scope"] == scope)]
     by_difficulty = importance_table(chosen, by=("difficulty", "thought"))
     by_difficulty.to_parquet(out / "importance_by_difficulty.parquet", index=False)
@@ -44,11 +52,50 @@ def write_step_importance(rows: pd.DataFrame, out: str | Path, intervention: str
     return {
         "n_problems": int(rows["problem_id"].nunique()),
         "n_rows": len(rows),
+        **({"set_interactions": sets_summary} if sets_summary else {}),
         "baseline_accuracy": float(baselines["baseline_correct"].mean()),
         "problems_without_answer_number": int(baselines["kl"].isna().sum()),
         f"{intervention}_{scope}": {
             int(r.thought): {"importance": with_ci(r, "importance"), "kl": with_ci(r, "kl")}
             for r in headline.itertuples()
+        },
+    }
+
+
+def interaction_table(interactions: pd.DataFrame) -> pd.DataFrame:
+    """Per (intervention, scope, set of thoughts): the mean log-probability interaction with its 95% bootstrap CI
+    over problems, a sign-flip permutation p-value and the Benjamini-Hochberg ``q`` and ``significant`` across
+    sets, and the share of problems the set breaks only together."""
+    by = ["intervention", "scope", "thoughts"]
+    table = mean_ci_table(interactions, by, "logprob_interaction")
+    grouped = interactions.groupby(by, sort=True)
+    table["p"] = [sign_flip_pvalue(g["logprob_interaction"].to_numpy()) for _, g in grouped]
+    table["significant"], table["q"] = benjamini_hochberg(table["p"].to_numpy())
+    table["breaks_only_together"] = grouped["breaks_only_together"].mean().to_numpy()
+    return table
+
+
+def write_set_interactions(rows: pd.DataFrame, out: Path) -> dict[str, Any]:
+    """``set_interactions.parquet`` (per problem and set), ``set_interactions_table.parquet``
+    (:func:`interaction_table`), one ``pairs_<intervention>.html`` per intervention with pairs, and the summary's
+    numbers: per set, the mean interaction with its CI and q, and the share broken only together."""
+    interactions = set_interactions(rows)
+    interactions.to_parquet(out / "set_interactions.parquet", index=False)
+    table = interaction_table(interactions)
+    table.to_parquet(out / "set_interactions_table.parquet", index=False)
+    n_latents = int(rows["thought"].max())
+    for intervention, part in table[table["scope"] == "pairs"].groupby("intervention"):
+        write_html(pair_interaction_heatmap(part, n_latents), out / f"pairs_{intervention}.html")
+    return {
+        "n_problems": int(interactions["problem_id"].nunique()),
+        "note": "logprob_interaction = set's change in log p(answer number) minus the sum of its members' (nats)",
+        **{
+            f"{r.intervention}/{r.scope}/{r.thoughts}": {
+                "logprob_interaction": ci_triplet(r.mean, r.low, r.high),
+                "bh_q": float(r.q),
+                "breaks_only_together": round(float(r.breaks_only_together), 4),
+            }
+            for r in table.itertuples()
         },
     }
 
