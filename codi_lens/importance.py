@@ -52,12 +52,12 @@ class Ablation:
     scope: str
     thought: int
     members: tuple[int, ...] = ()
+    draw: int = 0
 
     @property
     def name(self) -> str:
-        if SCOPES[self.scope].set_size:
-            return f"{self.intervention}/{self.scope}/{'+'.join(map(str, self.members))}"
-        return f"{self.intervention}/{self.scope}/{self.thought}"
+        where = "+".join(map(str, self.members)) if SCOPES[self.scope].set_size else str(self.thought)
+        return f"{self.intervention}/{self.scope}/{where}" + (f"/draw{self.draw}" if self.draw else "")
 
     def thoughts(self, n_latents: int) -> list[int]:
         """The thoughts it acts on."""
@@ -69,20 +69,26 @@ def ablation_grid(
     scopes: Sequence[str] = DEFAULT_SCOPES,
     *,
     n_latents: int = 6,
+    draws: int = 1,
 ) -> list[Ablation]:
-    """Every (intervention, scope, thought or set of thoughts) condition, in that order; a scope covering fewer
-    thoughts than an intervention acts on (a single thought for ``shuffle``) is skipped. Names come from the
-    registries of :mod:`codi_lens.interventions.registry` (a :class:`~codi_lens.core.errors.ChoiceError` lists
-    them)."""
+    """Every (intervention, scope, thought or set of thoughts) condition, in that order, and for a resampled
+    intervention (``swap``, ``noise``) each of ``draws`` draws (another donor, another seed); a scope covering
+    fewer thoughts than an intervention acts on (a single thought for ``shuffle``) is skipped. Names come from
+    the registries of :mod:`codi_lens.interventions.registry` (a :class:`~codi_lens.core.errors.ChoiceError`
+    lists them)."""
     INTERVENTIONS.check(interventions)
     SCOPES.check(scopes)
+    if draws < 1:
+        raise ValueError(f"draws must be at least 1, got {draws}")
     grid = []
     for intervention in interventions:
+        entry = INTERVENTIONS[intervention]
         for scope in scopes:
             for k, members in SCOPES[scope].sets(n_latents):
-                if len(members) < INTERVENTIONS[intervention].min_thoughts:
+                if len(members) < entry.min_thoughts:
                     continue
-                grid.append(Ablation(intervention, scope, k, members))
+                for draw in range(draws if entry.resampled else 1):
+                    grid.append(Ablation(intervention, scope, k, members, draw))
     return grid
 
 
@@ -93,7 +99,7 @@ def problem_seed(problem_id: str, seed: int) -> int:
 
 def ablation_hooks(ablation: Ablation, inputs: AblationInputs, n_latents: int) -> Hooks:
     """The ``fwd_hooks`` of one ablation for one batch (the registry's builder on the thoughts it acts on)."""
-    return INTERVENTIONS[ablation.intervention].build(ablation.thoughts(n_latents), inputs)
+    return INTERVENTIONS[ablation.intervention].build(ablation.thoughts(n_latents), inputs.drawn(ablation.draw))
 
 
 def answer_numbers(model: CODIModel, answer_tokens: Sequence[Sequence[int]]) -> list[AnswerNumber | None]:
@@ -185,6 +191,7 @@ def importance_rows(
                     "scope": ablation.scope,
                     "thought": ablation.thought,
                     "thoughts": ",".join(map(str, ablation.thoughts(n_latents))),
+                    "draw": ablation.draw,
                     "baseline_prediction": [_nan(x) for x in baseline.prediction],
                     "baseline_correct": [is_correct(x, p.gold) for x, p in zip(baseline.prediction, problems)],
                     "prediction": [_nan(x) for x in predictions],
@@ -214,6 +221,7 @@ def step_importance(
     max_new_tokens: int = 256,
     reference: list[Problem] | None = None,
     seed: int = 0,
+    draws: int = 1,
     batch_size: int = 32,
     max_rows: int = 256,
     settings: dict[str, Any] | None = None,
@@ -228,19 +236,26 @@ def step_importance(
 
     ``reference``: the problems whose mean thoughts the ``mean`` intervention feeds (default: the
     problems themselves). The swap donor of problem i is problem i + 1 (the last one's is the
-    first). Returns the rows (problem order, then ablation order) and the store (``finish`` it).
+    first). ``draws``: how many donors (``swap``) or noise seeds (``noise``) per problem; draw d's donor of
+    problem i is problem i + 1 + d and its seed ``seed + d`` (rows carry ``draw``; tables average the draws of a
+    problem before the CI over problems). Returns the rows (problem order, then ablation order) and the store
+    (``finish`` it).
     """
-    ablations = ablation_grid(interventions, scopes, n_latents=n_latents)
+    ablations = ablation_grid(interventions, scopes, n_latents=n_latents, draws=draws)
     donor_interventions = [name for name in interventions if INTERVENTIONS[name].needs_donors]
     needs_donors = bool(donor_interventions)
-    if needs_donors and len(problems) < 2:
-        raise ValueError(f"the {donor_interventions[0]} intervention needs at least two problems")
+    if needs_donors and len(problems) < draws + 1:
+        raise ValueError(
+            f"the {donor_interventions[0]} intervention with {draws} donor(s) per problem needs at least "
+            f"{draws + 1} problems (each problem's donors are the next {draws})"
+        )
     reference = problems if reference is None else reference
     means = None
     if any(INTERVENTIONS[name].needs_means for name in interventions):
         questions = [p.question for p in reference]
         means = mean_thought_embeds(model, questions, n_latents=n_latents, batch_size=batch_size, progress=progress)
-    donor = {p.id: problems[(i + 1) % len(problems)] for i, p in enumerate(problems)}
+    # Draw d's donor of problem i is problem i + 1 + d (wrapping around), never the problem itself.
+    donor = {(p.id, d): problems[(i + 1 + d) % len(problems)] for i, p in enumerate(problems) for d in range(draws)}
     store = ResultStore(
         out,
         {
@@ -253,21 +268,28 @@ def step_importance(
             "n_latents": n_latents,
             "max_new_tokens": max_new_tokens,
             "seed": seed,
+            **({"draws": draws} if draws > 1 else {}),
         },
         overwrite=overwrite,
     )
 
     def inputs_for(batch: list[Problem]):
         def make(baseline: Baseline) -> AblationInputs:
-            donors = None
-            if needs_donors:
-                donors = model.run_latents([donor[p.id].question for p in batch], n_latents=n_latents).thought_embeds
+            def donors(d: int) -> Tensor | None:
+                if not needs_donors:
+                    return None
+                return model.run_latents([donor[p.id, d].question for p in batch], n_latents=n_latents).thought_embeds
+
+            def seeds(d: int) -> list[int]:
+                return [problem_seed(p.id, seed + d) for p in batch]
+
             return AblationInputs(
                 baseline_thoughts=baseline.thought_embeds,
-                donor_thoughts=donors,
+                donor_thoughts=donors(0),
                 means=means,
-                seeds=[problem_seed(p.id, seed) for p in batch],
+                seeds=seeds(0),
                 seed=seed,
+                draws=[(donors(d), seeds(d)) for d in range(1, draws)],
             )
 
         return make
@@ -399,17 +421,33 @@ def importance_table(results: pd.DataFrame, by: Sequence[str] = ("intervention",
     - ``logprob_change`` (where the rows have it): mean change in the log-probability of the baseline's whole
       answer number, nats;
 
-    each with ``_low`` / ``_high`` bounds.
+    each with ``_low`` / ``_high`` bounds. With several draws of a resampled intervention (a ``draw`` column),
+    each problem's draws are averaged first, so every CI rests on problems; ``n_draws`` says how many draws each
+    problem's value averages, and ``importance_draw_sd`` / ``kl_draw_sd`` the spread of the condition's mean
+    across draws (standard deviation; NaN for one draw).
     """
     frame = results.assign(
         _importance=(results["baseline_correct"] & ~results["correct"]).astype(float),
         _drop=results["baseline_correct"].astype(float) - results["correct"].astype(float),
-        _changed=~_same_prediction(results["prediction"], results["baseline_prediction"]),
+        _changed=(~_same_prediction(results["prediction"], results["baseline_prediction"])).astype(float),
     )
+    values = ["_importance", "_drop", "_changed", "kl", *(["logprob_change"] if "logprob_change" in frame else [])]
+    draws = frame["draw"] if "draw" in frame else pd.Series(0, index=frame.index)
+    spread = (
+        frame.assign(_draw=draws)
+        .groupby([*by, "_draw"], sort=True)[["_importance", "kl"]]
+        .mean()
+        .groupby(level=list(range(len(by))))
+        .std()
+    )
+    n_draws = frame.assign(_draw=draws).groupby(list(by), sort=True)["_draw"].nunique()
+    frame = frame.groupby([*by, "problem_id"], sort=True, as_index=False)[values].mean()
     rows = []
     for key, group in frame.groupby(list(by), sort=True):
         row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
         row["n"] = len(group)
+        row["n_draws"] = int(n_draws.loc[key])
+        row["importance_draw_sd"], row["kl_draw_sd"] = (float(x) for x in spread.loc[key, ["_importance", "kl"]])
         for name, column in (
             ("importance", "_importance"),
             ("accuracy_drop", "_drop"),

@@ -39,6 +39,7 @@ class StepImportanceConfig:
     n_latents: int = 6
     reference: str | None = None
     reference_limit: int | None = None
+    donors: int = 1
 
     def __post_init__(self) -> None:
         INTERVENTIONS.check(self.interventions, "--interventions")
@@ -47,6 +48,8 @@ class StepImportanceConfig:
             raise FlagError("--scopes: pairs and triples are compared with each thought alone; add single")
         if self.n_latents < 1:
             raise FlagError(f"--n-latents must be at least 1, got {self.n_latents}")
+        if self.donors < 1:
+            raise FlagError(f"--donors must be at least 1, got {self.donors}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -62,6 +65,13 @@ def main(argv: list[str] | None = None) -> dict:
         help=f"comma-separated: {SCOPES.help()} (pairs, triples: every set of 2 or 3 thoughts ablated together, with "
         "the interaction against single; add single)",
     )
+    parser.add_argument(
+        "--donors",
+        type=int,
+        default=1,
+        help="draws per problem of swap (other problems' thoughts) and noise (other seeds); tables average a "
+        "problem's draws, CIs rest on problems",
+    )
     parser.add_argument("--reference", default=None, help="data whose mean thoughts 'mean' feeds (default: --data)")
     parser.add_argument("--reference-limit", type=int, default=None, help="first N records of --reference")
     args = parse_common_args(parser, argv)
@@ -71,13 +81,14 @@ def main(argv: list[str] | None = None) -> dict:
         args.n_latents,
         args.reference,
         args.reference_limit,
+        args.donors,
     )
     run = start_run(args)
     problems = run.problems()
-    if len(problems) < 2 and any(INTERVENTIONS[name].needs_donors for name in config.interventions):
+    if len(problems) < config.donors + 1 and any(INTERVENTIONS[name].needs_donors for name in config.interventions):
         raise FlagError(
-            f"--interventions {args.interventions}: swapping thoughts needs two problems or more; --data and "
-            f"--limit give {len(problems)}"
+            f"--interventions {args.interventions}: swapping thoughts with --donors {config.donors} needs "
+            f"{config.donors + 1} problems or more; --data and --limit give {len(problems)}"
         )
     reference = load_problems(config.reference, limit=config.reference_limit) if config.reference else None
     rows, store = step_importance(
@@ -90,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         max_new_tokens=args.max_new_tokens,
         reference=reference,
         seed=args.seed,
+        draws=config.donors,
         batch_size=args.batch_size,
         settings=run.settings(stratified=args.stratified, reference_source=config.reference),
         overwrite=args.overwrite,
@@ -99,6 +111,9 @@ def main(argv: list[str] | None = None) -> dict:
     summary = write_step_importance(rows, run.out, config.interventions[0], headline)
     elapsed = run.elapsed()
     summary |= {
+        "draws_per_problem": {
+            name: config.donors if INTERVENTIONS[name].resampled else 1 for name in config.interventions
+        },
         "wall_seconds_this_invocation": elapsed,
         "problems_per_hour_this_invocation": round(3600 * len(problems) / max(elapsed, 1e-9), 1),
     }

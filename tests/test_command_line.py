@@ -122,7 +122,9 @@ def test_limit_and_stratified_together_are_refused(name, tmp_path, capsys, no_mo
 def test_command_specific_inputs_are_checked_before_the_model_loads(tmp_path, capsys, no_model):
     out = ["--out", str(tmp_path / "out")]
     line = one_error_line(step_importance, [*out, "--limit", "1"], capsys)
-    assert line.startswith("error: --interventions zero,mean,noise,swap,shuffle: swapping thoughts needs two")
+    assert line.startswith(
+        "error: --interventions zero,mean,noise,swap,shuffle: swapping thoughts with --donors 1 needs 2"
+    )
     line = one_error_line(train_saes, [*out, "--train-limit", "64"], capsys)
     assert line.startswith("error: 64 training rows per site cannot fill one batch of 256: raise --train-limit")
     line = one_error_line(train_saes, [*out, "--sites", "blocks.7.hook_resid_post@thought:2"], capsys)

@@ -9,7 +9,7 @@ to every sweep, its command-line choices, validation and ``--help`` is one entry
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from itertools import combinations
 from typing import Literal
 
@@ -81,6 +81,8 @@ class AblationInputs:
         means: reference mean thoughts ``[n_latents, d_model]`` (for mean), or None.
         seeds: one noise seed per problem.
         seed: the run's seed (the shuffle permutation).
+        draws: for draw d >= 1 of a resampled intervention (several donors or noise seeds per problem), the
+            donors' thoughts and the seeds of that draw (``draws[d - 1]``); draw 0 is the fields above.
     """
 
     baseline_thoughts: Float[Tensor, "batch n_latents d_model"]
@@ -88,6 +90,16 @@ class AblationInputs:
     means: Float[Tensor, "n_latents d_model"] | None
     seeds: list[int]
     seed: int
+    draws: list[tuple[Float[Tensor, "batch n_latents d_model"] | None, list[int]]] = field(default_factory=list)
+
+    def drawn(self, draw: int) -> AblationInputs:
+        """The inputs of draw ``draw`` (0: these): another donor per problem and other noise seeds."""
+        if draw == 0:
+            return self
+        if draw > len(self.draws):
+            raise ValueError(f"draw {draw} was not prepared ({len(self.draws) + 1} draws)")
+        donors, seeds = self.draws[draw - 1]
+        return replace(self, donor_thoughts=donors, seeds=seeds, draws=[])
 
 
 @dataclass(frozen=True)
@@ -100,6 +112,7 @@ class ThoughtIntervention:
         min_thoughts: the fewest thoughts it can act on (a shuffle needs two); smaller scopes are skipped.
         needs_means: it feeds reference mean thoughts (computed once per sweep).
         needs_donors: it feeds another problem's thoughts (a sweep needs two problems or more).
+        resampled: it draws at random (a donor, a noise seed), so a sweep may repeat it with several draws.
     """
 
     build: Callable[[list[int], AblationInputs], Hooks]
@@ -107,6 +120,7 @@ class ThoughtIntervention:
     min_thoughts: int = 1
     needs_means: bool = False
     needs_donors: bool = False
+    resampled: bool = False
 
 
 def _means(inputs: AblationInputs) -> Float[Tensor, "n_latents d_model"]:
@@ -136,6 +150,7 @@ INTERVENTIONS.add(
     ThoughtIntervention(
         lambda ks, inputs: noise_thoughts(ks, inputs.seeds),
         "the thought plus Gaussian noise of the thought's norm (seeded per problem)",
+        resampled=True,
     ),
 )
 INTERVENTIONS.add(
@@ -144,6 +159,7 @@ INTERVENTIONS.add(
         lambda ks, inputs: swap_thoughts(ks, _donors(inputs)),
         "the thought of another problem (the next one in the problem list) at that step",
         needs_donors=True,
+        resampled=True,
     ),
 )
 INTERVENTIONS.add(
