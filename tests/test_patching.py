@@ -268,6 +268,11 @@ def test_patching_experiments_run_end_to_end(tmp_path):
     assert summary["n_pairs_used"] + sum(summary["skipped_by_reason"].values()) == summary["n_pairs"]
     for figure in ("heatmap.html", "layer_only.html", "position_only.html"):
         assert "Plotly.newPlot" in (tmp_path / "pp" / figure).read_text()
+    cells = pd.read_parquet(tmp_path / "pp" / "cells.parquet")
+    tested = cells.dropna(subset=["p"])
+    assert (tested["q"] >= tested["p"] - 1e-12).all() and set(cells["significant"]) <= {True, False}
+    # Patching every thought at once brings the answer back on every pair: a mean far from 0 survives BH.
+    assert cells[(cells["position"] == "thoughts") & (cells["kind"] == "resid_post")]["significant"].all()
 
     summary = iterative_patching.main(
         ["--limit", "8", "--max-new-tokens", "24", "--layers", "1", "--out", str(tmp_path / "ip")]

@@ -185,3 +185,27 @@ def test_paired_contrast_by_hand():
     # ({}, {1}, ..., {5}, {1,2}, {1,3}, {1,4}, {2,3}), so the two-sided p is 20 / 32.
     out = paired_contrast([1.0, 2.0, 3.0, 4.0, -5.0], [0.0] * 5)
     assert out["wilcoxon_p"] == pytest.approx(20 / 32)
+
+
+def test_early_versus_late_thoughts_by_hand():
+    """Two thoughts (early = 1, late = 2), three problems: KL 1, 2, 3 early and 0 late gives differences 1, 2, 3:
+    mean 2, sample sd 1 (d_z = 2), all three positive (two-sided sign test 2 / 8); breaks: none."""
+    from codi_lens.reports.importance import early_versus_late
+
+    frame = pd.DataFrame(
+        {
+            "problem_id": ["a", "a", "b", "b", "c", "c"],
+            "intervention": ["zero"] * 6,
+            "scope": ["single"] * 6,
+            "thought": [1, 2] * 3,
+            "baseline_correct": [True] * 6,
+            "correct": [True] * 6,
+            "kl": [1.0, 0.0, 2.0, 0.0, 3.0, 0.0],
+        }
+    )
+    out = early_versus_late(frame)
+    kl = out["zero/kl"]
+    assert (kl["early_thoughts"], kl["late_thoughts"], kl["n"]) == ("1-1", "2-2", 3)
+    assert kl["mean_difference"] == pytest.approx(2.0) and kl["cohens_d"] == pytest.approx(2.0)
+    assert kl["sign_p"] == pytest.approx(0.25)
+    assert out["zero/broken"]["mean_difference"] == 0.0

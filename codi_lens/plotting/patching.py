@@ -11,10 +11,15 @@ from codi_lens.stats import mean_ci_table
 
 
 def patching_heatmap(
-    rows: pd.DataFrame, positions: list[str], value: str = "recovery", title: str | None = None
+    rows: pd.DataFrame,
+    positions: list[str],
+    value: str = "recovery",
+    title: str | None = None,
+    significant: pd.DataFrame | None = None,
 ) -> go.Figure:
     """Layer x position heatmap of the mean ``value`` over pairs, with the 95% bootstrap CI and the
-    number of pairs in each cell's hover (rows of one hook kind)."""
+    number of pairs in each cell's hover (rows of one hook kind). ``significant``: a table with ``layer``,
+    ``position`` and ``significant`` (e.g. Benjamini-Hochberg across the cells); those cells are starred."""
     table = mean_ci_table(rows, ["layer", "position"], value)
     layers = sorted(table["layer"].unique())
     grid = table.pivot(index="layer", columns="position", values="mean").reindex(index=layers, columns=positions)
@@ -22,13 +27,20 @@ def patching_heatmap(
         t=[f"n={r.n}<br>mean {r.mean:.3f}<br>95% CI [{r.low:.3f}, {r.high:.3f}]" for r in table.itertuples()]
     )
     hover = text.pivot(index="layer", columns="position", values="t").reindex(index=layers, columns=positions)
+    stars = pd.DataFrame("", index=grid.index, columns=grid.columns)
+    if significant is not None:
+        for r in significant[significant["significant"].astype(bool)].itertuples():
+            if r.layer in stars.index and r.position in stars.columns:
+                stars.loc[r.layer, r.position] = "*"
     fig = go.Figure(
         go.Heatmap(
             z=grid.to_numpy(),
             x=positions,
             y=[f"layer {int(layer)}" for layer in layers],
-            text=hover.to_numpy(),
-            hovertemplate="%{y}, %{x}<br>%{text}<extra></extra>",
+            text=stars.to_numpy(),
+            texttemplate="%{text}",
+            customdata=hover.to_numpy(),
+            hovertemplate="%{y}, %{x}<br>%{customdata}<extra></extra>",
             colorscale="RdBu",
             zmid=0,
             colorbar={"title": value},

@@ -21,7 +21,7 @@ from codi_lens.plotting import (
     write_html,
 )
 from codi_lens.reports.summaries import ci_triplet, with_ci
-from codi_lens.stats import benjamini_hochberg, mean_ci_table, sign_flip_pvalue
+from codi_lens.stats import benjamini_hochberg, mean_ci_table, paired_contrast, sign_flip_pvalue
 
 
 def write_step_importance(rows: pd.DataFrame, out: str | Path, intervention: str, scope: str) -> dict[str, Any]:
@@ -53,6 +53,7 @@ def write_step_importance(rows: pd.DataFrame, out: str | Path, intervention: str
         "n_problems": int(rows["problem_id"].nunique()),
         "n_rows": len(rows),
         **({"set_interactions": sets_summary} if sets_summary else {}),
+        "early_vs_late": early_versus_late(rows),
         "baseline_accuracy": float(baselines["baseline_correct"].mean()),
         "problems_without_answer_number": int(baselines["kl"].isna().sum()),
         f"{intervention}_{scope}": {
@@ -60,6 +61,40 @@ def write_step_importance(rows: pd.DataFrame, out: str | Path, intervention: str
             for r in headline.itertuples()
         },
     }
+
+
+def early_versus_late(rows: pd.DataFrame) -> dict[str, Any]:
+    """Per intervention (scope ``single``), the early thoughts' importance against the late ones' on the same
+    problems (first half 1..n/2 against second half): each problem's mean over its early and over its late
+    thoughts of the break indicator and of KL, and their paired contrast (:func:`~codi_lens.stats.paired_contrast`:
+    early minus late, bootstrap CI over problems, Cohen's d_z, Wilcoxon and sign tests), Wilcoxon p-values
+    Benjamini-Hochberg corrected across interventions and metrics."""
+    single = rows[rows["scope"] == "single"].assign(
+        broken=lambda f: (f["baseline_correct"] & ~f["correct"]).astype(float)
+    )
+    if single.empty:
+        return {}
+    n = int(single["thought"].max())
+    half = n // 2
+    out: dict[str, Any] = {}
+    for intervention, group in single.groupby("intervention", sort=True):
+        per_problem = group.assign(late=group["thought"] > half).pivot_table(
+            index="problem_id", columns="late", values=["broken", "kl"], aggfunc="mean"
+        )
+        for metric in ("broken", "kl"):
+            contrast = paired_contrast(per_problem[(metric, False)].to_numpy(), per_problem[(metric, True)].to_numpy())
+            out[f"{intervention}/{metric}"] = {
+                "early_thoughts": f"1-{half}",
+                "late_thoughts": f"{half + 1}-{n}",
+                **{
+                    k: round(v, 4) if k in ("mean_difference", "low", "high", "cohens_d") else v
+                    for k, v in contrast.items()
+                },
+            }
+    _, q = benjamini_hochberg([entry["wilcoxon_p"] for entry in out.values()])
+    for entry, value in zip(out.values(), q):
+        entry["wilcoxon_q"] = float(value)
+    return out
 
 
 def interaction_table(interactions: pd.DataFrame) -> pd.DataFrame:

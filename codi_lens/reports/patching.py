@@ -32,14 +32,23 @@ def used_rows(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def site_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mean recovery and KL with 95% bootstrap CIs over pairs, per site (``kind, hook, head, position, layer``)."""
+    """Mean recovery and KL with 95% bootstrap CIs over pairs, per site (``kind, hook, head, position, layer``),
+    with a sign-flip permutation p-value for the mean recovery and its Benjamini-Hochberg ``q`` and
+    ``significant`` (5%) across the sites of each kind."""
     used = used_rows(rows)
     by = ["kind", "hook", "head", "position", "layer"]
     recovery = mean_ci_table(used, by, "recovery").rename(
         columns={"mean": "recovery", "low": "recovery_low", "high": "recovery_high"}
     )
     kl = mean_ci_table(used, by, "kl").rename(columns={"mean": "kl", "low": "kl_low", "high": "kl_high"})
-    return recovery.merge(kl.drop(columns="n"), on=by)
+    table = recovery.merge(kl.drop(columns="n"), on=by)
+    grouped = used.groupby(by, dropna=False, sort=True)
+    table["p"] = [sign_flip_pvalue(group["recovery"].to_numpy()) for _, group in grouped]
+    table["q"], table["significant"] = np.nan, False
+    for _, part in table.groupby("kind"):
+        rejected, q = benjamini_hochberg(part["p"].to_numpy())
+        table.loc[part.index, "q"], table.loc[part.index, "significant"] = q, rejected
+    return table
 
 
 def write_position_patching(
@@ -59,7 +68,8 @@ def write_position_patching(
             patching_heatmap(
                 used[used["kind"] == kind],
                 positions,
-                title=f"{kind}: mean recovery of the clean answer (hover: n pairs, 95% CI)",
+                significant=sites[sites["kind"] == kind],
+                title=f"{kind}: mean recovery of the clean answer (hover: n pairs, 95% CI; * = BH 5% across sites)",
             ),
             out / ("heatmap.html" if kind == mapped[0] else f"heatmap_{kind}.html"),
         )
@@ -118,7 +128,8 @@ def report_lines(summary: dict[str, Any]) -> str:
 def write_iterative_patching(rows: pd.DataFrame, out: str | Path) -> dict[str, Any]:
     """From chained-versus-parallel rows (:func:`codi_lens.patching.trajectory_sweep`): the figures
     ``trajectories.html`` and ``fed_trajectories.html``. Returns the summary's numbers: the final recovery per
-    layer and start thought of each mode, and chained minus parallel, with 95% bootstrap CIs over pairs."""
+    layer and start thought of each mode, and chained minus parallel, with 95% bootstrap CIs over pairs, Cohen's
+    d_z and Wilcoxon and sign tests (the Wilcoxon p-values Benjamini-Hochberg corrected across cells)."""
     out = Path(out)
     used = used_rows(rows)
     write_html(trajectory_lines(used, "cos_clean"), out / "trajectories.html")
@@ -136,7 +147,12 @@ def write_iterative_patching(rows: pd.DataFrame, out: str | Path) -> dict[str, A
         }
         difference = (wide["chained"] - wide["parallel"]).to_numpy(dtype=float)
         entry["chained_minus_parallel"] = [round(x, 4) for x in bootstrap_ci(difference)]
+        contrast = paired_contrast(wide["chained"].to_numpy(dtype=float), wide["parallel"].to_numpy(dtype=float))
+        entry["chained_minus_parallel_test"] = {k: contrast[k] for k in ("n", "cohens_d", "wilcoxon_p", "sign_p")}
         recovery[f"layer {int(layer)} from thought {int(start)}"] = entry
+    _, q = benjamini_hochberg([e["chained_minus_parallel_test"]["wilcoxon_p"] for e in recovery.values()])
+    for entry, value in zip(recovery.values(), q):
+        entry["chained_minus_parallel_test"]["wilcoxon_q"] = float(value)
     after_start = used[used["thought"] > used["start_thought"]]
     return {
         "n_pairs": int(rows["pair_id"].nunique()),
