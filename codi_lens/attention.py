@@ -151,3 +151,34 @@ def per_thought(rows: pd.DataFrame) -> pd.DataFrame:
     kl_of = frame.drop_duplicates(["problem_id", "thought"]).set_index(["problem_id", "thought"])["kl"]
     frame["kl_other"] = [kl_of.get((other[p], t), np.nan) for p, t in zip(frame["problem_id"], frame["thought"])]
     return frame
+
+
+def question_to_thought(
+    cache: ActivationCache,
+    positions: CODIPositions,
+    problem_ids: Sequence[str],
+    number_tokens: Sequence[list[list[int]]],
+) -> pd.DataFrame:
+    """Which question tokens BOT and each thought attend to, per problem, layer and head: one row per (problem,
+    layer, head, thought, target) with ``weight``, the attention mass on ``target``: ``number:m`` (the tokens
+    of the question's m-th number, 1-based, as ``number_tokens[i][m - 1]`` lists them, counted from each
+    question's first token) or ``other`` (every other question token). ``thought`` 0 = BOT."""
+    queries = positions.resolve(_thought_names(positions.n_latents))  # [batch, n + 1]
+    frames = []
+    for layer in _pattern_layers(cache):
+        pattern = cache[act_name("pattern", layer)].float().cpu()
+        for i, problem_id in enumerate(problem_ids):
+            start = positions.n_pad[i]
+            rows = pattern[i][:, queries[i]]  # [head, n + 1, key]
+            question = rows[:, :, start : positions.bot]
+            masses, names = [], []
+            for m, tokens in enumerate(number_tokens[i], start=1):
+                masses.append(question[:, :, tokens].sum(-1))
+                names.append(f"number:{m}")
+            masses.append(question.sum(-1) - sum(masses, torch.zeros_like(question[:, :, 0])))
+            names.append("other")
+            weights = torch.stack(masses, dim=-1)  # [head, n + 1, targets]
+            frame = _long_frame(weights, ["head", "thought", "target"], problem_id=problem_id, layer=layer)
+            frame["target"] = np.asarray(names, dtype=object)[frame["target"].to_numpy()]
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True)

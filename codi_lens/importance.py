@@ -29,15 +29,17 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from codi_lens.attention import attention_to_thoughts, pattern_hook_names
-from codi_lens.core.answers import is_correct
+from codi_lens.attention import attention_to_thoughts, pattern_hook_names, question_to_thought, thought_to_thought
+from codi_lens.core.answers import clean_question, is_correct
 from codi_lens.core.branching import Branch, grow_trunk, run_branches
 from codi_lens.core.hooks import Hooks
 from codi_lens.core.model import CODIModel
+from codi_lens.data.pairs import question_numbers
 from codi_lens.data.problems import Problem, difficulty_bucket, problems_fingerprint
 from codi_lens.interventions.registry import DEFAULT_SCOPES, INTERVENTIONS, SCOPES, AblationInputs, thought_scope
 from codi_lens.interventions.thoughts import mean_thought_embeds
 from codi_lens.metrics import AnswerNumber, find_answer_number, kl_divergence, number_logprob, whole_number_rows
+from codi_lens.patching.prepare import number_tokens
 from codi_lens.run.executors import Executor
 from codi_lens.run.store import UNIT_COLUMN, ResultStore
 from codi_lens.stats import bootstrap_ci
@@ -499,3 +501,26 @@ def set_interactions(results: pd.DataFrame) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(out)
+
+
+def attention_maps(
+    model: CODIModel, problems: list[Problem], *, n_latents: int = 6, batch_size: int = 16
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Attention among the latent steps and from them to the question, over the latent loop of every problem:
+    ``(thought_to_thought, question_to_thought)`` averaged over heads per problem and layer (see
+    :func:`codi_lens.attention.thought_to_thought` and :func:`codi_lens.attention.question_to_thought`; question
+    numbers are found as :func:`codi_lens.data.pairs.question_numbers` finds them)."""
+    among, reads = [], []
+    for start in range(0, len(problems), batch_size):
+        batch = problems[start : start + batch_size]
+        questions, ids = [p.question for p in batch], [p.id for p in batch]
+        run = model.run_latents(questions, names_filter=pattern_hook_names(model.cfg.n_layers), n_latents=n_latents)
+        numbers = [
+            [number_tokens(model, q, m) for m in range(len(question_numbers(clean_question(q))))] for q in questions
+        ]
+        keys = ["problem_id", "layer"]
+        t2t = thought_to_thought(run.cache, run.positions, ids)
+        among.append(t2t.groupby([*keys, "query_thought", "key_thought"], sort=False)["weight"].mean().reset_index())
+        q2t = question_to_thought(run.cache, run.positions, ids, numbers)
+        reads.append(q2t.groupby([*keys, "thought", "target"], sort=False)["weight"].mean().reset_index())
+    return pd.concat(among, ignore_index=True), pd.concat(reads, ignore_index=True)

@@ -16,13 +16,16 @@ Writes to ``--out`` (default ``results/ablation_attention``): ``run.json``, ``pa
 ``correlations_within_thought.parquet`` (per layer and thought, across problems: the profile of
 attention over thoughts cannot drive it), ``summary.json``, and the
 figures ``attention.html`` (layer x thought, by source), ``attention_heads.html`` (head x thought per
-layer) and ``attention_vs_importance.html``.
+layer) and ``attention_vs_importance.html``. Attention inside the loop: ``thought_to_thought.html`` and
+``.parquet`` (BOT and the thoughts as queries and keys, per layer) and ``question_to_thought.html`` and
+``.parquet`` (the mass each latent step puts on each of the question's numbers and on its other tokens), with
+95% CIs over problems.
 """
 
 from __future__ import annotations
 
-from codi_lens.importance import attention_importance
-from codi_lens.reports.importance import write_ablation_attention
+from codi_lens.importance import attention_importance, attention_maps
+from codi_lens.reports.importance import write_ablation_attention, write_attention_maps
 from codi_lens.run.cli import add_selection_args, command_parser, parse_common_args, run_main, start_run
 
 
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
         executor=run.executor,
     )
     summary, correlations = write_ablation_attention(rows, run.out, seed=args.seed)
+    among, reads = attention_maps(run.model, problems, n_latents=args.n_latents, batch_size=args.batch_size)
+    summary["attention_maps"] = write_attention_maps(among, reads, run.out, args.n_latents)
     summary["wall_seconds_this_invocation"] = run.elapsed()
     store.finish(rows, summary)
     for r in correlations.itertuples():

@@ -52,8 +52,7 @@ class StepImportanceConfig:
             raise FlagError(f"--donors must be at least 1, got {self.donors}")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = command_parser(__doc__, out="results/step_importance", batch_size=32, limit=300)
+def add_arguments(parser) -> None:
     add_selection_args(parser)
     parser.add_argument("--n-latents", type=int, default=6, help="continuous thoughts fed back (CODI: 6)")
     parser.add_argument(
@@ -74,6 +73,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--reference", default=None, help="data whose mean thoughts 'mean' feeds (default: --data)")
     parser.add_argument("--reference-limit", type=int, default=None, help="first N records of --reference")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = command_parser(__doc__, out="results/step_importance", batch_size=32, limit=300)
+    add_arguments(parser)
     args = parse_common_args(parser, argv)
     config = StepImportanceConfig(
         INTERVENTIONS.parse_list(args.interventions, "--interventions"),

@@ -252,3 +252,29 @@ def test_experiments_run_end_to_end(tmp_path):
     assert (
         report.status.tolist() == ["disagrees"] and report.recomputed_corrupted_answer[0] == pairs.corrupted_answer[0]
     )
+
+
+def test_question_to_thought_sums_the_pattern_over_each_numbers_tokens(llama_model, questions):
+    """The mass a latent step puts on a question number is the pattern summed at that number's absolute positions
+    (its token indices plus the example's left padding); numbers and the other question tokens together hold
+    all the attention the step gives the question (1 minus what it gives BOT and the thoughts)."""
+    from codi_lens.attention import question_to_thought
+    from codi_lens.core.answers import clean_question
+    from codi_lens.data.pairs import question_numbers
+    from codi_lens.patching import number_tokens
+
+    model = llama_model
+    run = model.run_latents(questions, names_filter=pattern_hook_names(model.cfg.n_layers))
+    numbers = [[number_tokens(model, q, m) for m in range(len(question_numbers(clean_question(q))))] for q in questions]
+    assert all(len(n) >= 2 for n in numbers)
+    frame = question_to_thought(run.cache, run.positions, ["a", "b", "c"], numbers)
+    pattern = run.cache["blocks.1.attn.hook_pattern"]
+    for i, problem_id in enumerate("abc"):
+        query = run.positions.bot + 3  # thought 3
+        keys = [run.positions.n_pad[i] + j for j in numbers[i][1]]
+        expected = float(pattern[i, 2, query, keys].sum())
+        rows = frame[(frame["problem_id"] == problem_id) & (frame["layer"] == 1) & (frame["head"] == 2)]
+        rows = rows[rows["thought"] == 3].set_index("target")["weight"]
+        assert rows["number:2"] == pytest.approx(expected, abs=1e-6)
+        latent = float(pattern[i, 2, query, run.positions.bot : query + 1].sum())
+        assert rows.sum() == pytest.approx(1 - latent, abs=1e-5)

@@ -13,6 +13,7 @@ from codi_lens.plotting.importance import (
     importance_by_thought,
     pair_interaction_heatmap,
     problems_by_thought_heatmap,
+    step_attention_heatmaps,
 )
 from codi_lens.plotting.patching import (
     patching_bars,
@@ -63,6 +64,7 @@ __all__ = [
     "sae_quality_bars",
     "sae_splice_bars",
     "source_heatmap",
+    "step_attention_heatmaps",
     "thought_decode_grid",
     "trajectory_lines",
     "value_patching_bars",

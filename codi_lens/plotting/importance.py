@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from codi_lens.plotting.base import TEMPLATE, error_bars, mean_heatmap
 
@@ -141,4 +142,37 @@ def pair_interaction_heatmap(table: pd.DataFrame, n_latents: int, title: str | N
         yaxis={"autorange": "reversed"},
         margin={"t": 110},
     )
+    return fig
+
+
+def step_attention_heatmaps(
+    table: pd.DataFrame, x: str, y: str, x_order: list, y_order: list, title: str, x_title: str
+) -> go.Figure:
+    """One heatmap per layer of the mean attention ``table`` (``layer``, ``x``, ``y``, ``mean``, ``low``,
+    ``high``, ``n``), the value written in each cell, hover: n and the 95% CI over problems."""
+    layers = sorted(table["layer"].unique())
+    fig = make_subplots(rows=1, cols=len(layers), subplot_titles=[f"layer {int(layer)}" for layer in layers])
+    for c, layer in enumerate(layers, start=1):
+        part = table[table["layer"] == layer]
+        grid = part.pivot(index=y, columns=x, values="mean").reindex(index=y_order, columns=x_order)
+        hover = part.assign(
+            h=[f"n={r.n}<br>mean {r.mean:.3f}<br>95% CI [{r.low:.3f}, {r.high:.3f}]" for r in part.itertuples()]
+        ).pivot(index=y, columns=x, values="h")
+        fig.add_trace(
+            go.Heatmap(
+                z=grid.to_numpy(dtype=float),
+                x=[str(v) for v in x_order],
+                y=[str(v) for v in y_order],
+                text=grid.round(2).to_numpy(),
+                texttemplate="%{text}",
+                customdata=hover.reindex(index=y_order, columns=x_order).to_numpy(),
+                hovertemplate="%{y} -> %{x}<br>%{customdata}<extra></extra>",
+                coloraxis="coloraxis",
+            ),
+            row=1,
+            col=c,
+        )
+        fig.update_yaxes(autorange="reversed", row=1, col=c)
+        fig.update_xaxes(title_text=x_title, row=1, col=c)
+    fig.update_layout(template=TEMPLATE, title=title, coloraxis={"colorscale": "Blues"}, margin={"t": 110})
     return fig

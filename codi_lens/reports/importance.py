@@ -18,6 +18,7 @@ from codi_lens.plotting import (
     importance_by_thought,
     pair_interaction_heatmap,
     problems_by_thought_heatmap,
+    step_attention_heatmaps,
     write_html,
 )
 from codi_lens.reports.summaries import ci_triplet, with_ci
@@ -178,3 +179,51 @@ def write_ablation_attention(
         "within_thought": {f"{int(r.layer)}/{int(r.thought)}": _correlation(r) for r in within.itertuples()},
     }
     return summary, correlations
+
+
+def write_attention_maps(among: pd.DataFrame, reads: pd.DataFrame, out: str | Path, n_latents: int) -> dict[str, Any]:
+    """From :func:`codi_lens.importance.attention_maps`: ``thought_to_thought.parquet`` and
+    ``question_to_thought.parquet`` (mean over heads and problems with 95% CIs over problems), the figures
+    ``thought_to_thought.html`` (BOT and thoughts as queries and keys, per layer) and ``question_to_thought.html``
+    (which of the question's numbers each latent step reads, per layer), and the summary's numbers: per layer
+    and step, the question number it reads most, with its mass and CI."""
+    out = Path(out)
+    steps = ["bot", *[f"thought:{k}" for k in range(1, n_latents + 1)]]
+    among = among.assign(
+        query=among["query_thought"].map(steps.__getitem__), key=among["key_thought"].map(steps.__getitem__)
+    )
+    t2t = mean_ci_table(among, ["layer", "query", "key"], "weight")
+    t2t.to_parquet(out / "thought_to_thought.parquet", index=False)
+    write_html(
+        step_attention_heatmaps(
+            t2t, "key", "query", steps, steps,
+            "Attention among BOT and the thoughts (rows: query, columns: key)<br>"
+            "mean over heads and problems; hover: n, 95% CI",
+            "key",
+        ),
+        out / "thought_to_thought.html",
+    )  # fmt: skip
+    reads = reads.assign(step=reads["thought"].map(steps.__getitem__))
+    q2t = mean_ci_table(reads, ["layer", "step", "target"], "weight")
+    q2t.to_parquet(out / "question_to_thought.parquet", index=False)
+    common = q2t[q2t["n"] >= 0.5 * q2t["n"].max()]  # numbers most questions have (the table keeps every one)
+    targets = sorted(set(common["target"]) - {"other"}, key=lambda t: int(t.split(":")[1])) + ["other"]
+    write_html(
+        step_attention_heatmaps(
+            common, "target", "step", targets, steps,
+            "What each latent step reads in the question: attention mass on each number's tokens (number:m = the "
+            "m-th number written)<br>and on the other question tokens (mean over heads and problems; hover: n, 95% CI)",
+            "question tokens",
+        ),
+        out / "question_to_thought.html",
+    )  # fmt: skip
+    # Only numbers most questions have: a 7th number written in one question would win with n = 1.
+    numbers = q2t[(q2t["target"] != "other") & (q2t["n"] >= 0.5 * q2t["n"].max())]
+    best = numbers.loc[numbers.groupby(["layer", "step"])["mean"].idxmax()]
+    return {
+        "note": "reads_most: among the question numbers at least half the problems have",
+        "reads_most": {
+            f"layer {int(r.layer)} {r.step}": {"number": r.target, "mass": ci_triplet(r.mean, r.low, r.high)}
+            for r in best.itertuples()
+        },
+    }
