@@ -34,9 +34,12 @@ from codi_lens.core.answers import clean_question, is_correct
 from codi_lens.core.branching import Branch, grow_trunk, run_branches
 from codi_lens.core.hooks import Hooks
 from codi_lens.core.model import CODIModel
+from codi_lens.core.positions import gather_at
 from codi_lens.data.pairs import question_numbers
 from codi_lens.data.problems import Problem, difficulty_bucket, problems_fingerprint
+from codi_lens.interventions.positions import mean_activation
 from codi_lens.interventions.registry import DEFAULT_SCOPES, INTERVENTIONS, SCOPES, AblationInputs, thought_scope
+from codi_lens.interventions.steps import StepSite
 from codi_lens.interventions.thoughts import mean_thought_embeds
 from codi_lens.metrics import AnswerNumber, find_answer_number, kl_divergence, number_logprob, whole_number_rows
 from codi_lens.patching.prepare import number_tokens
@@ -224,6 +227,7 @@ def step_importance(
     reference: list[Problem] | None = None,
     seed: int = 0,
     draws: int = 1,
+    site: str | None = None,
     batch_size: int = 32,
     max_rows: int = 256,
     settings: dict[str, Any] | None = None,
@@ -252,10 +256,23 @@ def step_importance(
             f"{draws + 1} problems (each problem's donors are the next {draws})"
         )
     reference = problems if reference is None else reference
+    step_site = StepSite(site)
+    steps = [f"thought:{k}" for k in range(1, n_latents + 1)]
     means = None
     if any(INTERVENTIONS[name].needs_means for name in interventions):
         questions = [p.question for p in reference]
-        means = mean_thought_embeds(model, questions, n_latents=n_latents, batch_size=batch_size, progress=progress)
+        if site is None:
+            means = mean_thought_embeds(model, questions, n_latents=n_latents, batch_size=batch_size, progress=progress)
+        else:
+            means = mean_activation(model, questions, site, steps, n_latents=n_latents, batch_size=batch_size)
+
+    def values_at_site(questions: list[str]) -> Tensor:
+        """The questions' unpatched values at the site, at every thought: ``[batch, n_latents, *rest]``."""
+        if site is None:
+            return model.run_latents(questions, n_latents=n_latents).thought_embeds
+        run = model.run_latents(questions, names_filter=site, n_latents=n_latents)
+        return gather_at(run.cache[site], run.positions.resolve(steps))
+
     # Draw d's donor of problem i is problem i + 1 + d (wrapping around), never the problem itself.
     donor = {(p.id, d): problems[(i + 1 + d) % len(problems)] for i, p in enumerate(problems) for d in range(draws)}
     store = ResultStore(
@@ -271,6 +288,7 @@ def step_importance(
             "max_new_tokens": max_new_tokens,
             "seed": seed,
             **({"draws": draws} if draws > 1 else {}),
+            **({"site": site} if site is not None else {}),
         },
         overwrite=overwrite,
     )
@@ -278,20 +296,21 @@ def step_importance(
     def inputs_for(batch: list[Problem]):
         def make(baseline: Baseline) -> AblationInputs:
             def donors(d: int) -> Tensor | None:
-                if not needs_donors:
-                    return None
-                return model.run_latents([donor[p.id, d].question for p in batch], n_latents=n_latents).thought_embeds
+                return values_at_site([donor[p.id, d].question for p in batch]) if needs_donors else None
 
             def seeds(d: int) -> list[int]:
                 return [problem_seed(p.id, seed + d) for p in batch]
 
+            own = baseline.thought_embeds if site is None else values_at_site([p.question for p in batch])
             return AblationInputs(
-                baseline_thoughts=baseline.thought_embeds,
+                baseline_thoughts=own,
                 donor_thoughts=donors(0),
                 means=means,
                 seeds=seeds(0),
                 seed=seed,
                 draws=[(donors(d), seeds(d)) for d in range(1, draws)],
+                site=step_site,
+                model=model,
             )
 
         return make
@@ -306,7 +325,7 @@ def step_importance(
             n_latents=n_latents,
             max_new_tokens=max_new_tokens,
             max_rows=max_rows,
-        ),
+        ).assign(site=step_site.name),
         unit_id=lambda p: p.id,
         batch_size=batch_size,
         desc="step importance",

@@ -1,7 +1,8 @@
 """Which continuous thoughts matter? Every thought x intervention x scope on each problem.
 
     python -m experiments.step_importance [--checkpoint toy-chain] [--data toy-chain:test] [--limit 300]
-        [--interventions zero,mean,noise,swap,shuffle] [--scopes single,cumulative,all] [--out DIR]
+        [--interventions zero,mean,noise,swap,shuffle] [--scopes single,cumulative,all,pairs,triples]
+        [--donors N] [--site blocks.L.hook_resid_post] [--out DIR]
 
 For each problem: the baseline run, then each ablation of the fed-back thoughts (zero, mean over a
 reference set, noise of the thought's norm, another problem's thought, shuffled order; over one
@@ -26,6 +27,7 @@ from codi_lens.core.errors import FlagError
 from codi_lens.data import load_problems
 from codi_lens.importance import step_importance
 from codi_lens.interventions import DEFAULT_SCOPES, INTERVENTIONS, SCOPES
+from codi_lens.interventions.steps import StepSite
 from codi_lens.reports.importance import write_step_importance
 from codi_lens.run.cli import add_selection_args, command_parser, parse_common_args, run_main, start_run
 
@@ -40,6 +42,7 @@ class StepImportanceConfig:
     reference: str | None = None
     reference_limit: int | None = None
     donors: int = 1
+    site: str | None = None
 
     def __post_init__(self) -> None:
         INTERVENTIONS.check(self.interventions, "--interventions")
@@ -50,6 +53,11 @@ class StepImportanceConfig:
             raise FlagError(f"--n-latents must be at least 1, got {self.n_latents}")
         if self.donors < 1:
             raise FlagError(f"--donors must be at least 1, got {self.donors}")
+        if self.site is not None:
+            try:
+                StepSite(self.site)
+            except ValueError as error:
+                raise FlagError(f"--site: {error}") from None
 
 
 def add_arguments(parser) -> None:
@@ -71,6 +79,12 @@ def add_arguments(parser) -> None:
         help="draws per problem of swap (other problems' thoughts) and noise (other seeds); tables average a "
         "problem's draws, CIs rest on problems",
     )
+    parser.add_argument(
+        "--site",
+        default=None,
+        help="act on this activation at thought k instead of the fed thought, e.g. blocks.8.hook_resid_post "
+        "(mean, swap and shuffle values are read there too)",
+    )
     parser.add_argument("--reference", default=None, help="data whose mean thoughts 'mean' feeds (default: --data)")
     parser.add_argument("--reference-limit", type=int, default=None, help="first N records of --reference")
 
@@ -86,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.reference,
         args.reference_limit,
         args.donors,
+        args.site,
     )
     run = start_run(args)
     problems = run.problems()
@@ -106,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         reference=reference,
         seed=args.seed,
         draws=config.donors,
+        site=config.site,
         batch_size=args.batch_size,
         settings=run.settings(stratified=args.stratified, reference_source=config.reference),
         overwrite=args.overwrite,

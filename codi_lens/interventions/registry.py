@@ -13,18 +13,14 @@ from dataclasses import dataclass, field, replace
 from itertools import combinations
 from typing import Literal
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from codi_lens.core.hooks import Hooks
+from codi_lens.core.hooks import HasChunkScope, Hooks
 from codi_lens.core.registry import Registry
-from codi_lens.interventions.thoughts import (
-    mean_thoughts,
-    noise_thoughts,
-    shuffle_thoughts,
-    swap_thoughts,
-    zero_thoughts,
-)
+from codi_lens.interventions.steps import StepSite
+from codi_lens.interventions.thoughts import derangement, gaussian_noise_like
 
 #: The name of a scope (see :data:`SCOPES`).
 Scope = Literal["single", "cumulative", "all", "pairs", "triples"]
@@ -83,6 +79,9 @@ class AblationInputs:
         seed: the run's seed (the shuffle permutation).
         draws: for draw d >= 1 of a resampled intervention (several donors or noise seeds per problem), the
             donors' thoughts and the seeds of that draw (``draws[d - 1]``); draw 0 is the fields above.
+        site: where the interventions act (default: the fed thought); the baseline's, the donors' and the mean
+            values above are then read at that site (``[..., n_latents, *rest]``).
+        model: the model the hooks are built for (needed at a site other than the fed thought).
     """
 
     baseline_thoughts: Float[Tensor, "batch n_latents d_model"]
@@ -91,6 +90,8 @@ class AblationInputs:
     seeds: list[int]
     seed: int
     draws: list[tuple[Float[Tensor, "batch n_latents d_model"] | None, list[int]]] = field(default_factory=list)
+    site: StepSite = field(default_factory=StepSite)
+    model: HasChunkScope | None = None
 
     def drawn(self, draw: int) -> AblationInputs:
         """The inputs of draw ``draw`` (0: these): another donor per problem and other noise seeds."""
@@ -135,28 +136,50 @@ def _donors(inputs: AblationInputs) -> Float[Tensor, "batch n_latents d_model"]:
     return inputs.donor_thoughts
 
 
+def _zero(ks: list[int], inputs: AblationInputs) -> Hooks:
+    return inputs.site.transform(inputs.model, ks, lambda acts, k: torch.zeros_like(acts))
+
+
+def _mean(ks: list[int], inputs: AblationInputs) -> Hooks:
+    means = _means(inputs)
+    return inputs.site.replace(inputs.model, {k: means[k - 1] for k in ks})
+
+
+def _noise(ks: list[int], inputs: AblationInputs) -> Hooks:
+    """Gaussian noise of the activation's norm; row i of thought k uses seed ``seeds[i] + k``."""
+    seeds = inputs.seeds
+    return inputs.site.transform(
+        inputs.model, ks, lambda acts, k: acts + gaussian_noise_like(acts, [s + k for s in seeds])
+    )
+
+
+def _swap(ks: list[int], inputs: AblationInputs) -> Hooks:
+    donors = _donors(inputs)
+    return inputs.site.replace(inputs.model, {k: donors[:, k - 1] for k in ks})
+
+
+def _shuffle(ks: list[int], inputs: AblationInputs) -> Hooks:
+    order = derangement(len(ks), seed=inputs.seed)
+    own = inputs.baseline_thoughts
+    return inputs.site.replace(inputs.model, {k: own[:, ks[j] - 1] for k, j in zip(ks, order)})
+
+
 INTERVENTIONS: Registry[ThoughtIntervention] = Registry("intervention")
-INTERVENTIONS.add("zero", ThoughtIntervention(lambda ks, inputs: zero_thoughts(ks), "a zero vector"))
+INTERVENTIONS.add("zero", ThoughtIntervention(_zero, "a zero vector"))
 INTERVENTIONS.add(
     "mean",
-    ThoughtIntervention(
-        lambda ks, inputs: mean_thoughts(ks, _means(inputs)),
-        "the mean thought at that step over a reference set of problems",
-        needs_means=True,
-    ),
+    ThoughtIntervention(_mean, "the mean thought at that step over a reference set of problems", needs_means=True),
 )
 INTERVENTIONS.add(
     "noise",
     ThoughtIntervention(
-        lambda ks, inputs: noise_thoughts(ks, inputs.seeds),
-        "the thought plus Gaussian noise of the thought's norm (seeded per problem)",
-        resampled=True,
+        _noise, "the thought plus Gaussian noise of the thought's norm (seeded per problem)", resampled=True
     ),
 )
 INTERVENTIONS.add(
     "swap",
     ThoughtIntervention(
-        lambda ks, inputs: swap_thoughts(ks, _donors(inputs)),
+        _swap,
         "the thought of another problem (the next one in the problem list) at that step",
         needs_donors=True,
         resampled=True,
@@ -164,9 +187,5 @@ INTERVENTIONS.add(
 )
 INTERVENTIONS.add(
     "shuffle",
-    ThoughtIntervention(
-        lambda ks, inputs: shuffle_thoughts(ks, inputs.baseline_thoughts, seed=inputs.seed),
-        "the baseline's own thoughts in a seeded shuffled order",
-        min_thoughts=2,
-    ),
+    ThoughtIntervention(_shuffle, "the baseline's own thoughts in a seeded shuffled order", min_thoughts=2),
 )

@@ -43,6 +43,17 @@ def swap_thoughts(thoughts: Iterable[int], donor_thoughts: Float[Tensor, "batch 
     return replace_thoughts({k: donor_thoughts[:, k - 1] for k in thoughts})
 
 
+def derangement(n: int, *, seed: int) -> list[int]:
+    """A seeded permutation of ``range(n)`` that moves every element (``n >= 2``)."""
+    if n < 2:
+        raise ValueError("shuffling needs at least two thoughts")
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(n, generator=generator).tolist()
+        if all(i != j for i, j in enumerate(order)):
+            return order
+
+
 def shuffle_thoughts(
     thoughts: Sequence[int], baseline_thoughts: Float[Tensor, "batch n_latents d_model"], *, seed: int
 ) -> Hooks:
@@ -50,13 +61,7 @@ def shuffle_thoughts(
     the baseline's thought ``perm(k)``, a permutation of ``thoughts`` that moves every one of them
     (a derangement; one thought cannot be shuffled)."""
     thoughts = list(thoughts)
-    if len(thoughts) < 2:
-        raise ValueError("shuffling needs at least two thoughts")
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(thoughts), generator=generator).tolist()
-        if all(i != j for i, j in enumerate(order)):
-            break
+    order = derangement(len(thoughts), seed=seed)
     return replace_thoughts({k: baseline_thoughts[:, thoughts[j] - 1] for k, j in zip(thoughts, order)})
 
 
