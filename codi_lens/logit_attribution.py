@@ -39,7 +39,7 @@ from codi_lens.core.names import act_name
 from codi_lens.core.recording import ActivationRecorder
 from codi_lens.metrics import DEFAULT_ANSWER_METRIC
 from codi_lens.patching import PairBatch, batch_readings, prepare_pairs
-from codi_lens.patching.sweep import skipped_rows
+from codi_lens.patching.sweep import skipped_rows, sweep_pairs
 from codi_lens.run.executors import Executor
 from codi_lens.run.store import UNIT_COLUMN, ResultStore
 
@@ -267,35 +267,24 @@ def attribution_sweep(
     executor: Executor | None = None,
 ) -> tuple[pd.DataFrame, ResultStore]:
     """:func:`attribution_rows` of every pair, resumable in ``out``, ``batch_size`` pairs at a time."""
-    store = ResultStore(
+    return sweep_pairs(
+        model,
+        pairs,
         out,
+        lambda batch: attribution_rows(
+            model, batch, n_latents=n_latents, max_new_tokens=max_new_tokens, metric=metric, answer_from=answer_from
+        ),
         {
             **(settings or {}),
-            "checkpoint_sha256": model.checkpoint_sha256,
-            "pairs": sorted(str(p) for p in pairs["pair_id"]),
             "n_latents": n_latents,
             "max_new_tokens": max_new_tokens,
             "metric": metric,
             "answer_from": answer_from,
         },
-        overwrite=overwrite,
-    )
-    rows = store.run(
-        pairs.to_dict("records"),
-        lambda records: attribution_rows(
-            model,
-            pd.DataFrame(records),
-            n_latents=n_latents,
-            max_new_tokens=max_new_tokens,
-            metric=metric,
-            answer_from=answer_from,
-        ),
-        unit_id=lambda r: str(r["pair_id"]),
-        batch_size=batch_size,
         desc="logit attribution",
+        unit="pair",
+        batch_size=batch_size,
+        overwrite=overwrite,
         progress=progress,
         executor=executor,
-        unit="pair",
-        model=model,
     )
-    return rows, store

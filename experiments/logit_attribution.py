@@ -27,7 +27,6 @@ from codi_lens.core.errors import FlagError
 from codi_lens.logit_attribution import LOGIT_DIFFERENCE_METRICS, attribution_sweep
 from codi_lens.reports.circuits import attribution_report_lines, write_logit_attribution
 from codi_lens.run.cli import add_pair_args, command_parser, parse_common_args, run_main, start_run
-from codi_lens.run.outcome import stop_if_nothing_measured
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,26 +44,14 @@ def main(argv: list[str] | None = None) -> dict:
     run = start_run(args)
     pairs = run.pairs()
     arch = run.architecture
-    rows, store = attribution_sweep(
-        run.model,
+    rows, store = attribution_sweep(run.model, pairs, run.out, **run.pair_options())
+    return run.finish_pairs(
+        rows,
+        store,
         pairs,
-        run.out,
-        n_latents=args.n_latents,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        metric=args.metric,
-        answer_from=args.answer_from,
-        settings=run.settings(pairs_file=args.pairs),
-        overwrite=args.overwrite,
-        executor=run.executor,
+        lambda r: write_logit_attribution(r, run.out, arch.n_layers, arch.n_heads, args.n_latents),
+        attribution_report_lines,
     )
-    stop_if_nothing_measured(rows, store, unit_column="pair_id", noun="pairs")
-    pairs.to_parquet(run.out / "pairs.parquet", index=False)
-    summary = write_logit_attribution(rows, run.out, arch.n_layers, arch.n_heads, args.n_latents)
-    summary["wall_seconds_this_invocation"] = run.elapsed()
-    store.finish(rows, summary)
-    print(attribution_report_lines(summary))
-    return summary
 
 
 if __name__ == "__main__":

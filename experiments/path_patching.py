@@ -23,7 +23,6 @@ from codi_lens.logit_attribution import LOGIT_DIFFERENCE_METRICS
 from codi_lens.patching.paths import path_sweep
 from codi_lens.reports.circuits import path_report_lines, write_path_patching
 from codi_lens.run.cli import add_pair_args, command_parser, parse_common_args, run_main, start_run
-from codi_lens.run.outcome import stop_if_nothing_measured
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -34,26 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise FlagError(f"--metric: path patching reads one logit difference; use one of {LOGIT_DIFFERENCE_METRICS}")
     run = start_run(args)
     pairs = run.pairs()
-    rows, store = path_sweep(
-        run.model,
-        pairs,
-        run.out,
-        n_latents=args.n_latents,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        metric=args.metric,
-        answer_from=args.answer_from,
-        settings=run.settings(pairs_file=args.pairs),
-        overwrite=args.overwrite,
-        executor=run.executor,
-    )
-    stop_if_nothing_measured(rows, store, unit_column="pair_id", noun="pairs")
-    pairs.to_parquet(run.out / "pairs.parquet", index=False)
-    summary = write_path_patching(rows, run.out)
-    summary["wall_seconds_this_invocation"] = run.elapsed()
-    store.finish(rows, summary)
-    print(path_report_lines(summary))
-    return summary
+    rows, store = path_sweep(run.model, pairs, run.out, **run.pair_options())
+    return run.finish_pairs(rows, store, pairs, lambda r: write_path_patching(r, run.out), path_report_lines)
 
 
 if __name__ == "__main__":

@@ -95,31 +95,15 @@ def main(argv: list[str] | None = None) -> dict:
         by_layer=config.by_layer,
         n_kv_heads=arch.n_kv_heads if config.kv_heads else None,
     )
-    sweep = dict(
-        patches=patches,
-        n_latents=args.n_latents,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        max_rows=args.max_rows,
-        metric=args.metric,
-        answer_from=args.answer_from,
-        settings=run.settings(pairs_file=args.pairs),
-        overwrite=args.overwrite,
-        executor=run.executor,
-    )
+    sweep = dict(patches=patches, max_rows=args.max_rows, **run.pair_options())
     rows, store = route_sweep(run.model, pairs, run.out, **sweep)
-    stop_if_nothing_measured(rows, store, unit_column="pair_id", noun="pairs")
+    stop_if_nothing_measured(rows, store, unit_column="pair_id", noun="pairs")  # before running the control
     every = rows
     if config.control:
         other, other_store = route_sweep(run.model, pairs, run.out / "other", donor="other", **sweep)
         other_store.finish(other, {"donor": "other"})
         every = pd.concat([rows, other], ignore_index=True)
-    pairs.to_parquet(run.out / "pairs.parquet", index=False)
-    summary = write_route_patching(every, run.out)
-    summary["wall_seconds_this_invocation"] = run.elapsed()
-    store.finish(every, summary)
-    print(route_report_lines(summary))
-    return summary
+    return run.finish_pairs(every, store, pairs, lambda r: write_route_patching(r, run.out), route_report_lines)
 
 
 if __name__ == "__main__":

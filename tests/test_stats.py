@@ -209,3 +209,6 @@ def test_early_versus_late_thoughts_by_hand():
     assert kl["mean_difference"] == pytest.approx(2.0) and kl["cohens_d"] == pytest.approx(2.0)
     assert kl["sign_p"] == pytest.approx(0.25)
     assert out["zero/broken"]["mean_difference"] == 0.0
+    # A model whose answers hold no number has no KL: the contrast is empty, not an error.
+    empty = early_versus_late(frame.assign(kl=np.nan))["zero/kl"]
+    assert empty["n"] == 0 and np.isnan(empty["mean_difference"])

@@ -43,7 +43,7 @@ from codi_lens.core.recording import ActivationRecorder
 from codi_lens.core.sites import Site
 from codi_lens.metrics import DEFAULT_ANSWER_METRIC, normalised_recovery
 from codi_lens.patching.prepare import PairBatch, batch_readings, metric_value, prepare_pairs
-from codi_lens.patching.sweep import skipped_rows
+from codi_lens.patching.sweep import skipped_rows, sweep_pairs
 from codi_lens.run.executors import Executor
 from codi_lens.run.store import UNIT_COLUMN, ResultStore
 
@@ -382,38 +382,32 @@ def path_sweep(
     """Every path (default: :func:`default_paths`) on every pair, resumable in ``out``; see :func:`path_rows`."""
     cfg = model.cfg
     paths = default_paths(cfg.n_layers, cfg.n_heads, n_latents) if paths is None else list(paths)
-    store = ResultStore(
+    return sweep_pairs(
+        model,
+        pairs,
         out,
-        {
-            **(settings or {}),
-            "checkpoint_sha256": model.checkpoint_sha256,
-            "pairs": sorted(str(p) for p in pairs["pair_id"]),
-            "paths": [p.name for p in paths],
-            "n_latents": n_latents,
-            "max_new_tokens": max_new_tokens,
-            "metric": metric,
-            "answer_from": answer_from,
-        },
-        overwrite=overwrite,
-    )
-    rows = store.run(
-        pairs.to_dict("records"),
-        lambda records: path_rows(
+        lambda batch: path_rows(
             model,
-            pd.DataFrame(records),
+            batch,
             paths,
             n_latents=n_latents,
             max_new_tokens=max_new_tokens,
             metric=metric,
             answer_from=answer_from,
         ),
-        unit_id=lambda r: str(r["pair_id"]),
-        batch_size=batch_size,
+        {
+            **(settings or {}),
+            "paths": [p.name for p in paths],
+            "n_latents": n_latents,
+            "max_new_tokens": max_new_tokens,
+            "metric": metric,
+            "answer_from": answer_from,
+        },
         desc="path patching",
+        unit="path",
+        size=len(paths),
+        batch_size=batch_size,
+        overwrite=overwrite,
         progress=progress,
         executor=executor,
-        size=lambda _: len(paths),
-        unit="path",
-        model=model,
     )
-    return rows, store

@@ -55,7 +55,7 @@ from codi_lens.interventions.thoughts import replace_thoughts
 from codi_lens.metrics import DEFAULT_ANSWER_METRIC, kl_divergence, normalised_recovery
 from codi_lens.patching.exact import branch_metric
 from codi_lens.patching.prepare import PairBatch, from_other_problems, prepare_pairs
-from codi_lens.patching.sweep import DONORS, NO_OTHER_PAIR, skipped_rows
+from codi_lens.patching.sweep import DONORS, NO_OTHER_PAIR, skipped_rows, sweep_pairs
 from codi_lens.run.executors import Executor
 from codi_lens.run.store import UNIT_COLUMN, ResultStore
 
@@ -302,26 +302,13 @@ def route_sweep(
     ``out``, ``batch_size`` pairs at a time; see :func:`route_rows`. Returns the rows and the store."""
     if patches is None:
         patches = route_patches(model.cfg.n_layers, n_latents)
-    store = ResultStore(
+    return sweep_pairs(
+        model,
+        pairs,
         out,
-        {
-            **(settings or {}),
-            "checkpoint_sha256": model.checkpoint_sha256,
-            "pairs": sorted(str(p) for p in pairs["pair_id"]),
-            "patches": [f"{p.span.name}|{p.route}|{p.layer}|{p.head}" for p in patches],
-            "n_latents": n_latents,
-            "max_new_tokens": max_new_tokens,
-            "donor": donor,
-            "metric": metric,
-            "answer_from": answer_from,
-        },
-        overwrite=overwrite,
-    )
-    rows = store.run(
-        pairs.to_dict("records"),
-        lambda records: route_rows(
+        lambda batch: route_rows(
             model,
-            pd.DataFrame(records),
+            batch,
             patches,
             n_latents=n_latents,
             max_new_tokens=max_new_tokens,
@@ -330,16 +317,23 @@ def route_sweep(
             metric=metric,
             answer_from=answer_from,
         ),
-        unit_id=lambda r: str(r["pair_id"]),
-        batch_size=batch_size,
+        {
+            **(settings or {}),
+            "patches": [f"{p.span.name}|{p.route}|{p.layer}|{p.head}" for p in patches],
+            "n_latents": n_latents,
+            "max_new_tokens": max_new_tokens,
+            "donor": donor,
+            "metric": metric,
+            "answer_from": answer_from,
+        },
         desc="route patching",
+        unit="patch",
+        size=len(patches),
+        batch_size=batch_size,
+        overwrite=overwrite,
         progress=progress,
         executor=executor,
-        size=lambda _: len(patches),
-        unit="patch",
-        model=model,
     )
-    return rows, store
 
 
 def interactions(rows: pd.DataFrame) -> pd.DataFrame:

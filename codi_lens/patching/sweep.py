@@ -18,7 +18,7 @@ pair's (:data:`DONORS`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -205,29 +205,13 @@ def patch_sweep(
     """
     if sites is None:
         sites = sweep_sites(model.cfg.n_layers, n_latents, layer_only=True)
-    records = pairs.to_dict("records")
-    store = ResultStore(
+    return sweep_pairs(
+        model,
+        pairs,
         out,
-        {
-            **(settings or {}),
-            "checkpoint_sha256": model.checkpoint_sha256,
-            "pairs": sorted(str(p) for p in pairs["pair_id"]),
-            "cells": [f"{s.hook}|{s.head}|{s.position}" for s in sites],
-            "n_latents": n_latents,
-            "max_new_tokens": max_new_tokens,
-            "generate": generate,
-            "method": method,
-            "donor": donor,
-            "metric": metric,
-            "answer_from": answer_from,
-        },
-        overwrite=overwrite,
-    )
-    rows = store.run(
-        records,
         lambda batch: patch_rows(
             model,
-            pd.DataFrame(batch),
+            batch,
             sites,
             n_latents=n_latents,
             max_new_tokens=max_new_tokens,
@@ -238,13 +222,65 @@ def patch_sweep(
             metric=metric,
             answer_from=answer_from,
         ),
-        unit_id=lambda r: str(r["pair_id"]),
-        batch_size=batch_size,
+        {
+            **(settings or {}),
+            "cells": [f"{s.hook}|{s.head}|{s.position}" for s in sites],
+            "n_latents": n_latents,
+            "max_new_tokens": max_new_tokens,
+            "generate": generate,
+            "method": method,
+            "donor": donor,
+            "metric": metric,
+            "answer_from": answer_from,
+        },
         desc="patching",
+        unit="cell",
+        size=len(sites),
+        batch_size=batch_size,
+        overwrite=overwrite,
         progress=progress,
         executor=executor,
-        size=lambda _: len(sites),
-        unit="cell",
+    )
+
+
+def sweep_pairs(
+    model: CODIModel,
+    pairs: pd.DataFrame,
+    out: str | Path,
+    rows_of: Callable[[pd.DataFrame], pd.DataFrame],
+    settings: dict[str, Any],
+    *,
+    desc: str,
+    unit: str,
+    size: int = 1,
+    batch_size: int = 16,
+    overwrite: bool = False,
+    progress: bool = True,
+    executor: Executor | None = None,
+) -> tuple[pd.DataFrame, ResultStore]:
+    """Any per-pair measurement over every pair, resumable in ``out``: ``rows_of(batch of pairs)`` gives a batch's
+    rows (with ``unit_id`` = pair id), ``batch_size`` pairs at a time; ``settings`` (with the checkpoint's hash and
+    the pair ids added) must match to resume; progress counts ``size`` ``unit``s per pair. Returns the rows and the
+    store."""
+    store = ResultStore(
+        out,
+        {
+            **settings,
+            "checkpoint_sha256": model.checkpoint_sha256,
+            "pairs": sorted(str(p) for p in pairs["pair_id"]),
+        },
+        overwrite=overwrite,
+    )
+    rows = store.run(
+        pairs.to_dict("records"),
+        lambda records: rows_of(pd.DataFrame(records)),
+        unit_id=lambda r: str(r["pair_id"]),
+        batch_size=batch_size,
+        desc=desc,
+        progress=progress,
+        executor=executor,
+        size=lambda _: size,
+        unit=unit,
         model=model,
     )
     return rows, store

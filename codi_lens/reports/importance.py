@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from codi_lens.attention import correlation_by_layer, per_thought
@@ -77,11 +78,15 @@ def early_versus_late(rows: pd.DataFrame) -> dict[str, Any]:
         return {}
     n = int(single["thought"].max())
     half = n // 2
+    if half < 1:
+        return {}
     out: dict[str, Any] = {}
+    columns = pd.MultiIndex.from_product([["broken", "kl"], [False, True]])
     for intervention, group in single.groupby("intervention", sort=True):
-        per_problem = group.assign(late=group["thought"] > half).pivot_table(
-            index="problem_id", columns="late", values=["broken", "kl"], aggfunc="mean"
-        )
+        late = group.assign(late=group["thought"] > half)
+        # groupby keeps all-NaN means (a random model's answers have no number, so no KL): the contrast is NaN
+        per_problem = late.groupby(["problem_id", "late"])[["broken", "kl"]].mean().unstack("late")
+        per_problem = per_problem.reindex(columns=columns)
         for metric in ("broken", "kl"):
             contrast = paired_contrast(per_problem[(metric, False)].to_numpy(), per_problem[(metric, True)].to_numpy())
             out[f"{intervention}/{metric}"] = {
@@ -92,7 +97,7 @@ def early_versus_late(rows: pd.DataFrame) -> dict[str, Any]:
                     for k, v in contrast.items()
                 },
             }
-    _, q = benjamini_hochberg([entry["wilcoxon_p"] for entry in out.values()])
+    _, q = benjamini_hochberg(np.array([entry["wilcoxon_p"] for entry in out.values()], dtype=float))
     for entry, value in zip(out.values(), q):
         entry["wilcoxon_q"] = float(value)
     return out

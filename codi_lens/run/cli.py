@@ -34,7 +34,8 @@ from codi_lens.data.synthetic import value_limit
 from codi_lens.loading import DEFAULT_MODEL, check_codi, default_data, load_codi
 from codi_lens.loading.architectures import BaseArchitecture
 from codi_lens.run.executors import Executor, FirstBatchOnly, PlanShown, make_executor
-from codi_lens.run.outcome import counts_text
+from codi_lens.run.outcome import counts_text, stop_if_nothing_measured
+from codi_lens.run.store import ResultStore
 
 #: Errors that mean "the input was wrong", reported in one line without a traceback: the project's own
 #: (every user-facing error subclasses :class:`~codi_lens.core.errors.CodiLensError`). Anything else is a
@@ -310,6 +311,39 @@ class CommandRun:
     def elapsed(self) -> float:
         """Seconds since the command started (this invocation)."""
         return round(time.perf_counter() - self.started, 1)
+
+    def pair_options(self) -> dict[str, Any]:
+        """What every per-pair sweep takes from the common pair flags (:func:`add_pair_args`)."""
+        args = self.args
+        return {
+            "n_latents": args.n_latents,
+            "max_new_tokens": args.max_new_tokens,
+            "batch_size": args.batch_size,
+            "metric": args.metric,
+            "answer_from": args.answer_from,
+            "settings": self.settings(pairs_file=args.pairs),
+            "overwrite": args.overwrite,
+            "executor": self.executor,
+        }
+
+    def finish_pairs(
+        self,
+        rows: pd.DataFrame,
+        store: ResultStore,
+        pairs: pd.DataFrame,
+        write: Callable[[pd.DataFrame], dict[str, Any]],
+        lines: Callable[[dict[str, Any]], str],
+    ) -> dict[str, Any]:
+        """The end of a per-pair command: stop (counts written) if no pair was measured; else write
+        ``pairs.parquet`` and the report (``write(rows)`` returns the summary), finish the store with the summary
+        and this invocation's wall time, print ``lines(summary)`` and return the summary."""
+        stop_if_nothing_measured(rows, store, unit_column="pair_id", noun="pairs")
+        pairs.to_parquet(self.out / "pairs.parquet", index=False)
+        summary = write(rows)
+        summary["wall_seconds_this_invocation"] = self.elapsed()
+        store.finish(rows, summary)
+        print(lines(summary))
+        return summary
 
 
 def start_run(args: argparse.Namespace) -> CommandRun:
