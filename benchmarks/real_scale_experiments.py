@@ -135,6 +135,9 @@ def commands(
         "position_patching": [*data, *pairs, "--hooks", "resid_post,thought_input", "--batch-size", "4"],
         "position_patching_attribution": [*data, *pairs, "--method", "attribution", "--batch-size", "4"],
         "iterative_patching": [*data, *pairs, "--layers", "0"],
+        "route_patching": [*data, *pairs, "--spans", "bot,3,6"],
+        "logit_attribution": [*data, *pairs],
+        "path_patching": [*data, *pairs, "--groups", "thought_to_heads,recurrence"],
         "read_thoughts": [*data, "--limit", str(read_limit), "--tuned-lens-steps", "2", "--batch-size", "8"],
         "train_saes": [
             *data,

@@ -18,7 +18,7 @@ from transformer_lens import ActivationCache
 
 from codi_lens.core.names import act_name
 from codi_lens.core.positions import CODIPositions
-from codi_lens.stats import clustered_bootstrap_ci
+from codi_lens.stats import benjamini_hochberg, cluster_permutation_pvalue, clustered_bootstrap_ci
 
 
 def pattern_hook_names(n_layers: int) -> list[str]:
@@ -97,6 +97,7 @@ def correlation_by_layer(
     *,
     by: str | Sequence[str] = "layer",
     cluster: str = "problem_id",
+    within: str = "thought",
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> pd.DataFrame:
@@ -104,20 +105,40 @@ def correlation_by_layer(
     bootstrap CI that resamples whole problems (rows of one problem move together).
 
     Returns one row per group: ``n_rows, n_problems, pearson, pearson_low, pearson_high, spearman,
-    spearman_low, spearman_high``. A constant column gives NaN.
+    spearman_low, spearman_high``, ``p_permutation`` (Spearman's, two-sided: each problem's ``x`` paired with
+    another problem's ``y``, the rows of a problem kept in ``within`` order, see
+    :func:`~codi_lens.stats.cluster_permutation_pvalue`) and its Benjamini-Hochberg ``q`` and ``significant``
+    across the groups. A constant column gives NaN.
     """
     out = []
     keys = [by] if isinstance(by, str) else list(by)
     for key, group in frame.groupby(keys, sort=True):
-        group = group[[cluster, x, y]].dropna().reset_index(drop=True)
+        order = [within] if within in group and within not in keys else []
+        group = group[[cluster, *order, x, y]].dropna().reset_index(drop=True)
         row = {**dict(zip(keys, key)), "n_rows": len(group), "n_problems": group[cluster].nunique()}
         for name, fn in (("pearson", _pearson), ("spearman", _spearman)):
             estimate, low, high = clustered_bootstrap_ci(
                 group, fn, [x, y], cluster=cluster, n_resamples=n_resamples, seed=seed
             )
             row.update({name: estimate, f"{name}_low": low, f"{name}_high": high})
+        row["p_permutation"] = _permutation_p(group, cluster, order, x, y, seed)
         out.append(row)
-    return pd.DataFrame(out)
+    table = pd.DataFrame(out)
+    table["significant"], table["q"] = benjamini_hochberg(table["p_permutation"].to_numpy(dtype=float))
+    return table
+
+
+def _permutation_p(group: pd.DataFrame, cluster: str, order: list[str], x: str, y: str, seed: int) -> float:
+    """Spearman's permutation p-value with problems as the exchangeable units (problems missing a row dropped)."""
+    if group[cluster].nunique() < 3:
+        return float("nan")  # nothing to permute (a random model's answers may leave no KL at all)
+    if order:
+        wide = group.pivot_table(index=cluster, columns=order[0], values=[x, y], aggfunc="first").dropna()
+        xs, ys = wide[x].to_numpy(), wide[y].to_numpy()
+    else:
+        first = group.groupby(cluster, sort=False)[[x, y]].first()
+        xs, ys = first[[x]].to_numpy(), first[[y]].to_numpy()
+    return cluster_permutation_pvalue(xs, ys, _spearman, n_resamples=2000, seed=seed)
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:

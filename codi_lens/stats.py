@@ -171,3 +171,36 @@ def paired_contrast(
         "wilcoxon_p": wilcoxon,
         "sign_p": sign,
     }
+
+
+def cluster_permutation_pvalue(
+    x: np.ndarray,
+    y: np.ndarray,
+    statistic: Callable[[np.ndarray, np.ndarray], float],
+    *,
+    n_resamples: int = 9999,
+    seed: int = 0,
+) -> float:
+    """Two-sided permutation p-value of ``statistic(x, y)`` (e.g. a correlation) when whole clusters are the
+    exchangeable units: ``x`` and ``y`` are ``[n_clusters, per_cluster]`` (one row per problem, its values in a
+    fixed order, e.g. thoughts 1..n), and the null pairs each problem's ``x`` with another problem's ``y``
+    (``scipy.stats.permutation_test``, ``permutation_type="pairings"``; exact when ``n_clusters!`` is at most
+    ``n_resamples``). Keeping each row intact keeps the average profile over the row (every problem's thought
+    1 against another's thought 1), so only association beyond that profile counts. NaN with fewer than three
+    clusters or a NaN statistic."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 2:
+        raise ValueError(f"x and y are [n_clusters, per_cluster] of one shape, got {x.shape} and {y.shape}")
+    if len(x) < 3 or np.isnan(statistic(x.ravel(), y.ravel())):
+        return float("nan")
+    rows = np.arange(len(x))  # y's rows are permuted against x's (n! orders); each row stays whole
+    result = stats.permutation_test(
+        (rows,),
+        lambda j: statistic(x.ravel(), y[j].ravel()),
+        permutation_type="pairings",
+        n_resamples=n_resamples,
+        alternative="two-sided",
+        random_state=np.random.default_rng(seed),
+        vectorized=False,
+    )
+    return float(result.pvalue)

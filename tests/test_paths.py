@@ -113,7 +113,11 @@ def test_path_patching_experiment_writes_its_table(tmp_path):
     rows = pd.read_parquet(out / "results.parquet")
     used = rows[rows["reason"] == ""]
     assert {"pair_id", "path", "group", "logit_diff", "recovery"} <= set(rows.columns)
-    assert set(used["group"]) == {"direct", "head to last MLP", "thought to heads", "recurrence"}
+    assert set(used["group"]) == {"direct", "head_to_last_mlp", "thought_to_heads", "recurrence"}
+    only = path_patching.main(
+        ["--limit", "8", "--max-new-tokens", "32", "--groups", "recurrence", "--out", str(tmp_path / "r")]
+    )
+    assert set(only["paths"]) == {f"thought {k} -> thought {k + 1}" for k in range(1, 6)}
     assert "Plotly.newPlot" in (out / "paths.html").read_text()
     mlp = used[used["path"] == "mlp1 -> answer"]["recovery"]
     assert summary["paths"]["mlp1 -> answer"]["recovery"][0] == pytest.approx(mlp.mean(), abs=1e-4)

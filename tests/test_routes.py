@@ -210,7 +210,9 @@ def test_route_patching_experiment_writes_its_contract(tmp_path):
     for name in ("routes.html", "attention_by_layer.html"):
         assert "Plotly.newPlot" in (out / name).read_text()
     cells = pd.read_parquet(out / "cells.parquet")
-    assert cells["q"].between(0, 1).all() and (cells["q"] >= cells["p"] - 1e-12).all()
+    tested = cells.dropna(subset=["p"])  # a cell that moves no pair at all (BOT's layer-0 keys) has nothing to test
+    assert tested["q"].between(0, 1).all() and (tested["q"] >= tested["p"] - 1e-12).all()
+    assert cells[cells["p"].isna()]["mean"].abs().max() <= 1e-6 if cells["p"].isna().any() else True
     # Each reported estimate is the mean of its rows.
     mean = used[(used["donor"] == "clean") & (used["target"] == "thought:2") & (used["route"] == "both")]["recovery"]
     assert summary["steps"]["thought:2"]["both"][0] == pytest.approx(mean.mean(), abs=1e-4)
@@ -221,3 +223,22 @@ def test_route_patching_experiment_writes_its_contract(tmp_path):
     )
     with pytest.raises(FlagError, match="--spans"):
         route_patching.main(["--limit", "4", "--spans", "2-9", "--out", str(tmp_path / "bad")])
+
+
+def test_with_the_corrupted_run_as_donor_nothing_changes(lengths):
+    """Route patches whose 'clean' values are the corrupted run's own (a batch made from the corrupted questions)
+    write back what the run computes: every route, at every layer or one, leaves the corrupted run as it was."""
+    model, _, corrupted_q, _, trunk = lengths
+    names = kv_hook_names(model.cfg.n_layers)
+    own = _clean_batch(model, corrupted_q, names)
+    unpatched = model.run_codi(corrupted_q, max_new_tokens=4, return_logits=True)
+    for patch in (
+        RoutePatch(Span.step(2), "both"),
+        RoutePatch(Span(1, 3), "attention", 1),
+        RoutePatch(Span.step(0), "recurrence"),
+    ):
+        run = model.run_codi(
+            corrupted_q, max_new_tokens=4, fwd_hooks=route_hooks(model, patch, own, trunk), return_logits=True
+        )
+        assert (run.step_logits - unpatched.step_logits).abs().max() <= 1e-4, patch
+        assert run.answer_tokens == unpatched.answer_tokens

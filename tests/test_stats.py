@@ -212,3 +212,14 @@ def test_early_versus_late_thoughts_by_hand():
     # A model whose answers hold no number has no KL: the contrast is empty, not an error.
     empty = early_versus_late(frame.assign(kl=np.nan))["zero/kl"]
     assert empty["n"] == 0 and np.isnan(empty["mean_difference"])
+
+
+def test_cluster_permutation_pvalue_by_hand():
+    """Six problems whose y equals x: of the 720 pairings of problems only the identity reaches r = 1, so the
+    one-sided tail is 1 / 720 and scipy's two-sided p doubles it: 2 / 720."""
+    from codi_lens.stats import cluster_permutation_pvalue
+
+    x = np.arange(12.0).reshape(6, 2)
+    r = lambda a, b: float(np.corrcoef(a, b)[0, 1])  # noqa: E731
+    assert cluster_permutation_pvalue(x, x, r) == pytest.approx(2 / 720)
+    assert np.isnan(cluster_permutation_pvalue(x[:2], x[:2], r))

@@ -40,6 +40,7 @@ from codi_lens.core.model import CODIModel
 from codi_lens.core.names import act_name, parse_thought_hook, thought_hook_name
 from codi_lens.core.positions import CODIPositions, gather_at
 from codi_lens.core.recording import ActivationRecorder
+from codi_lens.core.registry import Registry
 from codi_lens.core.sites import Site
 from codi_lens.metrics import DEFAULT_ANSWER_METRIC, normalised_recovery
 from codi_lens.patching.prepare import PairBatch, batch_readings, metric_value, prepare_pairs
@@ -294,31 +295,43 @@ def site_label(site: Site) -> str:
     return site.id
 
 
-def default_paths(n_layers: int, n_heads: int, n_latents: int) -> list[Path]:
-    """The paths a ``path_patching`` run measures by default: each head and each MLP at the compared row straight
-    to the answer (``direct``); each head there through the last layer's MLP there (``head to last MLP``); each
-    thought's fed input to the answer through the heads at the compared row (``thought to heads``); each
-    thought's fed input to the next thought's input (``recurrence``)."""
+#: The kinds of path a default path patching run measures (``--groups``).
+PATH_GROUPS: Registry[str] = Registry("path group")
+PATH_GROUPS.add("direct", "each head and each MLP at the answer row, straight to the logits")
+PATH_GROUPS.add("head_to_last_mlp", "each head at the answer row, through the last layer's MLP there")
+PATH_GROUPS.add("thought_to_heads", "each thought's fed input, through every head at the answer row")
+PATH_GROUPS.add("recurrence", "each thought's fed input, into the next thought's input")
+
+
+def default_paths(
+    n_layers: int, n_heads: int, n_latents: int, groups: Sequence[str] = PATH_GROUPS.names()
+) -> list[Path]:
+    """The paths of ``groups`` (:data:`PATH_GROUPS`): each head and each MLP at the compared row straight to the
+    answer (``direct``); each head there through the last layer's MLP there (``head_to_last_mlp``); each
+    thought's fed input to the answer through the heads at the compared row (``thought_to_heads``); each
+    thought's fed input to the next thought's input (``recurrence``). Each path is two runs of the corrupted
+    questions: at the LLaMA-3.2-1B shape ``direct`` and ``head_to_last_mlp`` are 512 paths each."""
     row_heads = tuple(
         Site(act_name("z", layer), ANSWER_ROW, head=h) for layer in range(n_layers) for h in range(n_heads)
     )
+    PATH_GROUPS.check(groups)
     paths = [Path(f"{site_label(s)} -> answer", (s,), ANSWER, "direct") for s in row_heads]
     paths += [
         Path(f"mlp{layer} -> answer", (Site(act_name("mlp_out", layer), ANSWER_ROW),), ANSWER, "direct")
         for layer in range(n_layers)
     ]
     last_mlp = (Site(act_name("mlp_out", n_layers - 1), ANSWER_ROW),)
-    paths += [Path(f"{site_label(s)} -> mlp{n_layers - 1}", (s,), last_mlp, "head to last MLP") for s in row_heads]
+    paths += [Path(f"{site_label(s)} -> mlp{n_layers - 1}", (s,), last_mlp, "head_to_last_mlp") for s in row_heads]
     for k in range(1, n_latents + 1):
         sender = (Site("hook_embed", f"thought:{k}"),)
-        paths.append(Path(f"thought {k} -> heads at the answer", sender, row_heads, "thought to heads"))
+        paths.append(Path(f"thought {k} -> heads at the answer", sender, row_heads, "thought_to_heads"))
         if k < n_latents:
             paths.append(
                 Path(
                     f"thought {k} -> thought {k + 1}", sender, (Site(thought_hook_name(k + 1, "input")),), "recurrence"
                 )
             )
-    return paths
+    return [p for p in paths if p.group in groups]
 
 
 def path_rows(

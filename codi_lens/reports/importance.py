@@ -145,6 +145,8 @@ def _correlation(row: Any) -> dict[str, Any]:
     return {
         "pearson": with_ci(row, "pearson", 3),
         "spearman": with_ci(row, "spearman", 3),
+        "spearman_permutation_p": float(row.p_permutation),
+        "bh_q": float(row.q),
         "n_problems": int(row.n_problems),
     }
 
