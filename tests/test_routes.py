@@ -213,6 +213,11 @@ def test_route_patching_experiment_writes_its_contract(tmp_path):
     tested = cells.dropna(subset=["p"])  # a cell that moves no pair at all (BOT's layer-0 keys) has nothing to test
     assert tested["q"].between(0, 1).all() and (tested["q"] >= tested["p"] - 1e-12).all()
     assert cells[cells["p"].isna()]["mean"].abs().max() <= 1e-6 if cells["p"].isna().any() else True
+    own = cells[(cells["donor"] == "clean") & (cells["target"] == "thought:2") & (cells["layer"] == EVERY_LAYER)]
+    other = used[(used["donor"] == "other") & (used["target"] == "thought:2") & (used["route"] == "both")]
+    both = own[own["route"] == "both"].iloc[0]
+    assert both["control_mean"] == pytest.approx(other["recovery"].mean(), abs=1e-9)
+    assert both["own_minus_control"] == pytest.approx(both["mean"] - both["control_mean"], abs=1e-12)
     # Each reported estimate is the mean of its rows.
     mean = used[(used["donor"] == "clean") & (used["target"] == "thought:2") & (used["route"] == "both")]["recovery"]
     assert summary["steps"]["thought:2"]["both"][0] == pytest.approx(mean.mean(), abs=1e-4)

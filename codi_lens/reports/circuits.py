@@ -80,7 +80,10 @@ def write_logit_attribution(rows: pd.DataFrame, out: str | Path, n_layers: int, 
                 "contribution": ci_triplet(r.mean, r.low, r.high),
                 "bh_q": float(r.q),
                 "reads_most_from": None if best is None else str(best["source"]),
-                "share_from_there": None if best is None or r.mean == 0 else round(float(best["mean"] / r.mean), 3),
+                # A share of a contribution whose CI holds 0 means nothing (it can be -300%): none is given.
+                "share_from_there": None
+                if best is None or r.low <= 0 <= r.high
+                else round(float(best["mean"] / r.mean), 3),
             }
         )
     return summary

@@ -181,7 +181,9 @@ def route_family(layer: float, head: float) -> str:
 def route_cells(rows: pd.DataFrame) -> pd.DataFrame:
     """Per route patch: ``n`` pairs, mean recovery with its 95% bootstrap CI (``mean, low, high``), the mean KL,
     a sign-flip permutation p-value that the mean recovery is zero, and its Benjamini-Hochberg ``q`` and
-    ``significant`` (at 5%) within its donor's grid (:func:`route_family`)."""
+    ``significant`` (at 5%) within its donor's grid (:func:`route_family`); with the control, each own-donor
+    cell also gets ``control_mean`` (the same patch from another problem's run) and ``own_minus_control`` (the
+    paired contrasts with CIs are :func:`route_controls`)."""
     used = used_rows(rows)
     table = mean_ci_table(used, ROUTE_CELL, "recovery")
     grouped = used.groupby(ROUTE_CELL, dropna=False, sort=True)
@@ -192,6 +194,15 @@ def route_cells(rows: pd.DataFrame) -> pd.DataFrame:
     for _, part in table.groupby(["donor", "family"]):
         rejected, q = benjamini_hochberg(part["p"].to_numpy())
         table.loc[part.index, "q"], table.loc[part.index, "significant"] = q, rejected
+    # Beside each own-donor cell, the same patch from another problem's run: what the patch does without this
+    # problem's values (breaking the corrupted answer alone moves the logit difference).
+    cell = [c for c in ROUTE_CELL if c != "donor"]
+    control = table[table["donor"] == "other"].set_index(cell, drop=False)["mean"]
+    if len(control):
+        own = table["donor"] == "clean"
+        keys = pd.MultiIndex.from_frame(table.loc[own, cell])
+        table.loc[own, "control_mean"] = control.reindex(keys).to_numpy()
+        table["own_minus_control"] = table["mean"] - table.get("control_mean", np.nan)
     return table
 
 
