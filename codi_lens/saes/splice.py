@@ -18,8 +18,10 @@ from sae_lens.analysis.hooked_sae_transformer import _SAEWrapper, set_deep_attr
 from sae_lens.saes.sae import _disable_hooks
 from torch import Tensor
 
+from codi_lens.core.hooks import Hooks
 from codi_lens.core.model import CODIModel
 from codi_lens.core.names import sae_hook_name
+from codi_lens.core.recording import ActivationRecorder
 from codi_lens.core.sites import Site
 from codi_lens.saes.io import SAEError, sae_site
 
@@ -89,3 +91,27 @@ def attached(model: CODIModel, saes: Sequence[SAE], *, use_error_term: bool = Fa
 def sae_acts_hook_name(sae: SAE) -> str:
     """The hook name of an attached SAE's feature activations (what caches and edits use)."""
     return sae_hook_name(sae_site(sae).hook, "acts_post")
+
+
+def feature_recorder(model: CODIModel, saes: Sequence[SAE]) -> tuple[ActivationRecorder, Hooks]:
+    """A recorder keeping the feature activations of attached ``saes`` as computed (with their graph when
+    autograd is on), and the ``fwd_hooks`` that feed it; read them with :func:`recorded_features`."""
+    recorder = ActivationRecorder(model.chunk_scope, keep_graph=True)
+    return recorder, [(sae_acts_hook_name(sae), recorder) for sae in saes]
+
+
+def recorded_site(recorder: ActivationRecorder, sae: SAE) -> tuple[Tensor, int | None]:
+    """The tensor the recorder kept that holds ``sae``'s feature activations at its site, and the site's index
+    on its position axis (None for a thought hook): the tensor a gradient is taken against."""
+    return recorder.at(sae_acts_hook_name(sae), sae_site(sae).position)
+
+
+def at_site(tensor: Tensor, index: int | None) -> Float[Tensor, "batch d_sae"]:
+    """``tensor`` (a recorded activation or its gradient) at the site's index, ``[batch, d_sae]``."""
+    return tensor if index is None else tensor[:, index]
+
+
+def recorded_features(recorder: ActivationRecorder, sae: SAE) -> Float[Tensor, "batch d_sae"]:
+    """The feature activations of ``sae`` at its own site, ``[batch, d_sae]``, as the recorder kept them (thought
+    positions align across a batch, so the site is one index of a positional hook's chunk)."""
+    return at_site(*recorded_site(recorder, sae))
