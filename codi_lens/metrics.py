@@ -115,6 +115,20 @@ def find_answer_number(tokenizer, answer_tokens: Sequence[int]) -> AnswerNumber 
     )
 
 
+def gold_number(tokenizer, answer_tokens: Sequence[int], gold: float) -> AnswerNumber | None:
+    """The model's own answer with its last number replaced by ``gold``, as the tokenizer spells the new text:
+    what to teacher-force to score the gold answer in the model's own words (``"The answer is : 7"`` ->
+    ``"The answer is : 12"``). None when the answer has no number to replace."""
+    text = tokenizer.decode(list(answer_tokens), skip_special_tokens=True)
+    matches = list(NUMBER_PATTERN.finditer(text))
+    if not matches:
+        return None
+    written = f"{int(gold)}" if float(gold).is_integer() else f"{gold}"
+    last = matches[-1]
+    tokens = tokenizer(text[: last.start()] + written, add_special_tokens=False)["input_ids"]
+    return find_answer_number(tokenizer, tokens)
+
+
 def logits_at_answer(
     model,
     questions: Sequence[str],

@@ -20,7 +20,7 @@ gradient sees the same network the replay runs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,19 +29,21 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 import torch
+from jaxtyping import Float
 from sae_lens import SAE
 from torch import Tensor
 
 from codi_lens.core import loop
 from codi_lens.core.hooks import HookFn
 from codi_lens.core.model import CODIModel
-from codi_lens.core.recording import ActivationRecorder
 from codi_lens.core.sites import Site
 from codi_lens.data.problems import Problem
 from codi_lens.run.store import UNIT_COLUMN, ResultStore, batches_heard
 from codi_lens.saes.edits import feature_edit
+from codi_lens.saes.ids import feature_id, parse_feature_id
 from codi_lens.saes.io import SAEError, sae_site
-from codi_lens.saes.splice import attached, sae_acts_hook_name
+from codi_lens.saes.splice import at_site, attached, feature_recorder, recorded_features, recorded_site
+from codi_lens.stats import bootstrap_ci, clustered_pearson_ci
 
 
 def site_order(site: Site) -> tuple[int, float]:
@@ -64,23 +66,6 @@ def _loop(
         loop.run_latents(model, tokens, mask, positions, through=through)
 
 
-def _recording(model: CODIModel, saes: Sequence[SAE]) -> tuple[ActivationRecorder, list[tuple[str, HookFn]]]:
-    """A recorder keeping the feature activations of each SAE with their graph, and its ``fwd_hooks``."""
-    recorder = ActivationRecorder(model.chunk_scope, keep_graph=True)
-    return recorder, [(sae_acts_hook_name(sae), recorder) for sae in saes]
-
-
-def _recorded(recorder: ActivationRecorder, sae: SAE) -> tuple[Tensor, int | None]:
-    """The tensor that holds ``sae``'s feature activations at its site, and the site's index in it (the same
-    in every row: thought positions align across a batch; None for a thought hook)."""
-    return recorder.at(sae_acts_hook_name(sae), sae_site(sae).position)
-
-
-def _read(entry: tuple[Tensor, int | None]) -> Tensor:
-    acts, index = entry
-    return acts if index is None else acts[:, index]
-
-
 def feature_attributions(
     model: CODIModel,
     questions: Sequence[str],
@@ -92,38 +77,75 @@ def feature_attributions(
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Gradient attribution of ``target_feature`` to every feature of ``sources`` (see the module
     docstring). Returns one row per (problem, source site, source feature) active on that problem:
-    ``problem, source_site, source_feature, activation, gradient, attribution``; and the target's
+    ``problem, source_site, source_feature, source_id, activation, gradient, attribution``; and the target's
     activation per problem. Sources must be computed before the target (:func:`site_order`)."""
     target_site = sae_site(target)
-    source_sites = [sae_site(s) for s in sources]
-    late = [s.id for s in source_sites if site_order(s) >= site_order(target_site)]
+    late = [s.id for s in map(sae_site, sources) if site_order(s) >= site_order(target_site)]
     if late:
         raise SAEError(f"source sites {late} are not computed before the target {target_site.id}")
-    recorder, hooks = _recording(model, [*sources, target])
-    with attached(model, [*sources, target], use_error_term=True), torch.enable_grad():
-        _loop(model, questions, target_site.thought, n_latents, hooks)
-        value = _read(_recorded(recorder, target))[:, target_feature]
-        entries = [_recorded(recorder, source) for source in sources]
-        grads = torch.autograd.grad(value.sum(), [tensor for tensor, _ in entries], allow_unused=True)
-    frames = []
-    for site, (tensor, index), grad in zip(source_sites, entries, grads):
-        acts = _read((tensor, index)).detach().float()
-        grad = torch.zeros_like(acts) if grad is None else _read((grad, index)).float()
-        problem, feature = torch.nonzero(acts > 0, as_tuple=True)
-        a, g = acts[problem, feature], grad[problem, feature]
-        frames.append(
-            pd.DataFrame(
-                {
-                    "problem": problem.numpy(),
-                    "source_site": site.id,
-                    "source_feature": feature.numpy(),
-                    "activation": a.numpy(),
-                    "gradient": g.numpy(),
-                    "attribution": (-a * g).numpy(),
-                }
+    frame, values = many_target_attributions(model, questions, [(target, target_feature)], sources, n_latents=n_latents)
+    return frame.drop(columns="target_id"), values[:, 0]
+
+
+def many_target_attributions(
+    model: CODIModel,
+    questions: Sequence[str],
+    targets: Sequence[tuple[SAE, int]],
+    sources: Sequence[SAE],
+    *,
+    n_latents: int = 6,
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Gradient attribution of several target features, each to every feature of the ``sources`` computed before
+    it (:func:`site_order`), from one forward pass with every SAE spliced in (error terms on) and one backward
+    pass per target over the retained graph. Returns one row per (target, problem, source feature active on
+    that problem): ``target_id`` (the target's feature id), ``problem, source_site, source_feature, source_id,
+    activation, gradient, attribution``; and the targets' activations ``[n_problems, n_targets]``."""
+    target_saes = list({id(sae): sae for sae, _ in targets}.values())
+    every = list({id(sae): sae for sae in [*sources, *target_saes]}.values())
+    recorder, hooks = feature_recorder(model, every)
+    through = max(sae_site(sae).thought for sae, _ in targets)
+    frames, values = [], []
+    with attached(model, every, use_error_term=True), torch.enable_grad():
+        _loop(model, questions, through, n_latents, hooks)
+        entries = {id(sae): recorded_site(recorder, sae) for sae in every}
+        for number, (target, feature) in enumerate(targets):
+            target_site = sae_site(target)
+            value = at_site(*entries[id(target)])[:, feature]
+            values.append(value.detach().float().cpu())
+            earlier = [s for s in sources if site_order(sae_site(s)) < site_order(target_site)]
+            if not earlier:
+                continue
+            grads = torch.autograd.grad(
+                value.sum(),
+                [entries[id(s)][0] for s in earlier],
+                allow_unused=True,
+                retain_graph=number < len(targets) - 1,
             )
-        )
-    return pd.concat(frames, ignore_index=True), value.detach().float().cpu().numpy()
+            for source, grad in zip(earlier, grads):
+                tensor, index = entries[id(source)]
+                frame = _attribution_rows(sae_site(source), at_site(tensor, index).detach().float(), grad, index)
+                frames.append(frame.assign(target_id=feature_id(target_site, feature)))
+    columns = ["problem", "source_site", "source_feature", "source_id", "activation", "gradient", "attribution"]
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*columns, "target_id"])
+    return table, torch.stack(values, 1).numpy()
+
+
+def _attribution_rows(site: Site, acts: Tensor, grad: Tensor | None, index: int | None) -> pd.DataFrame:
+    """One row per (problem, feature) active at ``site``: activation, gradient and ``-activation * gradient``."""
+    grad = torch.zeros_like(acts) if grad is None else at_site(grad, index).float()
+    problem, feature = torch.nonzero(acts > 0, as_tuple=True)
+    a, g = acts[problem, feature].cpu(), grad[problem, feature].cpu()
+    return pd.DataFrame(
+        {
+            "problem": problem.cpu().numpy(),
+            "source_site": site.id,
+            "source_feature": feature.cpu().numpy(),
+            "source_id": [feature_id(site, f) for f in feature.tolist()],
+            "activation": a.numpy(),
+            "gradient": g.numpy(),
+            "attribution": (-a * g).numpy(),
+        }
+    )
 
 
 def _batched_attributions(
@@ -171,10 +193,10 @@ def target_activation(
     """The target feature's activation per problem ``[n]`` (every feature's, ``[n, d_sae]``, for
     ``target_feature=None``) with ``saes`` (the target among them) spliced in with their error terms,
     under ``fwd_hooks`` (e.g. a source feature's ablation)."""
-    recorder, hooks = _recording(model, [target])
+    recorder, hooks = feature_recorder(model, [target])
     with attached(model, list(saes), use_error_term=True):
         _loop(model, questions, sae_site(target).thought, n_latents, [*fwd_hooks, *hooks])
-    acts = _read(_recorded(recorder, target)).float().cpu()
+    acts = recorded_features(recorder, target).float().cpu()
     return (acts if target_feature is None else acts[:, target_feature]).numpy()
 
 
@@ -345,3 +367,223 @@ def pathway_study(
     joined, agreement = pathway_agreement(attributions, replayed.drop(columns=UNIT_COLUMN))
     joined["problem_id"] = [problems[i].id for i in joined["problem"]]
     return joined, {**agreement, "target_feature": feature}, candidates, store
+
+
+# ---------------------------------------------------------------------- many targets in one study
+#: The rule a pathway is validated by (written into every pathways table's docs and the report).
+VALIDATION_RULE = (
+    "the replayed mean change of the target has a 95% bootstrap CI (over problems) that excludes 0 and the same "
+    "sign as the predicted mean change"
+)
+
+
+def attributions_for_targets(
+    model: CODIModel,
+    problems: Sequence[Problem],
+    saes: Mapping[str, SAE],
+    targets: Sequence[str],
+    *,
+    n_latents: int = 6,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """:func:`many_target_attributions` for the ``targets`` (feature ids) against every SAE of ``saes`` (site id ->
+    SAE) computed before each, ``batch_size`` problems per forward, problem indices counted across batches."""
+    by_site = dict(saes)
+    resolved = []
+    for target in targets:
+        site, feature = parse_feature_id(target)
+        if site.id not in by_site:
+            raise SAEError(f"the target {target} has no SAE at {site.id}; the SAEs are at {sorted(by_site)}")
+        resolved.append((by_site[site.id], feature))
+    questions = [p.question for p in problems]
+    frames, offset = [], 0
+    for batch in batches_heard(questions, batch_size, model=model, desc="gradients", progress=progress):
+        frame, _ = many_target_attributions(model, batch, resolved, list(by_site.values()), n_latents=n_latents)
+        frames.append(frame.assign(problem=frame["problem"] + offset))
+        offset += len(batch)
+    return pd.concat(frames, ignore_index=True)
+
+
+def candidates_per_target(
+    attributions: pd.DataFrame, n_problems: int, k: int, *, threshold: float = 0.0, adjacent: bool = False
+) -> pd.DataFrame:
+    """Per target, the ``k`` source features with the largest mean |attribution| over problems (inactive problems
+    count as 0) of at least ``threshold``; ``adjacent``: only sources at the thought just before the target's.
+    Columns ``target_id, source_id, source_site, source_feature, mean_attribution, mean_abs``."""
+    table = attributions.assign(absolute=attributions["attribution"].abs())
+    if adjacent:
+        source = table["source_id"].map(lambda i: parse_feature_id(i)[0].thought)
+        target = table["target_id"].map(lambda i: parse_feature_id(i)[0].thought)
+        table = table[source == target - 1]
+    grouped = table.groupby(["target_id", "source_id", "source_site", "source_feature"], as_index=False).agg(
+        mean_attribution=("attribution", "sum"), mean_abs=("absolute", "sum")
+    )
+    grouped[["mean_attribution", "mean_abs"]] /= n_problems
+    grouped = grouped[grouped["mean_abs"] >= threshold]
+    ranked = grouped.sort_values(["target_id", "mean_abs", "source_id"], ascending=[True, False, True], kind="stable")
+    return ranked.groupby("target_id").head(k).reset_index(drop=True)
+
+
+@torch.no_grad()
+def replay_source(
+    model: CODIModel,
+    questions: Sequence[str],
+    saes: Mapping[str, SAE],
+    source: str,
+    targets: Sequence[str],
+    *,
+    n_latents: int = 6,
+) -> Float[Tensor, "n_problems n_targets"]:
+    """Every target feature's activation per problem with ``source`` ablated (all of ``saes`` spliced in with
+    their error terms; ``source=None``: nothing ablated), ``[n_problems, n_targets]``."""
+    parsed = [parse_feature_id(t) for t in targets]
+    target_saes = list({site.id: saes[site.id] for site, _ in parsed}.values())
+    recorder, hooks = feature_recorder(model, target_saes)
+    edit = []
+    if source is not None:
+        site, feature = parse_feature_id(source)
+        edit = feature_edit(saes[site.id], [feature], "ablate")
+    with attached(model, list(saes.values()), use_error_term=True):
+        _loop(model, questions, max(site.thought for site, _ in parsed), n_latents, [*edit, *hooks])
+    by_site = {sae_site(sae).id: recorded_features(recorder, sae).float().cpu() for sae in target_saes}
+    return torch.stack([by_site[site.id][:, feature] for site, feature in parsed], 1)
+
+
+def pathway_table(joined: pd.DataFrame, *, n_resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """One row per (target, source) pathway: ``predicted`` and ``replayed`` mean change of the target over
+    problems, the replayed 95% bootstrap CI ``low``/``high``, their per-problem Pearson ``agreement``, and
+    ``validated`` (:data:`VALIDATION_RULE`)."""
+    rows = []
+    for (target, source), group in joined.groupby(["target_id", "source_id"], sort=True):
+        replayed, low, high = bootstrap_ci(group["actual"].to_numpy(), n_resamples=n_resamples, seed=seed)
+        predicted = float(group["predicted"].mean())
+        excludes_zero = (low > 0 or high < 0) if np.isfinite(low) else False
+        rows.append(
+            {
+                "target_id": target,
+                "source_id": source,
+                "predicted": predicted,
+                "replayed": replayed,
+                "low": low,
+                "high": high,
+                "agreement": clustered_pearson_ci(group["predicted"], group["actual"], group["problem"])[0],
+                "validated": bool(excludes_zero and np.sign(predicted) == np.sign(replayed)),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def agreement_table(joined: pd.DataFrame) -> pd.DataFrame:
+    """The Pearson correlation of predicted and replayed change over (candidate, problem) pairs, per target and
+    pooled (``target_id = "pooled"``), with 95% bootstrap CIs over problems."""
+    rows = []
+    for target, group in [*joined.groupby("target_id", sort=True), ("pooled", joined)]:
+        r, low, high = clustered_pearson_ci(group["predicted"], group["actual"], group["problem"])
+        rows.append({"target_id": target, "pearson": r, "low": low, "high": high, "n_pairs": len(group)})
+    return pd.DataFrame(rows)
+
+
+@dataclass
+class PathwayStudy:
+    """What :func:`study_pathways` produced.
+
+    Attributes:
+        joined: one row per (target, candidate source, problem): ``target_id, source_id, problem, problem_id,
+            predicted, actual``.
+        pathways: one row per (target, source) (:func:`pathway_table`).
+        agreement: per target and pooled (:func:`agreement_table`).
+        candidates: the candidates (:func:`candidates_per_target`).
+    """
+
+    joined: pd.DataFrame
+    pathways: pd.DataFrame
+    agreement: pd.DataFrame
+    candidates: pd.DataFrame
+
+
+def study_pathways(
+    model: CODIModel,
+    problems: list[Problem],
+    saes: Mapping[str, SAE],
+    targets: Sequence[str],
+    out: str | Path,
+    *,
+    n_candidates: int = 10,
+    threshold: float = 0.0,
+    adjacent: bool = False,
+    n_latents: int = 6,
+    batch_size: int = 16,
+    settings: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[PathwayStudy, ResultStore]:
+    """Pathways to many target features (feature ids) at once, resumable in ``out``: the attributions of every
+    target from one forward and one backward per target per batch (``attributions.parquet``, kept), the top
+    candidates per target (``candidates.parquet``), and one replay per distinct candidate source that measures
+    every target at once (the units of the store)."""
+    out = Path(out)
+    store = ResultStore(out, {**(settings or {}), "targets": list(targets)}, overwrite=overwrite)
+    questions = [p.question for p in problems]
+    attributions_file = out / "attributions.parquet"
+    if attributions_file.exists():
+        attributions = pd.read_parquet(attributions_file)
+    else:
+        attributions = attributions_for_targets(
+            model, problems, saes, targets, n_latents=n_latents, batch_size=batch_size, progress=progress
+        )
+        attributions.to_parquet(attributions_file, index=False)
+    candidates = candidates_per_target(
+        attributions, len(problems), n_candidates, threshold=threshold, adjacent=adjacent
+    )
+    candidates.to_parquet(out / "candidates.parquet", index=False)
+    sources = sorted(set(candidates["source_id"]))
+    clean: list[Tensor] = []  # every target unablated, computed on first use
+
+    def measured(source: str | None) -> Tensor:
+        parts = [
+            replay_source(model, questions[i : i + batch_size], saes, source, targets, n_latents=n_latents)
+            for i in range(0, len(questions), batch_size)
+        ]
+        return torch.cat(parts)
+
+    def work(batch: list[str]) -> pd.DataFrame:
+        if not clean:
+            clean.append(measured(None))
+        frames = []
+        for source in batch:
+            change = (measured(source) - clean[0]).numpy()
+            mine = candidates[candidates["source_id"] == source]
+            for target in mine["target_id"]:
+                column = change[:, list(targets).index(target)]
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            UNIT_COLUMN: source,
+                            "target_id": target,
+                            "source_id": source,
+                            "problem": np.arange(len(problems)),
+                            "actual": column,
+                        }
+                    )
+                )
+        return pd.concat(frames, ignore_index=True)
+
+    replayed = store.run(
+        sources, work, unit_id=str, batch_size=1, desc="replays", unit="source", model=model, progress=progress
+    )
+    replayed = replayed.drop(columns=UNIT_COLUMN) if len(replayed) else replayed
+    keys = ["target_id", "source_id", "problem"]
+    if len(replayed):
+        joined = replayed.merge(attributions[[*keys, "attribution"]], on=keys, how="left")
+        joined["predicted"] = joined.pop("attribution").fillna(0.0)
+        joined["problem_id"] = [problems[int(i)].id for i in joined["problem"]]
+    else:
+        joined = pd.DataFrame(columns=[*keys, "actual", "predicted", "problem_id"])
+    study = PathwayStudy(
+        joined,
+        pathway_table(joined) if len(joined) else pd.DataFrame(),
+        agreement_table(joined) if len(joined) else pd.DataFrame(),
+        candidates,
+    )
+    return study, store

@@ -32,7 +32,14 @@ from codi_lens.plotting.reading import (
     thought_decode_grid,
     value_patching_bars,
 )
-from codi_lens.plotting.saes import feature_dashboard, pathway_scatter, sae_quality_bars, sae_splice_bars
+from codi_lens.plotting.saes import (
+    feature_dashboard,
+    pathway_scatter,
+    sae_quality_bars,
+    sae_splice_bars,
+    screen_counts,
+    screen_volcano,
+)
 
 __all__ = [
     "TEMPLATE",
@@ -63,6 +70,8 @@ __all__ = [
     "route_layer_heatmap",
     "sae_quality_bars",
     "sae_splice_bars",
+    "screen_counts",
+    "screen_volcano",
     "source_heatmap",
     "step_attention_heatmaps",
     "thought_decode_grid",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
@@ -157,3 +158,41 @@ def pathway_scatter(joined: pd.DataFrame, summary: dict, title: str | None = Non
     high = float(max(joined["predicted"].max(), joined["actual"].max()))
     fig.add_shape(type="line", x0=low, y0=low, x1=high, y1=high, line={"dash": "dot", "color": "grey"})
     return fig
+
+
+def screen_volcano(summary: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """The causal screen: every (feature, edit) as a point at its effect size (Cohen's d_z of the per-problem
+    change in the gold answer's log-probability; a clamp's net of its random-direction control) against
+    ``-log10 q`` (Benjamini-Hochberg across every cell), one panel per edit, coloured by site; the dotted line
+    is q = 0.05."""
+    table = summary.assign(minus_log10_q=-np.log10(summary["q_value"].clip(lower=1e-300)))
+    fig = px.scatter(
+        table,
+        x="cohens_d",
+        y="minus_log10_q",
+        color="site",
+        facet_col="op",
+        symbol="significant",
+        hover_data=["feature_id", "effect", "low", "high", "n", "frequency", "control_mean"],
+        template=TEMPLATE,
+        title=title or "Causal screen: effect size against BH-corrected significance, per feature and edit",
+        labels={"cohens_d": "Cohen's d (per-problem change)", "minus_log10_q": "-log10 q"},
+    )
+    fig.add_hline(y=-np.log10(0.05), line_dash="dot", annotation_text="q = 0.05")
+    fig.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
+    return fig
+
+
+def screen_counts(counts: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """Per site: features live on the screened problems, screened, and passing the screen (``counts`` with
+    ``site, live, screened, causal``)."""
+    long = counts.melt(id_vars="site", value_vars=["live", "screened", "causal"], var_name="features", value_name="n")
+    return px.bar(
+        long,
+        x="site",
+        y="n",
+        color="features",
+        barmode="group",
+        template=TEMPLATE,
+        title=title or "Features per site: live, screened, and causal (passing the screen)",
+    )

@@ -9,8 +9,17 @@ import pandas as pd
 from sae_lens import SAE
 
 from codi_lens.data.problems import Problem
+from codi_lens.feature_screen import Screen
 from codi_lens.features import FeatureSurvey, position_profile, top_examples
-from codi_lens.plotting import feature_dashboard, pathway_scatter, sae_quality_bars, sae_splice_bars, write_html
+from codi_lens.plotting import (
+    feature_dashboard,
+    pathway_scatter,
+    sae_quality_bars,
+    sae_splice_bars,
+    screen_counts,
+    screen_volcano,
+    write_html,
+)
 from codi_lens.reports.summaries import with_ci
 from codi_lens.saes.io import sae_site
 from codi_lens.stats import mean_ci_table
@@ -108,3 +117,60 @@ def write_pathways(joined: pd.DataFrame, agreement: dict[str, Any], out: str | P
         "pearson_ci95": [agreement["low"], agreement["high"]],
         "n_pairs": agreement["n_pairs"],
     }
+
+
+def screen_counts_table(screen: Screen) -> pd.DataFrame:
+    """Per site: ``live`` (active on a screened problem), ``screened``, ``causal`` (selected), and per edit the
+    features whose edit passed (``passing_<op>``)."""
+    features = screen.features.groupby("site").agg(live=("live", "sum"), screened=("screened", "sum"))
+    causal = screen.causal.groupby("site").size().rename("causal")
+    table = features.join(causal).fillna({"causal": 0})
+    if len(screen.summary):
+        passing = screen.summary.pivot_table(index="site", columns="op", values="significant", aggfunc="sum")
+        table = table.join(passing.add_prefix("passing_")).fillna(0)
+    return table.astype(int).reset_index()
+
+
+def write_screen(screen: Screen, out: str | Path) -> dict[str, Any]:
+    """``summary.parquet``, ``causal.parquet``, ``features.parquet``, ``counts.parquet`` and ``screen.html`` (the
+    volcano plot and the counts per site) of a causal screen; returns the summary's numbers."""
+    out = Path(out)
+    counts = screen_counts_table(screen)
+    screen.summary.to_parquet(out / "summary.parquet", index=False)
+    screen.causal.to_parquet(out / "causal.parquet", index=False)
+    screen.features.to_parquet(out / "features.parquet", index=False)
+    counts.to_parquet(out / "counts.parquet", index=False)
+    if len(screen.summary):
+        write_html(screen_volcano(screen.summary), out / "screen.html")
+        write_html(screen_counts(counts), out / "screen_counts.html")
+    strongest = screen.summary.sort_values("p_value").head(10) if len(screen.summary) else screen.summary
+    return {
+        "n_cells": len(screen.summary),
+        "n_causal": len(screen.causal),
+        "per_site": {r["site"]: {k: int(v) for k, v in r.items() if k != "site"} for r in counts.to_dict("records")},
+        "strongest": [
+            {
+                "feature_id": r.feature_id,
+                "op": r.op,
+                "effect": round(float(r.effect), 4),
+                "ci95": [round(float(r.low), 4), round(float(r.high), 4)],
+                "cohens_d": round(float(r.cohens_d), 3),
+                "q_value": float(r.q_value),
+            }
+            for r in strongest.itertuples()
+        ],
+    }
+
+
+def screen_lines(summary: dict[str, Any]) -> list[str]:
+    """What the screen found, in sentences computed from its numbers."""
+    lines = []
+    for site, counts in summary["per_site"].items():
+        passing = ", ".join(f"{k.removeprefix('passing_')} {v}" for k, v in counts.items() if k.startswith("passing_"))
+        lines.append(
+            f"{site}: {counts['causal']} causal of {counts['screened']} screened ({counts['live']} live; passing by "
+            f"edit: {passing or 'none tested'})"
+        )
+    if summary["n_causal"] == 0:
+        lines.append("no feature passes the screen (BH q < alpha on any edit)")
+    return lines
