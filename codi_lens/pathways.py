@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.stats
 import torch
 from jaxtyping import Float
 from sae_lens import SAE
@@ -101,9 +100,10 @@ def many_target_attributions(
     that problem): ``target_id`` (the target's feature id), ``problem, source_site, source_feature, source_id,
     activation, gradient, attribution``; and the targets' activations ``[n_problems, n_targets]``."""
     target_saes = list({id(sae): sae for sae, _ in targets}.values())
+    through = max(sae_site(sae).thought for sae, _ in targets)
+    sources = [s for s in sources if sae_site(s).thought <= through]  # later ones are never reached
     every = list({id(sae): sae for sae in [*sources, *target_saes]}.values())
     recorder, hooks = feature_recorder(model, every)
-    through = max(sae_site(sae).thought for sae, _ in targets)
     frames, values = [], []
     with attached(model, every, use_error_term=True), torch.enable_grad():
         _loop(model, questions, through, n_latents, hooks)
@@ -239,39 +239,21 @@ def pathway_agreement(
     attributions: pd.DataFrame, replayed: pd.DataFrame, *, n_resamples: int = 2000, seed: int = 0
 ) -> tuple[pd.DataFrame, dict]:
     """Predicted (attribution; 0 where the source was inactive) against actual change per (candidate,
-    problem), and their Pearson correlation with a 95% percentile bootstrap CI over problems
-    (``scipy.stats.bootstrap`` resampling problem indices; all candidates of a drawn problem go
-    together). Returns the joined table and ``{"pearson", "low", "high", "n_pairs", "n_problems"}``."""
+    problem), and their Pearson correlation with a 95% percentile bootstrap CI over problems (every candidate
+    of a drawn problem goes with it: :func:`~codi_lens.stats.clustered_pearson_ci`). Returns the joined table
+    and ``{"pearson", "low", "high", "n_pairs", "n_problems"}``."""
     keys = ["problem", "source_site", "source_feature"]
     joined = replayed.merge(attributions[[*keys, "attribution"]], on=keys, how="left")
     joined["predicted"] = joined["attribution"].fillna(0.0)
-    problems = np.sort(joined["problem"].unique())
-    groups = {p: g for p, g in joined.groupby("problem")}
-
-    def pearson(index: np.ndarray) -> float:
-        part = pd.concat([groups[problems[int(i)]] for i in index])
-        if part["predicted"].std() == 0 or part["actual"].std() == 0:
-            return float("nan")
-        return float(np.corrcoef(part["predicted"], part["actual"])[0, 1])
-
-    estimate = pearson(np.arange(len(problems)))
-    low = high = float("nan")
-    if len(problems) > 2 and np.isfinite(estimate):
-        result = scipy.stats.bootstrap(
-            (np.arange(len(problems)),),
-            pearson,
-            n_resamples=n_resamples,
-            method="percentile",
-            vectorized=False,
-            random_state=np.random.default_rng(seed),
-        )
-        low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+    estimate, low, high = clustered_pearson_ci(
+        joined["predicted"], joined["actual"], joined["problem"], n_resamples=n_resamples, seed=seed
+    )
     summary = {
         "pearson": estimate,
         "low": low,
         "high": high,
         "n_pairs": len(joined),
-        "n_problems": len(problems),
+        "n_problems": int(joined["problem"].nunique()),
     }
     return joined.drop(columns="attribution"), summary
 

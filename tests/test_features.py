@@ -225,3 +225,77 @@ def test_feature_interventions_score_the_whole_answer_number(model, sae_dir, tmp
     assert first["logprob_change"] == pytest.approx(np.mean(changes), abs=1e-4)
     assert abs(np.mean(changes)) > 1e-2  # the clamp moves the answer, so the comparison means something
     assert first["logprob_change_low"] <= first["logprob_change"] <= first["logprob_change_high"]
+
+
+def test_many_targets_share_one_forward_and_each_equals_its_own_study(model, sae_dir, tmp_path):
+    """Two targets differentiated over one retained graph give each target the attributions it gets alone
+    (float32, 1e-6), and one replay per source measures each target as a replay aimed at it alone does."""
+    from codi_lens.pathways import many_target_attributions, replay_source, study_pathways
+    from codi_lens.saes.ids import audit_feature_ids, feature_id, saes_by_site
+
+    saes = saes_by_site(load_saes(sae_dir))
+    source, target = saes["thought.2.hook_hidden"], saes["blocks.1.hook_resid_post@3"]
+    questions = [p.question for p in load_problems("toy-chain:test", limit=24)]
+    frequent = np.argsort(-(target_activation(model, questions, target, None, [source, target]) > 0).mean(0))[:2]
+    ids = [feature_id("blocks.1.hook_resid_post@3", f) for f in frequent]
+    together, values = many_target_attributions(model, questions, [(target, int(f)) for f in frequent], [source])
+    assert sorted(together["target_id"].unique()) == sorted(ids)
+    for column, f in enumerate(frequent):
+        alone, value = feature_attributions(model, questions, target, int(f), [source])
+        mine = together[together["target_id"] == ids[column]].drop(columns="target_id").reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, alone, atol=1e-6, rtol=0)
+        assert np.allclose(values[:, column], value, atol=1e-6)
+    best = together.groupby("source_id")["attribution"].apply(lambda x: x.abs().sum()).idxmax()
+    _, source_feature = best.rsplit("/", 1)
+    both = replay_source(model, questions, saes, best, ids).numpy()
+    clean = replay_source(model, questions, saes, None, ids).numpy()
+    for column, f in enumerate(frequent):
+        ablated = target_activation(
+            model,
+            questions,
+            target,
+            int(f),
+            [source, target],
+            fwd_hooks=feature_edit(source, [int(source_feature)], "ablate"),
+        )
+        assert np.allclose(both[:, column], ablated, atol=1e-6)
+        assert np.allclose(
+            clean[:, column], target_activation(model, questions, target, int(f), [source, target]), atol=1e-6
+        )
+    study, _ = study_pathways(
+        model, load_problems("toy-chain:test", limit=24), saes, ids, tmp_path, n_candidates=3, progress=False
+    )
+    assert len(study.pathways) == 6 and set(study.agreement["target_id"]) == {*ids, "pooled"}
+    tables = {
+        "attributions": together.rename(columns={"target_id": "feature_id"}),
+        "pathways": study.pathways.rename(columns={"source_id": "feature_id"}),
+    }
+    assert audit_feature_ids(tables, saes).empty
+
+
+def test_a_pathway_is_validated_by_its_replayed_ci_and_sign():
+    from codi_lens.pathways import pathway_table
+
+    rng = np.random.default_rng(0)
+    n = 40
+    rows = []
+    for source, actual, predicted in [("s/1", 1.0, 0.8), ("s/2", 1.0, -0.8), ("s/3", 0.0, 0.8)]:
+        noise = rng.normal(0, 0.1, n) if actual else rng.normal(0, 1.0, n)
+        rows.append(
+            pd.DataFrame(
+                {
+                    "target_id": "t/0",
+                    "source_id": source,
+                    "problem": np.arange(n),
+                    "actual": actual + noise,
+                    "predicted": predicted + rng.normal(0, 0.1, n),
+                }
+            )
+        )
+    table = pathway_table(pd.concat(rows)).set_index("source_id")
+    assert table["validated"].to_dict() == {
+        "s/1": True,
+        "s/2": False,
+        "s/3": False,
+    }  # right sign; wrong sign; CI holds 0
+    assert table.loc["s/1", "low"] > 0 and table.loc["s/3", "low"] < 0 < table.loc["s/3", "high"]

@@ -223,3 +223,22 @@ def test_cluster_permutation_pvalue_by_hand():
     r = lambda a, b: float(np.corrcoef(a, b)[0, 1])  # noqa: E731
     assert cluster_permutation_pvalue(x, x, r) == pytest.approx(2 / 720)
     assert np.isnan(cluster_permutation_pvalue(x[:2], x[:2], r))
+
+
+def test_clustered_pearson_ci_against_a_loop_over_resamples():
+    """The vectorised cluster bootstrap against resampling whole clusters one at a time with the same draws."""
+    from codi_lens.stats import clustered_pearson_ci
+
+    rng = np.random.default_rng(1)
+    clusters = np.repeat(np.arange(30), 4)
+    x = rng.normal(size=120) + np.repeat(rng.normal(size=30), 4)
+    y = 0.5 * x + rng.normal(size=120)
+    r, low, high = clustered_pearson_ci(x, y, clusters, n_resamples=500, seed=3)
+    assert r == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
+    draws = np.random.default_rng(3).integers(0, 30, size=(500, 30))
+    by_loop = []
+    for draw in draws:
+        rows = np.concatenate([np.flatnonzero(clusters == c) for c in draw])
+        by_loop.append(np.corrcoef(x[rows], y[rows])[0, 1])
+    assert (low, high) == pytest.approx(tuple(np.percentile(by_loop, [2.5, 97.5])), abs=1e-9)
+    assert np.isnan(clustered_pearson_ci(x, np.ones_like(x), clusters)[0])

@@ -34,6 +34,7 @@ from codi_lens.plotting.reading import (
 )
 from codi_lens.plotting.saes import (
     feature_dashboard,
+    pathway_effects,
     pathway_scatter,
     sae_quality_bars,
     sae_splice_bars,
@@ -61,6 +62,7 @@ __all__ = [
     "path_bars",
     "patching_bars",
     "patching_heatmap",
+    "pathway_effects",
     "pathway_scatter",
     "probe_accuracy_lines",
     "problems_by_thought_heatmap",

@@ -196,3 +196,27 @@ def screen_counts(counts: pd.DataFrame, title: str | None = None) -> go.Figure:
         template=TEMPLATE,
         title=title or "Features per site: live, screened, and causal (passing the screen)",
     )
+
+
+def pathway_effects(pathways: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """One point per (target, source) pathway: the predicted (gradient attribution) against the replayed mean
+    change of the target, with the replayed 95% CI over problems as error bars; filled points are validated."""
+    table = pathways.assign(
+        error_plus=pathways["high"] - pathways["replayed"], error_minus=pathways["replayed"] - pathways["low"]
+    )
+    fig = px.scatter(
+        table,
+        x="predicted",
+        y="replayed",
+        color="validated",
+        error_y="error_plus",
+        error_y_minus="error_minus",
+        hover_data=["target_id", "source_id", "agreement"],
+        template=TEMPLATE,
+        title=title or "Feature pathways: predicted against replayed mean change of each target (95% CI)",
+        labels={"predicted": "predicted mean change (attribution)", "replayed": "replayed mean change (ablation)"},
+    )
+    low = float(min(table["predicted"].min(), table["low"].min()))
+    high = float(max(table["predicted"].max(), table["high"].max()))
+    fig.add_shape(type="line", x0=low, y0=low, x1=high, y1=high, line={"dash": "dot", "color": "grey"})
+    return fig

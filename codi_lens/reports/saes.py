@@ -11,8 +11,10 @@ from sae_lens import SAE
 from codi_lens.data.problems import Problem
 from codi_lens.feature_screen import Screen
 from codi_lens.features import FeatureSurvey, position_profile, top_examples
+from codi_lens.pathways import VALIDATION_RULE, PathwayStudy
 from codi_lens.plotting import (
     feature_dashboard,
+    pathway_effects,
     pathway_scatter,
     sae_quality_bars,
     sae_splice_bars,
@@ -174,3 +176,35 @@ def screen_lines(summary: dict[str, Any]) -> list[str]:
     if summary["n_causal"] == 0:
         lines.append("no feature passes the screen (BH q < alpha on any edit)")
     return lines
+
+
+def write_pathway_study(study: PathwayStudy, out: str | Path) -> dict[str, Any]:
+    """``pathways.parquet``, ``agreement.parquet``, ``candidates.parquet`` and ``pathways.html`` of a study of many
+    targets (:func:`codi_lens.pathways.study_pathways`); returns the summary's numbers."""
+    out = Path(out)
+    study.pathways.to_parquet(out / "pathways.parquet", index=False)
+    study.agreement.to_parquet(out / "agreement.parquet", index=False)
+    if len(study.pathways):
+        write_html(pathway_effects(study.pathways), out / "pathways.html")
+    pooled = study.agreement[study.agreement["target_id"] == "pooled"] if len(study.agreement) else study.agreement
+    validated = study.pathways[study.pathways["validated"]] if len(study.pathways) else study.pathways
+    return {
+        "n_targets": int(study.candidates["target_id"].nunique()) if len(study.candidates) else 0,
+        "n_pathways": len(study.pathways),
+        "n_validated": len(validated),
+        "validation_rule": VALIDATION_RULE,
+        "pooled_pearson": None if pooled.empty else round(float(pooled.iloc[0]["pearson"]), 4),
+        "pooled_pearson_ci95": None
+        if pooled.empty
+        else [round(float(pooled.iloc[0]["low"]), 4), round(float(pooled.iloc[0]["high"]), 4)],
+        "validated": [
+            {
+                "target_id": r.target_id,
+                "source_id": r.source_id,
+                "predicted": round(r.predicted, 4),
+                "replayed": round(r.replayed, 4),
+                "ci95": [round(r.low, 4), round(r.high, 4)],
+            }
+            for r in validated.itertuples()
+        ],
+    }
