@@ -6,10 +6,10 @@
 - :func:`position_profile`: the SAE of one site applied to the same hook at every thought (an SAE
   trained on ``blocks.1.hook_resid_post@3`` read at thoughts 0..6): where in the chain a feature fires.
 - :func:`token_association`: which answer tokens a feature intervention makes more or less frequent:
-  per token, answers containing it in the intervened run against the reference run, a smoothed
-  log-odds ratio, Fisher's exact test (``scipy.stats.fisher_exact``) and Benjamini-Hochberg q-values
-  (``statsmodels``' ``multipletests``); :func:`feature_interventions` adds each feature's effect on the
-  log-probability of the whole answer number (every token, so multi-token numbers count whole).
+  per token, its counts in the intervened answers against the reference answers, a log-odds ratio with a
+  prior, Fisher's exact test and Benjamini-Hochberg q-values, and the ``|log-odds| > 0.5`` effect flag;
+  :func:`feature_interventions` adds each feature's effect on the log-probability of the whole answer
+  number (every token, so multi-token numbers count whole).
 
 :func:`survey_features` and :func:`feature_interventions` run these on a set of SAEs and problems, each
 resumable in an output folder (what ``python -m experiments.sae_features`` does).
@@ -17,6 +17,7 @@ resumable in an output folder (what ``python -m experiments.sae_features`` does)
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,6 @@ import scipy.stats
 import torch
 from jaxtyping import Float
 from sae_lens import SAE
-from statsmodels.stats.multitest import multipletests
 from torch import Tensor
 
 from codi_lens.activations import ActivationDataset, collect_activations
@@ -39,10 +39,11 @@ from codi_lens.data.problems import Problem
 from codi_lens.run.executors import Executor
 from codi_lens.run.store import UNIT_COLUMN, ResultStore
 from codi_lens.saes.edits import FEATURE_OPS, feature_edit
+from codi_lens.saes.ids import feature_id
 from codi_lens.saes.io import sae_site
 from codi_lens.saes.quality import PlainRun, encode_decode
 from codi_lens.saes.splice import attached
-from codi_lens.stats import bootstrap_ci
+from codi_lens.stats import benjamini_hochberg, bootstrap_ci
 
 
 def feature_frequency(acts: Float[Tensor, "n d_sae"]) -> pd.DataFrame:
@@ -86,6 +87,7 @@ def top_examples(
             rows.append(
                 {
                     "feature": int(feature),
+                    "feature_id": None if site is None else feature_id(site, feature),
                     "rank": rank,
                     "problem_id": p.id,
                     "activation": float(column[i]),
@@ -127,45 +129,68 @@ def token_association(
     *,
     prior: float = 0.5,
     alpha: float = 0.05,
+    min_log_odds: float = 0.5,
 ) -> pd.DataFrame:
-    """Tokens whose presence in the answers shifts under an intervention.
+    """Tokens whose frequency in the answers shifts under an intervention.
 
     ``reference`` and ``intervened`` hold each answer's tokens (as strings, e.g. the model tokenizer's
-    ``convert_ids_to_tokens``), one list per problem. Per token: ``n_reference`` / ``n_intervened``
-    answers containing it (out of ``total_reference`` / ``total_intervened``), ``log_odds`` (the
-    intervened-vs-reference log odds ratio of containing it, each cell smoothed by ``prior``),
-    ``p_value`` (two-sided Fisher exact test on the 2x2 table), ``q_value`` (Benjamini-Hochberg over the
-    tokens tested) and ``significant`` (q < ``alpha``). Sorted by p-value."""
-    ref_sets = [set(a) for a in reference]
-    int_sets = [set(a) for a in intervened]
-    tokens = sorted(set().union(*ref_sets, *int_sets))
-    n_ref, n_int = len(ref_sets), len(int_sets)
+    ``convert_ids_to_tokens``), one list per problem. Per token, with ``N`` the total tokens written in a
+    condition:
+
+    - ``count_intervened`` / ``count_reference``: how often it is written (every occurrence counts, so a chain
+      that repeats a number counts it each time), of ``total_intervened`` / ``total_reference`` tokens;
+      ``answers_intervened`` / ``answers_reference``: answers containing it;
+    - ``log_odds``: the log odds ratio of a written token being this one, intervened against reference, each
+      of the four counts smoothed by ``prior`` (a symmetric Dirichlet prior; 0.5 is the Haldane-Anscombe
+      correction), ``log((a + p) / (N_i - a + p)) - log((c + p) / (N_r - c + p))``;
+    - ``p_value``: Fisher's exact test (two-sided, ``scipy.stats.fisher_exact``) on the 2x2 table of counts
+      ``[[a, N_i - a], [c, N_r - c]]``: exact at the small counts most tokens have, where the chi-square
+      approximation is poor (expected cells under 5). It treats written tokens as independent draws; tokens
+      of one answer are not, so read it with the per-answer columns beside it;
+    - ``q_value`` (Benjamini-Hochberg across the tokens tested), ``significant`` (q < ``alpha``),
+      ``large_effect`` (``|log_odds| > min_log_odds``) and ``flagged`` (both).
+
+    Sorted by p-value."""
+    counted_int = [Counter(a) for a in intervened]
+    counted_ref = [Counter(a) for a in reference]
+    total_int, total_ref = Counter(), Counter()
+    for c in counted_int:
+        total_int.update(c)
+    for c in counted_ref:
+        total_ref.update(c)
+    n_int, n_ref = sum(total_int.values()), sum(total_ref.values())
     rows = []
-    for token in tokens:
-        a = sum(token in s for s in int_sets)
-        c = sum(token in s for s in ref_sets)
-        table = [[a, n_int - a], [c, n_ref - c]]
+    for token in sorted(set(total_int) | set(total_ref)):
+        a, c = total_int[token], total_ref[token]
         log_odds = np.log((a + prior) / (n_int - a + prior)) - np.log((c + prior) / (n_ref - c + prior))
         rows.append(
             {
                 "token": token,
-                "n_intervened": a,
-                "n_reference": c,
+                "count_intervened": a,
+                "count_reference": c,
                 "total_intervened": n_int,
                 "total_reference": n_ref,
+                "answers_intervened": sum(token in x for x in counted_int),
+                "answers_reference": sum(token in x for x in counted_ref),
                 "log_odds": float(log_odds),
-                "p_value": float(scipy.stats.fisher_exact(table).pvalue),
+                "p_value": float(scipy.stats.fisher_exact([[a, n_int - a], [c, n_ref - c]]).pvalue),
             }
         )
-    frame = pd.DataFrame(
-        rows,
-        columns=["token", "n_intervened", "n_reference", "total_intervened", "total_reference", "log_odds", "p_value"],
-    )
-    if len(frame):
-        reject, q, _, _ = multipletests(frame["p_value"], alpha=alpha, method="fdr_bh")
-        frame["q_value"], frame["significant"] = q, reject
-    else:
-        frame["q_value"], frame["significant"] = [], []
+    columns = [
+        "token",
+        "count_intervened",
+        "count_reference",
+        "total_intervened",
+        "total_reference",
+        "answers_intervened",
+        "answers_reference",
+        "log_odds",
+        "p_value",
+    ]
+    frame = pd.DataFrame(rows, columns=columns)
+    frame["significant"], frame["q_value"] = benjamini_hochberg(frame["p_value"].to_numpy(), alpha)
+    frame["large_effect"] = frame["log_odds"].abs() > min_log_odds
+    frame["flagged"] = frame["significant"] & frame["large_effect"]
     return frame.sort_values(["p_value", "token"], kind="stable").reset_index(drop=True)
 
 
@@ -225,6 +250,7 @@ def survey_features(
 
     table = store.run(list(saes), describe, unit_id=str, batch_size=1, desc="features")
     table["site"] = table["sae_id"].map({i: sae_site(s).id for i, s in saes.items()})
+    table["feature_id"] = [feature_id(site, f) for site, f in zip(table["site"], table["feature"])]
     return FeatureSurvey(table, dataset, acts), store
 
 
@@ -242,6 +268,7 @@ def feature_interventions(
     out: str | Path,
     *,
     intervene: int = 5,
+    features: Sequence[tuple[str, int]] | None = None,
     op: str = "clamp",
     clamp_scale: float = 10.0,
     n_latents: int = 6,
@@ -249,7 +276,8 @@ def feature_interventions(
     settings: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> pd.DataFrame:
-    """Each SAE's ``intervene`` most frequent features intervened on (``op``: ``clamp`` to ``clamp_scale``
+    """Each SAE's ``intervene`` most frequent features (or the ``(sae_id, feature)`` pairs of ``features``, e.g.
+    the causal screen's selection) intervened on (``op``: ``clamp`` to ``clamp_scale``
     times the feature's largest activation, or ``ablate``) inside the loop, with the SAE spliced in with its
     error term: the answers' tokens against the SAE's reference run (:func:`token_association`), and the
     change in the log-probability of the plain run's whole answer number (every token of it, teacher-forced;
@@ -296,6 +324,7 @@ def feature_interventions(
                     **{UNIT_COLUMN: f"{sae_id}/{feature}"},
                     sae_id=sae_id,
                     feature=feature,
+                    feature_id=feature_id(sae_site(saes[sae_id]), feature),
                     value=value,
                     answers_changed=changed,
                     logprob_change=estimate,
@@ -308,7 +337,7 @@ def feature_interventions(
 
     store = ResultStore(out, settings or {}, overwrite=overwrite)
     rows = store.run(
-        most_frequent(survey.table, intervene),
+        list(features) if features is not None else most_frequent(survey.table, intervene),
         associate,
         unit_id=lambda u: f"{u[0]}/{u[1]}",
         batch_size=1,

@@ -12,7 +12,9 @@ intermediate values; and an offline HTML feature browser. Then, for the ``--inte
 features, the answers are generated with the feature ``clamp``-ed to ``--clamp-scale`` (10) times its
 largest activation on these problems (or ``ablate``-d) inside the loop (SAE spliced in with its error
 term, so everything else is the model's own) and compared token by token with the unedited answers: smoothed log-odds,
-Fisher exact p-values and Benjamini-Hochberg q-values (``codi_lens.features.token_association``); and each
+Fisher exact p-values and Benjamini-Hochberg q-values (``codi_lens.features.token_association``: token counts,
+not only presence, and the ``|log-odds| > 0.5`` flag); ``--intervene-features causal`` intervenes on the
+features ``experiments.feature_screen`` selected instead (``--screen``: its folder); and each
 intervention's change in the log-probability of the plain run's whole answer number (every token of it,
 teacher-forced: ``logprob_change`` in nats, with a 95% bootstrap CI over problems).
 
@@ -27,11 +29,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
+from codi_lens.core.errors import FlagError
 from codi_lens.features import feature_interventions, survey_features
 from codi_lens.reports.saes import features_summary, write_feature_browser
 from codi_lens.run.cli import command_parser, parse_common_args, run_main, start_run
 from codi_lens.run.store import UNIT_COLUMN
-from codi_lens.saes import load_saes
+from codi_lens.saes import load_saes, sae_site
+from codi_lens.saes.ids import audit_feature_ids, parse_feature_id, saes_by_site
+
+
+def chosen_features(text: str | None, screen: str, saes: dict) -> list[tuple[str, int]] | None:
+    """``--intervene-features`` as ``(sae_id, feature)`` pairs (None: the most frequent ones)."""
+    if text is None:
+        return None
+    saes_by_site(saes)  # a feature id names a site: two SAEs at one site are refused by name
+    if text == "causal":
+        causal = Path(screen) / "causal.parquet"
+        if not causal.exists():
+            raise FlagError(f"--intervene-features causal: {causal} does not exist (run experiments.feature_screen)")
+        ids = pd.read_parquet(causal)["feature_id"].tolist()
+    else:
+        ids = [i.strip() for i in text.split(",") if i.strip()]
+    orphans = audit_feature_ids({"--intervene-features": pd.DataFrame({"feature_id": ids})}, saes)
+    if len(orphans):
+        raise FlagError(f"--intervene-features: {orphans.iloc[0]['feature_id']}: {orphans.iloc[0]['reason']}")
+    by_site = {site: sae_id for sae_id, site in ((i, sae_site(s).id) for i, s in saes.items())}
+    return [(by_site[site.id], feature) for site, feature in map(parse_feature_id, ids)]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -41,6 +66,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--top-features", type=int, default=20, help="features with examples in the browser")
     parser.add_argument("--top-k", type=int, default=10, help="top-activating problems per feature")
     parser.add_argument("--intervene", type=int, default=5, help="features per SAE whose intervention is tested")
+    parser.add_argument(
+        "--intervene-features",
+        default=None,
+        help="'causal' (the screen's selection, read from --screen) or feature ids site/f,... instead of the "
+        "--intervene most frequent",
+    )
+    parser.add_argument("--screen", default="results/feature_screen", help="feature_screen --out, for causal")
     parser.add_argument("--intervention", choices=["clamp", "ablate"], default="clamp")
     parser.add_argument("--clamp-scale", type=float, default=10.0, help="clamp to this times the largest activation")
     parser.add_argument("--n-latents", type=int, default=6, help="continuous thoughts fed back (CODI: 6)")
@@ -49,10 +81,12 @@ def main(argv: list[str] | None = None) -> dict:
     run = start_run(args)
     problems = run.problems()
     saes = load_saes(args.saes, ids, device=args.device)  # an empty or wrong folder is named before the model loads
+    chosen = chosen_features(args.intervene_features, args.screen, saes)
     settings = run.settings(
         saes={i: str(Path(args.saes)) for i in saes},
         intervention=args.intervention,
         intervene=args.intervene,
+        intervene_features=chosen,
         clamp_scale=args.clamp_scale,
         n_latents=args.n_latents,
         max_new_tokens=args.max_new_tokens,
@@ -78,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         survey,
         run.out / "token_association",
         intervene=args.intervene,
+        features=chosen,
         op=args.intervention,
         clamp_scale=args.clamp_scale,
         n_latents=args.n_latents,

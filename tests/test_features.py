@@ -8,10 +8,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 import torch
 
 from codi_lens import Site, load_pretrained
 from codi_lens.activations import collect_activations
+from codi_lens.core.errors import FlagError
 from codi_lens.data import Problem, load_problems
 from codi_lens.features import feature_frequency, token_association, top_examples
 from codi_lens.pathways import feature_attributions, site_order, target_activation
@@ -55,21 +57,27 @@ def test_frequency_and_top_examples_by_hand():
     assert top.iloc[0]["intermediates"] == "2;10" and top.iloc[0]["thought"] == 2
 
 
-def test_token_association_by_hand():
-    reference = [["a", "x"], ["a"], ["a", "y"]]
-    intervened = [["b", "x"], ["b"], ["b"]]
+def test_token_association_counts_by_hand():
+    reference = [["a", "x"], ["a"], ["a", "y"]]  # 5 tokens: a 3, x 1, y 1
+    intervened = [["b", "x"], ["b"], ["b", "b"]]  # 5 tokens: b 4 (twice in one answer), x 1
     table = token_association(reference, intervened).set_index("token")
-    # a: in 0/3 intervened vs 3/3 reference; Fisher two-sided p = 2 / C(6, 3) = 0.1
-    assert table.loc["a", "p_value"] == pytest.approx(0.1)
-    assert table.loc["b", "p_value"] == pytest.approx(0.1)
-    assert table.loc["x", "p_value"] == pytest.approx(1.0)
-    assert table.loc["b", "log_odds"] == pytest.approx(2 * np.log(3.5 / 0.5))  # prior 0.5 in each cell
-    assert table.loc["a", "log_odds"] == pytest.approx(-2 * np.log(3.5 / 0.5))
-    # Benjamini-Hochberg by hand over the 4 tokens' p-values (0.1, 0.1, 1, 1): rank r -> min_{j>=r} p_j m / j
+    assert table.loc["b", ["count_intervened", "count_reference", "answers_intervened"]].tolist() == [4, 0, 3]
+    # b: [[4, 1], [0, 5]] of 10 tokens, 4 of them b; P(X=4) = C(6,1)/C(10,5) = 6/252, and X=0 is as extreme
+    assert table.loc["b", "p_value"] == pytest.approx(12 / 252)
+    # a: [[0, 5], [3, 2]]: P(X=0) = P(X=3) = C(7,5)/252 = 21/252, X=1 and 2 are likelier
+    assert table.loc["a", "p_value"] == pytest.approx(42 / 252)
+    assert table.loc["x", "p_value"] == pytest.approx(1.0) and table.loc["x", "log_odds"] == pytest.approx(0.0)
+    assert table.loc["b", "log_odds"] == pytest.approx(np.log(4.5 / 1.5) - np.log(0.5 / 5.5))  # prior 0.5 per cell
+    assert table.loc["a", "log_odds"] == pytest.approx(np.log(0.5 / 5.5) - np.log(3.5 / 2.5))
+    # Benjamini-Hochberg by hand over the 4 tokens' p-values: rank r -> min_{j>=r} p_j m / j
     p = table["p_value"].sort_values().to_numpy()
     by_hand = np.minimum.accumulate((p * len(p) / np.arange(1, len(p) + 1))[::-1])[::-1]
     assert np.allclose(np.sort(table["q_value"].to_numpy()), np.minimum(by_hand, 1.0))
-    assert table.loc["a", "q_value"] == pytest.approx(0.2) and not table["significant"].any()
+    assert table.loc["b", "q_value"] == pytest.approx(4 * 12 / 252) and not table["significant"].any()
+    assert table["large_effect"].to_dict() == {"b": True, "a": True, "y": True, "x": False}
+    assert not table["flagged"].any()
+    many = token_association([["a"]] * 40, [["b"]] * 40)
+    assert many.set_index("token")["flagged"].to_dict() == {"a": True, "b": True}
 
 
 def test_benjamini_hochberg_step_up_by_hand():
@@ -299,3 +307,67 @@ def test_a_pathway_is_validated_by_its_replayed_ci_and_sign():
         "s/3": False,
     }  # right sign; wrong sign; CI holds 0
     assert table.loc["s/1", "low"] > 0 and table.loc["s/3", "low"] < 0 < table.loc["s/3", "high"]
+
+
+def test_value_encoding_by_hand():
+    from codi_lens.feature_report import own_step_shares, shuffled_problems, value_encoding
+
+    problems = [_problem(i, (float(i), float((i * 7) % 5), float(i * i % 11))) for i in range(12)]
+    own = [p.intermediates[1] for p in problems]  # a feature of thought 2 that is the value after step 2
+    noise = np.random.default_rng(0).normal(size=12)
+    activations = pd.concat(
+        [
+            pd.DataFrame(
+                {"feature_id": "thought.2.hook_hidden/0", "problem_id": [p.id for p in problems], "activation": own}
+            ),
+            pd.DataFrame(
+                {"feature_id": "thought.1.hook_hidden/5", "problem_id": [p.id for p in problems], "activation": noise}
+            ),
+        ]
+    )
+    table = value_encoding(activations, problems).set_index("feature_id")
+    assert table.loc["thought.2.hook_hidden/0", "rho_own"] == pytest.approx(1.0)
+    assert (
+        table.loc["thought.2.hook_hidden/0", "best_step"] == 2 and table.loc["thought.2.hook_hidden/0", "encodes_own"]
+    )
+    expected = scipy.stats.spearmanr(noise, [p.intermediates[0] for p in problems])
+    assert table.loc["thought.1.hook_hidden/5", "rho_own"] == pytest.approx(expected.statistic)
+    assert table.loc["thought.1.hook_hidden/5", "p_own"] == pytest.approx(expected.pvalue)
+    moved = shuffled_problems(activations, seed=1)
+    for fid, group in moved.groupby("feature_id"):
+        original = activations[activations["feature_id"] == fid]
+        assert sorted(group["activation"]) == sorted(original["activation"])
+        assert (group["problem_id"].to_numpy() != original["problem_id"].to_numpy()).any()
+    shares = own_step_shares(table.reset_index(), value_encoding(moved, problems), ["thought.2.hook_hidden/0"])
+    assert shares["causal"]["share"] == 1.0 and shares["causal"]["n"] == 1
+
+
+def test_the_feature_pipeline_joins_on_feature_ids_with_no_orphans(sae_dir, tmp_path):
+    """screen -> pathways for chosen targets -> token association of the same features -> the report."""
+    from experiments import feature_pathways, feature_report, feature_screen, sae_features
+
+    common = ["--saes", str(sae_dir), "--limit", "24"]
+    feature_screen.main([*common, "--top-frequent", "4", "--max-new-tokens", "8", "--out", str(tmp_path / "screen")])
+    summary = pd.read_parquet(tmp_path / "screen" / "summary.parquet")
+    targets = summary[summary["site"] == "blocks.1.hook_resid_post@3"]
+    targets = targets.assign(strength=targets["cohens_d"].abs()).sort_values("strength").tail(2)["feature_id"].tolist()
+    feature_pathways.main(
+        [*common, "--targets", ",".join(targets), "--candidates", "3", "--out", str(tmp_path / "paths")]
+    )
+    chosen = ["--intervene-features", ",".join(targets), "--max-new-tokens", "8"]
+    sae_features.main([*common, *chosen, "--top-features", "3", "--out", str(tmp_path / "features")])
+    folders = ["--screen", str(tmp_path / "screen"), "--pathways", str(tmp_path / "paths")]
+    result = feature_report.main(
+        [*folders, "--features", str(tmp_path / "features"), "--saes", str(sae_dir), "--out", str(tmp_path / "report")]
+    )
+    assert result["orphan_ids"] == 0 and pd.read_parquet(tmp_path / "report" / "audit.parquet").empty
+    table = pd.read_parquet(tmp_path / "report" / "feature_table.parquet")
+    screened = pd.read_parquet(tmp_path / "screen" / "features.parquet")
+    assert set(table["feature_id"]) == set(screened.loc[screened["screened"], "feature_id"])
+    tokens = pd.read_parquet(tmp_path / "features" / "token_association" / "results.parquet")
+    assert set(tokens["feature_id"]) == set(targets)
+    assert table.set_index("feature_id").loc[targets, "upstream_validated"].notna().all()
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "Causal screen" in html and "Feature id audit" in html and "Plotly" in html
+    with pytest.raises(FlagError, match="--targets: .*no SAE at site thought.9.hook_hidden"):
+        feature_pathways.main([*common, "--targets", "thought.9.hook_hidden/1", "--out", str(tmp_path / "bad")])

@@ -375,3 +375,52 @@ def test_train_saes_names_a_bad_flag_in_one_line(capsys, tmp_path):
 def test_an_unknown_feature_op_is_refused_before_any_run(trained):
     with pytest.raises(ChoiceError, match="unknown feature op 'zap'; choose from ablate, scale, clamp, swap"):
         feature_edit(trained, [0], "zap")
+
+
+def test_convert_legacy_sae_command_round_trips_a_hand_written_folder(tmp_path):
+    """Two legacy files written by hand: a ReLU SAE named by the pos_<p>_ convention and a top-k one whose thought
+    is given on the command line. The SAELens folders the command writes compute the files' own forward pass
+    (written out here), and the reported explained variance is the one computed by hand on the model's thoughts."""
+    from codi_lens.saes import sae_site
+    from experiments import convert_legacy_sae
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    d, d_sae = 128, 16
+    generator = torch.Generator().manual_seed(0)
+    weights = {}
+    for name in ("pos_2_relu.pt", "mine.pt"):
+        state = {
+            "encoder.weight": torch.randn(d_sae, d, generator=generator) / 8,
+            "encoder.bias": torch.randn(d_sae, generator=generator) / 8,
+            "decoder.weight": torch.randn(d, d_sae, generator=generator) / 4,
+            "decoder.bias": torch.randn(d, generator=generator) / 8,
+        }
+        weights[name] = state
+        blob = state if name.startswith("pos_") else {"model_state_dict": state, "config": {"k": 4}}
+        torch.save(blob, legacy / name)
+    out = tmp_path / "out"
+    flags = ["--legacy", str(legacy), "--hook", "thought.{k}.hook_hidden", "--limit", "24", "--out", str(out)]
+    with pytest.raises(SAEError, match="mine.pt: which thought is it"):
+        convert_legacy_sae.main(flags)  # mine.pt says no thought and no one is at the terminal to ask
+    summary = convert_legacy_sae.main([*flags, "--thought", "mine.pt=4"])
+    assert summary["n_saes"] == 2
+    table = pd.read_parquet(out / "results.parquet").set_index("file")
+    model = load_pretrained()
+    thoughts = model.run_codi([p.question for p in load_problems("toy-chain:test", limit=24)], max_new_tokens=1)
+    for name, thought, k in (("pos_2_relu.pt", 2, None), ("mine.pt", 4, 4)):
+        state = weights[name]
+        sae = load_sae(out / "saes" / table.loc[name, "sae_id"])
+        assert sae_site(sae) == Site(f"thought.{thought}.hook_hidden")
+        x = thoughts.latent_states[:, thought].float()  # h_k, what thought.k.hook_hidden holds
+        pre = torch.relu(x @ state["encoder.weight"].T + state["encoder.bias"])
+        if k:
+            top = pre.topk(k, dim=-1)
+            pre = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+        x_hat = pre @ state["decoder.weight"].T + state["decoder.bias"]
+        acts, recon = encode_decode(sae, x)
+        torch.testing.assert_close(acts, pre, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(recon, x_hat, rtol=1e-5, atol=1e-5)
+        by_hand = 1 - (x - x_hat).double().var(0, unbiased=False).sum() / x.double().var(0, unbiased=False).sum()
+        assert table.loc[name, "explained_variance"] == pytest.approx(float(by_hand), abs=1e-5)
+        assert table.loc[name, "l0"] == pytest.approx(float((pre > 0).sum(1).float().mean()))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from codi_lens.plotting.accuracy import accuracy_bars
-from codi_lens.plotting.base import TEMPLATE, error_bars, mean_heatmap, write_html
+from codi_lens.plotting.base import TEMPLATE, error_bars, mean_heatmap, write_html, write_page
 from codi_lens.plotting.circuits import attribution_bars, head_heatmap, path_bars, source_heatmap
 from codi_lens.plotting.importance import (
     attention_by_head,
@@ -80,4 +80,5 @@ __all__ = [
     "trajectory_lines",
     "value_patching_bars",
     "write_html",
+    "write_page",
 ]

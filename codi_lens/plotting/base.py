@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import html
+from collections.abc import Sequence
+from pathlib import Path
+
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
 
 TEMPLATE = "plotly_white"
 
@@ -38,3 +43,27 @@ def mean_heatmap(grid: pd.DataFrame, y: str, facet: str, title: str, facet_wrap:
         nbinsx=int(grid["thought"].max()) + 1,
         nbinsy=int(grid[y].max()) + 1,
     )
+
+
+def write_page(title: str, sections: Sequence[tuple[str, Sequence[go.Figure | pd.DataFrame | str]]], path) -> None:
+    """One offline HTML page (plotly.js embedded once, no CDN): a heading per section, then its parts in order:
+    figures, tables (rendered without their index) and paragraphs of text (escaped)."""
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for heading, parts in sections:
+        body.append(f"<h2>{html.escape(heading)}</h2>")
+        for part in parts:
+            if isinstance(part, go.Figure):
+                body.append(part.to_html(full_html=False, include_plotlyjs=False))
+            elif isinstance(part, pd.DataFrame):
+                body.append(part.to_html(index=False, border=0, classes="table", float_format=lambda x: f"{x:.4g}"))
+            else:
+                body.append(f"<p>{html.escape(str(part))}</p>")
+    style = (
+        "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
+        "table{border-collapse:collapse;font-size:13px}td,th{padding:3px 8px;border-bottom:1px solid #ddd}"
+    )
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style><script>{get_plotlyjs()}</script></head><body>{''.join(body)}</body></html>"
+    )
+    Path(path).write_text(page, encoding="utf-8")

@@ -23,6 +23,7 @@ from codi_lens.plotting import (
     write_html,
 )
 from codi_lens.reports.summaries import with_ci
+from codi_lens.saes.ids import feature_id
 from codi_lens.saes.io import sae_site
 from codi_lens.stats import mean_ci_table
 
@@ -74,7 +75,7 @@ def write_feature_browser(
         chosen = frequency.sort_values("frequency", ascending=False).head(top_features)["feature"].tolist()
         profile = position_profile(sae, survey.dataset, [s.thought for s in site.across_thoughts(n_latents)])
         top = top_examples(survey.acts[sae_id], problems, chosen, k=top_k, site=site)
-        profiles.append(profile.assign(sae_id=sae_id))
+        profiles.append(profile.assign(sae_id=sae_id, feature_id=[feature_id(site, f) for f in profile["feature"]]))
         examples.append(top.assign(sae_id=sae_id))
         title = f"{sae_id}: {sae.cfg.d_sae} features on {len(problems)} held-out problems"
         write_html(feature_dashboard(frequency, profile, top, chosen, title), out / f"dashboard_{sae_id}.html")

@@ -8,7 +8,8 @@ belongs to) and ``codi_site``. Saved SAEs are plain SAELens folders (``cfg.json`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,39 @@ def convert_legacy_sae(
     }
     sae.load_state_dict(state)
     return sae
+
+
+#: A legacy file named ``pos_{p}_...`` belongs to thought ``p`` (earlier CODI work numbered the latent positions
+#: it trained on by the thought they hold); ``position_offset`` shifts that when a folder counted from another base.
+LEGACY_POSITION = re.compile(r"^pos_(\d+)_")
+
+
+def legacy_files(directory: str | Path) -> list[Path]:
+    """The PyTorch files (``*.pt``, ``*.pth``) of a folder of legacy SAEs, in name order (``SAEError`` if none)."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.glob("*") if p.suffix in (".pt", ".pth")) if directory.is_dir() else []
+    if not files:
+        raise SAEError(f"{directory} holds no .pt or .pth files of legacy SAEs")
+    return files
+
+
+def legacy_thought(
+    path: Path, given: dict[str, int], *, position_offset: int = 0, ask: Callable[[str], str] | None = None
+) -> int:
+    """Which thought a legacy SAE file belongs to: ``given[file name]``, else its config's ``thought`` /
+    ``position``, else the ``pos_{p}_`` naming convention (thought ``p + position_offset``), else ``ask`` (a
+    prompt, e.g. ``input`` when a person is at the terminal); ``SAEError`` naming the file when none says."""
+    if path.name in given:
+        return given[path.name]
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    config = blob.get("config") or {} if isinstance(blob, dict) else {}
+    if config.get("thought", config.get("position")) is not None:
+        return int(config.get("thought", config.get("position")))
+    match = LEGACY_POSITION.match(path.name)
+    if match:
+        return int(match.group(1)) + position_offset
+    if ask is not None:
+        answer = ask(f"which thought (0 = BOT) does {path.name} belong to? ").strip()
+        if answer.isdigit():
+            return int(answer)
+    raise SAEError(f"{path.name}: which thought is it? name it pos_<thought>_..., or give --thought {path.name}=K")
