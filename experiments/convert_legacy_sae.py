@@ -25,13 +25,11 @@ import sys
 
 import pandas as pd
 
-from codi_lens.activations import collect_activations
 from codi_lens.core.errors import FlagError
 from codi_lens.core.sites import Site
 from codi_lens.run.cli import command_parser, parse_common_args, run_main, start_run
-from codi_lens.saes import convert_legacy_sae, reconstruction_metrics, save_sae
-from codi_lens.saes.io import legacy_files, legacy_thought
-from codi_lens.saes.suite import sae_id
+from codi_lens.saes import convert_legacy_sae
+from codi_lens.saes.legacy import evaluate_converted, legacy_files, legacy_thought
 
 
 def parse_thoughts(text: str | None) -> dict[str, int]:
@@ -75,42 +73,23 @@ def main(argv: list[str] | None = None) -> dict:
     saes = {f: convert_legacy_sae(f, hook_name=sites[f].hook, thought=thoughts[f], k=args.k) for f in files}
     run = start_run(args)
     run.check_sites(list(sites.values()), "--hook")
-    out = run.out
-    dataset = collect_activations(
+    table = evaluate_converted(
         run.model,
+        saes,
+        sites,
         run.problems(),
-        list(set(sites.values())),
-        out / "activations",
+        run.out,
         n_latents=args.n_latents,
         batch_size=args.batch_size,
         overwrite=args.overwrite,
     )
-    rows = []
-    for path, sae in saes.items():
-        site = sites[path]
-        name = sae_id(site, sae.cfg.architecture())
-        save_sae(sae, out / "saes" / name)
-        x, _ = dataset.load(site)
-        rows.append(
-            {
-                "file": path.name,
-                "sae_id": name,
-                "site": site.id,
-                "thought": thoughts[path],
-                "d_in": sae.cfg.d_in,
-                "d_sae": sae.cfg.d_sae,
-                "n_heldout": len(x),
-                **reconstruction_metrics(sae, x),
-            }
-        )
-    table = pd.DataFrame(rows)
-    table.to_parquet(out / "results.parquet", index=False)
+    table.to_parquet(run.out / "results.parquet", index=False)
     summary = {
         "n_saes": len(table),
         "n_problems": len(run.problems()),
         "per_file": table.set_index("file")[["sae_id", "explained_variance", "l0", "dead_fraction"]].to_dict("index"),
     }
-    (out / "summary.json").write_text(pd.Series(summary).to_json(indent=2))
+    (run.out / "summary.json").write_text(pd.Series(summary).to_json(indent=2))
     for r in table.itertuples():
         print(
             f"{r.file} -> {r.sae_id}: explained variance {r.explained_variance:.3f} [{r.explained_variance_low:.3f}, "

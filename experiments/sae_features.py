@@ -27,6 +27,7 @@ each), ``summary.json`` and ``dashboard_<sae_id>.html``. Resumable after a kill.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pandas as pd
@@ -59,7 +60,7 @@ def chosen_features(text: str | None, screen: str, saes: dict) -> list[tuple[str
     return [(by_site[site.id], feature) for site, feature in map(parse_feature_id, ids)]
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = command_parser(__doc__, out="results/sae_features", batch_size=100, limit=500)
     parser.add_argument("--saes", default="results/train_saes", help="folder of SAELens folders (train_saes --out)")
     parser.add_argument("--sae-ids", default=None, help="comma-separated SAE ids (default: all)")
@@ -76,6 +77,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--intervention", choices=["clamp", "ablate"], default="clamp")
     parser.add_argument("--clamp-scale", type=float, default=10.0, help="clamp to this times the largest activation")
     parser.add_argument("--n-latents", type=int, default=6, help="continuous thoughts fed back (CODI: 6)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
     args = parse_common_args(parser, argv)
     ids = [i.strip() for i in args.sae_ids.split(",")] if args.sae_ids else None
     run = start_run(args)

@@ -29,7 +29,8 @@ LAYERS = {
     "interventions": 5,
     **dict.fromkeys(
         ["patching", "saes", "accuracy", "importance", "attention", "lens", "probes", "early_answers",
-         "value_patching", "activations", "features", "pathways", "reading", "training", "logit_attribution"],
+         "value_patching", "activations", "features", "pathways", "reading", "training", "logit_attribution",
+         "feature_screen", "feature_report"],
         6,
     ),
     "plotting": 7,

@@ -35,7 +35,7 @@ def run_quick(name: str, *extra: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("name", ["patch_sweep", "step_importance", "hooked_loop"])
+@pytest.mark.parametrize("name", ["patch_sweep", "step_importance", "hooked_loop", "feature_screen"])
 def test_speed_benchmarks_agree_with_the_naive_way(name):
     last = run_quick(name)
     match = re.fullmatch(rf"speedup {NUMBER}x max_abs_diff {NUMBER}", last)

@@ -81,9 +81,10 @@ def test_token_association_counts_by_hand():
 
 
 def test_benjamini_hochberg_step_up_by_hand():
-    """Three tokens present in 20, 12 and 6 of 20 intervened answers and in none of 20 reference ones: their
-    q-values follow the step-up rule written out here (q of rank r = min over ranks j >= r of p_j m / j)."""
-    reference = [[] for _ in range(20)]
+    """Three tokens written 20, 12 and 6 times in 20 intervened answers and never in 20 reference ones (which write
+    ``r`` once each): their q-values follow the step-up rule written out here (q of rank r = min over ranks
+    j >= r of p_j m / j)."""
+    reference = [["r"] for _ in range(20)]
     intervened = [["t1"] for _ in range(20)]
     for i in range(12):
         intervened[i].append("t2")

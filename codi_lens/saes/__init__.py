@@ -1,13 +1,14 @@
 """Sparse autoencoders on continuous thoughts, trained with SAELens and attached inside the latent loop.
 
-Modules in dependency order: ``io`` (SAELens folders that name their site, the legacy converter), ``train``
+Modules in dependency order: ``io`` (SAELens folders that name their site), ``ids`` (feature ids), ``train``
 (SAELens' trainer on one site's activations; the registry of architectures), ``splice`` (attaching SAEs
 inside the loop), ``edits`` (feature edits as ``fwd_hooks``), ``quality`` (reconstruction and splicing
-metrics).
+metrics), ``suite`` (train and evaluate many), ``legacy`` (earlier CODI SAE files).
 """
 
 from codi_lens.saes.edits import FEATURE_OPS, feature_edit
-from codi_lens.saes.io import SAEError, convert_legacy_sae, load_sae, load_saes, sae_site, save_sae, site_metadata
+from codi_lens.saes.io import SAEError, load_sae, load_saes, sae_site, save_sae, site_metadata
+from codi_lens.saes.legacy import convert_legacy_sae
 from codi_lens.saes.quality import (
     DENSE_THRESHOLD,
     PlainRun,
