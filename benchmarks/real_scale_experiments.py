@@ -45,6 +45,8 @@ FAMILIES = {
     "llama": {"base": "llama-3.2-1b-instruct", "lora_rank": 128},
     "gpt2": {"base": "gpt2", "lora_rank": 128},
 }
+#: The experiment module of a rehearsal entry that runs a module with other flags.
+MODULE_OF = {"position_patching_attribution": "position_patching", "feature_pathways_targets": "feature_pathways"}
 NOT_RUN = {"train_toy_codi": "trains the shipped toy models", "toy_model_report": "reports on a shipped toy model"}
 
 
@@ -162,6 +164,28 @@ def commands(
         ],  # fmt: skip
         "sae_features": [*data, *saes, "--limit", "4", "--intervene", "1", "--top-features", "2"],
         "feature_pathways": [*data, *saes, "--limit", "4", "--candidates", "2"],
+        "feature_screen": [*data, *saes, "--limit", "4", "--top-frequent", "4", "--block-size", "2"],
+        "feature_pathways_targets": [
+            *data,
+            *saes,
+            "--limit",
+            "4",
+            "--targets",
+            "strongest:3",
+            "--screen",
+            str(out / "feature_screen"),
+            "--candidates",
+            "2",
+        ],  # fmt: skip
+        "feature_report": [
+            "--screen",
+            str(out / "feature_screen"),
+            "--pathways",
+            str(out / "feature_pathways_targets"),
+            "--features",
+            str(out / "sae_features"),
+            *saes,
+        ],  # fmt: skip
     }
 
 
@@ -169,7 +193,7 @@ def run_one(name: str, argv: list[str], out: Path, timeout: float) -> dict:
     """One experiment in its own process: exit status, wall time, its peak resident memory, rows written, and
     the longest silence on its stderr once its first progress bar appeared (``max_bar_gap_s``: how long a user
     watched a bar that did not move)."""
-    module = "position_patching" if name.startswith("position_patching") else name
+    module = MODULE_OF.get(name, name)
     peak_file = out.with_suffix(".peak")
     shutil.rmtree(out, ignore_errors=True)  # a rehearsal measures a fresh run, not a resumed one
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@ high quantile of its activations where it is active on the screened problems). P
 unedited run:
 
 - ``gold_logprob_change``: the log-probability of the gold answer number (every token of it, teacher-forced
-  after the model's own answer prefix: :func:`~codi_lens.metrics.gold_number`), edited minus unedited, nats;
+  after the model's own answer prefix: :func:`~codi_lens.metrics.gold_number`; after CODI's answer template
+  where the model's answer has no number), edited minus unedited, nats;
 - ``kl``: KL(unedited || edited) at the row predicting the number's first token, nats;
 - ``correct_change``: correct (greedy answer) edited minus unedited, in {-1, 0, 1}.
 
@@ -42,7 +43,7 @@ from jaxtyping import Float
 from sae_lens import SAE
 from torch import Tensor
 
-from codi_lens.core.answers import is_correct
+from codi_lens.core.answers import format_answer, is_correct
 from codi_lens.core.branching import Branch, grow_trunk, run_branches
 from codi_lens.core.hooks import Hooks
 from codi_lens.core.model import CODIModel
@@ -50,8 +51,8 @@ from codi_lens.data.problems import Problem
 from codi_lens.metrics import AnswerNumber, gold_number, kl_divergence, number_logprob, whole_number_rows
 from codi_lens.run.store import UNIT_COLUMN, ResultStore
 from codi_lens.saes.edits import feature_edit, random_direction_edit
-from codi_lens.saes.ids import feature_id
-from codi_lens.saes.io import sae_site
+from codi_lens.saes.ids import feature_id, parse_feature_id
+from codi_lens.saes.io import SAEError, sae_site
 from codi_lens.saes.splice import attached, feature_recorder, recorded_features
 from codi_lens.stats import benjamini_hochberg, bootstrap_ci, cohens_d
 
@@ -121,11 +122,20 @@ class UneditedRun:
 
     @classmethod
     def of(cls, model: CODIModel, problems: Sequence[Problem], answer_tokens: Sequence[Sequence[int]]) -> UneditedRun:
+        """The gold number after the model's own answer prefix; where the model's answer has no number (an
+        untrained checkpoint), after CODI's answer template (``The answer is: 18``)."""
         _, predictions = model.decode_answers(answer_tokens)
-        numbers = [gold_number(model.tokenizer, t, p.gold) for p, t in zip(problems, answer_tokens)]
+        numbers = [
+            gold_number(model.tokenizer, t, p.gold) or gold_number(model.tokenizer, _template(model, p.gold), p.gold)
+            for p, t in zip(problems, answer_tokens)
+        ]
         scored = [n is not None for n in numbers]
         stand_in = AnswerNumber(0, (), model.codi_tokens.eos, "")  # teacher-forced but never read
         return cls(predictions, [n if n is not None else stand_in for n in numbers], scored)
+
+
+def _template(model: CODIModel, gold: float) -> list[int]:
+    return model.tokenizer(format_answer(gold), add_special_tokens=False)["input_ids"]
 
 
 def screen_ops(ops: Sequence[str]) -> list[str]:
@@ -390,3 +400,31 @@ def screen_features(
     if len(summary):
         summary["selected"] = summary["feature_id"].isin(causal["feature_id"])
     return Screen(rows, summary, causal, features), store
+
+
+def named_features(spec: str, screen: str | Path) -> list[str]:
+    """The feature ids ``spec`` names, for the commands that follow a screen: ``causal`` (the selection in
+    ``screen/causal.parquet``), ``strongest:N`` (the N features of ``screen/summary.parquet`` with the largest
+    |Cohen's d| over their edits, passing or not) or comma-separated ids (``site/feature``). ``SAEError`` names
+    what is missing or malformed."""
+    screen = Path(screen)
+    if spec.startswith("strongest:"):
+        count, summary = spec.partition(":")[2], screen / "summary.parquet"
+        if not count.isdigit() or not summary.exists():
+            raise SAEError(f"{spec}: give strongest:N with N a number, and a screen folder with summary.parquet")
+        table = pd.read_parquet(summary)
+        table = table.assign(strength=table["cohens_d"].abs())
+        ranked = table.sort_values(["strength", "feature_id"], ascending=[False, True], kind="stable")
+        return ranked.drop_duplicates("feature_id")["feature_id"].head(int(count)).tolist()
+    if spec == "causal":
+        causal = screen / "causal.parquet"
+        if not causal.exists():
+            raise SAEError(f"causal: {causal} does not exist (run python -m experiments.feature_screen first)")
+        ids = pd.read_parquet(causal)["feature_id"].tolist()
+        if not ids:
+            raise SAEError(f"causal: the screen in {screen} selected no feature")
+        return ids
+    ids = [i.strip() for i in spec.split(",") if i.strip()]
+    for text in ids:
+        parse_feature_id(text)
+    return ids

@@ -436,6 +436,7 @@ def pathway_table(joined: pd.DataFrame, *, n_resamples: int = 2000, seed: int = 
     """One row per (target, source) pathway: ``predicted`` and ``replayed`` mean change of the target over
     problems, the replayed 95% bootstrap CI ``low``/``high``, their per-problem Pearson ``agreement``, and
     ``validated`` (:data:`VALIDATION_RULE`)."""
+    columns = ["target_id", "source_id", "predicted", "replayed", "low", "high", "agreement", "validated"]
     rows = []
     for (target, source), group in joined.groupby(["target_id", "source_id"], sort=True):
         replayed, low, high = bootstrap_ci(group["actual"].to_numpy(), n_resamples=n_resamples, seed=seed)
@@ -453,17 +454,17 @@ def pathway_table(joined: pd.DataFrame, *, n_resamples: int = 2000, seed: int = 
                 "validated": bool(excludes_zero and np.sign(predicted) == np.sign(replayed)),
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=columns)
 
 
 def agreement_table(joined: pd.DataFrame) -> pd.DataFrame:
     """The Pearson correlation of predicted and replayed change over (candidate, problem) pairs, per target and
     pooled (``target_id = "pooled"``), with 95% bootstrap CIs over problems."""
     rows = []
-    for target, group in [*joined.groupby("target_id", sort=True), ("pooled", joined)]:
+    for target, group in [*joined.groupby("target_id", sort=True), ("pooled", joined)] if len(joined) else []:
         r, low, high = clustered_pearson_ci(group["predicted"], group["actual"], group["problem"])
         rows.append({"target_id": target, "pearson": r, "low": low, "high": high, "n_pairs": len(group)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["target_id", "pearson", "low", "high", "n_pairs"])
 
 
 @dataclass
@@ -562,10 +563,5 @@ def study_pathways(
         joined["problem_id"] = [problems[int(i)].id for i in joined["problem"]]
     else:
         joined = pd.DataFrame(columns=[*keys, "actual", "predicted", "problem_id"])
-    study = PathwayStudy(
-        joined,
-        pathway_table(joined) if len(joined) else pd.DataFrame(),
-        agreement_table(joined) if len(joined) else pd.DataFrame(),
-        candidates,
-    )
+    study = PathwayStudy(joined, pathway_table(joined), agreement_table(joined), candidates)
     return study, store

@@ -18,7 +18,8 @@ time, and the target's actual change is measured; the Pearson correlation of pre
 changes over (candidate, problem) pairs is reported with a 95% bootstrap CI over problems.
 
 Many targets (``--targets causal``: every feature ``experiments.feature_screen`` selected, read from
-``--screen``'s ``causal.parquet``; or a list of feature ids ``site/feature``): one forward per batch of problems
+``--screen``'s ``causal.parquet``; ``strongest:N``: the screen's N largest effects, passing or not; or a list of
+feature ids ``site/feature``): one forward per batch of problems
 with every SAE spliced in, one backward pass per target over the kept graph; per target the ``--candidates``
 sources with the largest mean |attribution| of at least ``--threshold`` (``--adjacent``: only sources at the
 thought just before the target's); one replay per distinct candidate source measures every target at once.
@@ -41,30 +42,12 @@ from pathlib import Path
 import pandas as pd
 
 from codi_lens.core.errors import FlagError
+from codi_lens.feature_screen import named_features
 from codi_lens.pathways import choose_pathway, pathway_study, study_pathways
 from codi_lens.reports.saes import write_pathway_study, write_pathways
 from codi_lens.run.cli import command_parser, parse_common_args, run_main, start_run
 from codi_lens.saes import SAEError, load_saes
-from codi_lens.saes.ids import audit_feature_ids, parse_feature_id, saes_by_site
-
-
-def parse_targets(text: str, screen: str) -> list[str]:
-    """``--targets``: ``causal`` (the screen's selected features) or comma-separated feature ids."""
-    if text != "causal":
-        targets = [t.strip() for t in text.split(",") if t.strip()]
-        for target in targets:
-            try:
-                parse_feature_id(target)
-            except SAEError as error:
-                raise FlagError(f"--targets: {error}") from None
-        return targets
-    causal = Path(screen) / "causal.parquet"
-    if not causal.exists():
-        raise FlagError(f"--targets causal: {causal} does not exist (run python -m experiments.feature_screen first)")
-    targets = pd.read_parquet(causal)["feature_id"].tolist()
-    if not targets:
-        raise FlagError(f"--targets causal: the screen in {screen} selected no feature; nothing to trace")
-    return targets
+from codi_lens.saes.ids import audit_feature_ids, saes_by_site
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -73,7 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--target", default=None, help="SAE id of the target (default: the last-computed site)")
     parser.add_argument("--target-feature", type=int, default=None, help="default: its most frequent feature")
     parser.add_argument("--sources", default=None, help="comma-separated SAE ids (default: all earlier ones)")
-    parser.add_argument("--targets", default=None, help="'causal' (the screen's selection) or feature ids site/f,...")
+    parser.add_argument(
+        "--targets", default=None, help="'causal' (the screen's selection), 'strongest:N', or feature ids site/f,..."
+    )
     parser.add_argument("--screen", default="results/feature_screen", help="feature_screen --out, for --targets causal")
     parser.add_argument("--sae-ids", default=None, help="with --targets: SAE ids to load (one per site)")
     parser.add_argument("--adjacent", action="store_true", help="with --targets: sources at the previous thought only")
@@ -120,7 +105,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 def many_targets(args) -> dict:
     """``--targets``: pathways to many target features in one study."""
-    targets = parse_targets(args.targets, args.screen)
+    try:
+        targets = named_features(args.targets, args.screen)
+    except SAEError as error:
+        raise FlagError(f"--targets: {error}") from None
     ids = [i.strip() for i in args.sae_ids.split(",")] if args.sae_ids else None
     run = start_run(args)
     problems = run.problems()

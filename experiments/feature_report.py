@@ -13,7 +13,7 @@ and the problems it ran on (read from its ``run.json``), each feature's Spearman
 intermediate value: does a feature of thought k encode the value after step k? The control moves every
 feature's activations to other problems (one seeded permutation). No model is loaded.
 
-Writes to ``--out`` (default ``results/feature_report``): ``feature_table.parquet`` (one row per screened
+Writes to ``--out`` (default ``results/feature_report``): ``results.parquet`` (one row per screened
 feature), ``encoding.parquet``, ``audit.parquet``, ``summary.json`` and ``report.html`` (offline).
 """
 

@@ -33,11 +33,12 @@ from pathlib import Path
 import pandas as pd
 
 from codi_lens.core.errors import FlagError
+from codi_lens.feature_screen import named_features
 from codi_lens.features import feature_interventions, survey_features
 from codi_lens.reports.saes import features_summary, write_feature_browser
 from codi_lens.run.cli import command_parser, parse_common_args, run_main, start_run
 from codi_lens.run.store import UNIT_COLUMN
-from codi_lens.saes import load_saes, sae_site
+from codi_lens.saes import SAEError, load_saes, sae_site
 from codi_lens.saes.ids import audit_feature_ids, parse_feature_id, saes_by_site
 
 
@@ -46,17 +47,14 @@ def chosen_features(text: str | None, screen: str, saes: dict) -> list[tuple[str
     if text is None:
         return None
     saes_by_site(saes)  # a feature id names a site: two SAEs at one site are refused by name
-    if text == "causal":
-        causal = Path(screen) / "causal.parquet"
-        if not causal.exists():
-            raise FlagError(f"--intervene-features causal: {causal} does not exist (run experiments.feature_screen)")
-        ids = pd.read_parquet(causal)["feature_id"].tolist()
-    else:
-        ids = [i.strip() for i in text.split(",") if i.strip()]
+    try:
+        ids = named_features(text, screen)
+    except SAEError as error:
+        raise FlagError(f"--intervene-features: {error}") from None
     orphans = audit_feature_ids({"--intervene-features": pd.DataFrame({"feature_id": ids})}, saes)
     if len(orphans):
         raise FlagError(f"--intervene-features: {orphans.iloc[0]['feature_id']}: {orphans.iloc[0]['reason']}")
-    by_site = {site: sae_id for sae_id, site in ((i, sae_site(s).id) for i, s in saes.items())}
+    by_site = {sae_site(s).id: sae_id for sae_id, s in saes.items()}
     return [(by_site[site.id], feature) for site, feature in map(parse_feature_id, ids)]
 
 
@@ -70,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--intervene-features",
         default=None,
-        help="'causal' (the screen's selection, read from --screen) or feature ids site/f,... instead of the "
-        "--intervene most frequent",
+        help="'causal' (the screen's selection, read from --screen), 'strongest:N' or feature ids site/f,... "
+        "instead of the --intervene most frequent",
     )
     parser.add_argument("--screen", default="results/feature_screen", help="feature_screen --out, for causal")
     parser.add_argument("--intervention", choices=["clamp", "ablate"], default="clamp")

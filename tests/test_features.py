@@ -362,7 +362,7 @@ def test_the_feature_pipeline_joins_on_feature_ids_with_no_orphans(sae_dir, tmp_
         [*folders, "--features", str(tmp_path / "features"), "--saes", str(sae_dir), "--out", str(tmp_path / "report")]
     )
     assert result["orphan_ids"] == 0 and pd.read_parquet(tmp_path / "report" / "audit.parquet").empty
-    table = pd.read_parquet(tmp_path / "report" / "feature_table.parquet")
+    table = pd.read_parquet(tmp_path / "report" / "results.parquet")
     screened = pd.read_parquet(tmp_path / "screen" / "features.parquet")
     assert set(table["feature_id"]) == set(screened.loc[screened["screened"], "feature_id"])
     tokens = pd.read_parquet(tmp_path / "features" / "token_association" / "results.parquet")

@@ -154,10 +154,10 @@ def write_feature_report(
     own_steps: dict[str, Any] | None = None,
     top: int = 20,
 ) -> dict[str, Any]:
-    """``feature_table.parquet``, ``audit.parquet`` and ``report.html`` (one offline page); returns the summary."""
+    """``results.parquet``, ``audit.parquet`` and ``report.html`` (one offline page); returns the summary."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(out / "feature_table.parquet", index=False)
+    table.to_parquet(out / "results.parquet", index=False)
     orphans.to_parquet(out / "audit.parquet", index=False)
     summary = feature_report_summary(table, screen, pathways, orphans, own_steps)
     causal = table[table["causal"]].copy()
