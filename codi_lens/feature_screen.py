@@ -49,7 +49,7 @@ from codi_lens.core.hooks import Hooks
 from codi_lens.core.model import CODIModel
 from codi_lens.data.problems import Problem
 from codi_lens.metrics import AnswerNumber, gold_number, kl_divergence, number_logprob, whole_number_rows
-from codi_lens.run.store import UNIT_COLUMN, ResultStore
+from codi_lens.run.store import UNIT_COLUMN, ResultStore, batches_heard
 from codi_lens.saes.edits import feature_edit, random_direction_edit
 from codi_lens.saes.ids import feature_id, parse_feature_id
 from codi_lens.saes.io import SAEError, sae_site
@@ -80,15 +80,24 @@ class ScreenedFeature:
 
 @torch.no_grad()
 def site_activations(
-    model: CODIModel, sae: SAE, questions: Sequence[str], *, n_latents: int = 6, batch_size: int = 64
+    model: CODIModel,
+    sae: SAE,
+    questions: Sequence[str],
+    *,
+    n_latents: int = 6,
+    batch_size: int = 64,
+    progress: bool = False,
 ) -> Float[Tensor, "n d_sae"]:
     """The SAE's feature activations at its own site on each question (the SAE spliced in with its error
-    term; the loop run only as far as the site's thought), ``[n_questions, d_sae]`` float32 on the CPU."""
+    term; the loop run only as far as the site's thought), ``[n_questions, d_sae]`` float32 on the CPU; with
+    ``progress``, under a bar that moves per transformer block."""
+    site = sae_site(sae)
     parts = []
-    for first in range(0, len(questions), batch_size):
+    batches = batches_heard(questions, batch_size, model=model, desc=f"activations {site.id}", progress=progress)
+    for batch in batches:
         recorder, hooks = feature_recorder(model, [sae])
         with attached(model, [sae], use_error_term=True), model.hooks(fwd_hooks=hooks, reset_hooks_end=True):
-            grow_trunk(model, questions[first : first + batch_size], n_latents=n_latents, through=sae_site(sae).thought)
+            grow_trunk(model, batch, n_latents=n_latents, through=site.thought)
         parts.append(recorded_features(recorder, sae).float().cpu())
     return torch.cat(parts)
 
@@ -349,7 +358,7 @@ def screen_features(
     chosen: dict[str, list[ScreenedFeature]] = {}
     frames = []
     for site, sae in saes.items():
-        acts = site_activations(model, sae, questions, n_latents=n_latents)
+        acts = site_activations(model, sae, questions, n_latents=n_latents, progress=progress)
         chosen[site] = screened_features(site, acts, quantile=quantile, top_frequent=top_frequent)
         frequency = (acts > 0).float().mean(0).numpy()
         screened = {f.feature for f in chosen[site]}

@@ -114,3 +114,24 @@ def test_slider_moves_the_bars(browser, dashboards):
     )
     assert second != first  # layer 1's recoveries are drawn
     assert errors == [] and outside == []
+
+
+def test_a_page_of_several_figures_draws_each_offline(browser, tmp_path):
+    """``write_page`` (the feature report's page): plotly.js embedded once, every figure drawn, tables and text
+    in place, nothing fetched from the network."""
+    import pandas as pd
+    import plotly.express as px
+
+    from codi_lens.plotting import write_page
+
+    figures = [px.scatter(x=[1, 2, 3], y=[3, 1, 2]), px.bar(x=["a", "b"], y=[1, 2])]
+    table = pd.DataFrame({"feature_id": ["thought.3.hook_hidden/4"], "effect": [0.25]})
+    write_page("page", [("first", [figures[0], "a reading"]), ("second", [figures[1], table])], tmp_path / "page.html")
+    html = (tmp_path / "page.html").read_text()
+    assert html.count("<script>") == 1 + len(figures)  # the library once, one call per figure
+    page, errors, outside = _open_offline(browser, tmp_path / "page.html")
+    page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 2", timeout=20_000)
+    assert page.evaluate("document.querySelectorAll('.js-plotly-plot').length") == len(figures)
+    assert page.evaluate("document.querySelectorAll('.main-svg .bars .point').length") == 2
+    assert "thought.3.hook_hidden/4" in page.inner_text("table") and "a reading" in page.inner_text("body")
+    assert errors == [] and outside == []
