@@ -16,15 +16,17 @@ Each clamp comes with a control (:data:`CONTROL`): the same push at the site alo
 Per (feature, edit): an ablation is tested over the problems where the feature is active (elsewhere it changes
 nothing), a clamp over every problem as its change minus its control's; the mean with a 95% bootstrap CI over
 problems, Cohen's d_z of the per-problem effect, a one-sample t-test p-value, and Benjamini-Hochberg q-values
-across every (feature, edit) screened. A feature is *causal* when one of its edits has q < alpha; the causal
-features of each site are ranked by the largest |d| among their passing edits and the top ``top_per_site``
-kept (:func:`select_causal`).
+across every (feature, edit) screened. A feature is *causal* when one of its edits has q < alpha and a mean
+effect of at least ``min_effect`` nats (an edit tested on fewer than ``min_problems`` problems gets no p-value);
+the causal features of each site are ranked by the largest |d| among their passing edits and the top
+``top_per_site`` kept (:func:`select_causal`).
 
 Cost: an edit at thought k leaves every step before k as in the unedited run, so each SAE's problems run
 once up to its thought (the trunk) and every edit is a branch from there, many edits as row blocks of one
 forward (:mod:`codi_lens.core.branching`). Ablating a feature where it is inactive changes nothing, so those
-cells are exactly 0 without being computed, and a feature active on no screened problem is not run (its
-ablation is exactly 0; it has no clamp value): ``live`` is False and it is never selected.
+cells are written as exactly 0 (they run in the same forward as the others; what they would show is float
+rounding of the batch), and a feature active on no screened problem is not run at all (its ablation is
+exactly 0; it has no clamp value): ``live`` is False and it is never selected.
 """
 
 from __future__ import annotations
@@ -61,6 +63,11 @@ SCREEN_OPS = ("ablate", "clamp")
 #: The control run beside every clamp: the same push at the site along a random direction
 #: (:func:`~codi_lens.saes.edits.random_direction_edit`).
 CONTROL = "clamp_control"
+#: Fewest problems an edit is tested on (for an ablation: problems where the feature is active).
+MIN_PROBLEMS = 10
+#: Smallest mean effect (nats of the gold answer's log-probability) a passing edit must have to select its
+#: feature: a change of 0.05 nats is a 5% change in the answer's probability.
+MIN_EFFECT = 0.05
 #: The per-problem measures of an edit's effect (columns of the screen's rows).
 MEASURES = ("gold_logprob_change", "kl", "correct_change")
 
@@ -247,7 +254,9 @@ def t_test_pvalue(values: np.ndarray) -> float:
     return float(scipy.stats.ttest_1samp(data, 0.0).pvalue)
 
 
-def summarise_screen(rows: pd.DataFrame, *, measure: str = "gold_logprob_change", alpha: float = 0.05) -> pd.DataFrame:
+def summarise_screen(
+    rows: pd.DataFrame, *, measure: str = "gold_logprob_change", alpha: float = 0.05, min_problems: int = MIN_PROBLEMS
+) -> pd.DataFrame:
     """One row per (feature, op), controls folded into their clamp: ``feature_id, site, feature, op, value, n,
     frequency`` (share of problems where the feature is active), the mean of each measure (``mean_*``), and the
     tested effect on ``measure``: for an ablation its change over the problems where the feature is active (it
@@ -256,7 +265,9 @@ def summarise_screen(rows: pd.DataFrame, *, measure: str = "gold_logprob_change"
     clamp passes only by doing more than a push of its size in a random direction. Then ``effect`` (mean) with
     its 95% bootstrap CI ``low``/``high`` over problems, ``cohens_d`` (d_z of the per-problem effect),
     ``p_value`` (one-sample t-test) and ``q_value`` / ``significant`` (Benjamini-Hochberg across every row, at
-    ``alpha``). ``n`` counts the problems tested."""
+    ``alpha``). ``n`` counts the problems tested; a cell with fewer than ``min_problems`` (a feature active on a
+    handful of problems) gets no p-value and is left out of the correction (two nearly equal changes make a
+    t-test "significant" and a d in the thousands, and say nothing)."""
     controls = rows[rows["op"] == CONTROL].set_index(["feature_id", "problem_id"])[measure]
     out = []
     for (fid, op), group in rows[rows["op"] != CONTROL].groupby(["feature_id", "op"], sort=True):
@@ -287,7 +298,7 @@ def summarise_screen(rows: pd.DataFrame, *, measure: str = "gold_logprob_change"
                 "low": low,
                 "high": high,
                 "cohens_d": cohens_d(tested) if np.any(tested) else 0.0,
-                "p_value": t_test_pvalue(tested),
+                "p_value": t_test_pvalue(tested) if len(tested) >= min_problems else float("nan"),
             }
         )
     summary = pd.DataFrame(out)
@@ -296,11 +307,12 @@ def summarise_screen(rows: pd.DataFrame, *, measure: str = "gold_logprob_change"
     return summary
 
 
-def select_causal(summary: pd.DataFrame, *, top_per_site: int = 50) -> pd.DataFrame:
-    """The causal features: those with an edit whose q-value passes (``significant``), ranked within their site
-    by the largest |d| among their passing edits, the first ``top_per_site`` of each site kept. One row per
+def select_causal(summary: pd.DataFrame, *, top_per_site: int = 50, min_effect: float = MIN_EFFECT) -> pd.DataFrame:
+    """The causal features: those with an edit whose q-value passes (``significant``) and whose mean effect is at
+    least ``min_effect`` nats, ranked within their site by the largest |d| among those edits, the first
+    ``top_per_site`` of each site kept. One row per
     feature: ``feature_id, site, feature, best_op, cohens_d, q_value, rank`` (0 = strongest in its site)."""
-    passing = summary[summary["significant"].astype(bool)].copy()
+    passing = summary[summary["significant"].astype(bool) & (summary["effect"].abs() >= min_effect)].copy()
     if passing.empty:
         return pd.DataFrame(columns=["feature_id", "site", "feature", "best_op", "cohens_d", "q_value", "rank"])
     passing["abs_d"] = passing["cohens_d"].abs()
@@ -341,6 +353,8 @@ def screen_features(
     top_frequent: int | None = None,
     top_per_site: int = 50,
     alpha: float = 0.05,
+    min_problems: int = MIN_PROBLEMS,
+    min_effect: float = MIN_EFFECT,
     n_latents: int = 6,
     max_new_tokens: int = 32,
     block_size: int = 50,
@@ -404,8 +418,8 @@ def screen_features(
         model=model,
         progress=progress,
     ).drop(columns=UNIT_COLUMN)
-    summary = summarise_screen(rows, alpha=alpha)
-    causal = select_causal(summary, top_per_site=top_per_site)
+    summary = summarise_screen(rows, alpha=alpha, min_problems=min_problems)
+    causal = select_causal(summary, top_per_site=top_per_site, min_effect=min_effect)
     if len(summary):
         summary["selected"] = summary["feature_id"].isin(causal["feature_id"])
     return Screen(rows, summary, causal, features), store

@@ -12,9 +12,10 @@ in the log-probability of the gold answer number (every token, teacher-forced af
 prefix), KL at the answer, and the change in correctness of the greedy answer.
 
 Tested per (feature, edit): an ablation over the problems where the feature is active, a clamp over every
-problem net of its control; mean effect with a 95% bootstrap CI over problems, Cohen's d_z, a t-test p-value,
-and Benjamini-Hochberg across every (feature, edit). Causal features: a passing edit; per site the
-``--top-per-site`` strongest by |d|. Edits run as branches from the run cut at the SAE's thought, many per
+problem net of its control; mean effect with a 95% bootstrap CI over problems, Cohen's d_z, a t-test p-value
+(none for an edit tested on fewer than ``--min-problems``, 10), and Benjamini-Hochberg across every (feature,
+edit). Causal features: a passing edit with a mean effect of at least ``--min-effect`` nats (0.05); per site
+the ``--top-per-site`` strongest by |d|. Edits run as branches from the run cut at the SAE's thought, many per
 forward; ``benchmarks.feature_screen`` times it against one run per feature.
 
 Writes to ``--out`` (default ``results/feature_screen``): ``run.json``, ``parts/``, ``results.parquet`` (one
@@ -29,7 +30,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from codi_lens.core.errors import FlagError
-from codi_lens.feature_screen import SCREEN_OPS, screen_features
+from codi_lens.feature_screen import MIN_EFFECT, MIN_PROBLEMS, SCREEN_OPS, screen_features
 from codi_lens.reports.saes import screen_lines, write_screen
 from codi_lens.run.cli import command_parser, parse_common_args, run_main, start_run
 from codi_lens.saes import load_saes
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--top-frequent", type=int, default=None, help="screen only the N most frequent per SAE")
     parser.add_argument("--top-per-site", type=int, default=50, help="causal features kept per site, by |d|")
     parser.add_argument("--alpha", type=float, default=0.05, help="false discovery rate (Benjamini-Hochberg)")
+    parser.add_argument("--min-problems", type=int, default=MIN_PROBLEMS, help="fewest problems an edit is tested on")
+    parser.add_argument("--min-effect", type=float, default=MIN_EFFECT, help="least |mean effect| (nats) to select")
     parser.add_argument("--block-size", type=int, default=50, help="problems per resumable unit")
     parser.add_argument("--max-rows", type=int, default=256, help="at most this many rows (edits x problems)")
     parser.add_argument("--n-latents", type=int, default=6, help="continuous thoughts fed back (CODI: 6)")
@@ -84,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
         top_frequent=args.top_frequent,
         top_per_site=args.top_per_site,
         alpha=args.alpha,
+        min_problems=args.min_problems,
+        min_effect=args.min_effect,
         n_latents=args.n_latents,
         max_new_tokens=args.max_new_tokens,
         block_size=args.block_size,

@@ -15,6 +15,7 @@ from codi_lens import Site, load_pretrained
 from codi_lens.data import load_problems
 from codi_lens.feature_screen import (
     CONTROL,
+    MIN_PROBLEMS,
     ScreenedFeature,
     screen_block,
     screen_features,
@@ -158,8 +159,9 @@ def test_the_planted_feature_comes_first_and_selection_is_statsmodels_bh(model, 
     row = summary[(summary["feature"] == PLANTED) & (summary["op"] == "ablate")].iloc[0]
     cells = screen.rows[(screen.rows["feature"] == PLANTED) & (screen.rows["op"] == "ablate") & screen.rows["active"]]
     assert row["p_value"] == pytest.approx(scipy.stats.ttest_1samp(cells["gold_logprob_change"], 0).pvalue, rel=1e-9)
-    tested = summary["p_value"].notna()  # a feature active on one problem has nothing to test: no p, no q
-    assert (summary.loc[~tested, "n"] < 2).all() and summary.loc[~tested, "q_value"].isna().all()
+    tested = summary["p_value"].notna()  # an edit tested on fewer than MIN_PROBLEMS problems has no p, no q
+    assert (summary.loc[~tested, "n"] < MIN_PROBLEMS).all() and (summary.loc[tested, "n"] >= MIN_PROBLEMS).all()
+    assert summary.loc[~tested, "q_value"].isna().all() and tested.any()
     reject, q, _, _ = multipletests(summary.loc[tested, "p_value"], alpha=0.05, method="fdr_bh")
     np.testing.assert_allclose(summary.loc[tested, "q_value"], q, rtol=1e-12)
     assert (summary.loc[tested, "significant"] == reject).all() and not summary.loc[~tested, "significant"].any()
@@ -183,6 +185,7 @@ def test_selection_keeps_the_strongest_passing_features_per_site():
             "feature": [1, 1, 2, 3, 1],
             "op": ["ablate", "clamp", "ablate", "ablate", "clamp"],
             "cohens_d": [0.5, -2.0, 1.0, 3.0, 0.1],
+            "effect": [0.2, -0.3, 0.1, 0.5, 0.06],
             "q_value": [0.01, 0.01, 0.04, 0.2, 0.01],
             "significant": [True, True, True, False, True],
         }
@@ -191,6 +194,8 @@ def test_selection_keeps_the_strongest_passing_features_per_site():
     assert causal["feature_id"].tolist() == ["a/1", "b/1"]  # a/3 is strongest but does not pass
     assert causal["best_op"].tolist() == ["clamp", "clamp"] and causal["cohens_d"].tolist() == [-2.0, 0.1]
     assert select_causal(summary, top_per_site=5)["feature_id"].tolist() == ["a/1", "a/2", "b/1"]
+    # an effect under min_effect nats does not select its feature, however significant
+    assert select_causal(summary, top_per_site=5, min_effect=0.08)["feature_id"].tolist() == ["a/1", "a/2"]
 
 
 def test_feature_ids_round_trip_and_the_audit_names_orphans(planted):
