@@ -266,7 +266,7 @@ def summarise_screen(
     its 95% bootstrap CI ``low``/``high`` over problems, ``cohens_d`` (d_z of the per-problem effect),
     ``p_value`` (one-sample t-test) and ``q_value`` / ``significant`` (Benjamini-Hochberg across every row, at
     ``alpha``). ``n`` counts the problems tested; a cell with fewer than ``min_problems`` (a feature active on a
-    handful of problems) gets no p-value and is left out of the correction (two nearly equal changes make a
+    handful of problems) gets no d and no p-value and is left out of the correction (two nearly equal changes make a
     t-test "significant" and a d in the thousands, and say nothing)."""
     controls = rows[rows["op"] == CONTROL].set_index(["feature_id", "problem_id"])[measure]
     out = []
@@ -282,6 +282,7 @@ def summarise_screen(
             values = values - control
         effect, low, high = bootstrap_ci(values)
         tested = values[~np.isnan(values)]
+        enough = len(tested) >= min_problems
         first = group.iloc[0]
         out.append(
             {
@@ -297,8 +298,8 @@ def summarise_screen(
                 "effect": effect,
                 "low": low,
                 "high": high,
-                "cohens_d": cohens_d(tested) if np.any(tested) else 0.0,
-                "p_value": t_test_pvalue(tested) if len(tested) >= min_problems else float("nan"),
+                "cohens_d": (cohens_d(tested) if np.any(tested) else 0.0) if enough else float("nan"),
+                "p_value": t_test_pvalue(tested) if enough else float("nan"),
             }
         )
     summary = pd.DataFrame(out)

@@ -165,7 +165,8 @@ def screen_volcano(summary: pd.DataFrame, title: str | None = None) -> go.Figure
     change in the gold answer's log-probability; a clamp's net of its random-direction control) against
     ``-log10 q`` (Benjamini-Hochberg across every cell), one panel per edit, coloured by site; the dotted line
     is q = 0.05."""
-    table = summary.assign(minus_log10_q=-np.log10(summary["q_value"].clip(lower=1e-300)))
+    tested = summary[summary["q_value"].notna()]  # cells with too few problems to test are not drawn
+    table = tested.assign(minus_log10_q=-np.log10(tested["q_value"].clip(lower=1e-300)))
     fig = px.scatter(
         table,
         x="cohens_d",

@@ -175,7 +175,9 @@ def screen_lines(summary: dict[str, Any]) -> list[str]:
             f"edit: {passing or 'none tested'})"
         )
     if summary["n_causal"] == 0:
-        lines.append("no feature passes the screen (an edit with BH q < alpha and a mean effect of at least min_effect)")
+        lines.append(
+            "no feature passes the screen (an edit with BH q < alpha and a mean effect of at least min-effect)"
+        )
     return lines
 
 
