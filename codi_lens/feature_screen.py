@@ -428,9 +428,9 @@ def screen_features(
 
 def named_features(spec: str, screen: str | Path) -> list[str]:
     """The feature ids ``spec`` names, for the commands that follow a screen: ``causal`` (the selection in
-    ``screen/causal.parquet``), ``strongest:N`` (the N features of ``screen/summary.parquet`` with the largest
-    |Cohen's d| over their edits, passing or not) or comma-separated ids (``site/feature``). ``SAEError`` names
-    what is missing or malformed."""
+    ``screen/causal.parquet``), ``strongest:N`` (per site, the N features of ``screen/summary.parquet`` with the
+    largest |Cohen's d| over their edits, passing or not; untested ones last) or comma-separated ids
+    (``site/feature``). ``SAEError`` names what is missing or malformed."""
     screen = Path(screen)
     if spec.startswith("strongest:"):
         count, summary = spec.partition(":")[2], screen / "summary.parquet"
@@ -438,8 +438,11 @@ def named_features(spec: str, screen: str | Path) -> list[str]:
             raise SAEError(f"{spec}: give strongest:N with N a number, and a screen folder with summary.parquet")
         table = pd.read_parquet(summary)
         table = table.assign(strength=table["cohens_d"].abs())
-        ranked = table.sort_values(["strength", "feature_id"], ascending=[False, True], kind="stable")
-        return ranked.drop_duplicates("feature_id")["feature_id"].head(int(count)).tolist()
+        ranked = table.sort_values(
+            ["strength", "feature_id"], ascending=[False, True], kind="stable", na_position="last"
+        )
+        ranked = ranked.drop_duplicates("feature_id")
+        return ranked.groupby("site", sort=True).head(int(count))["feature_id"].tolist()
     if spec == "causal":
         causal = screen / "causal.parquet"
         if not causal.exists():

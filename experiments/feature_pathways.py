@@ -18,9 +18,9 @@ time, and the target's actual change is measured; the Pearson correlation of pre
 changes over (candidate, problem) pairs is reported with a 95% bootstrap CI over problems.
 
 Many targets (``--targets causal``: every feature ``experiments.feature_screen`` selected, read from
-``--screen``'s ``causal.parquet``; ``strongest:N``: the screen's N largest effects, passing or not; or a list of
-feature ids ``site/feature``): one forward per batch of problems
-with every SAE spliced in, one backward pass per target over the kept graph; per target the ``--candidates``
+``--screen``'s ``causal.parquet``; ``strongest:N``: per site, the screen's N largest effects, passing or
+not; or a list of feature ids ``site/feature``): one forward per batch of problems with every SAE spliced in,
+one backward pass per target over the kept graph; per target the ``--candidates``
 sources with the largest mean |attribution| of at least ``--threshold`` (``--adjacent``: only sources at the
 thought just before the target's); one replay per distinct candidate source measures every target at once.
 Per pathway (target, source): predicted and replayed mean change, the replayed 95% bootstrap CI over
@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--target-feature", type=int, default=None, help="default: its most frequent feature")
     parser.add_argument("--sources", default=None, help="comma-separated SAE ids (default: all earlier ones)")
     parser.add_argument(
-        "--targets", default=None, help="'causal' (the screen's selection), 'strongest:N', or feature ids site/f,..."
+        "--targets",
+        default=None,
+        help="'causal' (the screen's selection), 'strongest:N' (per site), or feature ids site/f,...",
     )
     parser.add_argument("--screen", default="results/feature_screen", help="feature_screen --out, for --targets causal")
     parser.add_argument("--sae-ids", default=None, help="with --targets: SAE ids to load (one per site)")

@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--intervene-features",
         default=None,
-        help="'causal' (the screen's selection, read from --screen), 'strongest:N' or feature ids site/f,... "
-        "instead of the --intervene most frequent",
+        help="'causal' (the screen's selection, read from --screen), 'strongest:N' (per site) or feature ids "
+        "site/f,... instead of the --intervene most frequent",
     )
     parser.add_argument("--screen", default="results/feature_screen", help="feature_screen --out, for causal")
     parser.add_argument("--intervention", choices=["clamp", "ablate"], default="clamp")

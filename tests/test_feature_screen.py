@@ -220,3 +220,32 @@ def test_feature_ids_round_trip_and_the_audit_names_orphans(planted):
     assert orphans.iloc[3]["table"] == "bare" and orphans.iloc[3]["reason"] == "no feature_id column"
     assert len(orphans) == 4
     assert audit_feature_ids({"screen": tables["screen"].head(1)}, {"x": planted}).empty
+
+
+def test_named_features_reads_the_screen(tmp_path):
+    from codi_lens.feature_screen import named_features
+
+    summary = pd.DataFrame(
+        {
+            "feature_id": ["a@1/1", "a@1/1", "a@1/2", "a@1/3", "b@2/7", "b@2/8"],
+            "site": ["a@1", "a@1", "a@1", "a@1", "b@2", "b@2"],
+            "cohens_d": [0.1, -0.9, 0.5, float("nan"), 0.2, -0.3],
+        }
+    )
+    summary.to_parquet(tmp_path / "summary.parquet")
+    assert named_features("strongest:2", tmp_path) == [
+        "a@1/1",
+        "a@1/2",
+        "b@2/8",
+        "b@2/7",
+    ]  # per site, |d|, untested last
+    assert named_features("strongest:9", tmp_path)[-1] == "a@1/3"  # ranked over every site, untested last
+    pd.DataFrame({"feature_id": []}, dtype=str).to_parquet(tmp_path / "causal.parquet")
+    with pytest.raises(SAEError, match="selected no feature"):
+        named_features("causal", tmp_path)
+    with pytest.raises(SAEError, match="not a feature id"):
+        named_features("thought.3.hook_hidden", tmp_path)
+    assert named_features("thought.3.hook_hidden/4, thought.5.hook_hidden/1", tmp_path) == [
+        "thought.3.hook_hidden/4",
+        "thought.5.hook_hidden/1",
+    ]
