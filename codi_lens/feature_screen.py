@@ -187,8 +187,9 @@ def screen_block(
 ) -> pd.DataFrame:
     """Every (feature, op) edit on one block of problems, as branches from the trunk cut at the SAE's thought:
     one row per (feature, op, problem) with ``feature_id, site, feature, op, value, problem_id, active,
-    activation`` and the :data:`MEASURES` (NaN where the problem's answer has no number to score; exactly 0
-    for an ablation where the feature is inactive, which changes nothing)."""
+    activation`` and the :data:`MEASURES` (NaN where no gold answer number could be written out, see
+    :class:`UneditedRun`; exactly 0 for an ablation where the feature is inactive, which changes nothing).
+    ``max_rows``: at most this many rows (edits x problems) in one forward."""
     site = sae_site(sae)
     questions = [p.question for p in problems]
     recorder, hooks = feature_recorder(model, [sae])
