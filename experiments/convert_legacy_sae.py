@@ -28,8 +28,7 @@ import pandas as pd
 from codi_lens.core.errors import FlagError
 from codi_lens.core.sites import Site
 from codi_lens.run.cli import command_parser, parse_common_args, run_main, start_run
-from codi_lens.saes import convert_legacy_sae
-from codi_lens.saes.legacy import evaluate_converted, legacy_files, legacy_thought
+from codi_lens.saes.legacy import evaluate_converted, legacy_files, legacy_sae, legacy_thought, read_legacy_file
 
 
 def parse_thoughts(text: str | None) -> dict[str, int]:
@@ -68,9 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         raise FlagError(f"--thought names {unknown[0]}, which is not in --legacy {args.legacy}")
     ask = input if sys.stdin.isatty() else None
-    thoughts = {f: legacy_thought(f, given, position_offset=args.position_offset, ask=ask) for f in files}
+    read = {f: read_legacy_file(f) for f in files}
+    thoughts = {f: legacy_thought(f, read[f][1], given, position_offset=args.position_offset, ask=ask) for f in files}
     sites = {f: site_of(args.hook, k) for f, k in thoughts.items()}
-    saes = {f: convert_legacy_sae(f, hook_name=sites[f].hook, thought=thoughts[f], k=args.k) for f in files}
+    saes = {f: legacy_sae(*read[f], f, hook_name=sites[f].hook, thought=thoughts[f], k=args.k) for f in files}
     run = start_run(args)
     run.check_sites(list(sites.values()), "--hook")
     table = evaluate_converted(

@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 import torch
 from sae_lens import SAE, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+from torch import Tensor
 
 from codi_lens.activations import collect_activations
 from codi_lens.core.model import CODIModel
@@ -29,16 +30,16 @@ LEGACY_KEYS = {
 }
 
 
-def convert_legacy_sae(
-    path: str | Path, *, hook_name: str | None = None, thought: int | None = None, k: int | None = None
-) -> SAE:
-    """An SAELens SAE from a plain PyTorch file of an encoder/decoder pair, as earlier CODI work saved
-    them: a state dict with ``encoder.weight [d_sae, d_in]``, ``encoder.bias [d_sae]``, ``decoder.weight
-    [d_in, d_sae]``, ``decoder.bias [d_in]``, or ``{"model_state_dict": ..., "config": {...}}``. Those
-    SAEs compute ``relu(encoder(x))`` (or its top-``k``) and ``decoder(f)``, with no decoder bias
-    subtracted first; the converted SAE computes the same. ``hook_name`` / ``thought`` (or ``k``) may
-    come from the config; a file named ``pos_{p}_...`` gives thought ``p`` when none is given. Loaded
-    with ``weights_only=True``. Raises :class:`SAEError` naming the missing or misshapen key."""
+#: A legacy file named ``pos_{p}_...`` belongs to thought ``p`` (earlier CODI work numbered the latent positions
+#: it trained on by the thought they hold); ``position_offset`` shifts that when a folder counted from another base.
+LEGACY_POSITION = re.compile(r"^pos_(\d+)_")
+
+
+def read_legacy_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The encoder/decoder state dict and the config (empty if none) of a legacy SAE file: a state dict with
+    ``encoder.weight [d_sae, d_in]``, ``encoder.bias [d_sae]``, ``decoder.weight [d_in, d_sae]``,
+    ``decoder.bias [d_in]``, or ``{"model_state_dict": ..., "config": {...}}``. Loaded with
+    ``weights_only=True``. Raises :class:`SAEError` naming an unreadable file or a missing or misshapen key."""
     path = Path(path)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -59,33 +60,58 @@ def convert_legacy_sae(
         expected = tuple(sizes[d] for d in dims)
         if tuple(blob[key].shape) != expected:
             raise SAEError(f"{path}: key {key!r} has shape {tuple(blob[key].shape)}, expected {expected} ({dims})")
-    hook_name = hook_name or config.get("hook_name")
-    if thought is None:
-        thought = config.get("thought", config.get("position"))
-    if thought is None and path.name.startswith("pos_"):
-        thought = int(path.name.split("_")[1])
-    if hook_name is None or thought is None:
-        raise SAEError(f"{path}: say which hook and thought the SAE belongs to (hook_name=, thought=)")
+    return blob, config
+
+
+def convention_thought(path: Path, config: dict[str, Any], *, position_offset: int = 0) -> int | None:
+    """The thought a legacy file says it belongs to: its config's ``thought`` / ``position``, else the
+    ``pos_{p}_`` naming convention (thought ``p + position_offset``); None when neither says."""
+    if config.get("thought", config.get("position")) is not None:
+        return int(config.get("thought", config.get("position")))
+    match = LEGACY_POSITION.match(path.name)
+    return None if match is None else int(match.group(1)) + position_offset
+
+
+def legacy_sae(
+    state: dict[str, Tensor], config: dict[str, Any], source: Path, *, hook_name: str, thought: int, k: int | None
+) -> SAE:
+    """The SAELens SAE of a read legacy file (:func:`read_legacy_file`), placed at ``hook_name`` read at
+    ``thought``: top-``k`` (``k`` None: the config's ``k`` / ``topk``; none there: ReLU). It computes
+    ``relu(encoder(x))`` (or its top-k) and ``decoder(f)``, as the file did, with no decoder bias subtracted
+    first."""
+    d_sae, d_in = state["encoder.weight"].shape
     k = k if k is not None else config.get("k", config.get("topk"))
     common = {"d_in": int(d_in), "d_sae": int(d_sae), "apply_b_dec_to_input": False}
     cfg = TopKSAEConfig(k=int(k), **common) if k else StandardSAEConfig(**common)
     for key, value in site_metadata(Site.at_thought(hook_name, int(thought))).items():
         cfg.metadata[key] = value
-    cfg.metadata["converted_from"] = str(path)
+    cfg.metadata["converted_from"] = str(source)
     sae = (TopKSAE if k else StandardSAE)(cfg)
-    state = {
-        "W_enc": blob["encoder.weight"].T.float().contiguous(),
-        "b_enc": blob["encoder.bias"].float(),
-        "W_dec": blob["decoder.weight"].T.float().contiguous(),
-        "b_dec": blob["decoder.bias"].float(),
-    }
-    sae.load_state_dict(state)
+    sae.load_state_dict(
+        {
+            "W_enc": state["encoder.weight"].T.float().contiguous(),
+            "b_enc": state["encoder.bias"].float(),
+            "W_dec": state["decoder.weight"].T.float().contiguous(),
+            "b_dec": state["decoder.bias"].float(),
+        }
+    )
     return sae
 
 
-#: A legacy file named ``pos_{p}_...`` belongs to thought ``p`` (earlier CODI work numbered the latent positions
-#: it trained on by the thought they hold); ``position_offset`` shifts that when a folder counted from another base.
-LEGACY_POSITION = re.compile(r"^pos_(\d+)_")
+def convert_legacy_sae(
+    path: str | Path, *, hook_name: str | None = None, thought: int | None = None, k: int | None = None
+) -> SAE:
+    """An SAELens SAE from a plain PyTorch file of an encoder/decoder pair, as earlier CODI work saved
+    them (:func:`read_legacy_file`, :func:`legacy_sae`). ``hook_name`` / ``thought`` (or ``k``) may come from
+    the config; a file named ``pos_{p}_...`` gives thought ``p`` when none is given. Raises :class:`SAEError`
+    naming the missing or misshapen key, or asking for the hook and thought when nothing says them."""
+    path = Path(path)
+    state, config = read_legacy_file(path)
+    hook_name = hook_name or config.get("hook_name")
+    thought = thought if thought is not None else convention_thought(path, config)
+    if hook_name is None or thought is None:
+        raise SAEError(f"{path}: say which hook and thought the SAE belongs to (hook_name=, thought=)")
+    return legacy_sae(state, config, path, hook_name=hook_name, thought=thought, k=k)
 
 
 def legacy_files(directory: str | Path) -> list[Path]:
@@ -98,20 +124,21 @@ def legacy_files(directory: str | Path) -> list[Path]:
 
 
 def legacy_thought(
-    path: Path, given: Mapping[str, int], *, position_offset: int = 0, ask: Callable[[str], str] | None = None
+    path: Path,
+    config: dict[str, Any],
+    given: Mapping[str, int],
+    *,
+    position_offset: int = 0,
+    ask: Callable[[str], str] | None = None,
 ) -> int:
-    """Which thought a legacy SAE file belongs to: ``given[file name]``, else its config's ``thought`` /
-    ``position``, else the ``pos_{p}_`` naming convention (thought ``p + position_offset``), else ``ask`` (a
-    prompt, e.g. ``input`` when a person is at the terminal); ``SAEError`` naming the file when none says."""
+    """Which thought a legacy SAE file (with its ``config``) belongs to: ``given[file name]``, else
+    :func:`convention_thought`, else ``ask`` (a prompt, e.g. ``input`` when a person is at the terminal);
+    ``SAEError`` naming the file when none says."""
     if path.name in given:
         return given[path.name]
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    config = blob.get("config") or {} if isinstance(blob, dict) else {}
-    if config.get("thought", config.get("position")) is not None:
-        return int(config.get("thought", config.get("position")))
-    match = LEGACY_POSITION.match(path.name)
-    if match:
-        return int(match.group(1)) + position_offset
+    thought = convention_thought(path, config, position_offset=position_offset)
+    if thought is not None:
+        return thought
     if ask is not None:
         answer = ask(f"which thought (0 = BOT) does {path.name} belong to? ").strip()
         if answer.isdigit():
