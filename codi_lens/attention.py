@@ -18,7 +18,7 @@ from transformer_lens import ActivationCache
 
 from codi_lens.core.names import act_name
 from codi_lens.core.positions import CODIPositions
-from codi_lens.stats import benjamini_hochberg, cluster_permutation_pvalue, clustered_bootstrap_ci
+from codi_lens.stats import benjamini_hochberg, cluster_permutation_pvalue, clustered_bootstrap_ci, pearson
 
 
 def pattern_hook_names(n_layers: int) -> list[str]:
@@ -116,7 +116,7 @@ def correlation_by_layer(
         order = [within] if within in group and within not in keys else []
         group = group[[cluster, *order, x, y]].dropna().reset_index(drop=True)
         row = {**dict(zip(keys, key)), "n_rows": len(group), "n_problems": group[cluster].nunique()}
-        for name, fn in (("pearson", _pearson), ("spearman", _spearman)):
+        for name, fn in (("pearson", pearson), ("spearman", _spearman)):
             estimate, low, high = clustered_bootstrap_ci(
                 group, fn, [x, y], cluster=cluster, n_resamples=n_resamples, seed=seed
             )
@@ -141,15 +141,9 @@ def _permutation_p(group: pd.DataFrame, cluster: str, order: list[str], x: str, 
     return cluster_permutation_pvalue(xs, ys, _spearman, n_resamples=2000, seed=seed)
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    if len(a) < 2 or np.all(a == a[0]) or np.all(b == b[0]):
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
-
-
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Pearson correlation of the ranks (ties get their average rank), as ``scipy.stats.spearmanr``."""
-    return _pearson(stats.rankdata(a), stats.rankdata(b))
+    return pearson(stats.rankdata(a), stats.rankdata(b))
 
 
 def mean_attention(frame: pd.DataFrame, by: Sequence[str] = ("problem_id", "layer", "thought")) -> pd.DataFrame:

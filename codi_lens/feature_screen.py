@@ -51,6 +51,7 @@ from codi_lens.core.hooks import Hooks
 from codi_lens.core.model import CODIModel
 from codi_lens.data.problems import Problem
 from codi_lens.metrics import AnswerNumber, gold_number, kl_divergence, number_logprob, whole_number_rows
+from codi_lens.pathways import target_activation
 from codi_lens.run.store import UNIT_COLUMN, ResultStore, batches_heard
 from codi_lens.saes.edits import feature_edit, random_direction_edit
 from codi_lens.saes.ids import feature_id, parse_feature_id
@@ -98,15 +99,11 @@ def site_activations(
     """The SAE's feature activations at its own site on each question (the SAE spliced in with its error
     term; the loop run only as far as the site's thought), ``[n_questions, d_sae]`` float32 on the CPU; with
     ``progress``, under a bar that moves per transformer block."""
-    site = sae_site(sae)
-    parts = []
-    batches = batches_heard(questions, batch_size, model=model, desc=f"activations {site.id}", progress=progress)
-    for batch in batches:
-        recorder, hooks = feature_recorder(model, [sae])
-        with attached(model, [sae], use_error_term=True), model.hooks(fwd_hooks=hooks, reset_hooks_end=True):
-            grow_trunk(model, batch, n_latents=n_latents, through=site.thought)
-        parts.append(recorded_features(recorder, sae).float().cpu())
-    return torch.cat(parts)
+    desc = f"activations {sae_site(sae).id}"
+    batches = batches_heard(questions, batch_size, model=model, desc=desc, progress=progress)
+    return torch.cat(
+        [torch.from_numpy(target_activation(model, b, sae, None, [sae], n_latents=n_latents)) for b in batches]
+    )
 
 
 def screened_features(

@@ -42,7 +42,7 @@ from codi_lens.saes.edits import feature_edit
 from codi_lens.saes.ids import feature_id, parse_feature_id
 from codi_lens.saes.io import SAEError, sae_site
 from codi_lens.saes.splice import at_site, attached, feature_recorder, recorded_features, recorded_site
-from codi_lens.stats import bootstrap_ci, clustered_pearson_ci
+from codi_lens.stats import bootstrap_ci, clustered_pearson_ci, pearson
 
 
 def site_order(site: Site) -> tuple[int, float]:
@@ -168,15 +168,12 @@ def _batched_attributions(
 
 def top_candidates(attributions: pd.DataFrame, n_problems: int, k: int) -> pd.DataFrame:
     """The ``k`` (source site, feature) pairs with the largest mean absolute attribution over problems
-    (inactive problems count as 0): ``source_site, source_feature, mean_attribution, mean_abs``."""
-    grouped = attributions.groupby(["source_site", "source_feature"])
-    table = pd.DataFrame(
-        {
-            "mean_attribution": grouped["attribution"].sum() / n_problems,
-            "mean_abs": grouped["attribution"].apply(lambda x: x.abs().sum()) / n_problems,
-        }
-    ).reset_index()
-    return table.sort_values("mean_abs", ascending=False, kind="stable").head(k).reset_index(drop=True)
+    (inactive problems count as 0): ``source_site, source_feature, source_id, mean_attribution, mean_abs``
+    (:func:`candidates_per_target` for the one target)."""
+    one = attributions.assign(target_id="target")
+    if "source_id" not in one:  # attributions.parquet of a run made before feature ids, resumed
+        one["source_id"] = [feature_id(s, f) for s, f in zip(one["source_site"], one["source_feature"])]
+    return candidates_per_target(one, n_problems, k).drop(columns="target_id")
 
 
 @torch.no_grad()
@@ -450,7 +447,7 @@ def pathway_table(joined: pd.DataFrame, *, n_resamples: int = 2000, seed: int = 
                 "replayed": replayed,
                 "low": low,
                 "high": high,
-                "agreement": clustered_pearson_ci(group["predicted"], group["actual"], group["problem"])[0],
+                "agreement": pearson(group["predicted"], group["actual"]),
                 "validated": bool(excludes_zero and np.sign(predicted) == np.sign(replayed)),
             }
         )

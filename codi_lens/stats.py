@@ -207,6 +207,14 @@ def cluster_permutation_pvalue(
     return float(result.pvalue)
 
 
+def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
+    """The Pearson correlation of ``x`` and ``y``; NaN when either side is constant."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) < 2 or np.all(x == x[0]) or np.all(y == y[0]):
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
 def clustered_pearson_ci(
     x: Sequence[float] | np.ndarray,
     y: Sequence[float] | np.ndarray,
@@ -226,19 +234,19 @@ def clustered_pearson_ci(
         [np.bincount(index, w, minlength=len(labels)) for w in (np.ones_like(x), x, y, x * x, y * y, x * y)]
     )
 
-    def pearson(weighted: np.ndarray) -> np.ndarray:
+    def from_sums(weighted: np.ndarray) -> np.ndarray:
         n, sx, sy, sxx, syy, sxy = weighted
         cov, vx, vy = sxy - sx * sy / n, sxx - sx * sx / n, syy - sy * sy / n
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where((vx > 1e-300) & (vy > 1e-300), cov / np.sqrt(vx * vy), np.nan)
 
-    estimate = float(pearson(sums.sum(1)))
+    estimate = float(from_sums(sums.sum(1)))
     if len(labels) < 3 or np.isnan(estimate):
         return estimate, float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(labels), size=(n_resamples, len(labels)))
     counts = np.stack([np.bincount(row, minlength=len(labels)) for row in draws])  # [resamples, clusters]
-    resampled = pearson(sums @ counts.T)
+    resampled = from_sums(sums @ counts.T)
     tail = (1 - confidence) / 2 * 100
     low, high = np.nanpercentile(resampled, [tail, 100 - tail])
     return estimate, float(low), float(high)

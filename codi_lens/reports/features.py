@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 import plotly.express as px
 
+from codi_lens.core.sites import Site
 from codi_lens.feature_report import encoding_contrast
 from codi_lens.feature_screen import Screen
 from codi_lens.pathways import VALIDATION_RULE
@@ -89,7 +90,7 @@ def _share(group: dict[str, float]) -> str:
 
 
 def _thought(site: str) -> int | None:
-    return parse_feature_id(f"{site}/0")[0].thought
+    return Site.parse(site).thought
 
 
 def feature_report_lines(summary: dict[str, Any]) -> list[str]:
