@@ -12,6 +12,7 @@ from sae_lens import StandardSAE, StandardSAEConfig
 from statsmodels.stats.multitest import multipletests
 
 from codi_lens import Site, load_pretrained
+from codi_lens.core.names import sae_hook_name
 from codi_lens.data import load_problems
 from codi_lens.feature_screen import (
     CONTROL,
@@ -249,3 +250,26 @@ def test_named_features_reads_the_screen(tmp_path):
         "thought.3.hook_hidden/4",
         "thought.5.hook_hidden/1",
     ]
+
+
+def test_the_clamp_control_pushes_at_its_thought_only(model, problems):
+    """At a hook with a position axis, the control's push lands on the SAE's thought (thought 3 here): the SAE's
+    output differs from the unedited run's there by the push itself and not at all at any earlier position
+    (later ones follow from it through the loop). Float32, 1e-4."""
+    site = Site.at_thought("blocks.0.hook_resid_post", 3)
+    d = model.cfg.d_model
+    sae = hand_sae(
+        site, torch.zeros(d, 4), torch.ones(4), torch.randn(4, d, generator=torch.Generator().manual_seed(1))
+    )
+    questions = [p.question for p in problems[:3]]
+    before = torch.ones(3)  # every feature is active at 1 (no input weights, bias 1)
+    hooks = random_direction_edit(model, sae, 2, 5.0, before, seed=7)
+    name = sae_hook_name(site.hook, "output")
+    with attached(model, [sae], use_error_term=True):
+        _, plain = model.run_codi_with_cache(questions, names_filter=name, max_new_tokens=1)
+        result, pushed = model.run_codi_with_cache(questions, names_filter=name, max_new_tokens=1, fwd_hooks=hooks)
+    difference = (pushed[name] - plain[name]).norm(dim=-1)  # [batch, pos]
+    at = result.positions.thoughts[2]
+    expected = 4.0 * float(sae.W_dec[2].detach().norm())  # (value - before) * |W_dec[2]| along a unit direction
+    torch.testing.assert_close(difference[:, at], torch.full((3,), expected), rtol=1e-4, atol=1e-4)
+    assert float(difference[:, :at].max()) < 1e-4
