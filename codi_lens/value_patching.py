@@ -32,7 +32,9 @@ from torch import Tensor
 
 from codi_lens.core.branching import Branch, grow_trunk, run_branches
 from codi_lens.core.model import CODIModel
+from codi_lens.data.pairs import Rejected, parse_chain, question_numbers, recompute_from_step
 from codi_lens.data.problems import CALC_SPAN, Problem
+from codi_lens.data.synthetic import is_synthetic
 from codi_lens.interventions.thoughts import replace_thoughts
 from codi_lens.run.store import UNIT_COLUMN
 
@@ -64,8 +66,19 @@ def chain_steps(problem: Problem) -> list[tuple[str, float]] | None:
 
 
 def answer_with_value(problem: Problem, step: int, value: float) -> float | None:
-    """The final answer of ``problem``'s chain with intermediate ``step`` (1-based) set to ``value``
-    and every later step recomputed from it; None if the chain cannot be recomputed."""
+    """The final answer of ``problem``'s chain with intermediate ``step`` (1-based) set to ``value`` and every
+    later step recomputed from it; None if the chain cannot be recomputed. A synthetic problem's chain is a
+    program (each step applied to the previous result: :func:`chain_steps`); any other chain is recomputed by
+    tracing which operands are earlier results (:func:`~codi_lens.data.pairs.recompute_from_step`:
+    ``<<s1*Z=s2>> <<s1+s2=a>>`` gives ``value + value * Z``), refusing an operand that could also be a number of
+    the question."""
+    if not is_synthetic(problem):
+        try:
+            spans = parse_chain(problem.solution)
+            numbers = [number for _, _, number in question_numbers(problem.question)]
+            return recompute_from_step(spans, step, value, numbers)
+        except Rejected:
+            return None
     steps = chain_steps(problem)
     if steps is None or not 1 <= step <= len(steps):
         return None

@@ -194,6 +194,30 @@ def recompute_chain(spans: Sequence[Span], old: float, new: float) -> list[float
     return results_new
 
 
+def recompute_from_step(spans: Sequence[Span], step: int, value: float, question_values: Iterable[float]) -> float:
+    """The final result of a chain whose span ``step`` (1-based) gives ``value`` instead of its own result, every
+    later span recomputed: an operand equal to an earlier result is that result. Refused (:class:`Rejected`) when
+    an operand could be either an earlier result or a number of the question (``question_values``), or matches
+    earlier results that now differ."""
+    if not 1 <= step <= len(spans):
+        raise Rejected(Reason.NOT_IN_CHAIN, f"step {step} of {len(spans)}")
+    given = list(question_values)
+    old = [span.result for span in spans]
+    new = old[: step - 1] + [float(value)]
+
+    def value_of(constant: float) -> float:
+        earlier = {new[i] for i in range(len(new)) if _close(old[i], constant)}
+        if earlier and any(_close(constant, q) for q in given):
+            raise Rejected(Reason.SEVERAL_ROLES, f"{constant:g} is a number of the question and an earlier result")
+        if len(earlier) > 1:
+            raise Rejected(Reason.SEVERAL_ROLES, f"{constant:g} matches earlier results that now differ")
+        return earlier.pop() if earlier else constant
+
+    for span in spans[step:]:
+        new.append(_evaluate(span.tree, value_of))
+    return new[-1]
+
+
 def recompute_program(spans: Sequence[Span], number_index: int, new: float) -> list[float]:
     """Every result of a synthetic chain (:mod:`codi_lens.data.synthetic`) after its question's number
     ``number_index`` becomes ``new``. The chain is a program: the start value (number 0), then one

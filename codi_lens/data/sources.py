@@ -9,6 +9,7 @@
   toy-chain model (its generator settings are read from its ``training.json``);
 - a local GSM8K-format ``.jsonl`` file (``question``, ``answer`` with ``<<...>>`` spans and a final
   ``#### N`` line; an ``id`` field, when present, is kept as the record's id);
+- ``"template:cywinski"``: problems generated from a published template (:mod:`codi_lens.data.templates`);
 - a hub dataset name (needs the optional ``datasets`` extra; never used by tests).
 
 The shipped names are the entries of :data:`codi_lens.loading.registry.DATASETS`.
@@ -24,6 +25,7 @@ from pathlib import Path
 from codi_lens.core.errors import MissingFileError
 from codi_lens.data.problems import DataError, Problem, problem_from_record, records_from_jsonl
 from codi_lens.data.synthetic import make_splits
+from codi_lens.data.templates import template_problems
 from codi_lens.loading.registry import DATASETS, SHIPPED_MODELS
 
 
@@ -69,7 +71,8 @@ def load_problems(
     Args:
         source: a shipped dataset name (``"gsm8k:test"``, ``"gsm8k:train"``, ``"toy:test"``, ``"toy:train"``,
             ``"toy:validation"``, and the same three for ``"toy-chain"``), a local
-            ``.jsonl`` path (one ``{"question", "answer"}`` object per line) or a hub dataset name such
+            ``.jsonl`` path (one ``{"question", "answer"}`` object per line), a generated template
+            (``"template:cywinski"``, :mod:`codi_lens.data.templates`) or a hub dataset name such
             as ``"openai/gsm8k"`` (then ``split`` is required).
         split: recorded as provenance; defaults to the shipped name's split or the file's stem.
         question_field, answer_field: field names in each record.
@@ -81,8 +84,8 @@ def load_problems(
     """
     name = str(source)
     path = Path(source)
-    if name in DATASETS and DATASETS[name].generated:
-        problems = generated_split(name)
+    if name.startswith("template:") or (name in DATASETS and DATASETS[name].generated):
+        problems = template_problems(name) if name.startswith("template:") else generated_split(name)
         return problems[:limit] if limit is not None else problems
     if name in DATASETS:
         text = shipped_dataset_text(name)

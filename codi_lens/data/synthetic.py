@@ -241,8 +241,13 @@ def make_splits(
 def value_limit(problems: list[Problem]) -> int | None:
     """``MAX_VALUE`` when every problem comes from this generator (a shipped toy split, whatever its
     model: ids ``toy:...`` or ``toy-chain:...``), so minimal pairs stay in the one-token range; else None."""
-    synthetic = problems and all(p.source in ("toy", "toy-chain") or p.id.startswith("toy") for p in problems)
-    return MAX_VALUE if synthetic else None
+    return MAX_VALUE if problems and all(map(is_synthetic, problems)) else None
+
+
+def is_synthetic(problem: Problem) -> bool:
+    """Whether ``problem`` comes from this generator (a shipped toy split: ids ``toy:...`` or ``toy-chain:...``):
+    its chain is then a program, each step applied to the previous result."""
+    return problem.source in ("toy", "toy-chain") or problem.id.startswith("toy")
 
 
 def to_record(p: Problem) -> dict:

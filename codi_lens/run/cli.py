@@ -53,8 +53,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, out: str, batch_size: in
     parser.add_argument(
         "--data",
         default=None,
-        help="gsm8k:test, gsm8k:train, toy-chain:test, toy:test, ..., a local GSM8K-format .jsonl, or a hub name "
-        "(default: a shipped model's own test split, gsm8k:test for any other checkpoint)",
+        help="gsm8k:test, gsm8k:train, toy-chain:test, toy:test, ..., template:cywinski, a local GSM8K-format "
+        ".jsonl, or a hub name (default: a shipped model's own test split, gsm8k:test for any other checkpoint)",
     )
     parser.add_argument("--split", default=None, help="split name (required for a hub dataset)")
     parser.add_argument("--limit", type=int, default=None, help="the first N records in file order")
