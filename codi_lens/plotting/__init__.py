@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from codi_lens.plotting.accuracy import accuracy_bars
-from codi_lens.plotting.base import TEMPLATE, error_bars, mean_heatmap, write_html, write_page
+from codi_lens.plotting.base import TEMPLATE, ci_bars, error_bars, mean_heatmap, write_html, write_page
 from codi_lens.plotting.circuits import attribution_bars, head_heatmap, path_bars, source_heatmap
 from codi_lens.plotting.importance import (
     attention_by_head,
@@ -51,6 +51,7 @@ __all__ = [
     "attention_by_layer",
     "attention_vs_importance",
     "early_answer_curves",
+    "ci_bars",
     "error_bars",
     "feature_dashboard",
     "head_heatmap",

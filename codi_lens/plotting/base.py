@@ -26,6 +26,31 @@ def error_bars(table: pd.DataFrame, value: str, low: str | None = None, high: st
     return {"error_y": table[high] - table[value], "error_y_minus": table[value] - table[low]}
 
 
+def ci_bars(
+    table: pd.DataFrame,
+    x: str,
+    value: str,
+    low: str,
+    high: str,
+    *,
+    color: str | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Bars of ``value`` per ``x`` (grouped by ``color``) with the interval ``[low, high]`` drawn on each."""
+    frame = table.assign(**{x: table[x].astype(str)})
+    return px.bar(
+        frame,
+        x=x,
+        y=value,
+        color=color,
+        barmode="group",
+        template=TEMPLATE,
+        title=title,
+        hover_data=[low, high],
+        **error_bars(frame, value, low, high),
+    )
+
+
 def mean_heatmap(grid: pd.DataFrame, y: str, facet: str, title: str, facet_wrap: int = 0) -> go.Figure:
     """Heatmap of the mean ``weight`` over (thought, ``y``), one panel per ``facet`` value."""
     return px.density_heatmap(

@@ -127,7 +127,8 @@ def report_lines(summary: dict[str, Any]) -> str:
 
 def write_iterative_patching(rows: pd.DataFrame, out: str | Path) -> dict[str, Any]:
     """From chained-versus-parallel rows (:func:`codi_lens.patching.trajectory_sweep`): the figures
-    ``trajectories.html`` and ``fed_trajectories.html``. Returns the summary's numbers: the final recovery per
+    ``trajectories.html`` and ``fed_trajectories.html``, and ``final_recovery.parquet`` (per layer and start
+    thought: the final recovery of each mode and their difference, with 95% CIs over pairs). Returns the summary's numbers: the final recovery per
     layer and start thought of each mode, and chained minus parallel, with 95% bootstrap CIs over pairs, Cohen's
     d_z and Wilcoxon and sign tests (the Wilcoxon p-values Benjamini-Hochberg corrected across cells)."""
     out = Path(out)
@@ -153,6 +154,15 @@ def write_iterative_patching(rows: pd.DataFrame, out: str | Path) -> dict[str, A
     _, q = benjamini_hochberg([e["chained_minus_parallel_test"]["wilcoxon_p"] for e in recovery.values()])
     for entry, value in zip(recovery.values(), q):
         entry["chained_minus_parallel_test"]["wilcoxon_q"] = float(value)
+    pd.DataFrame(
+        [
+            {"cell": cell, "mode": mode, "mean": values[0], "low": values[1], "high": values[2]}
+            for cell, entry in recovery.items()
+            for mode, values in entry.items()
+            if mode in ("chained", "parallel", "chained_minus_parallel")
+        ],
+        columns=["cell", "mode", "mean", "low", "high"],
+    ).to_parquet(out / "final_recovery.parquet", index=False)
     after_start = used[used["thought"] > used["start_thought"]]
     return {
         "n_pairs": int(rows["pair_id"].nunique()),

@@ -57,6 +57,10 @@ def _write_value_patching(patched: pd.DataFrame, out: Path) -> None:
     )
     write_html(value_patching_bars(patched, "correct"), out / "value_patching.html")
     different = patched[patched["condition"] == "different"]
+    moved = different.dropna(subset=["moved"]).astype({"moved": float})
+    mean_ci_table(moved, ["condition", "step", "thought"], "moved").to_parquet(
+        out / "value_patching_moved.parquet", index=False
+    )
     if len(different):
         write_html(value_patching_bars(different, "moved"), out / "value_patching_moved.html")
 
@@ -64,7 +68,8 @@ def _write_value_patching(patched: pd.DataFrame, out: Path) -> None:
 def write_read_thoughts(reading: Reading, out: str | Path, *, top_k: int, n_layers: int) -> dict[str, Any]:
     """``readout_rates.parquet`` (top-1 and top-k rates with 95% CIs), ``readout_anywhere.parquet``,
     ``decodes.parquet``, ``probes.parquet``, ``early_answers.parquet`` (accuracy by k with CIs),
-    ``value_patching.parquet`` and the figures ``readout_logit.html``, ``readout_tuned.html``,
+    ``value_patching.parquet`` (accuracy after the patch), ``value_patching_moved.parquet`` (how often the
+    answer moved to the patched value's prediction) and the figures ``readout_logit.html``, ``readout_tuned.html``,
     ``answer_readout.html``, ``probes.html``, ``early_answers.html``, ``value_patching.html`` and
     ``value_patching_moved.html``. Returns the summary's numbers."""
     out = Path(out)

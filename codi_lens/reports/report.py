@@ -1,0 +1,256 @@
+"""The one-command report: plan the parts of :mod:`codi_lens.reports.battery` within a time budget, run each as
+its own resumable sub-run, and write one offline page and ``report.json``.
+
+**Planning** (:func:`plan_report`). With a budget, every part first runs on ``minimum`` and ``2 x minimum`` units
+in a scratch folder (``pilot/``): the two times give its fixed cost and its cost per unit. The time left after the
+pilots (less :data:`PAGE_SHARE` for the page) is shared equally between the parts; a part that needs less than
+its share for every available unit takes them all and leaves the rest to the others. A part whose minimum does not
+fit is skipped with the reason. With ``limit`` instead, every part runs on ``min(limit, available)`` units. The
+plan is written to ``plan.json`` before any part runs and is reused by a rerun with the same settings, so a killed
+report resumes to the same numbers.
+
+**Running** (:func:`run_report`). Each part runs in ``parts/<name>/`` with result stores keyed by unit, so a rerun
+continues where a kill stopped it and a finished part is read back. Before a part starts, the time spent so far
+(pilots and finished parts, kept across reruns in ``parts/<name>/part.json``) is checked against the budget; a
+part that would overrun is shrunk to what fits, and the shrunk size is written to the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from codi_lens.plotting import write_page
+from codi_lens.reports.battery import PARTS, Part, ReportInputs, Section, run_part
+from codi_lens.reports.references import reference_table
+
+#: The share of the budget kept for writing the page.
+PAGE_SHARE = 0.03
+
+
+@dataclass
+class PlannedPart:
+    """One row of the plan: the size chosen, the units available, the cost model and what happened."""
+
+    name: str
+    unit: str
+    available: int
+    n: int
+    fixed_s: float | None = None
+    per_unit_s: float | None = None
+    skipped: str | None = None
+
+    @property
+    def estimate_s(self) -> float | None:
+        if self.per_unit_s is None or self.skipped:
+            return None
+        return self.fixed_s + self.per_unit_s * self.n
+
+    def fits(self, seconds: float) -> int:
+        """The most units whose estimated time is within ``seconds``."""
+        return int(max(0.0, seconds - self.fixed_s) // max(self.per_unit_s, 1e-9))
+
+
+@dataclass
+class Plan:
+    parts: list[PlannedPart]
+    budget_s: float | None
+    pilot_s: float
+    settings: dict[str, Any]
+
+    def table(self, actual: dict[str, float] | None = None) -> pd.DataFrame:
+        """The plan as a table (estimated and, when given, actual minutes per part)."""
+        rows = []
+        for p in self.parts:
+            estimate = p.estimate_s
+            rows.append(
+                {
+                    "part": p.name,
+                    "unit": p.unit,
+                    "units": p.n if not p.skipped else 0,
+                    "available": p.available,
+                    "estimated_min": None if estimate is None else round(estimate / 60, 2),
+                    "actual_min": None if not actual or p.name not in actual else round(actual[p.name] / 60, 2),
+                    "skipped": p.skipped or "",
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def save(self, path: Path) -> None:
+        record = {"settings": self.settings, "budget_s": self.budget_s, "pilot_s": self.pilot_s}
+        path.write_text(json.dumps({**record, "parts": [asdict(p) for p in self.parts]}, indent=1, default=str))
+
+    @classmethod
+    def load(cls, path: Path) -> Plan:
+        record = json.loads(path.read_text())
+        return cls(
+            [PlannedPart(**p) for p in record["parts"]], record["budget_s"], record["pilot_s"], record["settings"]
+        )
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def pilot_costs(part: Part, inputs: ReportInputs, folder: Path) -> tuple[float, float]:
+    """``(fixed seconds, seconds per unit)`` of ``part``, from runs on ``minimum`` and ``2 x minimum`` units."""
+    times = []
+    for n in (part.minimum, 2 * part.minimum):
+        started = time.perf_counter()
+        run_part(part, inputs, n, folder / str(n))
+        times.append(time.perf_counter() - started)
+    per_unit = max((times[1] - times[0]) / part.minimum, times[1] / (2 * part.minimum) * 0.05)
+    return max(0.0, times[0] - per_unit * part.minimum), per_unit
+
+
+def share_budget(planned: list[PlannedPart], seconds: float) -> None:
+    """Give each part an equal share of ``seconds``; a part that needs less for every unit takes them all and
+    leaves the rest to the others; a part whose minimum does not fit is skipped (sets ``n`` and ``skipped``)."""
+    active = [p for p in planned if not p.skipped]
+    while active:
+        share = seconds / len(active)
+        whole = [p for p in active if p.fixed_s + p.per_unit_s * p.available <= share]
+        if not whole:
+            break
+        for p in whole:
+            p.n = p.available
+            seconds -= p.estimate_s
+        active = [p for p in active if p not in whole]
+    for p in active:
+        p.n = min(p.available, p.fits(seconds / len(active)))
+        if p.n < PARTS[p.name].minimum:
+            p.skipped = f"the budget leaves {seconds / len(active):.0f} s; its minimum ({PARTS[p.name].minimum} {p.unit}) needs {p.fixed_s + p.per_unit_s * PARTS[p.name].minimum:.0f} s"
+
+
+def plan_report(
+    parts: list[Part], inputs: ReportInputs, out: Path, *, budget_s: float | None, limit: int | None
+) -> Plan:
+    """The plan (see the module docstring), reused from ``out/plan.json`` when its settings match."""
+    settings = {**inputs.settings, "parts": [p.name for p in parts], "budget_s": budget_s, "limit": limit}
+    settings = json.loads(json.dumps(settings, default=str))
+    path = out / "plan.json"
+    if path.exists():
+        saved = Plan.load(path)
+        if saved.settings == settings:
+            _say(f"plan: reusing {path}")
+            return saved
+    planned = []
+    for part in parts:
+        available = inputs.units(part.unit)
+        reason = part.unavailable(inputs) or (
+            f"{available} {part.unit} available; it needs {part.minimum}" if available < part.minimum else None
+        )
+        planned.append(PlannedPart(part.name, part.unit, available, min(available, limit or available), skipped=reason))
+    started = time.perf_counter()
+    if budget_s is not None:
+        for p in planned:
+            if not p.skipped:
+                _say(f"pilot: timing {p.name} on {PARTS[p.name].minimum} and {2 * PARTS[p.name].minimum} {p.unit}")
+                p.fixed_s, p.per_unit_s = pilot_costs(PARTS[p.name], inputs, out / "pilot" / p.name)
+        pilot_s = time.perf_counter() - started
+        share_budget(planned, budget_s * (1 - PAGE_SHARE) - pilot_s)
+    else:
+        pilot_s = 0.0
+    plan = Plan(planned, budget_s, pilot_s, settings)
+    out.mkdir(parents=True, exist_ok=True)
+    plan.save(path)
+    return plan
+
+
+def _finished(folder: Path, n: int) -> float | None:
+    """Seconds a finished part took, when ``folder`` holds a finished run of ``n`` units."""
+    record = folder / "part.json"
+    if record.exists():
+        saved = json.loads(record.read_text())
+        if saved.get("n") == n and saved.get("finished"):
+            return float(saved["seconds"])
+    return None
+
+
+def run_report(
+    inputs: ReportInputs,
+    out: str | Path,
+    *,
+    parts: list[Part],
+    budget_s: float | None = None,
+    limit: int | None = None,
+    title: str = "CODI report",
+) -> dict[str, Any]:
+    """Plan, run every part, and write ``report.html`` and ``report.json`` in ``out``; returns the record."""
+    out = Path(out)
+    plan = plan_report(parts, inputs, out, budget_s=budget_s, limit=limit)
+    _say("plan:\n" + plan.table().to_string(index=False))
+    sections: dict[str, list[Section]] = {}
+    actual: dict[str, float] = {}
+    for p in plan.parts:
+        if p.skipped:
+            continue
+        folder = out / "parts" / p.name
+        spent = plan.pilot_s + sum(actual.values())
+        if budget_s is not None and _finished(folder, p.n) is None:
+            left = budget_s * (1 - PAGE_SHARE) - spent
+            if p.estimate_s > left:
+                p.n = min(p.n, p.fits(left))
+                if p.n < PARTS[p.name].minimum:
+                    p.skipped = f"the budget ran out ({left:.0f} s left)"
+                    plan.save(out / "plan.json")
+                    continue
+                _say(f"{p.name}: shrunk to {p.n} {p.unit} to stay within the budget ({left:.0f} s left)")
+                plan.save(out / "plan.json")
+        started = time.perf_counter()
+        sections[p.name] = run_part(PARTS[p.name], inputs, p.n, folder)
+        seconds = _finished(folder, p.n) or time.perf_counter() - started
+        actual[p.name] = seconds
+        (folder / "part.json").write_text(json.dumps({"n": p.n, "finished": True, "seconds": seconds}))
+        _say(f"{p.name}: {p.n} {p.unit} in {seconds / 60:.1f} min (estimated {_minutes(p.estimate_s)})")
+    return write_report(plan, sections, actual, out, title=title)
+
+
+def _minutes(seconds: float | None) -> str:
+    return "-" if seconds is None or math.isnan(seconds) else f"{seconds / 60:.1f} min"
+
+
+def write_report(
+    plan: Plan, sections: dict[str, list[Section]], actual: dict[str, float], out: Path, *, title: str
+) -> dict[str, Any]:
+    """``report.html`` (the plan, the published findings beside ours, one section per part) and ``report.json``."""
+    headlines = {s.title: s.headline for part in sections.values() for s in part}
+    references = reference_table(headlines)
+    plan_table = plan.table(actual)
+    page = [
+        (
+            "Plan: parts, units, estimated and actual minutes",
+            [
+                f"Budget {_minutes(plan.budget_s)}; pilots {_minutes(plan.pilot_s)}; parts "
+                f"{_minutes(sum(actual.values()))}. Skipped parts say why.",
+                plan_table,
+            ],
+        ),
+        ("Published findings beside this checkpoint", [references]),
+    ]
+    for name, part_sections in sections.items():
+        for s in part_sections:
+            shown = [*(line for line in s.reading if line)]
+            if s.figure is not None:
+                shown.append(s.figure)
+            if len(s.table):
+                shown += [s.table, f"Table: parts/{name}/{s.source}"]
+            page.append((s.title, shown))
+    write_page(title, page, out / "report.html")
+    record = {
+        "title": title,
+        "settings": plan.settings,
+        "plan": plan_table.to_dict(orient="records"),
+        "headlines": headlines,
+        "readings": {s.title: s.reading for part in sections.values() for s in part},
+        "references": references.to_dict(orient="records"),
+    }
+    (out / "report.json").write_text(json.dumps(record, indent=1, default=float))
+    return record
