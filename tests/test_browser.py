@@ -135,3 +135,35 @@ def test_a_page_of_several_figures_draws_each_offline(browser, tmp_path):
     assert page.evaluate("document.querySelectorAll('.main-svg .bars .point').length") == 2
     assert "thought.3.hook_hidden/4" in page.inner_text("table") and "a reading" in page.inner_text("body")
     assert errors == [] and outside == []
+
+
+def test_the_report_page_draws_every_section_offline(browser, tmp_path):
+    """``experiments.report`` on toy-chain: every section's figure drawn with the network blocked, no console
+    error, the plan and the published findings in place."""
+    from experiments import report
+
+    flags = [
+        "--limit",
+        "16",
+        "--problems",
+        "32",
+        "--max-new-tokens",
+        "16",
+        "--parts",
+        "accuracy,step_importance,reading",
+    ]
+    report.main([*flags, "--out", str(tmp_path)])
+    page, errors, outside = _open_offline(browser, tmp_path / "report.html")
+    figures = (tmp_path / "report.html").read_text().count('class="plotly-graph-div"')
+    assert figures >= 5  # accuracy, step importance, lens, early answers, value patching (probes need more problems)
+    page.wait_for_function(
+        f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {figures}", timeout=30_000
+    )
+    assert page.evaluate("document.querySelectorAll('.main-svg .bars .point').length") > figures
+    headings = page.evaluate("Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
+    assert headings[:2] == [
+        "Plan: parts, units, estimated and actual minutes",
+        "Published findings beside this checkpoint",
+    ]
+    assert "Early answers" in headings and "Cywinski" in page.inner_text("body")
+    assert errors == [] and outside == []

@@ -234,7 +234,8 @@ def run_attention(inputs: ReportInputs, n: int, out: Path) -> list[Section]:
     excluded = (~own.apply(lambda r: holds_zero(r["spearman_low"], r["spearman_high"]), axis=1)).sum()
     control_excluded = (~control.apply(lambda r: holds_zero(r["spearman_low"], r["spearman_high"]), axis=1)).sum()
     reading = [
-        f"Attention from EOT to a thought against the cost of zeroing it: largest |Spearman| at layer {int(best['layer'])}, "
+        "Attention from EOT to a thought against the cost of zeroing it: largest |Spearman| at layer "
+        f"{int(best['layer'])}, "
         f"Spearman {ci_text(best_values)}; {excluded} of {len(own)} layers have a CI that excludes zero.",
         f"Paired with the next problem's importance (control), {control_excluded} of {len(control)} layers do.",
     ]
@@ -442,7 +443,8 @@ def probe_section(out: Path) -> Section:
         control = group[group["task"] != "probe"]
         versus = f", control {ci_text(triplet(control.iloc[0], 'accuracy'), percent=True)}" if len(control) else ""
         lines.append(
-            f"{target} {ci_text(triplet(probe, 'accuracy'), percent=True)}{versus}, chance {100 * probe['chance']:.0f}% "
+            f"{target} {ci_text(triplet(probe, 'accuracy'), percent=True)}{versus}, "
+            f"chance {100 * probe['chance']:.0f}% "
             f"(layer {int(probe['layer'])}, thought {int(probe['thought'])})"
         )
     reading = [
@@ -478,6 +480,21 @@ def early_section(out: Path) -> Section:
     return Section("Early answers", table, figure, headline, reading, "early_answers.parquet")
 
 
+def control_line(correct: pd.DataFrame, moved: pd.DataFrame) -> str:
+    """At the cell where the answer moved most: accuracy with the problem's own value and with any value's mean."""
+    if moved.empty:
+        return "No cell had a prediction to move to."
+    top = moved.sort_values("mean").iloc[-1]
+    cell = correct[(correct["step"] == top["step"]) & (correct["thought"] == top["thought"])].set_index("condition")
+    if not {"same", "any_value"} <= set(cell.index):
+        return "The own-value and any-value controls were not measured at that cell."
+    return (
+        f"At that cell (step {int(top['step'])}, thought {int(top['thought'])}) the problem's own value keeps "
+        f"{ci_text(triplet(cell.loc['same'], 'mean'), percent=True)} right; the mean of any value (control) "
+        f"{ci_text(triplet(cell.loc['any_value'], 'mean'), percent=True)}."
+    )
+
+
 def value_section(out: Path) -> Section:
     if not (out / "value_patching.parquet").exists():
         reading = ["No value had enough reference problems to patch.", ""]
@@ -496,17 +513,10 @@ def value_section(out: Path) -> Section:
         lines.append(
             f"step {int(step)}'s value at thought {int(top['thought'])}: {ci_text(triplet(top, 'mean'), percent=True)}"
         )
-    same = correct[correct["condition"] == "same"]
     reading = [
         "A thought replaced by the mean thought of problems with another value moves the answer to that value's "
         "prediction most for " + ("; ".join(lines) or "no step (no prediction could be made)") + ".",
-        (
-            f"With the problem's own value (same) accuracy is {ci_text(triplet(same.sort_values('mean').iloc[0], 'mean'), percent=True)} "
-            f"at worst, against {ci_text(triplet(correct[correct['condition'] == 'any_value'].sort_values('mean').iloc[0], 'mean'), percent=True)} "
-            "for the mean of any value (control)."
-        )
-        if len(same) and (correct["condition"] == "any_value").any()
-        else "No problem had its own value among the references.",
+        control_line(correct, moved),
     ]
     figure = ci_bars(
         moved.assign(cell="step " + moved["step"].astype(str) + ", thought " + moved["thought"].astype(str)),

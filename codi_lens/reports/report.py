@@ -1,8 +1,9 @@
 """The one-command report: plan the parts of :mod:`codi_lens.reports.battery` within a time budget, run each as
 its own resumable sub-run, and write one offline page and ``report.json``.
 
-**Planning** (:func:`plan_report`). With a budget, every part first runs on ``minimum`` and ``2 x minimum`` units
-in a scratch folder (``pilot/``): the two times give its fixed cost and its cost per unit. The time left after the
+**Planning** (:func:`plan_report`). With a budget, every part first runs twice in a scratch folder (``pilot/``),
+on a batch and on two batches of units (:func:`pilot_sizes`): the two times give its fixed cost and its cost per
+unit. The time left after the
 pilots (less :data:`PAGE_SHARE` for the page) is shared equally between the parts; a part that needs less than
 its share for every available unit takes them all and leaves the rest to the others. A part whose minimum does not
 fit is skipped with the reason. With ``limit`` instead, every part runs on ``min(limit, available)`` units. The
@@ -99,15 +100,24 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def pilot_sizes(part: Part, inputs: ReportInputs) -> tuple[int, int]:
+    """Two sizes to time ``part`` at: a whole batch (at least the part's minimum) and twice that, within the
+    units available (so the difference is the cost of a batch, not of a few rows of one)."""
+    available = inputs.units(part.unit)
+    small = min(max(part.minimum, inputs.batch_size), max(part.minimum, available // 2))
+    return small, min(2 * small, available)
+
+
 def pilot_costs(part: Part, inputs: ReportInputs, folder: Path) -> tuple[float, float]:
-    """``(fixed seconds, seconds per unit)`` of ``part``, from runs on ``minimum`` and ``2 x minimum`` units."""
-    times = []
-    for n in (part.minimum, 2 * part.minimum):
+    """``(fixed seconds, seconds per unit)`` of ``part``, from its runs at the two :func:`pilot_sizes`."""
+    sizes, times = pilot_sizes(part, inputs), []
+    for n in sizes:
         started = time.perf_counter()
         run_part(part, inputs, n, folder / str(n))
         times.append(time.perf_counter() - started)
-    per_unit = max((times[1] - times[0]) / part.minimum, times[1] / (2 * part.minimum) * 0.05)
-    return max(0.0, times[0] - per_unit * part.minimum), per_unit
+    slope = (times[1] - times[0]) / max(sizes[1] - sizes[0], 1)
+    per_unit = max(slope, 0.1 * times[1] / sizes[1])  # a noisy pilot never makes units free
+    return max(0.0, times[1] - per_unit * sizes[1]), per_unit
 
 
 def share_budget(planned: list[PlannedPart], seconds: float) -> None:
@@ -126,7 +136,11 @@ def share_budget(planned: list[PlannedPart], seconds: float) -> None:
     for p in active:
         p.n = min(p.available, p.fits(seconds / len(active)))
         if p.n < PARTS[p.name].minimum:
-            p.skipped = f"the budget leaves {seconds / len(active):.0f} s; its minimum ({PARTS[p.name].minimum} {p.unit}) needs {p.fixed_s + p.per_unit_s * PARTS[p.name].minimum:.0f} s"
+            minimum = PARTS[p.name].minimum
+            p.skipped = (
+                f"the budget leaves {seconds / len(active):.0f} s; its minimum ({minimum} {p.unit}) needs "
+                f"{p.fixed_s + p.per_unit_s * minimum:.0f} s"
+            )
 
 
 def plan_report(
@@ -152,7 +166,8 @@ def plan_report(
     if budget_s is not None:
         for p in planned:
             if not p.skipped:
-                _say(f"pilot: timing {p.name} on {PARTS[p.name].minimum} and {2 * PARTS[p.name].minimum} {p.unit}")
+                sizes = pilot_sizes(PARTS[p.name], inputs)
+                _say(f"pilot: timing {p.name} on {sizes[0]} and {sizes[1]} {p.unit}")
                 p.fixed_s, p.per_unit_s = pilot_costs(PARTS[p.name], inputs, out / "pilot" / p.name)
         pilot_s = time.perf_counter() - started
         share_budget(planned, budget_s * (1 - PAGE_SHARE) - pilot_s)

@@ -1,0 +1,106 @@
+"""``experiments.report``: every headline on the page is its part's own table's number (recomputed here from the
+part's raw rows where it can be), a killed report resumes to the same numbers, and the budget is shared as the
+planner's rule says, by hand."""
+
+from __future__ import annotations
+
+import html
+import json
+
+import pandas as pd
+import pytest
+
+import codi_lens.reports.report as report_module
+from codi_lens.core.errors import FlagError
+from codi_lens.reports.report import PlannedPart, share_budget
+from experiments import report as report_command
+
+FLAGS = ["--limit", "16", "--problems", "40", "--max-new-tokens", "16", "--batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def toy_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    record = report_command.main([*FLAGS, "--out", str(out)])
+    return out, record
+
+
+def test_every_headline_is_its_part_s_own_number(toy_report):
+    out, record = toy_report
+    saved = json.loads((out / "report.json").read_text())
+    headlines = saved["headlines"]
+    assert saved["readings"] == record["readings"]
+    # accuracy: recomputed from the part's raw answers, not from its table
+    answers = pd.read_parquet(out / "parts/accuracy/results.parquet")
+    for condition, key in (("latents", "accuracy"), ("zero_all_thoughts", "accuracy_thoughts_zeroed")):
+        share = answers[answers["condition"] == condition]["correct"].mean()
+        assert headlines["Accuracy with and without the thoughts"][key][0] == pytest.approx(share, abs=1e-4)
+    # step importance: the share of right answers broken, from the part's raw rows
+    rows = pd.read_parquet(out / "parts/step_importance/results.parquet")
+    zero3 = rows[(rows["intervention"] == "zero") & (rows["scope"] == "single") & (rows["thought"] == 3)]
+    right = zero3[zero3["baseline_correct"]]
+    assert headlines["Step importance"]["zero/single/thought 3"][0] == pytest.approx(
+        (~right["correct"]).mean(), abs=1e-4
+    )
+    # patching: the best site is the table's largest mean recovery
+    cells = pd.read_parquet(out / "parts/patching/cells.parquet")
+    best = cells.loc[cells["recovery"].idxmax()]
+    patched = headlines["Minimal-pair patching"][f"{best['hook']}@{best['position']}"]
+    assert patched[0] == pytest.approx(best["recovery"], abs=1e-4)
+    # early answers: each k from the part's table
+    early = pd.read_parquet(out / "parts/reading/early_answers.parquet")
+    for r in early[early["group"] == "all"].itertuples():
+        assert headlines["Early answers"][f"after thought {r.k}"][0] == pytest.approx(r.mean, abs=1e-4)
+    # the page shows every reading and the published rows computed from these headlines
+    page = (out / "report.html").read_text()
+    for lines in saved["readings"].values():
+        for line in filter(None, lines):
+            assert html.escape(line) in page
+    assert "97.1%" in page and "Cywinski" in page and "Scratchpad" in page
+    assert page.count("<h2>") == 2 + sum(1 for _ in saved["readings"])
+
+
+def test_a_killed_report_resumes_to_the_same_numbers(tmp_path, monkeypatch):
+    flags = ["--limit", "8", "--problems", "20", "--max-new-tokens", "16", "--parts", "accuracy,patching,chained"]
+    whole = report_command.main([*flags, "--out", str(tmp_path / "whole")])
+    original = report_module.run_part
+
+    def killed(part, *args, **kwargs):
+        if part.name == "chained":
+            raise KeyboardInterrupt
+        return original(part, *args, **kwargs)
+
+    monkeypatch.setattr(report_module, "run_part", killed)
+    with pytest.raises(KeyboardInterrupt):
+        report_command.main([*flags, "--out", str(tmp_path / "killed")])
+    assert not (tmp_path / "killed/report.json").exists()
+    assert (tmp_path / "killed/parts/patching/part.json").exists()
+    monkeypatch.setattr(report_module, "run_part", original)
+    resumed = report_command.main([*flags, "--out", str(tmp_path / "killed")])
+    for key in ("headlines", "readings", "references"):
+        assert resumed[key] == whole[key]
+
+
+def test_the_budget_is_shared_equally_and_a_cheap_part_leaves_the_rest_to_the_others():
+    parts = [
+        PlannedPart("accuracy", "problems", 100, 0, fixed_s=10, per_unit_s=1),
+        PlannedPart("patching", "pairs", 100, 0, fixed_s=10, per_unit_s=1),
+        PlannedPart("chained", "pairs", 100, 0, fixed_s=0, per_unit_s=0.1),
+    ]
+    share_budget(parts, 150)
+    # chained needs 10 s for all 100 pairs; the other two share 140 s: (70 - 10) / 1 = 60 units each
+    assert [p.n for p in parts] == [60, 60, 100] and not any(p.skipped for p in parts)
+    tight = [PlannedPart("accuracy", "problems", 100, 0, fixed_s=10, per_unit_s=1)]
+    share_budget(tight, 12)  # 2 units fit; the part's minimum is 4
+    assert tight[0].skipped and "minimum (4 problems)" in tight[0].skipped
+
+
+def test_budget_flag():
+    assert report_command.parse_budget("15m") == 900
+    assert report_command.parse_budget("90s") == 90
+    assert report_command.parse_budget("1h") == 3600
+    assert report_command.parse_budget("2") == 120
+    with pytest.raises(FlagError, match="--budget"):
+        report_command.parse_budget("soon")
+    with pytest.raises(FlagError, match="--budget .* or --limit"):
+        report_command.main(["--out", "/tmp/never"])
