@@ -1,12 +1,15 @@
 """The whole battery on one checkpoint, within a time budget, as one offline page.
 
     python -m experiments.report [--checkpoint toy-chain] [--base DIR] [--budget 15m | --limit N]
-        [--parts accuracy,step_importance,...] [--baseline NO_COT_CHECKPOINT] [--out results/report]
+        [--parts accuracy,step_importance,...] [--baseline NO_COT_CHECKPOINT] [--saes DIR] [--out results/report]
 
 Parts (``--parts``, default all): accuracy with and without the thoughts (and a no-CoT ``--baseline``); step
 importance (zero, mean, swap; single and cumulative); attention to the thoughts against their importance;
 minimal-pair patching; route patching (recurrence or attention, with another problem's run as control); chained vs
-parallel patching; and the thoughts read out (logit and tuned lens, probes, early answers, value-matched patching).
+parallel patching; the thoughts read out (logit and tuned lens, probes, early answers, value-matched patching);
+value-matched patching on the templates of Cywinski, Bussmann et al. (``template``: when the tokenizer can write
+them); and the causal screen of SAE features (``features``: with ``--saes``). A part that cannot run is listed in
+the plan as skipped, with the reason.
 
 ``--budget 15m`` (or ``90s``, ``1h``) times every part on a few units first, shares the budget between the parts,
 prints the plan (units and estimated minutes per part) and stays within it; ``--limit N`` runs every part on N
@@ -29,6 +32,8 @@ from codi_lens.loading import load_codi
 from codi_lens.reports.battery import PARTS, ReportInputs
 from codi_lens.reports.report import run_report
 from codi_lens.run.cli import command_parser, model_settings, parse_common_args, run_main, start_run
+from codi_lens.saes import load_saes
+from codi_lens.saes.ids import saes_by_site
 
 UNITS = {"s": 1, "m": 60, "h": 3600}
 
@@ -52,6 +57,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--problems", type=int, default=300, help="problems read from --data (pairs are made from them)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of swaps, splits and controls")
+    parser.add_argument(
+        "--saes", default=None, help="a folder of SAEs on the thoughts (train_saes --out): part features"
+    )
+    parser.add_argument("--sae-ids", default=None, help="comma-separated SAE ids (default: all; one per site)")
     args = parse_common_args(parser, argv)
     budget = parse_budget(args.budget)
     if budget is None and args.limit is None:
@@ -62,13 +71,16 @@ def main(argv: list[str] | None = None) -> dict:
     problems = run.problems()[: args.problems]
     pairs, _ = make_pairs(problems, max_value=value_limit(problems))
     baseline = load_codi(args.baseline, args.baseline, device=args.device) if args.baseline else None
+    ids = [i.strip() for i in args.sae_ids.split(",")] if args.sae_ids else None
+    saes = saes_by_site(load_saes(args.saes, ids, device=args.device)) if args.saes else None
     inputs = ReportInputs(
         run.model,
         problems,
         pairs,
-        {**model_settings(run.model, args), "data_source": args.data, "n_problems_read": len(problems)},
+        {**model_settings(run.model, args), "data_source": args.data, "problems": len(problems), "saes": args.saes},
         run.executor,
         baseline=baseline,
+        saes=saes,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         seed=args.seed,

@@ -10,7 +10,7 @@ table, and its reading is two lines generated from the numbers: where a CI holds
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,19 +18,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from sae_lens import SAE
 
 from codi_lens.accuracy import accuracy_table, evaluate_conditions
 from codi_lens.core.model import CODIModel
 from codi_lens.core.registry import Registry
 from codi_lens.data.problems import Problem
+from codi_lens.data.sources import load_problems
+from codi_lens.feature_screen import screen_features
 from codi_lens.importance import attention_importance, step_importance
 from codi_lens.patching import patch_sweep, route_patches, route_sweep, sweep_sites, trajectory_sweep
-from codi_lens.plotting import accuracy_bars, ci_bars, importance_by_thought
+from codi_lens.plotting import accuracy_bars, ci_bars, importance_by_thought, screen_volcano
 from codi_lens.reading import read_thoughts
 from codi_lens.reports.importance import write_ablation_attention, write_step_importance
 from codi_lens.reports.model_report import model_conditions
 from codi_lens.reports.patching import write_iterative_patching, write_position_patching, write_route_patching
 from codi_lens.reports.reading import write_read_thoughts
+from codi_lens.reports.saes import write_screen
 from codi_lens.run.executors import Executor
 from codi_lens.run.outcome import NothingToMeasureError, stop_if_nothing_measured
 from codi_lens.stats import bootstrap_ci
@@ -42,6 +46,7 @@ class ReportInputs:
 
     Attributes:
         model: the checkpoint under study; ``baseline``: its no-CoT twin, when given.
+        saes: SAEs on the thoughts by site (:func:`~codi_lens.saes.ids.saes_by_site`), when given.
         problems: the report's problems, in order (a part sized ``n`` takes the first ``n``).
         pairs: minimal pairs made from ``problems`` (one number changed, the answer recomputed).
         settings: the settings that change a result (the model's and the data's), recorded by every sub-run.
@@ -53,14 +58,15 @@ class ReportInputs:
     settings: dict[str, Any]
     executor: Executor
     baseline: CODIModel | None = None
+    saes: Mapping[str, SAE] | None = None
     n_latents: int = 6
     max_new_tokens: int = 256
     batch_size: int = 16
     seed: int = 0
 
     def units(self, unit: str) -> int:
-        """How many problems or pairs there are."""
-        return len(self.problems) if unit == "problems" else len(self.pairs)
+        """How many problems, pairs or template problems there are."""
+        return {"problems": len(self.problems), "pairs": len(self.pairs), "template problems": len(TEMPLATE)}[unit]
 
     def sweep_options(self, part: str) -> dict[str, Any]:
         return {
@@ -526,6 +532,88 @@ def value_section(out: Path) -> Section:
     return Section("Value-matched patching", table, figure, headline, reading, "value_patching.parquet")
 
 
+# ---------------------------------------------------------------------------------------------- Cywinski templates
+#: The problems of ``template:cywinski`` (Cywinski, Bussmann et al. 2025), in their seeded order.
+TEMPLATE = load_problems("template:cywinski")
+TEMPLATE_SECTION = "Value-matched patching on the Cywinski templates"
+
+
+def template_unreadable(inputs: ReportInputs) -> str | None:
+    """Why the model cannot run the template problems (its tokenizer writes their words as unknown), or None."""
+    tokenizer = inputs.model.tokenizer
+    ids = tokenizer(TEMPLATE[0].question)["input_ids"]
+    unknown = sum(i == tokenizer.unk_token_id for i in ids) if tokenizer.unk_token_id is not None else 0
+    if unknown:
+        return f"the tokenizer writes {unknown} of the template's {len(ids)} tokens as unknown (a toy vocabulary)"
+    return None
+
+
+def run_template(inputs: ReportInputs, n: int, out: Path) -> list[Section]:
+    reading, store = read_thoughts(
+        inputs.model,
+        TEMPLATE[:n],
+        out,
+        n_latents=inputs.n_latents,
+        max_new_tokens=inputs.max_new_tokens,
+        batch_size=inputs.batch_size,
+        seed=inputs.seed,
+        settings={**inputs.settings, "data_source": "template:cywinski", "report_part": "template"},
+        executor=inputs.executor,
+    )
+    summary = write_read_thoughts(reading, out, top_k=5, n_layers=inputs.model.cfg.n_layers)
+    store.finish(reading.readout, summary)
+    section = value_section(out)
+    section.title = TEMPLATE_SECTION
+    return [section]
+
+
+# ---------------------------------------------------------------------------------------------- SAE features
+#: Features screened per SAE (the most frequent live ones).
+SCREENED_FEATURES = 32
+
+
+def run_features(inputs: ReportInputs, n: int, out: Path) -> list[Section]:
+    saes = dict(inputs.saes or {})
+    settings = {**inputs.settings, "report_part": "features", "sites": list(saes), "top_frequent": SCREENED_FEATURES}
+    screen, store = screen_features(
+        inputs.model,
+        saes,
+        inputs.problems[:n],
+        out,
+        top_frequent=SCREENED_FEATURES,
+        n_latents=inputs.n_latents,
+        max_new_tokens=inputs.max_new_tokens,
+        settings=settings,
+    )
+    summary = write_screen(screen, out)
+    store.finish(screen.rows, summary)
+    table = pd.read_parquet(out / "summary.parquet")
+    columns = ["feature_id", "op", "n", "effect", "low", "high", "cohens_d", "q_value", "significant"]
+    shown = table.reindex(table["cohens_d"].abs().sort_values(ascending=False).index)[
+        [c for c in columns if c in table.columns]
+    ].head(15)
+    causal = pd.read_parquet(out / "causal.parquet")
+    headline = {f"{r.feature_id}/{r.op}": triplet(r, "effect") for r in shown.itertuples()}
+    headline["n_causal"] = len(causal)
+    headline["n_tested"] = int(table["p_value"].notna().sum()) if "p_value" in table else len(table)
+    per_site = causal.groupby("site").size().to_dict() if len(causal) else {}
+    reading = [
+        f"{len(causal)} of {headline['n_tested']} tested (feature, edit) cells change the gold answer's log-prob "
+        f"at BH q < 0.05 by at least 0.05 nats"
+        + (": " + ", ".join(f"{site} {count}" for site, count in per_site.items()) if per_site else "")
+        + ".",
+        "Ablations are tested where the feature is active; clamps net of the same push along a random direction.",
+    ]
+    figure = screen_volcano(table) if len(table) else None
+    return [Section("Causal SAE features", shown.reset_index(drop=True), figure, headline, reading, "summary.parquet")]
+
+
+def no_saes(inputs: ReportInputs) -> str | None:
+    if not inputs.saes:
+        return "no SAEs given (--saes DIR; experiments.train_saes writes one)"
+    return None
+
+
 PARTS.add("accuracy", Part("accuracy", "Accuracy with and without the thoughts", "problems", run_accuracy))
 PARTS.add("step_importance", Part("step_importance", "Step importance", "problems", run_step_importance))
 PARTS.add("attention", Part("attention", "Attention vs importance", "problems", run_attention))
@@ -535,6 +623,8 @@ PARTS.add("chained", Part("chained", "Chained vs parallel patching", "pairs", ru
 PARTS.add(
     "reading", Part("reading", "Lens, probes, early answers, value patching", "problems", run_reading, minimum=16)
 )
+PARTS.add("template", Part("template", TEMPLATE_SECTION, "template problems", run_template, 32, template_unreadable))
+PARTS.add("features", Part("features", "Causal SAE features", "problems", run_features, 10, no_saes))
 
 
 def run_part(part: Part, inputs: ReportInputs, n: int, out: Path) -> list[Section]:

@@ -130,7 +130,8 @@ def write_iterative_patching(rows: pd.DataFrame, out: str | Path) -> dict[str, A
     ``trajectories.html`` and ``fed_trajectories.html``, and ``final_recovery.parquet`` (per layer and start
     thought: the final recovery of each mode and their difference, with 95% CIs over pairs). Returns the summary's
     numbers: the final recovery per layer and start thought of each mode, and chained minus parallel, with 95%
-    bootstrap CIs over pairs, Cohen's d_z and Wilcoxon and sign tests (the Wilcoxon p-values Benjamini-Hochberg corrected across cells)."""
+    bootstrap CIs over pairs, Cohen's d_z and Wilcoxon and sign tests (the Wilcoxon p-values Benjamini-Hochberg
+    corrected across cells)."""
     out = Path(out)
     used = used_rows(rows)
     write_html(trajectory_lines(used, "cos_clean"), out / "trajectories.html")

@@ -18,6 +18,7 @@ Headlines = dict[str, dict[str, Any]]
 
 LENS = "Logit and tuned lens readout"
 VALUES = "Value-matched patching"
+TEMPLATE = "Value-matched patching on the Cywinski templates"
 EARLY = "Early answers"
 
 
@@ -52,11 +53,14 @@ def decoded_share(n_steps: int) -> Callable[[Headlines], str]:
 def moved_most(step: int) -> Callable[[Headlines], str]:
     def ours(headlines: Headlines) -> str:
         prefix = f"moved/different/step {step}/thought "
-        cells = {int(key[len(prefix) :]): v for key, v in headlines.get(VALUES, {}).items() if key.startswith(prefix)}
-        if not cells:
-            return f"not measured (no step-{step} value patched; part 'reading')"
-        thought = max(cells, key=lambda k: cells[k][0])
-        return f"thought {thought}: the answer moves to the value's prediction in {_percent(cells[thought])}"
+        for section, data in ((TEMPLATE, "their templates"), (VALUES, "the report's problems")):
+            numbers = headlines.get(section, {})
+            cells = {int(key[len(prefix) :]): v for key, v in numbers.items() if key.startswith(prefix)}
+            if cells:
+                thought = max(cells, key=lambda k: cells[k][0])
+                moved = _percent(cells[thought])
+                return f"thought {thought}: the answer moves to the value's prediction in {moved} ({data})"
+        return f"not measured (no step-{step} value patched; parts 'template' or 'reading')"
 
     return ours
 
@@ -95,9 +99,9 @@ REFERENCES = (
         "Cywinski, Bussmann et al. 2025 (CODI LLaMA-1B)",
         "3-step problems: the first intermediate value is stored in the latent fed at thought 3",
         "patching in the mean latent of prompts with another value moves the answer to the predicted value",
-        "their latent index k is the vector fed at thought k + 1; they patch on their templates "
-        "(--data template:cywinski); ours: value-matched patching on the report's data, answer moved to the "
-        "prediction, 95% CI over problems",
+        "their latent index k is the vector fed at thought k + 1; ours: the mean fed thought of reference "
+        "problems with another value, on their templates (part 'template', when the tokenizer can write them) or "
+        "else the report's problems; the share of answers that move to the prediction, 95% CI over problems",
         moved_most(1),
     ),
     Reference(

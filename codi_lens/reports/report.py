@@ -262,7 +262,7 @@ def write_report(
     record = {
         "title": title,
         "settings": plan.settings,
-        "plan": plan_table.to_dict(orient="records"),
+        "plan": plan_table.astype(object).where(plan_table.notna(), None).to_dict(orient="records"),
         "headlines": headlines,
         "readings": {s.title: s.reading for part in sections.values() for s in part},
         "references": references.to_dict(orient="records"),
