@@ -188,6 +188,15 @@ def commands(
             "--candidates",
             "2",
         ],  # fmt: skip
+        "report": [
+            *data,
+            "--limit",
+            "4",
+            "--problems",
+            "8",
+            "--parts",
+            "accuracy,step_importance,attention,patching,chained",
+        ],
         "feature_report": [
             "--screen",
             str(out / "feature_screen"),

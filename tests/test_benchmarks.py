@@ -111,3 +111,15 @@ def test_roofline_counts_every_product_of_the_workload():
     assert done.returncode == 0, done.stderr[-3000:]
     for workload in ("sweep", "decode"):
         assert re.search(rf"^{workload}: fraction_of_matmul {NUMBER}$", done.stdout, re.M), done.stdout
+
+
+def test_the_report_planner_benchmark_prints_its_ratio():
+    """``benchmarks.report_plan --quick``: every part that ran has an estimate and an actual time, and the line
+    says whether the report stayed within its budget (how close the estimates are is the benchmark's, not ours)."""
+    last = run_quick("report_plan")
+    match = re.fullmatch(
+        rf"planner max_ratio {NUMBER} within_budget (True|False) report_min {NUMBER} budget_min {NUMBER} "
+        rf"wall_min {NUMBER}",
+        last,
+    )
+    assert match and float(match.group(1)) >= 1, last

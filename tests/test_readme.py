@@ -38,7 +38,7 @@ def _shell_lines() -> list[list[str]]:
 def test_readme_has_the_two_commands():
     first = _blocks("bash")[0]
     assert "pip install torch==2.13.0" in first and 'pip install -e ".[dev]"' in first
-    assert "python -m experiments.toy_model_report" in first and "python -m pytest -q" in first
+    assert "python -m experiments.report" in first and "python -m pytest -q" in first
 
 
 @pytest.mark.parametrize("code", _blocks("python"), ids=lambda c: c.splitlines()[0][:40])

@@ -104,3 +104,21 @@ def test_budget_flag():
         report_command.parse_budget("soon")
     with pytest.raises(FlagError, match="--budget .* or --limit"):
         report_command.main(["--out", "/tmp/never"])
+
+
+def test_docs_findings_blocks_are_the_report_s_readings_and_numbers(toy_report):
+    from docs.regenerate import DOCS, PAGES, findings_block, report_block, rewrite
+
+    _, record = toy_report
+    block = findings_block(record, "step_importance")
+    assert " ".join(record["readings"]["Step importance"]) in block
+    zero3 = record["headlines"]["Step importance"]["zero/single/thought 3"]
+    assert f"| zero/single/thought 3 | {zero3[0]:.3g} [{zero3[1]:.3g}, {zero3[2]:.3g}] |" in block
+    assert "Not generated" in findings_block(record, "features")  # no SAEs given: skipped, and it says why
+    page = "intro\n<!-- findings:step_importance -->\nold numbers\n<!-- /findings -->\nkept\n"
+    assert rewrite(page, {"step_importance": block}) == (
+        "intro\n<!-- findings:step_importance -->\n" + block + "<!-- /findings -->\nkept\n"
+    )
+    assert "97.1%" in report_block(record)
+    for part, name in [*PAGES.items(), ("report", "report.md")]:  # every page has the block regenerate fills
+        assert f"<!-- findings:{part} -->" in (DOCS / name).read_text(), name

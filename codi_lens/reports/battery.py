@@ -243,7 +243,12 @@ def run_attention(inputs: ReportInputs, n: int, out: Path) -> list[Section]:
         "Attention from EOT to a thought against the cost of zeroing it: largest |Spearman| at layer "
         f"{int(best['layer'])}, "
         f"Spearman {ci_text(best_values)}; {excluded} of {len(own)} layers have a CI that excludes zero.",
-        f"Paired with the next problem's importance (control), {control_excluded} of {len(control)} layers do.",
+        f"Paired with the next problem's importance (control), {control_excluded} of {len(control)} layers do"
+        + (
+            ": the correlation follows the thoughts' average profile, not problem-specific use."
+            if control_excluded
+            else ": what correlates is problem-specific."
+        ),
     ]
     figure = ci_bars(
         table, "layer", "spearman", "spearman_low", "spearman_high", color="pairing",
@@ -443,19 +448,19 @@ def probe_section(out: Path) -> Section:
         ["target", "layer", "thought", "task", "accuracy", "low", "high", "chance"]
     ].reset_index(drop=True)
     headline = {f"{r.target}/{r.task}": triplet(r, "accuracy") for r in table.itertuples()}
-    lines = []
-    for target, group in table.groupby("target"):
-        probe = group[group["task"] == "probe"].iloc[0]
-        control = group[group["task"] != "probe"]
-        versus = f", control {ci_text(triplet(control.iloc[0], 'accuracy'), percent=True)}" if len(control) else ""
-        lines.append(
-            f"{target} {ci_text(triplet(probe, 'accuracy'), percent=True)}{versus}, "
-            f"chance {100 * probe['chance']:.0f}% "
-            f"(layer {int(probe['layer'])}, thought {int(probe['thought'])})"
-        )
+    wide = table.pivot_table(index="target", columns="task", values=["accuracy", "low", "high"])
+    above = wide[wide[("low", "probe")] > wide[("high", "control")]] if ("high", "control") in wide else wide.iloc[:0]
+    margin = (above[("accuracy", "probe")] - above[("accuracy", "control")]).sort_values(ascending=False)
+    best = [
+        f"{target} {100 * wide.loc[target, ('accuracy', 'probe')]:.0f}% against "
+        f"{100 * wide.loc[target, ('accuracy', 'control')]:.0f}%"
+        for target in margin.index[:3]
+    ]
     reading = [
-        "Held-out accuracy of a linear probe at the cell chosen on validation: " + "; ".join(lines) + ".",
-        "The control probe is fitted on shuffled labels: only accuracy above it is information in the thoughts.",
+        f"{len(above)} of {len(wide)} targets are read by a linear probe above its shuffled-label control (the "
+        "probe's CI above the control's), at the cell chosen on validation"
+        + (f"; the widest margins: {', '.join(best)}." if best else "."),
+        "Targets below the control carry no information a linear probe finds at that cell (the table has each).",
     ]
     figure = ci_bars(
         table,

@@ -161,6 +161,8 @@ def plan_report(
         reason = part.unavailable(inputs) or (
             f"{available} {part.unit} available; it needs {part.minimum}" if available < part.minimum else None
         )
+        if reason is None and limit is not None and limit < part.minimum:
+            reason = f"--limit {limit} is below its minimum ({part.minimum} {part.unit})"
         planned.append(PlannedPart(part.name, part.unit, available, min(available, limit or available), skipped=reason))
     started = time.perf_counter()
     if budget_s is not None:
@@ -263,6 +265,7 @@ def write_report(
         "title": title,
         "settings": plan.settings,
         "plan": plan_table.astype(object).where(plan_table.notna(), None).to_dict(orient="records"),
+        "seconds": {"budget": plan.budget_s, "pilots": round(plan.pilot_s, 1), "parts": round(sum(actual.values()), 1)},
         "headlines": headlines,
         "readings": {s.title: s.reading for part in sections.values() for s in part},
         "references": references.to_dict(orient="records"),
