@@ -52,8 +52,9 @@ def _number(values: Any) -> str:
     return str(values)
 
 
-def findings_block(record: dict[str, Any], part: str, *, max_numbers: int = 12) -> str:
-    """The generated text of ``part``: where it comes from, each section's reading and its first headline numbers."""
+def findings_block(record: dict[str, Any], part: str) -> str:
+    """The generated text of ``part``: where it comes from, each section's reading and, folded, every headline
+    number of its sections."""
     plan = {row["part"]: row for row in record["plan"]}
     row = plan.get(part)
     if row is None or row["skipped"]:
@@ -73,9 +74,10 @@ def findings_block(record: dict[str, Any], part: str, *, max_numbers: int = 12) 
     for title in SECTIONS[part]:
         numbers = [(k, v) for k, v in record["headlines"].get(title, {}).items() if isinstance(v, list)]
         if numbers:
+            lines += [f"<details><summary>{title}: every headline number</summary>", ""]
             lines += [f"| {title} | value [95% CI] |", "|---|---|"]
-            lines += [f"| {key} | {_number(value)} |" for key, value in numbers[:max_numbers]]
-            lines.append("")
+            lines += [f"| {key} | {_number(value)} |" for key, value in numbers]
+            lines += ["", "</details>", ""]
     return "\n".join(lines)
 
 

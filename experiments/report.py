@@ -66,9 +66,10 @@ def main(argv: list[str] | None = None) -> dict:
     if budget is None and args.limit is None:
         raise FlagError("give --budget (e.g. 15m) or --limit N")
     parts = PARTS.parse_list(args.parts, "--parts")
-    args.limit = args.limit if budget is None else None
+    part_limit = args.limit if budget is None else None
+    args.limit = args.problems  # the problems read; each part takes its first --limit (or what the budget allows)
     run = start_run(args)
-    problems = run.problems()[: args.problems]
+    problems = run.problems()
     pairs, _ = make_pairs(problems, max_value=value_limit(problems))
     baseline = load_codi(args.baseline, args.baseline, device=args.device) if args.baseline else None
     ids = [i.strip() for i in args.sae_ids.split(",")] if args.sae_ids else None
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         run.model,
         problems,
         pairs,
-        {**model_settings(run.model, args), "data_source": args.data, "problems": len(problems), "saes": args.saes},
+        {**model_settings(run.model, args), "data_source": args.data, "saes": args.saes},
         run.executor,
         baseline=baseline,
         saes=saes,
@@ -86,7 +87,13 @@ def main(argv: list[str] | None = None) -> dict:
         seed=args.seed,
     )
     record = run_report(
-        inputs, run.out, parts=[PARTS[p] for p in parts], budget_s=budget, limit=args.limit, title=str(args.checkpoint)
+        inputs,
+        run.out,
+        parts=[PARTS[p] for p in parts],
+        budget_s=budget,
+        limit=part_limit,
+        title=str(args.checkpoint),
+        overwrite=args.overwrite,
     )
     for title, lines in record["readings"].items():
         print(f"{title}: {' '.join(lines)}")

@@ -137,12 +137,15 @@ def test_a_page_of_several_figures_draws_each_offline(browser, tmp_path):
     assert errors == [] and outside == []
 
 
-def test_the_report_page_draws_every_section_offline(browser, tmp_path):
-    """``experiments.report`` on toy-chain: every section's figure drawn with the network blocked, no console
-    error, the plan and the published findings in place."""
+@pytest.mark.parametrize("checkpoint", ["toy-chain", "toy-arith"])
+def test_the_report_page_draws_every_section_offline(browser, tmp_path, checkpoint):
+    """``experiments.report`` on each shipped model: every section's figure drawn with the network blocked, no
+    console error, the plan and the published findings in place."""
     from experiments import report
 
     flags = [
+        "--checkpoint",
+        checkpoint,
         "--limit",
         "16",
         "--problems",

@@ -122,3 +122,16 @@ def test_docs_findings_blocks_are_the_report_s_readings_and_numbers(toy_report):
     assert "97.1%" in report_block(record)
     for part, name in [*PAGES.items(), ("report", "report.md")]:  # every page has the block regenerate fills
         assert f"<!-- findings:{part} -->" in (DOCS / name).read_text(), name
+
+
+def test_a_part_folder_made_for_other_units_is_started_again(tmp_path):
+    from codi_lens.reports.report import start_part
+
+    folder = tmp_path / "patching"
+    start_part(folder, ["pair:1", "pair:2"])
+    (folder / "results.parquet").write_text("rows for pairs 1 and 2")
+    start_part(folder, ["pair:1", "pair:2"])  # the same units: what is there is kept (a resumed run)
+    assert (folder / "results.parquet").exists()
+    start_part(folder, ["pair:1", "pair:3"])  # other units: its stores would not match them
+    assert not (folder / "results.parquet").exists()
+    assert json.loads((folder / "part.json").read_text())["n"] == 2

@@ -68,6 +68,12 @@ class ReportInputs:
         """How many problems, pairs or template problems there are."""
         return {"problems": len(self.problems), "pairs": len(self.pairs), "template problems": len(TEMPLATE)}[unit]
 
+    def unit_ids(self, unit: str, n: int) -> list[str]:
+        """The ids of the first ``n`` problems, pairs or template problems (what a part sized ``n`` runs on)."""
+        if unit == "pairs":
+            return [str(i) for i in self.pairs["pair_id"].head(n)]
+        return [p.id for p in (TEMPLATE if unit == "template problems" else self.problems)[:n]]
+
     def sweep_options(self, part: str) -> dict[str, Any]:
         return {
             "n_latents": self.n_latents,
@@ -382,7 +388,7 @@ def lens_section(out: Path, final_layer: int) -> Section:
     table = anywhere[anywhere["target"] == "intermediate"].drop(columns=["target"]).reset_index(drop=True)
     by_steps = readout_by_problem_steps(pd.read_parquet(out / "results.parquet"), final_layer)
     by_steps.to_parquet(out / "readout_by_problem_steps.parquet", index=False)
-    k = int(table["k"].max())
+    k = int(table["k"].min())  # top-1: a small vocabulary puts almost any value in a top 5 (see the control)
     headline = {
         f"{r.lens}/{'control' if r.control else 'own'}/step {int(r.step)}/top{int(r.k)}": triplet(r, "rate")
         for r in table.itertuples()
@@ -401,7 +407,7 @@ def lens_section(out: Path, final_layer: int) -> Section:
         versus = f" (control {ci_text(triplet(c.iloc[0], 'rate'), percent=True)})" if len(c) else ""
         lines.append(f"step {int(r.step)} {ci_text(triplet(r, 'rate'), percent=True)}{versus}")
     reading = [
-        f"Intermediate values in the logit lens's top {k} at some thought and layer, by the value's step: "
+        f"Intermediate values that are the logit lens's top {k} at some thought and layer, by the value's step: "
         + "; ".join(lines)
         + ".",
         "The control scores the same readout on another problem's values: only the gap above it is read out.",
@@ -409,7 +415,7 @@ def lens_section(out: Path, final_layer: int) -> Section:
     shown = table[table["k"] == k].assign(which=lambda t: t["lens"] + np.where(t["control"], " (control)", ""))
     figure = ci_bars(
         shown, "step", "rate", "low", "high", color="which",
-        title=f"Intermediate values read from the thoughts (top-{k}, any layer; 95% CI over problems)",
+        title=f"Intermediate values read from the thoughts (top-{k} at some layer and thought; 95% CI over problems)",
     )  # fmt: skip
     return Section("Logit and tuned lens readout", table, figure, headline, reading, "readout_anywhere.parquet")
 

@@ -18,8 +18,10 @@ part that would overrun is shrunk to what fits, and the shrunk size is written t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -148,6 +150,7 @@ def plan_report(
 ) -> Plan:
     """The plan (see the module docstring), reused from ``out/plan.json`` when its settings match."""
     settings = {**inputs.settings, "parts": [p.name for p in parts], "budget_s": budget_s, "limit": limit}
+    settings |= {"problems": len(inputs.problems), "pairs": len(inputs.pairs)}
     settings = json.loads(json.dumps(settings, default=str))
     path = out / "plan.json"
     if path.exists():
@@ -191,6 +194,19 @@ def _finished(folder: Path, n: int) -> float | None:
     return None
 
 
+def start_part(folder: Path, units: list[str]) -> None:
+    """Record which units ``folder`` is being filled for; results an earlier plan left there for other units are
+    discarded first (said on stderr), since a part's stores are made for one set of units."""
+    record = folder / "part.json"
+    digest = hashlib.sha256("\n".join(units).encode()).hexdigest()[:16]
+    if record.exists() and json.loads(record.read_text()).get("units") != digest:
+        _say(f"{folder}: holds results for other problems or pairs; starting it again for these {len(units)}")
+        shutil.rmtree(folder)
+    if not record.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"n": len(units), "units": digest, "finished": False}))
+
+
 def run_report(
     inputs: ReportInputs,
     out: str | Path,
@@ -199,9 +215,15 @@ def run_report(
     budget_s: float | None = None,
     limit: int | None = None,
     title: str = "CODI report",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Plan, run every part, and write ``report.html`` and ``report.json`` in ``out``; returns the record."""
+    """Plan, run every part, and write ``report.html`` and ``report.json`` in ``out``; returns the record.
+    ``overwrite``: discard an earlier report's plan, pilots and parts in ``out`` first."""
     out = Path(out)
+    if overwrite:
+        for name in ("plan.json", "pilot", "parts", "report.html", "report.json"):
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     plan = plan_report(parts, inputs, out, budget_s=budget_s, limit=limit)
     _say("plan:\n" + plan.table().to_string(index=False))
     sections: dict[str, list[Section]] = {}
@@ -222,10 +244,12 @@ def run_report(
                 _say(f"{p.name}: shrunk to {p.n} {p.unit} to stay within the budget ({left:.0f} s left)")
                 plan.save(out / "plan.json")
         started = time.perf_counter()
+        start_part(folder, inputs.unit_ids(p.unit, p.n))
         sections[p.name] = run_part(PARTS[p.name], inputs, p.n, folder)
         seconds = _finished(folder, p.n) or time.perf_counter() - started
         actual[p.name] = seconds
-        (folder / "part.json").write_text(json.dumps({"n": p.n, "finished": True, "seconds": seconds}))
+        record = json.loads((folder / "part.json").read_text())
+        (folder / "part.json").write_text(json.dumps({**record, "finished": True, "seconds": seconds}))
         _say(f"{p.name}: {p.n} {p.unit} in {seconds / 60:.1f} min (estimated {_minutes(p.estimate_s)})")
     return write_report(plan, sections, actual, out, title=title)
 
@@ -245,9 +269,13 @@ def write_report(
         (
             "Plan: parts, units, estimated and actual minutes",
             [
-                f"Budget {_minutes(plan.budget_s)}; pilots {_minutes(plan.pilot_s)}; parts "
-                f"{_minutes(sum(actual.values()))}. Skipped parts say why.",
-                plan_table,
+                (
+                    f"Budget {_minutes(plan.budget_s)}; pilots {_minutes(plan.pilot_s)}; "
+                    if plan.budget_s
+                    else "No budget: every part on --limit units; "
+                )
+                + f"parts {_minutes(sum(actual.values()))}. Skipped parts say why.",
+                plan_table.astype(object).where(plan_table.notna(), "-"),
             ],
         ),
         ("Published findings beside this checkpoint", [references]),
