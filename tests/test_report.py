@@ -135,3 +135,11 @@ def test_a_part_folder_made_for_other_units_is_started_again(tmp_path):
     start_part(folder, ["pair:1", "pair:3"])  # other units: its stores would not match them
     assert not (folder / "results.parquet").exists()
     assert json.loads((folder / "part.json").read_text())["n"] == 2
+
+
+def test_a_summary_block_lists_a_command_s_numbers_with_their_intervals():
+    from docs.regenerate import summary_block
+
+    block = summary_block({"n_pairs": 12, "recovery": {"thought 3": [0.5, 0.25, 0.75]}, "wall_seconds": 3.2}, "x")
+    assert "| n_pairs | 12 |" in block and "| recovery/thought 3 | 0.5 [0.25, 0.75] |" in block
+    assert "wall_seconds" not in block and "`python -m experiments.x`" in block

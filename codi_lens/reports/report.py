@@ -2,8 +2,8 @@
 its own resumable sub-run, and write one offline page and ``report.json``.
 
 **Planning** (:func:`plan_report`). With a budget, every part first runs twice in a scratch folder (``pilot/``),
-on a batch and on two batches of units (:func:`pilot_sizes`): the two times give its fixed cost and its cost per
-unit. The time left after the
+on a batch of units and then on 2-8 batches, as many as about :data:`PILOT_SECONDS` of work
+(:func:`pilot_costs`): the two times give its fixed cost and its cost per unit. The time left after the
 pilots (less :data:`PAGE_SHARE` for the page) is shared equally between the parts; a part that needs less than
 its share for every available unit takes them all and leaves the rest to the others. A part whose minimum does not
 fit is skipped with the reason. With ``limit`` instead, every part runs on ``min(limit, available)`` units. The
@@ -102,24 +102,36 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def pilot_sizes(part: Part, inputs: ReportInputs) -> tuple[int, int]:
-    """Two sizes to time ``part`` at: a whole batch (at least the part's minimum) and twice that, within the
-    units available (so the difference is the cost of a batch, not of a few rows of one)."""
+#: Seconds of work the second pilot run of a cheap part aims for (so its timing is not noise).
+PILOT_SECONDS = 10.0
+
+
+def first_pilot_size(part: Part, inputs: ReportInputs) -> int:
+    """A whole batch of units, at least the part's minimum, at most half of what is available."""
     available = inputs.units(part.unit)
-    small = min(max(part.minimum, inputs.batch_size), max(part.minimum, available // 2))
-    return small, min(2 * small, available)
+    return min(max(part.minimum, inputs.batch_size), max(part.minimum, available // 2))
 
 
 def pilot_costs(part: Part, inputs: ReportInputs, folder: Path) -> tuple[float, float]:
-    """``(fixed seconds, seconds per unit)`` of ``part``, from its runs at the two :func:`pilot_sizes`."""
-    sizes, times = pilot_sizes(part, inputs), []
-    for n in sizes:
-        started = time.perf_counter()
-        run_part(part, inputs, n, folder / str(n))
-        times.append(time.perf_counter() - started)
+    """``(fixed seconds, seconds per unit)`` of ``part`` from two timed runs in ``folder``: one batch, then (at
+    least twice and at most eight times as many units) about :data:`PILOT_SECONDS` of work, so that a cheap part's
+    difference is not timer noise and an expensive part's second run costs at most twice its first."""
+    available = inputs.units(part.unit)
+    sizes = [first_pilot_size(part, inputs)]
+    times = [_timed_run(part, inputs, sizes[0], folder)]
+    wanted = math.ceil(sizes[0] * PILOT_SECONDS / max(times[0], 1e-3))
+    sizes.append(min(available, max(2 * sizes[0], min(8 * sizes[0], wanted))))
+    _say(f"pilot: {part.name}: {sizes[0]} {part.unit} in {times[0]:.1f} s; timing {sizes[1]}")
+    times.append(_timed_run(part, inputs, sizes[1], folder))
     slope = (times[1] - times[0]) / max(sizes[1] - sizes[0], 1)
     per_unit = max(slope, 0.1 * times[1] / sizes[1])  # a noisy pilot never makes units free
     return max(0.0, times[1] - per_unit * sizes[1]), per_unit
+
+
+def _timed_run(part: Part, inputs: ReportInputs, n: int, folder: Path) -> float:
+    started = time.perf_counter()
+    run_part(part, inputs, n, folder / str(n))
+    return time.perf_counter() - started
 
 
 def share_budget(planned: list[PlannedPart], seconds: float) -> None:
@@ -171,8 +183,6 @@ def plan_report(
     if budget_s is not None:
         for p in planned:
             if not p.skipped:
-                sizes = pilot_sizes(PARTS[p.name], inputs)
-                _say(f"pilot: timing {p.name} on {sizes[0]} and {sizes[1]} {p.unit}")
                 p.fixed_s, p.per_unit_s = pilot_costs(PARTS[p.name], inputs, out / "pilot" / p.name)
         pilot_s = time.perf_counter() - started
         share_budget(planned, budget_s * (1 - PAGE_SHARE) - pilot_s)
