@@ -163,14 +163,14 @@ def run_accuracy(inputs: ReportInputs, n: int, out: Path) -> list[Section]:
     if "no_cot_baseline" in overall.index:
         headline["accuracy_no_cot_baseline"] = triplet(overall.loc["no_cot_baseline"], "accuracy")
     depends = (
-        "its CI holds zero: no evidence here that the answers depend on the thoughts"
+        "its CI holds zero, so there is no evidence here that the answers depend on the thoughts"
         if holds_zero(drop[1], drop[2])
         else "the answers depend on the thoughts"
     )
     reading = [
         f"With its thoughts the model answers {ci_text(with_thoughts, percent=True)} of {headline['n_problems']} "
         f"problems; with all {inputs.n_latents} thoughts zeroed, {ci_text(zeroed, percent=True)}.",
-        f"Zeroing them costs {ci_text([100 * x for x in drop], digits=0)} points: {depends}.",
+        f"Zeroing them costs {ci_text([100 * x for x in drop], digits=0)} points; {depends}.",
     ]
     figure = accuracy_bars(table, title="Accuracy with and without the thoughts (95% CI over problems)")
     return [Section("Accuracy with and without the thoughts", table, figure, headline, reading, "accuracy.parquet")]
@@ -205,25 +205,40 @@ def run_step_importance(inputs: ReportInputs, n: int, out: Path) -> list[Section
         )
         for r in table.itertuples()
     }
-    zero = single[single["intervention"] == "zero"].sort_values("importance")
-    swap = single[single["intervention"] == "swap"].sort_values("importance")
-    most, least = zero.iloc[-1], zero.iloc[0]
+    reading = importance_reading(single, summary["baseline_accuracy"])
+    figure = importance_by_thought(table, "importance")
+    return [Section("Step importance", table, figure, headline, reading, "importance.parquet")]
+
+
+def importance_reading(single: pd.DataFrame, baseline_accuracy: float) -> list[str]:
+    """Two lines on the single-thought ablations (importance: the share of problems answered right at baseline
+    and wrong when ablated): where zeroing does most and least, and what a swap does."""
+    defined = single.dropna(subset=["importance"])
+    zero = defined[defined["intervention"] == "zero"].sort_values("importance")
+    swap = defined[defined["intervention"] == "swap"].sort_values("importance")
+    if zero.empty or baseline_accuracy == 0:
+        return ["The baseline answers none of these problems right: no right answer can break.", ""]
     values = lambda r: [r["importance"], r["importance_low"], r["importance_high"]]  # noqa: E731
-    reading = [
-        f"Zeroing one thought breaks the most right answers at thought {int(most['thought'])}: "
-        f"{ci_text(values(most), percent=True)}; the fewest at thought {int(least['thought'])}: "
-        f"{ci_text(values(least), percent=True)}.",
-        f"Another problem's thought (swap) breaks {ci_text(values(swap.iloc[-1]), percent=True)} at thought "
-        f"{int(swap.iloc[-1]['thought'])}, {ci_text(values(swap.iloc[0]), percent=True)} at thought "
-        f"{int(swap.iloc[0]['thought'])}: "
+    most, least = zero.iloc[-1], zero.iloc[0]
+    lines = [
+        f"Of the problems ({100 * baseline_accuracy:.0f}% answered right at baseline), zeroing one thought turns "
+        f"the most right answers wrong at thought {int(most['thought'])}: {ci_text(values(most), percent=True)}; "
+        f"the fewest at thought {int(least['thought'])}: {ci_text(values(least), percent=True)}."
+    ]
+    if swap.empty:
+        return [*lines, "The swap (another problem's thought) was not measured."]
+    top, bottom = swap.iloc[-1], swap.iloc[0]
+    specific = not holds_zero(top["importance_low"], top["importance_high"])
+    return [
+        *lines,
+        f"Another problem's thought (swap) turns {ci_text(values(top), percent=True)} wrong at thought "
+        f"{int(top['thought'])}, {ci_text(values(bottom), percent=True)} at thought {int(bottom['thought'])}: "
         + (
             "the thoughts carry problem-specific content."
-            if not holds_zero(swap.iloc[-1]["importance_low"], swap.iloc[-1]["importance_high"])
+            if specific
             else "no CI excludes zero, so no problem-specific content is shown."
         ),
     ]
-    figure = importance_by_thought(table, "importance")
-    return [Section("Step importance", table, figure, headline, reading, "importance.parquet")]
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -241,21 +256,7 @@ def run_attention(inputs: ReportInputs, n: int, out: Path) -> list[Section]:
         f"{r.pairing}/layer {int(r.layer)}": triplet(r, "spearman", "spearman_low", "spearman_high")
         for r in table.itertuples()
     }
-    best = own.loc[own["spearman"].abs().idxmax()]
-    best_values = [best["spearman"], best["spearman_low"], best["spearman_high"]]
-    excluded = (~own.apply(lambda r: holds_zero(r["spearman_low"], r["spearman_high"]), axis=1)).sum()
-    control_excluded = (~control.apply(lambda r: holds_zero(r["spearman_low"], r["spearman_high"]), axis=1)).sum()
-    reading = [
-        "Attention from EOT to a thought against the cost of zeroing it: largest |Spearman| at layer "
-        f"{int(best['layer'])}, "
-        f"Spearman {ci_text(best_values)}; {excluded} of {len(own)} layers have a CI that excludes zero.",
-        f"Paired with the next problem's importance (control), {control_excluded} of {len(control)} layers do"
-        + (
-            ": the correlation follows the thoughts' average profile, not problem-specific use."
-            if control_excluded
-            else ": what correlates is problem-specific."
-        ),
-    ]
+    reading = attention_reading(own, control)
     figure = ci_bars(
         table, "layer", "spearman", "spearman_low", "spearman_high", color="pairing",
         title="Attention to a thought vs the cost of zeroing it: Spearman per layer (95% CI over problems)",
@@ -264,6 +265,28 @@ def run_attention(inputs: ReportInputs, n: int, out: Path) -> list[Section]:
         Section(
             "Attention to the thoughts vs their importance", table, figure, headline, reading, "correlations.parquet"
         )
+    ]
+
+
+def attention_reading(own: pd.DataFrame, control: pd.DataFrame) -> list[str]:
+    """Two lines: the layer with the largest |Spearman|, how many layers exclude zero, and the control's count."""
+    own = own.dropna(subset=["spearman"])
+    if own.empty:
+        return ["No correlation is defined: zeroing a thought never changed the answer's distribution here.", ""]
+    best = own.loc[own["spearman"].abs().idxmax()]
+    excluded = int((~own.apply(lambda r: holds_zero(r["spearman_low"], r["spearman_high"]), axis=1)).sum())
+    control = control.dropna(subset=["spearman"])
+    control_excluded = int((~control.apply(lambda r: holds_zero(r["spearman_low"], r["spearman_high"]), axis=1)).sum())
+    return [
+        "Attention from EOT to a thought against the cost of zeroing it: largest |Spearman| at layer "
+        f"{int(best['layer'])}, Spearman {ci_text(triplet(best, 'spearman', 'spearman_low', 'spearman_high'))}; "
+        f"{excluded} of {len(own)} layers have a CI that excludes zero.",
+        f"Paired with the next problem's importance (control), {control_excluded} of {len(control)} layers do"
+        + (
+            ": part of the correlation follows the thoughts' average profile, not problem-specific use."
+            if control_excluded
+            else ": what correlates is problem-specific."
+        ),
     ]
 
 
