@@ -195,7 +195,7 @@ def commands(
             "--problems",
             "8",
             "--parts",
-            "accuracy,step_importance,attention,patching,chained",
+            "accuracy,attention,patching",
         ],
         "feature_report": [
             "--screen",

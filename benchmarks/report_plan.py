@@ -7,7 +7,7 @@ minutes it took, measured in one run of ``experiments.report --budget``.
 Prints a row per part that ran (estimated and actual minutes, their ratio) and, last, ``planner max_ratio <R>
 within_budget <True|False> ...``: R is the largest of actual / estimated and estimated / actual over the parts
 (the goal: at most 2); the pilots and the parts together (the model load aside) must end within the budget.
-``--quick`` (two cheap parts, a 30-second budget) is what the test suite runs: it checks that every part has an
+``--quick`` (one cheap part, a 20-second budget) is what the test suite runs: it checks that every part has an
 estimate and an actual time, not how close they are.
 """
 
@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--saes", default=None)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
-    flags = ["--checkpoint", args.checkpoint, "--budget", "30s" if args.quick else args.budget]
-    parts = "accuracy,patching" if args.quick else args.parts
+    flags = ["--checkpoint", args.checkpoint, "--budget", "20s" if args.quick else args.budget]
+    parts = "accuracy" if args.quick else args.parts
     flags += ["--parts", parts] if parts else []
     flags += ["--saes", args.saes] if args.saes else []
     flags += ["--problems", "48", "--max-new-tokens", "16"] if args.quick else []

@@ -18,7 +18,8 @@ resumable: killed and rerun with the same flags, the report continues and ends w
 
 Writes ``report.html`` (offline: the plan with estimated and actual minutes, published findings on CODI beside this
 checkpoint's, then per part its figure, a reading generated from the numbers and a table with 95% CIs over
-problems or pairs), ``report.json`` (every headline number and reading), ``plan.json``, ``pilot/`` and ``parts/``.
+problems or pairs), ``report.json`` (every headline number and reading), ``results.parquet`` (every headline number
+as a row: ``section, number, value, low, high``), ``plan.json``, ``pilot/`` and ``parts/``.
 """
 
 from __future__ import annotations

@@ -153,12 +153,12 @@ def test_the_report_page_draws_every_section_offline(browser, tmp_path, checkpoi
         "--max-new-tokens",
         "16",
         "--parts",
-        "accuracy,step_importance,reading",
+        "accuracy,step_importance,reading" if checkpoint == "toy-chain" else "accuracy,patching",
     ]
     report.main([*flags, "--out", str(tmp_path)])
     page, errors, outside = _open_offline(browser, tmp_path / "report.html")
     figures = (tmp_path / "report.html").read_text().count('class="plotly-graph-div"')
-    assert figures >= 5  # accuracy, step importance, lens, early answers, value patching (probes need more problems)
+    assert figures >= (5 if checkpoint == "toy-chain" else 2)  # toy-chain: accuracy, importance, lens, early, values
     page.wait_for_function(
         f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {figures}", timeout=30_000
     )
@@ -168,5 +168,5 @@ def test_the_report_page_draws_every_section_offline(browser, tmp_path, checkpoi
         "Plan: parts, units, estimated and actual minutes",
         "Published findings beside this checkpoint",
     ]
-    assert "Early answers" in headings and "Cywinski" in page.inner_text("body")
+    assert ("Early answers" in headings or checkpoint != "toy-chain") and "Cywinski" in page.inner_text("body")
     assert errors == [] and outside == []

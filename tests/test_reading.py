@@ -179,7 +179,7 @@ def test_answer_with_value_recomputes_the_rest_of_the_chain_by_hand():
     assert answer_with_value(p, 1, 20) == 27  # 20 + 10 - 3
     assert answer_with_value(p, 2, 32) == 29
     assert answer_with_value(p, 3, 7) == 7
-    assert answer_with_value(_problem("<<16+6=22>> <<5*2=10>>\n#### 10"), 1, 3) is None  # not a running chain
+    assert answer_with_value(_problem("<<16+6=22>> <<5*2=10>>\n#### 10"), 1, 3) is None  # step 1 is not used
 
 
 def test_early_answers_match_runs_with_fewer_thoughts_and_the_reference(toy, tiny_checkpoint, questions):

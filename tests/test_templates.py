@@ -52,6 +52,8 @@ def test_a_substituted_intermediate_is_traced_through_the_chain_by_hand():
     # 3 is both step 1's result and the question's Z: which one the 3 of "3*3" is cannot be told
     with pytest.raises(Rejected):
         recompute_from_step(parse_chain("<<5-2=3>> <<3*3=9>> <<3+9=12>>"), 1, 4, [5, 2, 3])
+    with pytest.raises(Rejected):  # the answer does not depend on step 1
+        recompute_from_step(parse_chain("<<16+6=22>> <<5*2=10>>"), 1, 3, [16, 6, 5, 2])
 
 
 def test_value_patching_predicts_the_answer_of_the_changed_intermediate():

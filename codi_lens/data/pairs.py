@@ -197,16 +197,19 @@ def recompute_chain(spans: Sequence[Span], old: float, new: float) -> list[float
 def recompute_from_step(spans: Sequence[Span], step: int, value: float, question_values: Iterable[float]) -> float:
     """The final result of a chain whose span ``step`` (1-based) gives ``value`` instead of its own result, every
     later span recomputed: an operand equal to an earlier result is that result. Refused (:class:`Rejected`) when
-    an operand could be either an earlier result or a number of the question (``question_values``), or matches
-    earlier results that now differ."""
+    an operand could be either an earlier result or a number of the question (``question_values``), matches
+    earlier results that now differ, or no later span uses the step's result (the answer does not depend on it)."""
     if not 1 <= step <= len(spans):
         raise Rejected(Reason.NOT_IN_CHAIN, f"step {step} of {len(spans)}")
     given = list(question_values)
     old = [span.result for span in spans]
     new = old[: step - 1] + [float(value)]
+    uses = 0
 
     def value_of(constant: float) -> float:
+        nonlocal uses
         earlier = {new[i] for i in range(len(new)) if _close(old[i], constant)}
+        uses += _close(constant, old[step - 1])
         if earlier and any(_close(constant, q) for q in given):
             raise Rejected(Reason.SEVERAL_ROLES, f"{constant:g} is a number of the question and an earlier result")
         if len(earlier) > 1:
@@ -215,6 +218,8 @@ def recompute_from_step(spans: Sequence[Span], step: int, value: float, question
 
     for span in spans[step:]:
         new.append(_evaluate(span.tree, value_of))
+    if step < len(spans) and not uses:
+        raise Rejected(Reason.NOT_IN_CHAIN, f"no later step uses step {step}'s result")
     return new[-1]
 
 

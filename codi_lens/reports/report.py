@@ -264,6 +264,20 @@ def run_report(
     return write_report(plan, sections, actual, out, title=title)
 
 
+def headline_table(headlines: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Every headline number as a row: ``section, number, value, low, high`` (no interval: NaN bounds)."""
+    rows = []
+    for section, numbers in headlines.items():
+        for key, value in numbers.items():
+            if isinstance(value, list) and len(value) == 3:
+                rows.append({"section": section, "number": key, "value": value[0], "low": value[1], "high": value[2]})
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                rows.append({"section": section, "number": key, "value": float(value)})
+    return pd.DataFrame(rows, columns=["section", "number", "value", "low", "high"]).astype(
+        {"value": float, "low": float, "high": float}
+    )
+
+
 def _minutes(seconds: float | None) -> str:
     return "-" if seconds is None or math.isnan(seconds) else f"{seconds / 60:.1f} min"
 
@@ -271,7 +285,8 @@ def _minutes(seconds: float | None) -> str:
 def write_report(
     plan: Plan, sections: dict[str, list[Section]], actual: dict[str, float], out: Path, *, title: str
 ) -> dict[str, Any]:
-    """``report.html`` (the plan, the published findings beside ours, one section per part) and ``report.json``."""
+    """``report.html`` (the plan, the published findings beside ours, one section per part), ``report.json`` and
+    ``results.parquet`` (every headline number as a row, :func:`headline_table`)."""
     headlines = {s.title: s.headline for part in sections.values() for s in part}
     references = reference_table(headlines)
     plan_table = plan.table(actual)
@@ -309,4 +324,5 @@ def write_report(
         "references": references.to_dict(orient="records"),
     }
     (out / "report.json").write_text(json.dumps(record, indent=1, default=float))
+    headline_table(headlines).to_parquet(out / "results.parquet", index=False)
     return record
