@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_reference import ReferenceCODI
+from preloaded import PreloadedPython
 from upstream_factory import make_tiny_codi
 
 from codi_lens import load_codi
@@ -40,6 +41,14 @@ def require(module: str, reason: str):
         return importlib.import_module(module)
     except ImportError:
         skip_unless_ci(reason)
+
+
+@pytest.fixture(scope="session")
+def preloaded():
+    """Runs ``python -m ...`` and ``python -c ...`` commands in processes that start with codi_lens imported
+    (``tests/preloaded.py``)."""
+    with PreloadedPython() as server:
+        yield server
 
 
 TINY_LORA_R = 8

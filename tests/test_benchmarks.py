@@ -6,9 +6,8 @@ ratios are measured by the full benchmarks and reported in the issue notes."""
 
 from __future__ import annotations
 
+import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,38 +22,34 @@ NUMBER = r"(-?[0-9.]+(?:e[-+][0-9]+)?|nan)"
 ATTRIBUTION_FLOORS = {"toy": (0.7, 0.6), "bench": (0.85, 0.7)}
 
 
-def run_quick(name: str, *extra: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", f"benchmarks.{name}", "--quick", *extra],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def run_quick(preloaded, name: str, *extra: str) -> str:
+    """The last line ``python -m benchmarks.<name> --quick`` prints (run in a process that starts with codi_lens
+    imported), once it has exited 0."""
+    done = preloaded.run(["-m", f"benchmarks.{name}", "--quick", *extra], timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("name", ["patch_sweep", "step_importance", "hooked_loop", "feature_screen"])
-def test_speed_benchmarks_agree_with_the_naive_way(name):
-    last = run_quick(name)
+def test_speed_benchmarks_agree_with_the_naive_way(name, preloaded):
+    last = run_quick(preloaded, name)
     match = re.fullmatch(rf"speedup {NUMBER}x max_abs_diff {NUMBER}", last)
     assert match, last
     assert float(match.group(2)) <= 1e-4, last
 
 
-def test_memory_does_not_grow_with_the_number_of_problems():
+def test_memory_does_not_grow_with_the_number_of_problems(preloaded):
     """16 against 64 problems in batches of 4: the larger run's own memory (peak less the model) within
     1.15x of the smaller's (measured 1.05; a vocabulary row kept per problem and ablation makes it 1.26)
     and its whole peak within 1.1x (measured 1.02; the benchmark itself exits 1 above its 1.2 target)."""
-    last = run_quick("memory")
+    last = run_quick(preloaded, "memory")
     match = re.fullmatch(rf"memory_ratio {NUMBER} run_ratio {NUMBER}", last)
     assert match and float(match.group(1)) <= 1.1 and float(match.group(2)) <= 1.15, last
 
 
 @pytest.mark.parametrize("model", ["bench", "toy"])
-def test_attribution_ranks_cells_as_exact_patching_does(model):
-    last = run_quick("attribution", "--model", model)
+def test_attribution_ranks_cells_as_exact_patching_does(model, preloaded):
+    last = run_quick(preloaded, "attribution", "--model", model)
     match = re.fullmatch(rf"speedup {NUMBER}x spearman {NUMBER} top10_overlap {NUMBER}", last)
     assert match, last
     spearman, overlap = ATTRIBUTION_FLOORS[model]
@@ -62,16 +57,23 @@ def test_attribution_ranks_cells_as_exact_patching_does(model):
 
 
 @pytest.mark.slow
-def test_the_real_vocabulary_rehearsal_runs_every_experiment(tmp_path):
+def test_the_real_vocabulary_rehearsal_runs_every_experiment(tmp_path, preloaded):
     """``benchmarks.real_scale_experiments --quick``: a random checkpoint in the CODI-LLaMA layout at 4 layers with
-    the real 128,259-row vocabulary and the Llama 3 tokenizer; every experiment, each in its own process as a user
-    runs it, exits 0 and writes rows (patching on gold answers: random weights answer nothing right)."""
+    the real 128,259-row vocabulary and the Llama 3 tokenizer; every experiment, each in its own process with a
+    user's flags (forked from one that has imported the libraries, ``--preload``), exits 0 and writes rows
+    (patching on gold answers: random weights answer nothing right)."""
     from conftest import require
 
     require("llama_models", "needs the extra codi-lens[llama]")
     from benchmarks import real_scale_experiments
 
-    rows = real_scale_experiments.main(["--quick", "--workdir", str(tmp_path), "--timeout", "600"])
+    done = preloaded.run(
+        ["-m", "benchmarks.real_scale_experiments", "--quick", "--preload", "--workdir", str(tmp_path), "--timeout",
+         "600"],
+        timeout=1800,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"experiment"')]
     ran = {r["experiment"]: r for r in rows if r["exit_status"] != "not run"}
     assert set(ran) == set(real_scale_experiments.commands(tmp_path, "b", None, True))
     for name, row in ran.items():
@@ -80,7 +82,7 @@ def test_the_real_vocabulary_rehearsal_runs_every_experiment(tmp_path):
     assert "keys          101" in ran["inspect_checkpoint"]["last_line"]  # 4 layers of the 377-key layout
 
 
-def test_roofline_counts_every_product_of_the_workload():
+def test_roofline_counts_every_product_of_the_workload(preloaded):
     """The roofline's product count against torch's own FLOP counter (``FlopCounterMode``: mm, addmm, bmm) over
     a run of the shipped model, plus the two products of a grouped attention call worked out by hand; the
     ``--quick`` benchmark prints a fraction for both workloads."""
@@ -104,19 +106,16 @@ def test_roofline_counts_every_product_of_the_workload():
     q, k = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 9, 8)
     alone = recorded_products(lambda: F.scaled_dot_product_attention(q, k, k, enable_gqa=True))
     assert alone == {Product(8, 6, 8, 9, torch.float32): 1, Product(8, 6, 9, 8, torch.float32): 1}
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.roofline", "--quick", "--rounds", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    done = preloaded.run(["-m", "benchmarks.roofline", "--quick", "--rounds", "1"], timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     for workload in ("sweep", "decode"):
         assert re.search(rf"^{workload}: fraction_of_matmul {NUMBER}$", done.stdout, re.M), done.stdout
 
 
-def test_the_report_planner_benchmark_prints_its_ratio():
+def test_the_report_planner_benchmark_prints_its_ratio(preloaded):
     """``benchmarks.report_plan --quick``: every part that ran has an estimate and an actual time, and the line
     says whether the report stayed within its budget (how close the estimates are is the benchmark's, not ours)."""
-    last = run_quick("report_plan")
+    last = run_quick(preloaded, "report_plan")
     match = re.fullmatch(
         rf"planner max_ratio {NUMBER} within_budget (True|False) report_min {NUMBER} budget_min {NUMBER} "
         rf"wall_min {NUMBER}",

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
@@ -99,9 +97,9 @@ def test_a_folder_of_another_run_is_refused_not_mixed(tiny_checkpoint, tmp_path,
     assert json.loads((out / "run.json").read_text())["settings"]["checkpoint"] == str(gpt2.checkpoint_dir)
 
 
-def test_cli_errors_are_one_line_naming_the_problem(tmp_path):
+def test_cli_errors_are_one_line_naming_the_problem(tmp_path, preloaded):
     command = ["--checkpoint", str(tmp_path / "nope"), "--base", "gpt2", "--out", str(tmp_path / "o")]
-    proc = subprocess.run([sys.executable, "-m", "experiments.evaluate", *command], capture_output=True, text=True)
+    proc = preloaded.run(["-m", "experiments.evaluate", *command])
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: checkpoint {str(tmp_path / 'nope')!r} does not exist"]
 

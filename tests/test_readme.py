@@ -42,8 +42,9 @@ def test_readme_has_the_two_commands():
 
 
 @pytest.mark.parametrize("code", _blocks("python"), ids=lambda c: c.splitlines()[0][:40])
-def test_python_blocks_run(code, tmp_path):
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+def test_python_blocks_run(code, tmp_path, preloaded):
+    """Each Python block runs as ``python -c`` (in a process that starts with codi_lens imported)."""
+    proc = preloaded.run(["-c", code], cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     if "print(result.answer_text" in code:  # the printed answers are what the README says they are
         printed = re.search(r"print\(result\.answer_text, result\.prediction\)\s+#\s*(.*)", code).group(1)
@@ -51,16 +52,14 @@ def test_python_blocks_run(code, tmp_path):
 
 
 @pytest.mark.parametrize("steps", _shell_lines(), ids=lambda steps: steps[0][:60])
-def test_shell_lines_run(steps, tmp_path):
-    """Each command line of the README (the demo included) exits 0, run from a scratch folder."""
+def test_shell_lines_run(steps, tmp_path, preloaded):
+    """Each command line of the README (the demo included) exits 0, run from a scratch folder (``python``
+    steps in a process that starts with codi_lens imported)."""
     for step in steps:
-        proc = subprocess.run(
-            [sys.executable, *shlex.split(step)[1:]] if step.startswith("python ") else shlex.split(step),
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        if step.startswith("python "):
+            proc = preloaded.run(shlex.split(step)[1:], cwd=tmp_path, timeout=900)
+        else:
+            proc = subprocess.run(shlex.split(step), cwd=tmp_path, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{step}\n{proc.stderr[-3000:]}"
 
 
@@ -73,3 +72,15 @@ def test_every_experiment_has_a_docs_page_whose_links_resolve():
             assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
     for target in re.findall(r"\]\((docs/[^)#]+)\)", (ROOT / "README.md").read_text()):
         assert (ROOT / target).exists(), f"README links to missing {target}"
+
+
+def test_preloaded_commands_behave_as_a_fresh_interpreter(preloaded, tmp_path):
+    """The forked commands that the README's lines run in (``tests/preloaded.py``) give the exit status, streams,
+    working folder, ``sys.argv`` and ``sys.path[0]`` that a fresh ``python`` gives, failures included."""
+    probe = "import os, sys; print(os.getcwd(), sys.argv, repr(sys.path[0]), __name__); sys.exit(3)"
+    failing = (["-c", "raise ValueError('no such value')"], ["-m", "experiments.evaluate", "--bad"])
+    for argv in (["-c", probe], ["-m", "site"], *failing):
+        fresh = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        forked = preloaded.run(argv, cwd=tmp_path)
+        assert (forked.returncode, forked.stdout) == (fresh.returncode, fresh.stdout), argv
+        assert forked.stderr.strip().splitlines()[-1:] == fresh.stderr.strip().splitlines()[-1:], argv
