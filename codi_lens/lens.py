@@ -405,8 +405,10 @@ def readout_anywhere(
     frame: pd.DataFrame, *, k: int = 1, by: Sequence[str] = ("lens", "control", "target", "step")
 ) -> pd.DataFrame:
     """Share of values that are within the top ``k`` at some (layer, thought), per group, with a 95%
-    bootstrap CI over problems (the control rows say how often that happens by chance)."""
-    best = frame.groupby(["problem_id", "lens", "control", "target", "step"], as_index=False)["rank"].min()
+    bootstrap CI over problems (the control rows say how often that happens by chance). ``by`` may name any
+    column of ``frame`` that is constant per problem and value (``n_steps``, say)."""
+    keys = list(dict.fromkeys(["problem_id", "lens", "control", "target", "step", *by]))
+    best = frame.groupby(keys, as_index=False)["rank"].min()
     return readout_rates(best.assign(layer=0, thought=0), k=k, by=by)
 
 

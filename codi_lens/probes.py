@@ -184,6 +184,14 @@ def _fit_every_probe(data, groups, layers, thoughts, c_grid, seed, bar) -> list[
     return rows
 
 
+def cells_chosen_on_validation(table: pd.DataFrame) -> pd.DataFrame:
+    """The (target, layer, thought) cell reported per target of :func:`probe_table`'s ``table``: the one whose
+    probe has the best validation accuracy, so that the test accuracy it reports is not the one it was
+    chosen on."""
+    probe = table[table["task"] == "probe"]
+    return probe.sort_values("val_accuracy").groupby("target").tail(1)[["target", "layer", "thought"]]
+
+
 def selectivity(table: pd.DataFrame) -> pd.DataFrame:
     """Per (target, layer, thought): probe accuracy, control accuracy, chance and their difference."""
     if table.empty:

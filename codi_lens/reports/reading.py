@@ -17,7 +17,7 @@ from codi_lens.plotting import (
     value_patching_bars,
     write_html,
 )
-from codi_lens.probes import selectivity
+from codi_lens.probes import cells_chosen_on_validation, selectivity
 from codi_lens.reading import Reading
 from codi_lens.reports.summaries import ci_triplet
 from codi_lens.stats import clustered_bootstrap_ci, mean_ci_table
@@ -91,9 +91,7 @@ def write_read_thoughts(reading: Reading, out: str | Path, *, top_k: int, n_laye
     write_html(early_answer_curves(early), out / "early_answers.html")
     _write_value_patching(reading.patched, out)
     headline = anywhere[anywhere["target"] == "intermediate"]
-    # The cell reported per target is chosen on validation accuracy, not on the test accuracy it reports.
-    chosen = probes[probes["task"] == "probe"].sort_values("val_accuracy").groupby("target").tail(1)
-    best_probes = selectivity(probes).merge(chosen[["target", "layer", "thought"]], on=["target", "layer", "thought"])
+    best_probes = selectivity(probes).merge(cells_chosen_on_validation(probes), on=["target", "layer", "thought"])
     return {
         "n_problems": len(reading.states.correct),
         "n_fit": len(reading.fit),
