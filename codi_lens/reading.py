@@ -43,7 +43,7 @@ from codi_lens.lens import (
 from codi_lens.probes import probe_labels, probe_table
 from codi_lens.run.executors import Executor
 from codi_lens.run.store import UNIT_COLUMN, ResultStore
-from codi_lens.value_patching import ValueMeans, value_patching_rows
+from codi_lens.value_patching import Context, ValueMeans, no_context, value_patching_rows
 
 
 def split_problems(problems: list[Problem], fit_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -106,6 +106,7 @@ def read_thoughts(
     tuned_lens_steps: int = 500,
     patch_thoughts: Sequence[int] | None = None,
     min_references: int = 3,
+    value_context: Context = no_context,
     max_new_tokens: int = 256,
     batch_size: int = 64,
     seed: int = 0,
@@ -114,7 +115,8 @@ def read_thoughts(
     executor: Executor | None = None,
 ) -> tuple[Reading, ResultStore]:
     """Run every stage of the module docstring on ``problems`` into ``out`` (resumable). Returns what was
-    measured and the readout's store (``finish`` it with the readout rows)."""
+    measured and the readout's store (``finish`` it with the readout rows). ``value_context``: what value
+    patching's reference groups share besides the value (:data:`codi_lens.value_patching.Context`)."""
     out = Path(out)
     fit, evaluated = split_problems(problems, fit_fraction, seed)
     patch_thoughts = list(patch_thoughts or range(1, n_latents + 1))
@@ -167,7 +169,7 @@ def read_thoughts(
         "early answers",
     )
     early_store.finish(early)
-    means = ValueMeans.from_reference([problems[i] for i in fit], states.thought_embeds[fit])
+    means = ValueMeans.from_reference([problems[i] for i in fit], states.thought_embeds[fit], value_context)
     patch_store = ResultStore(out / "value_patching", settings or {}, overwrite=overwrite)
 
     def patch_work(batch: list[Problem]) -> pd.DataFrame:

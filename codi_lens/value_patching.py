@@ -12,6 +12,9 @@ For a problem, a thought k and a step j of its chain, the fed thought ``z_k`` is
 - ``any_value`` (control): the mean ``z_k`` of every reference problem with at least j steps, which
   keeps the thought's typical form but no particular value.
 
+A ``context`` (:data:`Context`) narrows the groups: with ``codi_lens.data.templates.shared_with_step`` every
+mean is over problems that share both intermediates of a Cywinski template, as its authors grouped them.
+
 Chains are recomputed only where every calculator span reads ``a op b = c`` with ``a`` the previous
 result (the synthetic problems, and some GSM8K ones); elsewhere ``predicted_answer`` is NaN.
 """
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -90,34 +93,55 @@ def answer_with_value(problem: Problem, step: int, value: float) -> float | None
     return result
 
 
+#: What reference problems must share with a problem, besides its value at a step, to be averaged with it:
+#: ``context(problem, step)``, compared by equality (None: nothing more).
+Context = Callable[[Problem, int], Hashable]
+
+
+def no_context(problem: Problem, step: int) -> None:
+    """Reference problems share only the value at the step."""
+    return None
+
+
 @dataclass
 class ValueMeans:
-    """Mean fed thoughts of reference problems grouped by (step, value of that step).
+    """Mean fed thoughts of reference problems grouped by (step, value of that step, context).
 
     Attributes:
-        by_value: ``(step, value) -> ([n_latents, d_model] mean, number of problems)``.
+        by_value: ``(step, value, context) -> ([n_latents, d_model] mean, number of problems)``.
         by_step: ``step -> ([n_latents, d_model] mean over problems with >= step steps, count)``.
+        context: what a group shares besides the value (:data:`Context`); the ``different`` condition
+            draws another value among the groups that share this problem's context.
     """
 
-    by_value: dict[tuple[int, float], tuple[Tensor, int]]
+    by_value: dict[tuple[int, float, Hashable], tuple[Tensor, int]]
     by_step: dict[int, tuple[Tensor, int]]
+    context: Context = no_context
 
     @classmethod
     def from_reference(
-        cls, problems: Sequence[Problem], thought_embeds: Float[Tensor, "problem n_latents d_model"]
+        cls,
+        problems: Sequence[Problem],
+        thought_embeds: Float[Tensor, "problem n_latents d_model"],
+        context: Context = no_context,
     ) -> ValueMeans:
         """Group reference problems' fed thoughts (e.g. ``ThoughtStates.thought_embeds``)."""
-        members: dict[tuple[int, float], list[int]] = {}
+        members: dict[tuple[int, float, Hashable], list[int]] = {}
         steps: dict[int, list[int]] = {}
         for i, p in enumerate(problems):
             for j, v in enumerate(p.intermediates, start=1):
-                members.setdefault((j, float(v)), []).append(i)
+                members.setdefault((j, float(v), context(p, j)), []).append(i)
                 steps.setdefault(j, []).append(i)
         mean = lambda rows: (thought_embeds[rows].float().mean(0), len(rows))
-        return cls({key: mean(rows) for key, rows in members.items()}, {j: mean(rows) for j, rows in steps.items()})
+        return cls(
+            {key: mean(rows) for key, rows in members.items()},
+            {j: mean(rows) for j, rows in steps.items()},
+            context,
+        )
 
-    def values_at(self, step: int, min_count: int) -> list[float]:
-        return sorted(v for (j, v), (_, n) in self.by_value.items() if j == step and n >= min_count)
+    def values_at(self, step: int, min_count: int, context: Hashable = None) -> list[float]:
+        """The values at ``step`` of the groups with ``context`` and at least ``min_count`` problems."""
+        return sorted(v for (j, v, c), (_, n) in self.by_value.items() if j == step and c == context and n >= min_count)
 
 
 def _choose_other(problem_id: str, step: int, own: float, candidates: list[float], seed: int) -> float | None:
@@ -135,7 +159,6 @@ def substitutions(
     ``(row, substituted value or None, [n_latents, d_model] mean, n reference problems)``."""
     if condition not in CONDITIONS:
         raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
-    candidates = means.values_at(step, min_count)
     out = []
     for row, p in enumerate(problems):
         if p.n_steps < step or len(p.intermediates) < step:
@@ -145,10 +168,12 @@ def substitutions(
             if step in means.by_step:
                 out.append((row, None, *means.by_step[step]))
             continue
+        context = means.context(p, step)
+        candidates = means.values_at(step, min_count, context)
         value = own if condition == "same" else _choose_other(p.id, step, own, candidates, seed)
         if value is None or value not in candidates:
             continue
-        out.append((row, value, *means.by_value[(step, value)]))
+        out.append((row, value, *means.by_value[(step, value, context)]))
     return out
 
 

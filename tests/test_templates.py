@@ -63,3 +63,31 @@ def test_value_patching_predicts_the_answer_of_the_changed_intermediate():
     toy = next(p for p in load_problems("toy-chain:test") if "//" in p.solution or "/" in p.solution)
     values = list(toy.intermediates)
     assert answer_with_value(toy, len(values), 9.0) == 9.0  # the last step is the answer itself
+
+
+def test_template_value_means_average_problems_that_share_step1_and_z():
+    """With ``shared_with_step``, every mean that value patching feeds is over problems of one (step1, Z) group,
+    worked out here from the problems' own numbers; ``different`` keeps Z at step 1 and step1 at step 2."""
+    import torch
+
+    from codi_lens.data.templates import shared_with_step
+    from codi_lens.value_patching import ValueMeans, substitutions
+
+    problems = load_problems("template:cywinski")
+    embeds = torch.arange(len(problems), dtype=torch.float32)[:, None, None].expand(-1, 6, 4)  # row i holds i
+    means = ValueMeans.from_reference(problems, embeds, shared_with_step)
+    groups: dict[tuple[float, float], list[int]] = {}
+    z_of = [int(re.findall(r"\d+", p.question)[2]) for p in problems]
+    for i, p in enumerate(problems):
+        groups.setdefault((p.intermediates[0], z_of[i]), []).append(i)
+    evaluated = problems[:40]
+    for step in (1, 2):
+        for condition in ("same", "different"):
+            chosen = substitutions(evaluated, means, step, condition, min_count=3)
+            assert len(chosen) > 20, (step, condition)
+            for row, value, mean, n in chosen:
+                step1, z = evaluated[row].intermediates[0], z_of[row]
+                # step 1: another step1 with the same Z; step 2: another step2 (so another Z) with the same step1
+                key = (value, z) if step == 1 else (step1, value / step1)
+                assert n == len(groups[key]) and float(mean[0, 0]) == pytest.approx(sum(groups[key]) / n), key
+                assert (value == evaluated[row].intermediates[step - 1]) == (condition == "same")

@@ -66,6 +66,14 @@ def grouping_key(problem: Problem) -> tuple[float, float]:
     return step1, step2 / step1
 
 
+def shared_with_step(problem: Problem, step: int) -> float | None:
+    """What problems must share with ``problem``, besides their value at ``step``, for their mean latent to be a
+    :func:`grouping_key` group: ``Z`` at step 1 and ``step1`` at step 2 (so another value at step 1 keeps ``Z``,
+    and another at step 2 keeps ``step1``); a value-patching context (``codi_lens.value_patching.Context``)."""
+    step1, z = grouping_key(problem)
+    return {1: z, 2: step1}.get(step)
+
+
 def cywinski_problems() -> list[Problem]:
     """Every Cywinski problem (see the module docstring), in a seeded order; ids ``template:cywinski:<i>``."""
     rows = []

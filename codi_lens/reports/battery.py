@@ -25,10 +25,13 @@ from codi_lens.core.model import CODIModel
 from codi_lens.core.registry import Registry
 from codi_lens.data.problems import Problem
 from codi_lens.data.sources import load_problems
+from codi_lens.data.templates import shared_with_step
 from codi_lens.feature_screen import screen_features
 from codi_lens.importance import attention_importance, step_importance
+from codi_lens.lens import readout_anywhere
 from codi_lens.patching import patch_sweep, route_patches, route_sweep, sweep_sites, trajectory_sweep
 from codi_lens.plotting import accuracy_bars, ci_bars, importance_by_thought, screen_volcano
+from codi_lens.probes import cells_chosen_on_validation
 from codi_lens.reading import read_thoughts
 from codi_lens.reports.importance import write_ablation_attention, write_step_importance
 from codi_lens.reports.model_report import model_conditions
@@ -95,7 +98,6 @@ class Section:
     headline: dict[str, Any]
     reading: list[str]
     source: str = ""  # the file of the part's own outputs that ``table`` is read from
-    references: pd.DataFrame | None = None
 
 
 @dataclass(frozen=True)
@@ -450,20 +452,10 @@ READOUT_K = 5
 def readout_by_problem_steps(readout: pd.DataFrame, final_layer: int) -> pd.DataFrame:
     """Share of a problem's intermediate values in the logit lens's top :data:`READOUT_K` at the final layer of
     some latent position (BOT or a thought), per number of steps of the problem, with its control (another
-    problem's values) and a 95% bootstrap CI over problems: the CODI paper's Table 3 measure, as near as the
-    readout allows."""
+    problem's values) and a 95% bootstrap CI over problems (``n`` counts values): the CODI paper's Table 3
+    measure, as near as the readout allows."""
     final = readout[(readout["lens"] == "logit") & (readout["layer"] == final_layer)]
-    final = final[final["target"] == "intermediate"]
-    best = final.groupby(["problem_id", "n_steps", "control", "step"], as_index=False)["rank"].min()
-    best["decoded"] = (best["rank"] < READOUT_K).astype(float)
-    per_problem = best.groupby(["problem_id", "n_steps", "control"], as_index=False)["decoded"].mean()
-    rows = []
-    for (n_steps, control), group in per_problem.groupby(["n_steps", "control"]):
-        rate, low, high = bootstrap_ci(group["decoded"].to_numpy())
-        rows.append(
-            {"n_steps": int(n_steps), "control": bool(control), "n": len(group), "rate": rate, "low": low, "high": high}
-        )
-    return pd.DataFrame(rows, columns=["n_steps", "control", "n", "rate", "low", "high"])
+    return readout_anywhere(final[final["target"] == "intermediate"], k=READOUT_K, by=("n_steps", "control"))
 
 
 def probe_section(out: Path) -> Section:
@@ -471,9 +463,7 @@ def probe_section(out: Path) -> Section:
     if probes.empty:
         reading = ["No probe could be fitted on these problems (too few problems per value).", ""]
         return Section("Linear probes", probes, None, {}, reading, "probes.parquet")
-    chosen = probes[probes["task"] == "probe"].sort_values("val_accuracy").groupby("target").tail(1)
-    cells = chosen[["target", "layer", "thought"]]
-    table = probes.merge(cells, on=["target", "layer", "thought"])[
+    table = probes.merge(cells_chosen_on_validation(probes), on=["target", "layer", "thought"])[
         ["target", "layer", "thought", "task", "accuracy", "low", "high", "chance"]
     ].reset_index(drop=True)
     headline = {f"{r.target}/{r.task}": triplet(r, "accuracy") for r in table.itertuples()}
@@ -591,8 +581,14 @@ def run_template(inputs: ReportInputs, n: int, out: Path) -> list[Section]:
         max_new_tokens=inputs.max_new_tokens,
         batch_size=inputs.batch_size,
         seed=inputs.seed,
-        settings={**inputs.settings, "data_source": "template:cywinski", "report_part": "template"},
+        settings={
+            **inputs.settings,
+            "data_source": "template:cywinski",
+            "report_part": "template",
+            "value_groups": "(step1, Z)",
+        },
         executor=inputs.executor,
+        value_context=shared_with_step,
     )
     summary = write_read_thoughts(reading, out, top_k=5, n_layers=inputs.model.cfg.n_layers)
     store.finish(reading.readout, summary)
@@ -644,7 +640,10 @@ def run_features(inputs: ReportInputs, n: int, out: Path) -> list[Section]:
 
 def no_saes(inputs: ReportInputs) -> str | None:
     if not inputs.saes:
-        return "no SAEs given (--saes DIR; experiments.train_saes writes one)"
+        return (
+            "no SAEs given: train them with python -m experiments.train_saes --checkpoint CKPT --out DIR (hours on a "
+            "real checkpoint; SAEs squeezed into the report's budget would be too small to trust), then pass --saes DIR"
+        )
     return None
 
 

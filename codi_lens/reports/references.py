@@ -100,8 +100,9 @@ REFERENCES = (
         "3-step problems: the first intermediate value is stored in the latent fed at thought 3",
         "patching in the mean latent of prompts with another value moves the answer to the predicted value",
         "their latent index k is the vector fed at thought k + 1; ours: the mean fed thought of reference "
-        "problems with another value, on their templates (part 'template', when the tokenizer can write them) or "
-        "else the report's problems; the share of answers that move to the prediction, 95% CI over problems",
+        "problems with another value, on their templates (part 'template', when the tokenizer can write them; "
+        "each mean over one (step1, Z) group, as theirs) or else the report's problems (grouped by the value "
+        "alone); the share of answers that move to the prediction, 95% CI over problems",
         moved_most(1),
     ),
     Reference(
