@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -143,3 +144,49 @@ def test_a_summary_block_lists_a_command_s_numbers_with_their_intervals():
     block = summary_block({"n_pairs": 12, "recovery": {"thought 3": [0.5, 0.25, 0.75]}, "wall_seconds": 3.2}, "x")
     assert "| n_pairs | 12 |" in block and "| recovery/thought 3 | 0.5 [0.25, 0.75] |" in block
     assert "wall_seconds" not in block and "`python -m experiments.x`" in block
+    ranked = {"top": [{"head": "L1H2", "contribution": [0.9, 0.8, 1.0], "bh_q": 0.001}]}
+    block = summary_block(ranked, "y", ["a reading"], limit=1)
+    assert "| top/L1H2/contribution | 0.9 [0.8, 1] |" in block and "- a reading" in block
+    assert "The first 1 of 2 numbers" in block  # the q value is left out, and the block says so
+
+
+def test_docs_readings_count_what_the_numbers_say(tmp_path):
+    """The readings ``docs.regenerate`` writes above a command's numbers, on summaries worked out by hand."""
+    from docs.regenerate import _feature_report_reading, _pairs_reading
+
+    interaction = {  # the CI above 0 and BH-significant; below 0 and significant; above 0 but not significant
+        "zero/pairs/1,2": {"logprob_interaction": [2.0, 1.5, 2.5], "bh_q": 0.01, "breaks_only_together": 0.05},
+        "zero/pairs/1,3": {"logprob_interaction": [-1.0, -1.5, -0.5], "bh_q": 0.01, "breaks_only_together": 0.0},
+        "zero/pairs/2,3": {"logprob_interaction": [0.5, 0.1, 0.9], "bh_q": 0.2, "breaks_only_together": 0.0},
+    }
+    single = pd.DataFrame(
+        {
+            "intervention": ["zero", "zero", "zero"],
+            "scope": ["single", "single", "pairs"],
+            "thought": [1, 2, 1],
+            "importance": [0.7, 0.2, 0.9],
+            "importance_low": [0.6, 0.1, 0.8],
+            "importance_high": [0.8, 0.3, 1.0],
+            "n_draws": [2, 2, 2],
+            "importance_draw_sd": [0.01, 0.03, 0.5],
+        }
+    )
+    single.to_parquet(tmp_path / "importance.parquet")
+    lines = _pairs_reading({"set_interactions": {"n_problems": 9, **interaction}}, tmp_path)
+    assert lines[0].startswith("`zero`: 1 of 3 pairs cost less together") and "and 1 cost more" in lines[0]
+    assert "from -1.00 to +2.00 nats" in lines[0] and "at most 5.0%" in lines[0]
+    assert "the most right answers at thought 1 (0.7 [0.6, 0.8]) and the fewest at thought 2" in lines[1]
+    assert "across the 2 draws, the SD of the mean is 0.010-0.030." in lines[1]  # the pairs row left out
+    share = {"share": 0.5, "low": 0.25, "high": 0.75, "n": 4}
+    summary = {
+        "n_causal": 4,
+        "n_screened": 40,
+        "orphan_ids": 0,
+        "encodes_own_step": {"causal": share, "not_causal": share},
+        "best_step_is_own": {"causal": share, "not_causal": share, "shuffled": share},
+        "pathways": {"tested": 30, "validated": 12, "adjacent_tested": 20, "adjacent_validated": 10},
+    }
+    last = _feature_report_reading(summary, Path("-"))[-1]
+    # 10 of 20 adjacent against 2 of 10 that skip: the two-sided hypergeometric sum over tables as rare as
+    # [[10, 10], [2, 8]] (12 validated of 30) is 0.2353, worked out with math.comb
+    assert "10 of 20 from thought j to j+1, 2 of 10 that skip a thought (Fisher p = 0.24)" in last, last
