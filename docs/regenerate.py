@@ -52,6 +52,7 @@ SECTIONS = {
 #: ones read earlier ones' outputs under ``<out>/runs/``; ``{runs}`` and ``{parts}`` are filled in): the command,
 #: its flags and the figures it gives the docs.
 RUNS = {
+    "toy_model_report": ("toy_model_report", "--limit 200", {"accuracy.html": "toy_model_report.png"}),
     "train_saes": (
         "train_saes",
         "--architectures topk --d-sae 256 --k 8 --train-limit 4000 --limit 200 --sites "
@@ -90,6 +91,11 @@ RUNS = {
     ),
     "path_patching": ("path_patching", "--limit 200", {"paths.html": "path_patching.png"}),
     "sae_features": ("sae_features", "--saes {runs}/train_saes --limit 200", {"dashboard_*.html": "sae_features.png"}),
+    "feature_pathways_one_target": (
+        "feature_pathways",
+        "--saes {runs}/train_saes --limit 200 --candidates 20",
+        {"pathways.html": "feature_pathways.png"},
+    ),
     "feature_pathways": (
         "feature_pathways",
         "--saes {runs}/train_saes --targets causal --screen {parts}/features --limit 200 --candidates 20",
@@ -195,6 +201,11 @@ def rewrite(text: str, blocks: dict[str, str]) -> str:
     return BLOCK.sub(replace, text)
 
 
+def _per_invocation(key: str) -> bool:
+    """A number of one invocation of a command (its wall time, its throughput), which a resumed run changes."""
+    return key.startswith("wall_") or "this_invocation" in key
+
+
 def summary_block(summary: dict[str, Any], command: str, reading: Sequence[str] = (), *, limit: int = 120) -> str:
     """A generated block from a command's ``summary.json``: the command, the ``reading`` lines generated from its
     numbers, then the numbers (a value with a CI as ``m [low, high]``), folded; at most ``limit`` rows, and a line
@@ -211,7 +222,7 @@ def summary_block(summary: dict[str, Any], command: str, reading: Sequence[str] 
                 walk({k: v for k, v in item.items() if not isinstance(v, str)}, f"{key}/{label}")
         elif isinstance(value, list) and len(value) == 3 and all(isinstance(x, (int, float)) for x in value):
             rows.append((key, _number(value)))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and not key.startswith("wall_"):
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and not _per_invocation(key):
             rows.append((key, f"{value:.4g}"))
 
     walk(summary, "")
