@@ -190,3 +190,20 @@ def test_docs_readings_count_what_the_numbers_say(tmp_path):
     # 10 of 20 adjacent against 2 of 10 that skip: the two-sided hypergeometric sum over tables as rare as
     # [[10, 10], [2, 8]] (12 validated of 30) is 0.2353, worked out with math.comb
     assert "10 of 20 from thought j to j+1, 2 of 10 that skip a thought (Fisher p = 0.24)" in last, last
+
+
+def test_the_attention_reading_claims_nothing_a_ci_does_not_show():
+    """Four problems at the real shape gave a Spearman with no bootstrap CI: the reading says there is none, and
+    a control that correlates nowhere is not read as "problem-specific" when the checkpoint does not either."""
+    from codi_lens.reports.battery import attention_reading
+
+    nan = float("nan")
+    own = pd.DataFrame(
+        {"layer": [0, 1], "spearman": [0.89, 0.1], "spearman_low": [nan, -0.5], "spearman_high": [nan, 0.6]}
+    )
+    control = own.assign(spearman=[0.2, 0.1])
+    first, second = attention_reading(own, control)
+    assert "layer 0, Spearman 0.89 (no CI: too few problems); 0 of 2 layers" in first, first
+    assert second.endswith("0 of 2 layers do."), second
+    own.loc[1, ["spearman_low", "spearman_high"]] = [0.05, 0.2]  # now layer 1 excludes zero; the control does not
+    assert attention_reading(own, control)[1].endswith("what correlates is problem-specific."), own

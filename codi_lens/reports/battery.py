@@ -10,6 +10,7 @@ table, and its reading is two lines generated from the numbers: where a CI holds
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,10 +117,13 @@ PARTS: Registry[Part] = Registry("report part")
 
 
 def ci_text(values: tuple[float, float, float] | list[float], digits: int = 2, percent: bool = False) -> str:
-    """``0.42 [0.31, 0.55]`` (or ``42% [31%, 55%]``)."""
+    """``0.42 [0.31, 0.55]`` (or ``42% [31%, 55%]``); ``0.42 (no CI: too few problems)`` when the bootstrap gave
+    none."""
     scale, suffix = (100, "%") if percent else (1, "")
     mean, low, high = (float(v) * scale for v in values)
     fmt = f"{{:.{0 if percent else digits}f}}{suffix}"
+    if math.isnan(low) or math.isnan(high):
+        return f"{fmt.format(mean)} (no CI: too few problems)"
     return f"{fmt.format(mean)} [{fmt.format(low)}, {fmt.format(high)}]"
 
 
@@ -287,7 +291,7 @@ def attention_reading(own: pd.DataFrame, control: pd.DataFrame) -> list[str]:
         + (
             ": part of the correlation follows the thoughts' average profile, not problem-specific use."
             if control_excluded
-            else ": what correlates is problem-specific."
+            else (": what correlates is problem-specific." if excluded else ".")
         ),
     ]
 
