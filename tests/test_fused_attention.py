@@ -189,3 +189,27 @@ def test_laying_out_a_filled_model_again_keeps_every_value(model):
         if order is not None:
             assert p.permute(order).is_contiguous(), name
     assert any(model.linear_memory_order(name) for name in before)
+
+
+def test_the_direct_unembedding_gives_transformer_lens_logits_and_hooks(model, questions):
+    """``DirectUnembed`` multiplies by ``W_U`` as stored (its logical ``[d_model, d_vocab]`` order, so nothing is
+    copied per call): the logits equal TransformerLens' ``Unembed`` on the same residual to float32 rounding, and
+    a hook on ``unembed.hook_in`` changes them as it would there."""
+    from transformer_lens.components import Unembed
+
+    from codi_lens.core.unembed import DirectUnembed
+
+    unembed = model.unembed
+    assert type(unembed) is DirectUnembed and unembed.W_U.is_contiguous()
+    residual = torch.randn(2, 3, model.cfg.d_model)
+    direct = unembed(residual)
+    unembed.__class__ = Unembed
+    try:
+        reference = unembed(residual)
+    finally:
+        unembed.__class__ = DirectUnembed
+    assert torch.allclose(direct, reference, atol=ATOL)
+    tokens, _ = model.tokenize_questions(questions[:1])
+    halved = model.run_with_hooks(tokens, fwd_hooks=[("unembed.hook_in", lambda x, hook: x / 2)], return_type="logits")
+    seen = model.run_with_cache(tokens, names_filter="unembed.hook_in")[1]["unembed.hook_in"]
+    assert torch.allclose(halved, (seen / 2) @ unembed.W_U + unembed.b_U, atol=ATOL)

@@ -39,6 +39,7 @@ from codi_lens.core.padding import pad_rows
 from codi_lens.core.positions import ChunkContext, ChunkScope, CODIPositions
 from codi_lens.core.recording import ActivationRecorder
 from codi_lens.core.results import AnswerScores, CODIResult, LatentRun
+from codi_lens.core.unembed import unembed_directly
 
 DEFAULT_N_LATENTS = 6
 #: ``names_filter`` of a cached run: None (every hook), a name, a list of names or a predicate on names.
@@ -83,6 +84,7 @@ class CODIModel(HookedSAETransformer):
     ):
         super().__init__(cfg)
         fuse_attention(self.blocks)  # TransformerLens' explicit attention only where a hook needs the pattern
+        unembed_directly(self.unembed)  # no copy of W_U per call
         self.tokenizer = tokenizer
         self.codi_tokens = tokens
         self.checkpoint_file = None if checkpoint_file is None else Path(checkpoint_file)
@@ -142,7 +144,7 @@ class CODIModel(HookedSAETransformer):
 
     def linear_memory_order(self, name: str) -> tuple[int, ...] | None:
         """The order of axes in which parameter ``name`` is stored for the calls that read it (None: its own)."""
-        if (self.cfg.gated_mlp and name.endswith(("mlp.W_gate", "mlp.W_in", "mlp.W_out"))) or name == "unembed.W_U":
+        if self.cfg.gated_mlp and name.endswith(("mlp.W_gate", "mlp.W_in", "mlp.W_out")):
             return (1, 0)
         if name.endswith("attn.W_O"):
             return (2, 0, 1)
