@@ -116,7 +116,7 @@ class CODIModel(HookedSAETransformer):
     def store_weights_for_linear(self, keep_values: bool = True) -> None:
         """Lay out weights so TransformerLens' per-call weight copies become views.
 
-        TransformerLens runs its gated MLP, unembedding and attention output through ``F.linear``
+        TransformerLens runs its gated MLP and attention output through ``F.linear``
         on ``W.T.contiguous()`` (HF's memory layout, for identical bf16 accumulation), and its query,
         key and value projections on ``rearrange(W, "head d_model d_head -> (head d_head) d_model")``.
         With the weights stored in their logical order each of those copies the whole weight on every
@@ -126,8 +126,8 @@ class CODIModel(HookedSAETransformer):
         makes the copies free.
 
         ``keep_values=False`` (a model about to be filled, as loading does): each such parameter gets new,
-        uninitialised storage in that order, its old storage freed first, so no weight is ever held twice
-        (re-laying out the filled unembedding held 1 GB twice at the 1B shape in float32).
+        uninitialised storage in that order, its old storage freed first, so no weight is ever held twice.
+        The unembedding keeps its logical order: :class:`~codi_lens.core.unembed.DirectUnembed` reads it so.
         """
         with torch.no_grad():
             for name, param in self.named_parameters():
