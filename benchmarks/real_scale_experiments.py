@@ -31,13 +31,12 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 
 import pyarrow.parquet as pq
 from safetensors.torch import save_file
 
-from benchmarks.common import PeakSampler, machine_gb, random_checkpoint_tensors
+from benchmarks.common import PeakSampler, exit_status, machine_gb, preload, random_checkpoint_tensors
 from codi_lens.data import load_problems
 from codi_lens.loading.architectures import BUILTIN_BASES, architecture_from_config, describe_base
 from codi_lens.loading.checkpoint import CheckpointLayout
@@ -119,7 +118,7 @@ def write_checkpoint(folder: Path, family: str, quick: bool, seed: int = 0) -> t
 
 def _write_checkpoint_apart(folder: Path, family: str, quick: bool) -> tuple[str, str | None]:
     """:func:`write_checkpoint` in a child process, so that this one computes nothing with torch and can fork
-    (:func:`preload`)."""
+    (``benchmarks.common.preload``)."""
     done = subprocess.run(
         [sys.executable, "-c", WRITE_CHECKPOINT, str(folder), family, str(quick)],
         capture_output=True, text=True, check=False,
@@ -233,7 +232,8 @@ def run_one(name: str, argv: list[str], out: Path, timeout: float, preloaded: bo
     """One experiment in its own process: exit status, wall time, its peak resident memory, rows written, and
     the longest silence on its stderr once its first progress bar appeared (``max_bar_gap_s``: how long a user
     watched a bar that did not move). ``preloaded``: the process is forked from this one, which has imported
-    the libraries (:func:`preload`), instead of a fresh interpreter; its times then leave out the imports."""
+    the libraries (``benchmarks.common.preload``), instead of a fresh interpreter; its times then leave out the
+    imports."""
     module = MODULE_OF.get(name, name)
     peak_file = out.with_suffix(".peak")
     shutil.rmtree(out, ignore_errors=True)  # a rehearsal measures a fresh run, not a resumed one
@@ -290,17 +290,6 @@ def _read(fd: int, chunks: list) -> None:
         chunks.append((time.perf_counter(), chunk))
 
 
-def preload() -> None:
-    """Import what every experiment imports, so that forked children skip it (about 6 s each). This process
-    must not compute with torch afterwards: a child forked after torch's thread pool ran hangs in its first
-    parallel operation."""
-    import pandas  # noqa: F401
-    import sae_lens  # noqa: F401
-    import transformer_lens  # noqa: F401
-
-    import codi_lens.run.cli  # noqa: F401
-
-
 def _start(module: str, peak_file: str, flags: list[str], preloaded: bool) -> tuple[int, int, int]:
     """Start the child running ``experiments.<module>``: a fresh interpreter, or a fork of this process when
     ``preloaded``. Returns its pid and the read ends of its stdout and stderr pipes."""
@@ -313,29 +302,13 @@ def _start(module: str, peak_file: str, flags: list[str], preloaded: bool) -> tu
             os.close(err_read)
             os.dup2(out_write, 1)
             os.dup2(err_write, 2)
-            os._exit(_run_forked(module, peak_file, flags))
+            os._exit(exit_status(lambda: child(module, peak_file, flags)))
     else:
         command = [sys.executable, "-m", "benchmarks.real_scale_experiments", "--child", module, peak_file, *flags]
         pid = subprocess.Popen(command, stdout=out_write, stderr=err_write).pid
     os.close(out_write)
     os.close(err_write)
     return pid, out_read, err_read
-
-
-def _run_forked(module: str, peak_file: str, flags: list[str]) -> int:
-    """The body of a forked child: the exit status ``python -m`` would give."""
-    status = 0
-    try:
-        child(module, peak_file, flags)
-    except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:
-        traceback.print_exc()
-        status = 1
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    return status
 
 
 def _wait(pid: int, timeout: float) -> int | str:

@@ -15,7 +15,6 @@ The server imports once, when the suite starts it: a module edited while the sui
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import runpy
@@ -24,7 +23,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import traceback
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,12 +90,9 @@ class PreloadedPython:
 
 def serve() -> None:
     """Import, then fork a child per request line on stdin; reply with its pid, then its exit status."""
-    import pandas  # noqa: F401
-    import sae_lens  # noqa: F401
-    import transformer_lens  # noqa: F401
+    from benchmarks.common import preload
 
-    import codi_lens.run.cli  # noqa: F401
-
+    preload()
     for line in sys.stdin:
         request = json.loads(line)
         pid = os.fork()
@@ -115,30 +110,25 @@ def _child(request: dict) -> int:
         os.dup2(os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     sys.stdin = open(os.devnull)  # noqa: SIM115 (the server's reader holds read-ahead requests)
+    from benchmarks.common import exit_status  # imported by the server already (serve)
+
     flag, target, *rest = request["argv"]
-    status = 0
-    try:
-        if flag == "-m":
-            sys.argv = [target, *rest]
-            sys.path[0] = os.getcwd()
-            runpy.run_module(target, run_name="__main__", alter_sys=True)
-        else:
-            sys.argv = ["-c", *rest]
-            sys.path[0] = ""
-            main = types.ModuleType("__main__")
-            sys.modules["__main__"] = main
-            exec(compile(target, "<string>", "exec"), main.__dict__)
-    except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if not isinstance(exc.code, int | None):
-            print(exc.code, file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-        status = 1
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    return status
+    return exit_status(lambda: _run_as_python(flag, target, rest))
+
+
+def _run_as_python(flag: str, target: str, rest: list[str]) -> None:
+    """What ``python -m target *rest`` or ``python -c target *rest`` runs, with the ``sys.argv`` and
+    ``sys.path[0]`` each sets."""
+    if flag == "-m":
+        sys.argv = [target, *rest]
+        sys.path[0] = os.getcwd()
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = ["-c", *rest]
+        sys.path[0] = ""
+        main = types.ModuleType("__main__")
+        sys.modules["__main__"] = main
+        exec(compile(target, "<string>", "exec"), main.__dict__)
 
 
 if __name__ == "__main__":
