@@ -160,6 +160,7 @@ def substitutions(
     if condition not in CONDITIONS:
         raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
     out = []
+    candidates_in: dict[Hashable, list[float]] = {}  # the values with enough reference problems, per context
     for row, p in enumerate(problems):
         if p.n_steps < step or len(p.intermediates) < step:
             continue
@@ -169,7 +170,9 @@ def substitutions(
                 out.append((row, None, *means.by_step[step]))
             continue
         context = means.context(p, step)
-        candidates = means.values_at(step, min_count, context)
+        if context not in candidates_in:
+            candidates_in[context] = means.values_at(step, min_count, context)
+        candidates = candidates_in[context]
         value = own if condition == "same" else _choose_other(p.id, step, own, candidates, seed)
         if value is None or value not in candidates:
             continue

@@ -354,7 +354,10 @@ def _paths_reading(summary: dict[str, Any], folder: Path) -> list[str]:
 
 
 def _share(record: dict[str, Any]) -> str:
-    return f"{100 * record['share']:.0f}% [{100 * record['low']:.0f}%, {100 * record['high']:.0f}%] of {record['n']}"
+    """``48% [28%, 68%] of 25``: a share with its CI and its count."""
+    from codi_lens.reports.battery import ci_text
+
+    return f"{ci_text([record['share'], record['low'], record['high']], percent=True)} of {record['n']}"
 
 
 def _pathways_reading(summary: dict[str, Any], folder: Path) -> list[str]:
