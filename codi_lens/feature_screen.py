@@ -45,7 +45,7 @@ from jaxtyping import Float
 from sae_lens import SAE
 from torch import Tensor
 
-from codi_lens.core.answers import format_answer, is_correct
+from codi_lens.core.answers import is_correct
 from codi_lens.core.branching import Branch, grow_trunk, run_branches
 from codi_lens.core.hooks import Hooks
 from codi_lens.core.model import CODIModel
@@ -136,7 +136,7 @@ class UneditedRun:
     @classmethod
     def of(cls, model: CODIModel, problems: Sequence[Problem], answer_tokens: Sequence[Sequence[int]]) -> UneditedRun:
         """The gold number after the model's own answer prefix; where the model's answer has no number (an
-        untrained checkpoint), after CODI's answer template (``The answer is: 18``)."""
+        untrained checkpoint), after its method's answer template (CODI: ``The answer is: 18``)."""
         _, predictions = model.decode_answers(answer_tokens)
         numbers = [
             gold_number(model.tokenizer, t, p.gold) or gold_number(model.tokenizer, _template(model, p.gold), p.gold)
@@ -148,7 +148,7 @@ class UneditedRun:
 
 
 def _template(model: CODIModel, gold: float) -> list[int]:
-    return model.tokenizer(format_answer(gold), add_special_tokens=False)["input_ids"]
+    return model.tokenizer(model.latent_loop.answer_text(gold), add_special_tokens=False)["input_ids"]
 
 
 def screen_ops(ops: Sequence[str]) -> list[str]:

@@ -30,7 +30,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from codi_lens.attention import attention_to_thoughts, pattern_hook_names, question_to_thought, thought_to_thought
-from codi_lens.core.answers import clean_question, is_correct
+from codi_lens.core.answers import is_correct
 from codi_lens.core.branching import Branch, grow_trunk, run_branches
 from codi_lens.core.hooks import Hooks
 from codi_lens.core.model import CODIModel
@@ -535,7 +535,8 @@ def attention_maps(
         questions, ids = [p.question for p in batch], [p.id for p in batch]
         run = model.run_latents(questions, names_filter=pattern_hook_names(model.cfg.n_layers), n_latents=n_latents)
         numbers = [
-            [number_tokens(model, q, m) for m in range(len(question_numbers(clean_question(q))))] for q in questions
+            [number_tokens(model, q, m) for m in range(len(question_numbers(model.latent_loop.question_text(q))))]
+            for q in questions
         ]
         keys = ["problem_id", "layer"]
         t2t = thought_to_thought(run.cache, run.positions, ids)

@@ -86,7 +86,7 @@ def test_plain_hf_model_without_codi_parts(llama, tmp_path):
 
     hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(llama.base_dir))
     _save(hf.state_dict(), tmp_path / "c")
-    with pytest.raises(CheckpointError, match="plain Hugging Face LLaMA state dict without CODI parts"):
+    with pytest.raises(CheckpointError, match="plain Hugging Face LLaMA state dict without CODI or Coconut parts"):
         load_codi(tmp_path / "c", llama.base_dir)
 
 

@@ -225,3 +225,47 @@ def make_tiny_codi(
     module = build_codi_module(base_dir, lora_r=lora_r, use_lora=use_lora, prj_dim=prj_dim, prj_ln=prj_ln, seed=seed)
     save_codi_checkpoint(module, root / "checkpoint", fmt)
     return root / "checkpoint", base_dir
+
+
+#: The tokens upstream Coconut's ``run.py`` adds to the base tokenizer, in its order.
+COCONUT_ADDED = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")
+
+
+class UpstreamCoconut(nn.Module):
+    """The module whose ``state_dict()`` upstream Coconut saves: ``base_causallm`` (the whole HF LM) and
+    ``embedding``, the LM's own input-embedding module registered a second time (as ``coconut.py`` does)."""
+
+    def __init__(self, base_causallm: nn.Module):
+        super().__init__()
+        self.base_causallm = base_causallm
+        gpt2 = base_causallm.config.model_type == "gpt2"
+        self.embedding = (base_causallm.transformer if gpt2 else base_causallm).get_input_embeddings()
+
+
+def build_coconut_module(base_dir: str | Path, *, seed: int = 0, init_std: float = 0.05) -> UpstreamCoconut:
+    """A random Coconut module in float32 (fully fine-tuned upstream: no LoRA, no projection head), its
+    vocabulary grown by Coconut's three tokens; every row distinct."""
+    torch.manual_seed(seed)
+    config = AutoConfig.from_pretrained(str(base_dir))
+    lm = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    lm.resize_token_embeddings(config.vocab_size + len(COCONUT_ADDED), mean_resizing=False)
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, init_std)
+            elif "norm" in name or "ln_" in name:
+                p.uniform_(0.8, 1.2)
+            else:
+                p.normal_(0.0, 0.02)
+    return UpstreamCoconut(lm).eval()
+
+
+def make_tiny_coconut(root: str | Path, family: Family, *, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny base dir and a Coconut checkpoint beside it, saved as upstream saves one (``torch.save`` of the
+    state dict to ``checkpoint_<epoch>``, a file without extension); returns ``(checkpoint_file, base_dir)``."""
+    root = Path(root)
+    base_dir = make_base_dir(root / "base", family)
+    module = build_coconut_module(base_dir, seed=seed)
+    file = root / "checkpoint_15"
+    torch.save(module.state_dict(), file)
+    return file, base_dir

@@ -12,9 +12,14 @@ NUMBER_PATTERN = re.compile(r"-?\d+\.?\d*")
 ANSWER_TEMPLATE = "The answer is: {}"
 
 
+def write_number(value: float) -> str:
+    """``value`` as an answer writes it: integers without ``.0``."""
+    return str(int(value) if float(value).is_integer() else value)
+
+
 def format_answer(value: float) -> str:
     """``value`` written as CODI writes an answer: ``"The answer is: 18"`` (integers without ``.0``)."""
-    return ANSWER_TEMPLATE.format(int(value) if float(value).is_integer() else value)
+    return ANSWER_TEMPLATE.format(write_number(value))
 
 
 def extract_prediction(text: str) -> float | None:

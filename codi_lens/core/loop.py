@@ -34,6 +34,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from codi_lens.core.components import CODITokens, ProjectionHead
 from codi_lens.core.errors import HookNameError, PositionError
 from codi_lens.core.hooks import HookFn, PositionalHook
+from codi_lens.core.latent_loop import LatentLoop
 from codi_lens.core.names import parse_thought_hook
 from codi_lens.core.positions import ChunkScope, CODIPositions
 
@@ -47,7 +48,8 @@ class LoopModel(Protocol):
 
     cfg: HookedTransformerConfig
     codi_tokens: CODITokens
-    prj: ProjectionHead
+    latent_loop: LatentLoop
+    prj: ProjectionHead | None
     thought: nn.ModuleList
     hook_dict: dict
     chunk_scope: ChunkScope
@@ -145,10 +147,13 @@ def step_logits(model: LoopModel, keep_logits: bool) -> Literal["last", "none"]:
 def project(
     model: LoopModel, k: int, h: Float[Tensor, "batch d_model"], state: LoopState
 ) -> Float[Tensor, "batch d_model"]:
-    """Record ``h_k`` (through ``thought.k.hook_hidden``) and return ``prj(h_k)`` (through
-    ``thought.k.hook_projection``): the input of thought k + 1."""
+    """Record ``h_k`` (through ``thought.k.hook_hidden``) and return the input of thought k + 1: ``prj(h_k)``
+    (through ``thought.k.hook_projection``) for a loop with a projection head, ``h_k`` itself for one
+    that feeds hidden states back unchanged (Coconut)."""
     h = model.thought[k].hook_hidden(h)
     state.latent_states.append(h)
+    if model.prj is None:
+        return h
     return model.thought[k].hook_projection(model.prj(h))
 
 
@@ -239,7 +244,8 @@ def greedy_decode(
     first_logits: Float[Tensor, "batch d_vocab"] | None = None,
     compact: bool = False,
 ) -> list[list[int]]:
-    """Feed EOT, then greedy tokens (argmax excluding only EOT) until EOS or the budget.
+    """Feed EOT, then greedy tokens (argmax over the rows the loop allows: CODI's excludes only EOT) until EOS
+    or the budget.
 
     Rows stop at their own EOS (later tokens are not recorded); the batch stops when all have.
     With ``first_logits`` (``[batch, d_vocab]``), nothing is fed first: the first token is chosen
@@ -251,7 +257,7 @@ def greedy_decode(
     if compact and keep_logits:
         raise ValueError("compact decoding does not keep logits")
     device, batch = model.cfg.device, state.batch
-    eos, n_allowed = model.codi_tokens.eos, model.cfg.d_vocab - 1
+    eos, n_allowed = model.codi_tokens.eos, model.latent_loop.argmax_width(model.cfg.d_vocab)
     next_input = torch.full((batch, 1), model.codi_tokens.eot, dtype=torch.long, device=device)
     answers: list[list[int]] = [[] for _ in range(batch)]
     active = torch.arange(batch)  # the original row of each row still in the batch
@@ -296,6 +302,7 @@ def check_hooks(model: LoopModel, fwd_hooks: Sequence[tuple[str, HookFn]], posit
     n = positions.n_latents
     for name, fn in fwd_hooks:
         if isinstance(name, str):
+            refuse_projection_hook(model.latent_loop, name)
             thought = parse_thought_hook(name)
             if thought is not None:
                 k, kind = thought
@@ -310,6 +317,19 @@ def check_hooks(model: LoopModel, fwd_hooks: Sequence[tuple[str, HookFn]], posit
             if fn.scope is not model.chunk_scope:
                 raise ValueError(f"the positional hook on {name} was built for another model")
             fn.resolve(positions)
+
+
+def refuse_projection_hook(latent_loop: LatentLoop, name: str) -> None:
+    """Refuse, by name, a hook on the projection head (``prj.*``, ``thought.k.hook_projection``) in a loop
+    that has none."""
+    if latent_loop.has_projection:
+        return
+    thought = parse_thought_hook(name)
+    if name.startswith("prj.") or (thought is not None and thought[1] == "projection"):
+        raise HookNameError(
+            f"{name} does not exist for a {latent_loop.method} model: its loop feeds h_k back unchanged, with no "
+            "projection head (hook thought.k.hook_hidden or thought.k.hook_input instead)"
+        )
 
 
 @contextmanager

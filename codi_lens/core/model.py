@@ -28,11 +28,11 @@ from transformer_lens import ActivationCache, HookedTransformerConfig
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from codi_lens.core import loop
-from codi_lens.core.answers import clean_question, extract_prediction
 from codi_lens.core.components import CODITokens, ProjectionHead, ThoughtStep
 from codi_lens.core.fused_attention import fuse_attention
 from codi_lens.core.hashing import file_sha256
 from codi_lens.core.hooks import HookFn
+from codi_lens.core.latent_loop import CODI_LOOP, LatentLoop
 from codi_lens.core.loop import LogitsAt, LoopState, stack_steps
 from codi_lens.core.names import parse_thought_hook
 from codi_lens.core.padding import pad_rows
@@ -62,7 +62,9 @@ class CODIModel(HookedSAETransformer):
 
     Attributes:
         tokenizer, codi_tokens: the base tokenizer and the ids CODI adds (pad, BOT, EOT) with the stop token.
-        prj: the projection head; ``thought``: the hook points of steps 0..n.
+        latent_loop: the method's loop (:class:`~codi_lens.core.latent_loop.LatentLoop`: CODI's by default).
+        prj: the projection head (None for a loop that feeds hidden states back unchanged, as Coconut's);
+            ``thought``: the hook points of steps 0..n.
         chunk_scope: where a run publishes the chunk being computed to hooks (see :class:`ChunkScope`).
         forward_listeners: callables told ``(rows, block)`` as each transformer block of every forward pass
             finishes (see :meth:`listening`); progress bars count work with them. They see no activation and
@@ -77,10 +79,11 @@ class CODIModel(HookedSAETransformer):
         tokenizer,
         *,
         tokens: CODITokens,
-        prj_dim: int,
-        prj_layernorm: bool,
+        prj_dim: int | None,
+        prj_layernorm: bool = False,
         n_thought_hooks: int = DEFAULT_N_LATENTS,
         checkpoint_file: str | Path | None = None,
+        latent_loop: LatentLoop = CODI_LOOP,
     ):
         super().__init__(cfg)
         fuse_attention(self.blocks)  # TransformerLens' explicit attention only where a hook needs the pattern
@@ -88,9 +91,13 @@ class CODIModel(HookedSAETransformer):
         self.tokenizer = tokenizer
         self.codi_tokens = tokens
         self.checkpoint_file = None if checkpoint_file is None else Path(checkpoint_file)
-        self.prj = ProjectionHead(cfg.d_model, prj_dim, layernorm=prj_layernorm)
+        self.latent_loop = latent_loop
+        if latent_loop.has_projection != (prj_dim is not None):
+            raise ValueError(f"{latent_loop.method} {'needs' if latent_loop.has_projection else 'has no'} prj_dim")
+        self.prj = None if prj_dim is None else ProjectionHead(cfg.d_model, prj_dim, layernorm=prj_layernorm)
         self.thought = nn.ModuleList([ThoughtStep() for _ in range(n_thought_hooks + 1)])
-        self.prj.to(device=cfg.device, dtype=cfg.dtype)
+        if self.prj is not None:
+            self.prj.to(device=cfg.device, dtype=cfg.dtype)
         self.chunk_scope = ChunkScope()
         self.forward_listeners: list[Callable[[int, int], None]] = []
         self.source: ModelSource | None = None
@@ -152,6 +159,10 @@ class CODIModel(HookedSAETransformer):
             return (0, 2, 1)
         return None
 
+    def latents_or_default(self, n_latents: int | None) -> int:
+        """``n_latents``, or the number of thoughts the loop's method was trained with when None."""
+        return self.latent_loop.n_latents if n_latents is None else n_latents
+
     def ensure_thought_hooks(self, n_latents: int) -> None:
         """Make sure hook points exist for thought steps ``0..n_latents``."""
         if len(self.thought) < n_latents + 1:
@@ -159,12 +170,13 @@ class CODIModel(HookedSAETransformer):
             self.setup()
 
     def tokenize_questions(self, questions: Sequence[str]) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-        """Clean (upstream rule), tokenize (BOS as the tokenizer adds it) and left-pad questions.
+        """Write each question as the loop's method does (CODI: upstream's cleaning), tokenize (BOS as the
+        tokenizer adds it) and left-pad.
 
         Returns ``(tokens, attention_mask)``, both ``[batch, max_len]``, padded with the pad id.
         """
         _check_questions(questions)
-        ids = [self.tokenizer(clean_question(q))["input_ids"] for q in questions]
+        ids = [self.tokenizer(self.latent_loop.question_text(q))["input_ids"] for q in questions]
         tokens, mask = pad_rows(ids, self.codi_tokens.pad, side="left")
         return tokens.to(self.cfg.device), mask.to(self.cfg.device)
 
@@ -190,10 +202,10 @@ class CODIModel(HookedSAETransformer):
         return self.embed(tokens.to(self.cfg.device))
 
     def decode_answers(self, answers: Sequence[Sequence[int]]) -> tuple[list[str], list[float | None]]:
-        """Generated answer tokens as text (special tokens skipped) and the number each predicts
-        (upstream's rule: the last number in the text; None if there is none)."""
+        """Generated answer tokens as text (special tokens skipped) and the number each predicts, by the
+        loop's method's rule (CODI: the last number in the text; None if there is none)."""
         texts = [self.tokenizer.decode(list(a), skip_special_tokens=True) for a in answers]
-        return texts, [extract_prediction(t) for t in texts]
+        return texts, [self.latent_loop.prediction(t) for t in texts]
 
     # ------------------------------------------------------------------ the position context
     @property
@@ -268,7 +280,7 @@ class CODIModel(HookedSAETransformer):
         self,
         questions: Sequence[str],
         *,
-        n_latents: int = DEFAULT_N_LATENTS,
+        n_latents: int | None = None,
         max_new_tokens: int = 256,
         fwd_hooks: Sequence[tuple[str, HookFn]] = (),
         return_logits: bool = False,
@@ -280,7 +292,8 @@ class CODIModel(HookedSAETransformer):
 
         Args:
             questions: raw question strings (cleaned with upstream's rule), at least one.
-            n_latents: number of fed-back continuous thoughts (6 in CODI; 0 runs BOT, EOT, answer).
+            n_latents: number of fed-back continuous thoughts (default: the loop's, 6 for CODI and Coconut;
+                0 runs BOT, EOT, answer).
             max_new_tokens: answer-token budget (upstream: 256).
             fwd_hooks: ``(name, fn)`` pairs (TransformerLens names at any layer, or thought hooks;
                 names may also be predicates) applied throughout the loop and removed afterwards.
@@ -289,6 +302,7 @@ class CODIModel(HookedSAETransformer):
                 position this run does not reach raises :class:`~codi_lens.core.errors.PositionError`.
             return_logits: also return every step's logits (memory: steps x d_vocab per example).
         """
+        n_latents = self.latents_or_default(n_latents)
         return self._generate(questions, n_latents, max_new_tokens, fwd_hooks, return_logits, prompt_logits="last")
 
     def _generate(
@@ -351,7 +365,7 @@ class CODIModel(HookedSAETransformer):
         *,
         names_filter: NamesFilter = None,
         device: str | torch.device | None = None,
-        n_latents: int = DEFAULT_N_LATENTS,
+        n_latents: int | None = None,
         max_new_tokens: int = 256,
         fwd_hooks: Sequence[tuple[str, HookFn]] = (),
         return_logits: bool = False,
@@ -374,6 +388,7 @@ class CODIModel(HookedSAETransformer):
             names_filter: None (all hooks), a name, a list of names or a predicate on names.
             device: where cached tensors are stored (default: the model's device).
         """
+        n_latents = self.latents_or_default(n_latents)
         recorder = ActivationRecorder(self.chunk_scope, device)
         hooks = [*fwd_hooks, *self._caching_hooks(recorder, names_filter, n_latents)]
         result = self._generate(questions, n_latents, max_new_tokens, hooks, return_logits, prompt_logits="all")
@@ -390,7 +405,7 @@ class CODIModel(HookedSAETransformer):
         self,
         questions: Sequence[str],
         *,
-        n_latents: int = DEFAULT_N_LATENTS,
+        n_latents: int | None = None,
         fwd_hooks: Sequence[tuple[str, HookFn]] = (),
         names_filter: NamesFilter | Literal[False] = False,
         device: str | torch.device | None = None,
@@ -401,6 +416,7 @@ class CODIModel(HookedSAETransformer):
         cached as in :meth:`run_codi_with_cache`. The latent states, fed thoughts and cached activations
         equal those of a full run, which computes the same steps before its answer.
         """
+        n_latents = self.latents_or_default(n_latents)
         tokens, mask = loop.prepare(self, questions, n_latents)
         positions = loop.run_positions(mask, n_latents, [1] * len(questions))
         recorder = None if names_filter is False else ActivationRecorder(self.chunk_scope, device)
@@ -415,13 +431,18 @@ class CODIModel(HookedSAETransformer):
             cache=None if recorder is None else ActivationCache(recorder.tensors(), self, has_batch_dim=True),
         )
 
-    def hook_names_of_run(self, n_latents: int = DEFAULT_N_LATENTS) -> list[str]:
+    def hook_names_of_run(self, n_latents: int | None = None) -> list[str]:
         """Every hook point that fires in a run with ``n_latents`` thoughts (SAE hook points included)."""
+        n_latents = self.latents_or_default(n_latents)
         self.ensure_thought_hooks(n_latents)
 
         def fires(name: str) -> bool:
             thought = parse_thought_hook(name)
-            return thought is None or (1 if thought[1] == "input" else 0) <= thought[0] <= n_latents
+            if thought is None:
+                return True
+            if thought[1] == "projection" and not self.latent_loop.has_projection:
+                return False
+            return (1 if thought[1] == "input" else 0) <= thought[0] <= n_latents
 
         return [name for name in self.hook_dict if fires(name)]
 
@@ -432,7 +453,7 @@ class CODIModel(HookedSAETransformer):
         questions: Sequence[str],
         answers: Sequence[str | Sequence[int]],
         *,
-        n_latents: int = DEFAULT_N_LATENTS,
+        n_latents: int | None = None,
         fwd_hooks: Sequence[tuple[str, HookFn]] = (),
         append_eos: bool = False,
     ) -> AnswerScores:
@@ -445,6 +466,7 @@ class CODIModel(HookedSAETransformer):
         """
         if isinstance(answers, str) or len(questions) != len(answers):
             raise ValueError(f"give one answer per question ({len(questions)} questions)")
+        n_latents = self.latents_or_default(n_latents)
         tokens, mask = loop.prepare(self, questions, n_latents)
         answer_tokens, answer_mask = self.tokenize_answers(answers, append_eos)
         positions = loop.run_positions(mask, n_latents, answer_mask.sum(1).tolist())

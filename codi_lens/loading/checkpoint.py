@@ -1,4 +1,4 @@
-"""Reading and strictly validating CODI checkpoints in the upstream on-disk layout.
+"""Reading and strictly validating CODI and Coconut checkpoints in their upstream on-disk layouts.
 
 Upstream CODI saves ``CODI.state_dict()`` as one ``pytorch_model.bin`` or ``model.safetensors``: the
 base LM under ``codi.`` (``codi.base_model.model.`` plus ``base_layer`` / ``lora_A`` / ``lora_B``
@@ -6,6 +6,12 @@ parts when trained with LoRA via peft) and the projection head under ``prj.`` (`
 Linear layers and an optional ``prj.ln`` LayerNorm). Upstream loads it with ``strict=False``, which
 silently ignores mismatches. codi_lens instead checks every key, shape and the vocabulary size
 against the base architecture and raises :class:`CheckpointError` naming what is wrong.
+
+Upstream Coconut (``run.py``) saves the state dict of its ``Coconut`` module with ``torch.save``: the whole
+HF causal LM under ``base_causallm.`` (fully fine-tuned, no LoRA, no projection head), and, because
+``Coconut.embedding`` is the LM's own input-embedding module, usually that table again as
+``embedding.weight``. Its vocabulary is also V + 3 (``<|start-latent|>``, ``<|end-latent|>``,
+``<|latent|>``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,11 @@ from codi_lens.loading.registry import PRETRAINED
 CHECKPOINT_FILENAMES = ("model.safetensors", "pytorch_model.bin")
 LORA_PREFIX = "codi.base_model.model."
 PLAIN_PREFIX = "codi."
+COCONUT_PREFIX = "base_causallm."
+#: Coconut's second name for its input embeddings (``Coconut.embedding``), present in what upstream saves.
+COCONUT_EMBEDDING = "embedding.weight"
+#: The methods whose checkpoints codi_lens reads, as a layout names them.
+METHOD_NAMES = {"codi": "CODI", "coconut": "Coconut"}
 LLAMA_ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 LLAMA_MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -45,13 +56,14 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class CheckpointLayout:
-    """What a CODI checkpoint contains, read from its keys and shapes.
+    """What a checkpoint contains, read from its keys and shapes.
 
     Attributes:
+        method: ``"codi"`` or ``"coconut"`` (which latent loop the file was trained for).
         family: ``"llama"`` or ``"gpt2"``.
         uses_lora: whether the base weights are peft LoRA layers (``base_layer`` + ``lora_A/B``).
         lora_rank: r, from ``lora_A`` (None without LoRA).
-        prj_dim: hidden width of the projection head, from ``prj.1.weight``.
+        prj_dim: hidden width of the projection head, from ``prj.1.weight`` (None: Coconut has no head).
         prj_layernorm: whether the head ends in ``prj.ln`` (absent when trained with ``prj_no_ln``).
         n_layers: number of transformer layers found.
         vocab: rows of the token embedding (V + 3 for a valid checkpoint).
@@ -60,14 +72,18 @@ class CheckpointLayout:
     family: Family
     uses_lora: bool
     lora_rank: int | None
-    prj_dim: int
+    prj_dim: int | None
     prj_layernorm: bool
     n_layers: int
     vocab: int
+    method: str = "codi"
 
     @property
     def prefix(self) -> str:
-        """Key prefix of the base LM's modules (``codi.base_model.model.`` with LoRA, else ``codi.``)."""
+        """Key prefix of the base LM's modules (CODI: ``codi.base_model.model.`` with LoRA, else ``codi.``;
+        Coconut: ``base_causallm.``)."""
+        if self.method == "coconut":
+            return COCONUT_PREFIX
         return LORA_PREFIX if self.uses_lora else PLAIN_PREFIX
 
     @property
@@ -210,29 +226,65 @@ def describe_contents(info: dict[str, TensorInfo]) -> str:
     has_prj = any(k.startswith("prj.") for k in keys)
     if not keys:
         return "an empty state dict"
+    if any(k.startswith(COCONUT_PREFIX) for k in keys):
+        return f"a Coconut {fam} checkpoint (no projection head), {len(keys)} tensors"
     if not has_codi and family is not None:
-        return f"a plain Hugging Face {fam} state dict without CODI parts (no 'codi.' prefix, no 'prj.' head)"
+        return (
+            f"a plain Hugging Face {fam} state dict without CODI or Coconut parts (no 'codi.' or "
+            "'base_causallm.' prefix, no 'prj.' head)"
+        )
     if not has_codi:
-        return "not a CODI checkpoint (no 'codi.' keys)"
+        return "neither a CODI nor a Coconut checkpoint (no 'codi.' or 'base_causallm.' keys)"
     lora = "with LoRA" if any(".lora_A." in k for k in keys) else "without LoRA"
     head = "with projection head" if has_prj else "WITHOUT a projection head ('prj.' keys missing)"
     return f"a CODI {fam} checkpoint {lora}, {head}, {len(keys)} tensors"
 
 
-def detect_layout(info: dict[str, TensorInfo]) -> CheckpointLayout:
-    """Read family, LoRA rank, projection width and layer count from the keys and shapes."""
-    keys = set(info)
-    family = _family_of({k for k in keys if k.startswith(PLAIN_PREFIX)})
-    if family is None or "prj.1.weight" not in keys:
-        raise CheckpointError(f"not a CODI checkpoint: the file is {describe_contents(info)}")
-    lora_a = sorted(k for k in keys if ".lora_A." in k)
-    uses_lora = bool(lora_a)
-    prefix = LORA_PREFIX if uses_lora else PLAIN_PREFIX
+def _layer_count(keys: set[str], prefix: str, family: Family) -> int:
     layer_pat = re.compile(
         re.escape(prefix) + (r"transformer\.h\.(\d+)\." if family == "gpt2" else r"model\.layers\.(\d+)\.")
     )
     layers = {int(m.group(1)) for k in keys if (m := layer_pat.match(k))}
-    embed = f"{prefix}{'transformer.wte' if family == 'gpt2' else 'model.embed_tokens'}.weight"
+    return max(layers) + 1 if layers else 0
+
+
+def _embedding_key(prefix: str, family: Family) -> str:
+    return f"{prefix}{'transformer.wte' if family == 'gpt2' else 'model.embed_tokens'}.weight"
+
+
+def _coconut_layout(info: dict[str, TensorInfo]) -> CheckpointLayout:
+    keys = set(info)
+    family = _family_of({k for k in keys if k.startswith(COCONUT_PREFIX)})
+    embed = None if family is None else _embedding_key(COCONUT_PREFIX, family)
+    if embed not in info:
+        raise CheckpointError(
+            f"a Coconut checkpoint without its token embedding; the file is {describe_contents(info)}"
+        )
+    return CheckpointLayout(
+        family=family,
+        uses_lora=False,
+        lora_rank=None,
+        prj_dim=None,
+        prj_layernorm=False,
+        n_layers=_layer_count(keys, COCONUT_PREFIX, family),
+        vocab=info[embed].shape[0],
+        method="coconut",
+    )
+
+
+def detect_layout(info: dict[str, TensorInfo]) -> CheckpointLayout:
+    """Read the method (CODI or Coconut), family, LoRA rank, projection width and layer count from the keys
+    and shapes."""
+    keys = set(info)
+    if any(k.startswith(COCONUT_PREFIX) for k in keys):
+        return _coconut_layout(info)
+    family = _family_of({k for k in keys if k.startswith(PLAIN_PREFIX)})
+    if family is None or "prj.1.weight" not in keys:
+        raise CheckpointError(f"neither a CODI nor a Coconut checkpoint: the file is {describe_contents(info)}")
+    lora_a = sorted(k for k in keys if ".lora_A." in k)
+    uses_lora = bool(lora_a)
+    prefix = LORA_PREFIX if uses_lora else PLAIN_PREFIX
+    embed = _embedding_key(prefix, family)
     if embed not in info:
         raise CheckpointError(f"embedding {embed!r} missing; the file is {describe_contents(info)}")
     return CheckpointLayout(
@@ -241,7 +293,7 @@ def detect_layout(info: dict[str, TensorInfo]) -> CheckpointLayout:
         lora_rank=info[lora_a[0]].shape[0] if uses_lora else None,
         prj_dim=info["prj.1.weight"].shape[0],
         prj_layernorm="prj.ln.weight" in keys,
-        n_layers=max(layers) + 1 if layers else 0,
+        n_layers=_layer_count(keys, prefix, family),
         vocab=info[embed].shape[0],
     )
 
@@ -323,10 +375,18 @@ def _gpt2_expected(arch: BaseArchitecture, layout: CheckpointLayout) -> dict[str
     return expected
 
 
-def expected_tensors(arch: BaseArchitecture, layout: CheckpointLayout) -> dict[str, tuple[int, ...]]:
-    """Every key (and its shape) a CODI checkpoint of this base and layout must hold, and no others."""
+def expected_tensors(
+    arch: BaseArchitecture, layout: CheckpointLayout, present: set[str] = frozenset()
+) -> dict[str, tuple[int, ...]]:
+    """Every key (and its shape) a checkpoint of this base and layout must hold, and no others (a Coconut
+    file's ``embedding.weight`` is expected when ``present`` holds it: upstream saves it, a converted file
+    may drop it)."""
     expected = (_gpt2_expected if arch.family == "gpt2" else _llama_expected)(arch, layout)
     d = arch.d_model
+    if layout.method == "coconut":
+        if COCONUT_EMBEDDING in present:
+            expected[COCONUT_EMBEDDING] = (arch.codi_vocab, d)
+        return expected
     expected.update(
         {
             "prj.1.weight": (layout.prj_dim, d),
@@ -349,9 +409,10 @@ def _listing(keys: list[str]) -> str:
 def _structural_mismatch(info: dict[str, TensorInfo], arch: BaseArchitecture, layout: CheckpointLayout) -> str | None:
     """A whole-file explanation (wrong family, depth or vocabulary) that beats a list of keys."""
     fam = {"llama": "LLaMA", "gpt2": "GPT-2"}
+    method = METHOD_NAMES[layout.method]
     if layout.family != arch.family:
         return (
-            f"the checkpoint is a {fam[layout.family]} CODI checkpoint but the base "
+            f"the checkpoint is a {fam[layout.family]} {method} checkpoint but the base "
             f"{arch.source!r} is a {fam[arch.family]} model"
         )
     if layout.n_layers != arch.n_layers:
@@ -359,9 +420,9 @@ def _structural_mismatch(info: dict[str, TensorInfo], arch: BaseArchitecture, la
             f"the checkpoint has {layout.n_layers} transformer layers but the base {arch.source!r} has {arch.n_layers}"
         )
     if layout.vocab != arch.codi_vocab:
-        hint = " (the vocabulary was not grown by the 3 CODI tokens)" if layout.vocab == arch.base_vocab else ""
+        hint = f" (the vocabulary was not grown by the 3 {method} tokens)" if layout.vocab == arch.base_vocab else ""
         return (
-            f"embedding {layout.embed_key!r} has {layout.vocab} rows but a CODI checkpoint for base "
+            f"embedding {layout.embed_key!r} has {layout.vocab} rows but a {method} checkpoint for base "
             f"{arch.source!r} needs V + {N_CODI_TOKENS} = {arch.codi_vocab}{hint}"
         )
     return None
@@ -379,7 +440,7 @@ def validate_checkpoint(
     structural = _structural_mismatch(info, arch, layout)
     if structural:
         raise CheckpointError(f"{path}: {structural}; the file is {describe_contents(info)}")
-    expected = expected_tensors(arch, layout)
+    expected = expected_tensors(arch, layout, set(info))
     missing = sorted(set(expected) - set(info))
     unexpected = sorted(set(info) - set(expected))
     wrong_shape = sorted(k for k in set(expected) & set(info) if tuple(info[k].shape) != expected[k])

@@ -1,7 +1,8 @@
-"""Summarise a CODI checkpoint file without a base model (``python -m experiments.inspect_checkpoint``).
+"""Summarise a CODI or Coconut checkpoint without a base model (``python -m experiments.inspect_checkpoint``).
 
-The summary gives the architecture family, layer count, vocabulary (and the implied base vocabulary), LoRA
-use and rank, projection-head dims and LayerNorm, dtypes with tensor counts, and the key count.
+The summary gives the method (CODI or Coconut), the architecture family, layer count, vocabulary (and the
+implied base vocabulary), LoRA use and rank, projection-head dims and LayerNorm, dtypes with tensor counts,
+and the key count.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from codi_lens.loading.architectures import N_CODI_TOKENS
 from codi_lens.loading.checkpoint import (
+    METHOD_NAMES,
     CheckpointError,
     describe_contents,
     detect_layout,
@@ -37,6 +39,7 @@ def summarize_checkpoint(path: str | Path) -> dict:
         return summary
     summary.update(
         {
+            "method": layout.method,
             "family": layout.family,
             "n_layers": layout.n_layers,
             "vocab": layout.vocab,
@@ -44,7 +47,9 @@ def summarize_checkpoint(path: str | Path) -> dict:
             "d_model": info[layout.embed_key].shape[1],
             "lora": layout.uses_lora,
             "lora_rank": layout.lora_rank,
-            "prj_dims": list(info["prj.1.weight"].shape[::-1]) + [info["prj.3.weight"].shape[0]],
+            "prj_dims": None
+            if layout.prj_dim is None
+            else list(info["prj.1.weight"].shape[::-1]) + [info["prj.3.weight"].shape[0]],
             "prj_layernorm": layout.prj_layernorm,
         }
     )
@@ -57,11 +62,19 @@ def format_summary(summary: dict) -> str:
     if "error" in summary:
         lines.append(f"  error         {summary['error']}")
     else:
+        coconut = summary["method"] == "coconut"
+        added = "start-latent/end-latent/latent" if coconut else "pad/bot/eot"
+        prj = (
+            "none (Coconut feeds hidden states back unchanged)"
+            if summary["prj_dims"] is None
+            else f"{' -> '.join(map(str, summary['prj_dims']))}, layernorm {summary['prj_layernorm']}"
+        )
         lines += [
+            f"  method        {METHOD_NAMES[summary['method']]}",
             f"  architecture  {summary['family']}, {summary['n_layers']} layers, d_model {summary['d_model']}",
-            f"  vocab         {summary['vocab']} (base {summary['base_vocab']} + pad/bot/eot)",
+            f"  vocab         {summary['vocab']} (base {summary['base_vocab']} + {added})",
             f"  lora          {'rank ' + str(summary['lora_rank']) if summary['lora'] else 'none'}",
-            f"  prj           {' -> '.join(map(str, summary['prj_dims']))}, layernorm {summary['prj_layernorm']}",
+            f"  prj           {prj}",
         ]
     dtypes = ", ".join(f"{k}: {v}" for k, v in sorted(summary["dtypes"].items()))
     lines += [f"  dtypes        {dtypes}", f"  keys          {summary['n_keys']}"]

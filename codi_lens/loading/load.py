@@ -1,4 +1,8 @@
-"""Load a CODI checkpoint (upstream layout) and its base architecture into a :class:`CODIModel`.
+"""Load a CODI or Coconut checkpoint (upstream layout) and its base architecture into a :class:`CODIModel`.
+
+The method is read from the file (:func:`~codi_lens.loading.checkpoint.detect_layout`) and decides the
+model's :class:`~codi_lens.core.latent_loop.LatentLoop`, its marker ids and, for Coconut, the three tokens
+its tokenizer gains as upstream's ``run.py`` adds them.
 
 The LoRA deltas are merged into the base weights (``W' = W + (alpha / r) * B @ A``, transposed for
 GPT-2's Conv1D layers) and the merged weights are handed to TransformerLens' own weight converters,
@@ -23,6 +27,7 @@ from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights,
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from codi_lens.core.components import CODITokens
+from codi_lens.core.latent_loop import LATENT_LOOPS
 from codi_lens.core.model import CODIModel
 from codi_lens.loading.architectures import BaseArchitecture, describe_base, to_hooked_config
 from codi_lens.loading.checkpoint import (
@@ -135,11 +140,38 @@ def _resolve_tokenizer(tokenizer: Any, base: str | Path) -> PreTrainedTokenizerB
     return AutoTokenizer.from_pretrained(str(source), local_files_only=True)
 
 
-def _codi_tokens(arch: BaseArchitecture, tokenizer: PreTrainedTokenizerBase) -> CODITokens:
+#: The tokens Coconut's ``run.py`` adds to the base tokenizer, in its order (ids V, V + 1, V + 2).
+COCONUT_TOKENS = ("<|start-latent|>", "<|end-latent|>", "<|latent|>")
+
+
+def _codi_tokens(arch: BaseArchitecture, tokenizer: PreTrainedTokenizerBase, method: str = "codi") -> CODITokens:
+    """The marker, pad and stop ids: CODI's rows V (pad), V + 1 (BOT), V + 2 (EOT); Coconut's
+    ``<|start-latent|>`` (V) and ``<|end-latent|>`` (V + 1) as BOT and EOT, padded with EOS as upstream."""
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else arch.eos_id
     if eos is None:
         raise ValueError("neither the tokenizer nor the base config defines an EOS token")
+    if method == "coconut":
+        v = arch.base_vocab
+        return CODITokens(pad=int(eos), bot=v, eot=v + 1, eos=int(eos))
     return CODITokens(pad=arch.pad_id, bot=arch.bot_id, eot=arch.eot_id, eos=int(eos))
+
+
+def with_coconut_tokens(tokenizer: PreTrainedTokenizerBase, arch: BaseArchitecture) -> PreTrainedTokenizerBase:
+    """A copy of the base tokenizer with Coconut's three tokens added as upstream adds them, checked to land
+    on ids V, V + 1, V + 2 (a tokenizer of another size would give the markers other ids)."""
+    if len(tokenizer) != arch.base_vocab:
+        raise CheckpointError(
+            f"the tokenizer has {len(tokenizer)} tokens but the base {arch.source!r} has a vocabulary of "
+            f"{arch.base_vocab}: Coconut's {COCONUT_TOKENS} would not get ids V, V + 1, V + 2"
+        )
+    tokenizer = copy.deepcopy(tokenizer)
+    for token in COCONUT_TOKENS:
+        tokenizer.add_tokens(token)
+    ids = tokenizer.convert_tokens_to_ids(list(COCONUT_TOKENS))
+    expected = list(range(arch.base_vocab, arch.base_vocab + 3))
+    if ids != expected:
+        raise CheckpointError(f"Coconut's tokens {COCONUT_TOKENS} got ids {ids}, not {expected}")
+    return tokenizer
 
 
 def _converted_parts(
@@ -196,7 +228,9 @@ def _copy_part(params: dict[str, torch.nn.Parameter], state: dict[str, Tensor], 
 
 
 def _projection_part(tensors: Mapping[str, Tensor], layout: CheckpointLayout) -> Iterator[dict[str, Tensor]]:
-    """The projection head's weights, read when the part is asked for."""
+    """The projection head's weights, read when the part is asked for (nothing for a loop without one)."""
+    if layout.prj_dim is None:
+        return
     state = {
         "prj.fc_in.weight": tensors["prj.1.weight"],
         "prj.fc_in.bias": tensors["prj.1.bias"],
@@ -225,7 +259,8 @@ def model_from_tensors(
     and unembedding) and whatever ``tensors`` holds (a :class:`CheckpointTensors` reads one tensor per
     lookup). ``progress``: a bar over building the modules and copying each part (a minute at the 1B shape)."""
     cfg = to_hooked_config(arch, device="cpu", dtype=dtype)
-    with tqdm(total=cfg.n_layers + 5, desc="loading", unit="part", disable=not progress) as bar:
+    n_parts = cfg.n_layers + 4 + (layout.prj_dim is not None)  # the modules, 2 outside, the blocks, b_U, prj
+    with tqdm(total=n_parts, desc="loading", unit="part", disable=not progress) as bar:
         model = _filled_model(tensors, layout, arch, tokenizer, cfg, lora_alpha, checkpoint_file, bar)
     return model.eval()
 
@@ -241,19 +276,22 @@ def _filled_model(
     bar: tqdm,
 ) -> CODIModel:
     """The model's modules built (one step of ``bar``), then every part of the checkpoint copied in."""
+    if layout.method == "coconut":
+        tokenizer = with_coconut_tokens(tokenizer, arch)
     model = CODIModel(
         cfg,
         tokenizer,
-        tokens=_codi_tokens(arch, tokenizer),
+        tokens=_codi_tokens(arch, tokenizer, layout.method),
         prj_dim=layout.prj_dim,
         prj_layernorm=layout.prj_layernorm,
         checkpoint_file=checkpoint_file,
+        latent_loop=LATENT_LOOPS[layout.method],
     )
     model.store_weights_for_linear(keep_values=False)  # the layout the weights are copied into
     scale = lora_alpha / layout.lora_rank if layout.uses_lora else 0.0
     view = _MergedWeights(tensors, layout.prefix, scale, arch.family == "gpt2", cfg.dtype)
     converter = convert_gpt2_weights if arch.family == "gpt2" else convert_llama_weights
-    # CODI's lm_head has no bias; TransformerLens' GPT-2 converter leaves b_U out.
+    # Neither method's lm_head has a bias; TransformerLens' GPT-2 converter leaves b_U out.
     unembed_bias = {} if arch.family == "llama" else {"unembed.b_U": torch.zeros(cfg.d_vocab_out)}
     bar.update()  # the modules are built
     parts = itertools.chain(_converted_parts(view, cfg, converter), [unembed_bias], _projection_part(tensors, layout))
@@ -305,11 +343,15 @@ def load_codi(
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
 ) -> CODIModel:
-    """Load a CODI checkpoint into a hooked :class:`CODIModel`.
+    """Load a CODI or Coconut checkpoint into a hooked :class:`CODIModel` running that method's loop.
+
+    The method is read from the file's keys (CODI: ``codi.`` and ``prj.``; Coconut: ``base_causallm.``)
+    and sets ``model.latent_loop``.
 
     Args:
         checkpoint: a directory holding ``model.safetensors`` or ``pytorch_model.bin`` in the upstream
-            CODI layout, the file itself, or the name of a shipped model (``"toy-chain"``, ``"toy-arith"``).
+            CODI layout, the file itself (Coconut saves ``checkpoint_<epoch>``, a ``torch.save`` pickle), or
+            the name of a shipped model (``"toy-chain"``, ``"toy-arith"``).
         base: a local HF base-model directory (``config.json`` and tokenizer) or a built-in base name
             (``"llama-3.2-1b-instruct"``, ``"gpt2"``). Defaults to the shipped model's directory.
         tokenizer: a local tokenizer directory or tokenizer object. With the built-in base

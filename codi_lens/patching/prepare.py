@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from codi_lens.core.answers import clean_question, format_answer, is_correct
+from codi_lens.core.answers import is_correct
 from codi_lens.core.branching import Branch, Trunk, grow_trunk, run_branches
 from codi_lens.core.model import CODIModel
 from codi_lens.core.positions import CODIPositions
@@ -190,7 +190,7 @@ def trunk_logits(model: CODIModel, trunk: Trunk, reading: Reading) -> Float[Tens
 def number_tokens(model: CODIModel, question: str, number_index: int) -> list[int]:
     """Indices, among the question's tokens as the model tokenizes it (BOS included), of the tokens
     that spell the question's ``number_index``-th number (see :func:`codi_lens.data.pairs.question_numbers`)."""
-    text = clean_question(question)
+    text = model.latent_loop.question_text(question)
     start, written, _ = question_numbers(text)[number_index]
     encoded = model.tokenizer(text, return_offsets_mapping=True)
     end = start + len(written)
@@ -245,8 +245,8 @@ def prepare_pairs(
     """Run the clean questions (cached) and find each pair's answer tokens.
 
     ``answer_from="model"``: the clean run's own generated answer is teacher-forced, and pairs it
-    answers wrong are skipped. ``"gold"``: the clean answer written as CODI writes it
-    (:func:`codi_lens.core.answers.format_answer`) is teacher-forced whatever the model would say, and
+    answers wrong are skipped. ``"gold"``: the clean answer written as the model's method writes it
+    (:meth:`~codi_lens.core.latent_loop.LatentLoop.answer_text`) is teacher-forced whatever the model would say, and
     nothing is generated (for models that do not answer right, e.g. random weights in benchmarks).
     ``metric``: how the two answers are compared (:data:`~codi_lens.metrics.ANSWER_METRICS`).
 
@@ -267,7 +267,8 @@ def prepare_pairs(
     )
     if gold:
         answer_tokens = [
-            model.tokenizer(format_answer(a), add_special_tokens=False)["input_ids"] for a in pairs["clean_answer"]
+            model.tokenizer(model.latent_loop.answer_text(a), add_special_tokens=False)["input_ids"]
+            for a in pairs["clean_answer"]
         ]
     else:
         answer_tokens = result.answer_tokens
