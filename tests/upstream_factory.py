@@ -269,3 +269,13 @@ def make_tiny_coconut(root: str | Path, family: Family, *, seed: int = 0) -> tup
     file = root / "checkpoint_15"
     torch.save(module.state_dict(), file)
     return file, base_dir
+
+
+def with_sim_cot_decoder(module: nn.Module, base_dir: str | Path, *, seed: int = 1) -> nn.Module:
+    """``module`` (an upstream CODI or Coconut module) with SIM-CoT's auxiliary decoder registered as SIM-CoT
+    registers it: a whole HF causal LM of the base's config, under ``decoder`` (CODI) or ``expainable_llm``
+    (Coconut, upstream's spelling). Same widths, so CODI's ``pj_in`` / ``pj_out`` are identities without keys."""
+    torch.manual_seed(seed)
+    decoder = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base_dir)), attn_implementation="eager")
+    module.add_module("expainable_llm" if isinstance(module, UpstreamCoconut) else "decoder", decoder.eval())
+    return module

@@ -12,6 +12,11 @@ HF causal LM under ``base_causallm.`` (fully fine-tuned, no LoRA, no projection 
 ``Coconut.embedding`` is the LM's own input-embedding module, usually that table again as
 ``embedding.weight``. Its vocabulary is also V + 3 (``<|start-latent|>``, ``<|end-latent|>``,
 ``<|latent|>``).
+
+SIM-CoT (InternLM/SIM-CoT) trains either loop with an auxiliary decoder that reads each latent back as a
+step; its files are CODI's or Coconut's plus that decoder (CODI: a whole HF LM under ``decoder.``, with
+``pj_in.`` / ``pj_out.`` where widths differ; Coconut: one under ``expainable_llm.``, upstream's spelling).
+Inference never uses it, so the loader names it and leaves it unread.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ COCONUT_PREFIX = "base_causallm."
 COCONUT_EMBEDDING = "embedding.weight"
 #: The methods whose checkpoints codi_lens reads, as a layout names them.
 METHOD_NAMES = {"codi": "CODI", "coconut": "Coconut"}
+#: Where SIM-CoT saves its training-only auxiliary decoder, by the loop it trained: key prefixes, the first
+#: of which holds a whole HF causal LM.
+SIM_COT_DECODER = {"codi": ("decoder.", "pj_in.", "pj_out."), "coconut": ("expainable_llm.",)}
 LLAMA_ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 LLAMA_MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -67,6 +75,7 @@ class CheckpointLayout:
         prj_layernorm: whether the head ends in ``prj.ln`` (absent when trained with ``prj_no_ln``).
         n_layers: number of transformer layers found.
         vocab: rows of the token embedding (V + 3 for a valid checkpoint).
+        auxiliary_keys: how many tensors belong to SIM-CoT's auxiliary decoder (0: none; never read).
     """
 
     family: Family
@@ -77,6 +86,12 @@ class CheckpointLayout:
     n_layers: int
     vocab: int
     method: str = "codi"
+    auxiliary_keys: int = 0
+
+    @property
+    def trained_with(self) -> str:
+        """The training method: SIM-CoT when the file holds its auxiliary decoder, else the loop's method."""
+        return "SIM-CoT" if self.auxiliary_keys else METHOD_NAMES[self.method]
 
     @property
     def prefix(self) -> str:
@@ -227,7 +242,8 @@ def describe_contents(info: dict[str, TensorInfo]) -> str:
     if not keys:
         return "an empty state dict"
     if any(k.startswith(COCONUT_PREFIX) for k in keys):
-        return f"a Coconut {fam} checkpoint (no projection head), {len(keys)} tensors"
+        decoder = _sim_cot_note(keys, "coconut")
+        return f"a Coconut {fam} checkpoint (no projection head){decoder}, {len(keys)} tensors"
     if not has_codi and family is not None:
         return (
             f"a plain Hugging Face {fam} state dict without CODI or Coconut parts (no 'codi.' or "
@@ -237,7 +253,33 @@ def describe_contents(info: dict[str, TensorInfo]) -> str:
         return "neither a CODI nor a Coconut checkpoint (no 'codi.' or 'base_causallm.' keys)"
     lora = "with LoRA" if any(".lora_A." in k for k in keys) else "without LoRA"
     head = "with projection head" if has_prj else "WITHOUT a projection head ('prj.' keys missing)"
-    return f"a CODI {fam} checkpoint {lora}, {head}, {len(keys)} tensors"
+    return f"a CODI {fam} checkpoint {lora}, {head}{_sim_cot_note(keys, 'codi')}, {len(keys)} tensors"
+
+
+def _sim_cot_keys(keys: set[str], method: str) -> list[str]:
+    return sorted(k for k in keys if k.startswith(SIM_COT_DECODER[method]))
+
+
+def _sim_cot_note(keys: set[str], method: str) -> str:
+    n = len(_sim_cot_keys(keys, method))
+    return f", with SIM-CoT's auxiliary decoder ({n} tensors, unused at inference)" if n else ""
+
+
+def _check_sim_cot_decoder(info: dict[str, TensorInfo], method: str) -> int:
+    """How many tensors SIM-CoT's auxiliary decoder holds, after checking they are one (its own token
+    embedding present), so that stray keys under its prefixes are not waved through."""
+    found = _sim_cot_keys(set(info), method)
+    if not found:
+        return 0
+    lm = SIM_COT_DECODER[method][0]
+    embeddings = [f"{lm}model.embed_tokens.weight", f"{lm}transformer.wte.weight"]
+    if not any(k in info for k in embeddings):
+        raise CheckpointError(
+            f"{len(found)} key(s) under {'/'.join(SIM_COT_DECODER[method])} ({_listing(found)}) look like SIM-CoT's "
+            f"auxiliary decoder, but it has no token embedding ({' or '.join(embeddings)}); the file is "
+            f"{describe_contents(info)}"
+        )
+    return len(found)
 
 
 def _layer_count(keys: set[str], prefix: str, family: Family) -> int:
@@ -269,6 +311,7 @@ def _coconut_layout(info: dict[str, TensorInfo]) -> CheckpointLayout:
         n_layers=_layer_count(keys, COCONUT_PREFIX, family),
         vocab=info[embed].shape[0],
         method="coconut",
+        auxiliary_keys=_check_sim_cot_decoder(info, "coconut"),
     )
 
 
@@ -295,6 +338,7 @@ def detect_layout(info: dict[str, TensorInfo]) -> CheckpointLayout:
         prj_layernorm="prj.ln.weight" in keys,
         n_layers=_layer_count(keys, prefix, family),
         vocab=info[embed].shape[0],
+        auxiliary_keys=_check_sim_cot_decoder(info, "codi"),
     )
 
 
@@ -441,8 +485,9 @@ def validate_checkpoint(
     if structural:
         raise CheckpointError(f"{path}: {structural}; the file is {describe_contents(info)}")
     expected = expected_tensors(arch, layout, set(info))
+    auxiliary = set(_sim_cot_keys(set(info), layout.method))
     missing = sorted(set(expected) - set(info))
-    unexpected = sorted(set(info) - set(expected))
+    unexpected = sorted(set(info) - set(expected) - auxiliary)
     wrong_shape = sorted(k for k in set(expected) & set(info) if tuple(info[k].shape) != expected[k])
     problems = []
     if missing:

@@ -40,6 +40,8 @@ def summarize_checkpoint(path: str | Path) -> dict:
     summary.update(
         {
             "method": layout.method,
+            "trained_with": layout.trained_with,
+            "auxiliary_keys": layout.auxiliary_keys,
             "family": layout.family,
             "n_layers": layout.n_layers,
             "vocab": layout.vocab,
@@ -70,7 +72,12 @@ def format_summary(summary: dict) -> str:
             else f"{' -> '.join(map(str, summary['prj_dims']))}, layernorm {summary['prj_layernorm']}"
         )
         lines += [
-            f"  method        {METHOD_NAMES[summary['method']]}",
+            f"  method        {METHOD_NAMES[summary['method']]} loop, trained with {summary['trained_with']}"
+            + (
+                f" (auxiliary decoder: {summary['auxiliary_keys']} tensors, not read)"
+                if summary["auxiliary_keys"]
+                else ""
+            ),
             f"  architecture  {summary['family']}, {summary['n_layers']} layers, d_model {summary['d_model']}",
             f"  vocab         {summary['vocab']} (base {summary['base_vocab']} + {added})",
             f"  lora          {'rank ' + str(summary['lora_rank']) if summary['lora'] else 'none'}",
