@@ -11,8 +11,8 @@ from coconut_reference import ReferenceCoconut
 from hf_reference import ReferenceCODI
 from transformers import AutoTokenizer
 from upstream_factory import (
-    build_codi_module,
     build_coconut_module,
+    build_codi_module,
     make_base_dir,
     save_codi_checkpoint,
     with_sim_cot_decoder,
