@@ -133,6 +133,6 @@ def make_batch(
 # ---------------------------------------------------------------------------------------- losses
 
 
-def batch_to(batch: CODIBatch, device: str | torch.device) -> CODIBatch:
-    """The batch with every tensor on ``device``."""
-    return CODIBatch(**{k: None if v is None else v.to(device) for k, v in vars(batch).items()})
+def batch_to(batch, device: str | torch.device):
+    """The batch (any batch dataclass) with every tensor on ``device``; other fields as they are."""
+    return type(batch)(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(batch).items()})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +25,18 @@ def _lm_step(lm, embeds, mask, positions, cache):
     )
 
 
-def student_forward(model: CODIModule, batch: CODIBatch, n_latents: int):
-    """The student pass: prompt, ``n_latents`` fed-back thoughts, then the answer chunk.
+def latent_forward(
+    lm,
+    feed_back: Callable[[Float[Tensor, "batch d"]], Float[Tensor, "batch d"]],
+    prompt_ids: Int[Tensor, "batch q_pos"],
+    prompt_mask: Int[Tensor, "batch q_pos"],
+    answer_ids: Int[Tensor, "batch a_pos"],
+    answer_mask: Int[Tensor, "batch a_pos"],
+    n_latents: int,
+):
+    """A latent loop with gradients: the left-padded prompt (ending in the marker that opens the span),
+    ``n_latents`` thoughts each fed ``feed_back(h)`` of the last state before it (CODI: ``prj``; Coconut:
+    the identity), then the right-padded answer chunk (starting with the marker that closes it).
 
     Returns ``(answer_logits [batch, a_pos, vocab], hidden_states, thought_states)``: the answer
     chunk's states, a tuple over layers (embeddings first) of ``[batch, a_pos, d]``, and the thoughts'
@@ -34,26 +44,34 @@ def student_forward(model: CODIModule, batch: CODIBatch, n_latents: int):
     """
     from transformers import DynamicCache
 
-    lm, embed = model.codi, model.codi.get_input_embeddings()
-    mask = batch.prompt_mask
+    embed = lm.get_input_embeddings()
+    mask = prompt_mask
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
-    out = _lm_step(lm, embed(batch.prompt_ids), mask, positions, cache)
+    out = _lm_step(lm, embed(prompt_ids), mask, positions, cache)
     h = out.hidden_states[-1][:, -1]
     next_pos = positions[:, -1:] + 1
     ones = torch.ones_like(next_pos)
     thought_states = []
     for _ in range(n_latents):
         mask = torch.cat([mask, ones], dim=1)
-        out = _lm_step(lm, model.prj(h)[:, None], mask, next_pos, cache)
+        out = _lm_step(lm, feed_back(h)[:, None], mask, next_pos, cache)
         h = out.hidden_states[-1][:, -1]
         thought_states.append(out.hidden_states)
         next_pos = next_pos + 1
-    mask = torch.cat([mask, batch.answer_mask], dim=1)
-    answer_pos = next_pos + torch.arange(batch.answer_ids.shape[1], device=next_pos.device)[None]
-    out = _lm_step(lm, embed(batch.answer_ids), mask, answer_pos, cache)
+    mask = torch.cat([mask, answer_mask], dim=1)
+    answer_pos = next_pos + torch.arange(answer_ids.shape[1], device=next_pos.device)[None]
+    out = _lm_step(lm, embed(answer_ids), mask, answer_pos, cache)
     by_layer = tuple(torch.cat(layer, dim=1) for layer in zip(*thought_states)) if thought_states else ()
     return out.logits, out.hidden_states, by_layer
+
+
+def student_forward(model: CODIModule, batch: CODIBatch, n_latents: int):
+    """The CODI student pass (:func:`latent_forward` through ``model.prj``): prompt, ``n_latents`` thoughts,
+    then the answer chunk."""
+    return latent_forward(
+        model.codi, model.prj, batch.prompt_ids, batch.prompt_mask, batch.answer_ids, batch.answer_mask, n_latents
+    )
 
 
 def _gather(states: Float[Tensor, "batch pos d"], index: Int[Tensor, " batch"]) -> Float[Tensor, "batch d"]:
