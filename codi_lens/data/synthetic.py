@@ -275,21 +275,22 @@ def save_jsonl(problems: list[Problem], path: str | Path) -> Path:
     return path
 
 
-def vocabulary(halve_odd: bool = False) -> list[str]:
+def vocabulary(halve_odd: bool = False, extra_symbols: tuple[str, ...] = ()) -> list[str]:
     """Every piece the generator can emit: numbers 0..MAX_VALUE first, then words and symbols (sorted).
 
     ``halve_odd`` adds the words of the rounding templates (a different vocabulary from the default,
-    which is the shipped model's).
+    which is the shipped model's). ``extra_symbols`` are appended last (Coconut writes ``### N``), so every
+    other token keeps its id.
     """
     texts = [*NAMES, *ITEMS, *DAYS, *STARTS, *ADDS, *SUBS, *MULS, *HALVES, *QUESTIONS, "On", "The answer is:"]
     words: set[str] = set()
     for text in texts + (HALVES_FLOOR if halve_odd else []):
         words.update(re.findall(TOKEN_PATTERN, re.sub(r"\{\w+\}", " ", text)))
     symbols = ["<<", ">>", "+", "-", "*", "/", "="]
-    return [str(i) for i in range(MAX_VALUE + 1)] + sorted(words - set(symbols)) + symbols
+    return [str(i) for i in range(MAX_VALUE + 1)] + sorted(words - set(symbols)) + symbols + list(extra_symbols)
 
 
-def build_tokenizer(halve_odd: bool = False):
+def build_tokenizer(halve_odd: bool = False, extra_symbols: tuple[str, ...] = ()):
     """Word-level tokenizer over :func:`vocabulary`: every number 0..MAX_VALUE is one token.
 
     Adds ``<s>`` in front of each text (like LLaMA's BOS) and stops at ``</s>``.
@@ -298,7 +299,7 @@ def build_tokenizer(halve_odd: bool = False):
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>"]
-    vocab = {token: i for i, token in enumerate(specials + vocabulary(halve_odd))}
+    vocab = {token: i for i, token in enumerate(specials + vocabulary(halve_odd, extra_symbols))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(TOKEN_PATTERN), behavior="isolated")]

@@ -1,4 +1,4 @@
-"""CODI training (Shen et al. 2025) for any HF causal LM, LoRA optional.
+"""CODI training (Shen et al. 2025) for any HF causal LM, LoRA optional; Coconut's curriculum beside it.
 
 One model plays both roles:
 
@@ -18,8 +18,12 @@ step budget with a seeded data order, so a run reproduces; :class:`Trainer` chec
 optimiser, scheduler and step, and resumes identically. The model is kept in upstream's module layout
 (``codi`` + ``prj``) so :func:`export_codi` writes the upstream on-disk format.
 
+Coconut's curriculum (``TrainConfig.method = "coconut"``, :mod:`codi_lens.training.coconut`) trains the same LMs
+the other way: no head, no teacher, the chain's steps replaced by latents stage by stage.
+
 Modules in dependency order: ``config`` (:class:`TrainConfig`), ``module`` (the model in upstream's layout),
-``batches``, ``losses``, ``export``, ``trainer``, ``recipes`` (the shipped toy models').
+``batches``, ``losses``, ``coconut`` (Coconut's module, batches and loss), ``objectives`` (each method's batches,
+losses, stages and validation), ``export``, ``trainer``, ``recipes`` (the shipped toy models').
 """
 
 from codi_lens.training.batches import CODIBatch, make_batch, result_positions, teacher_chain

@@ -14,6 +14,14 @@ BOOKKEEPING_FIELDS = ("threads", "val_every", "val_size", "checkpoint_every", "d
 class TrainConfig:
     """Everything that determines a training run (saved with every checkpoint)."""
 
+    #: The training method: ``"codi"`` (self-distillation, the module ``codi`` + ``prj``) or ``"coconut"``
+    #: (Coconut's curriculum, the module ``base_causallm`` alone; see :mod:`codi_lens.training.coconut`).
+    method: str = "codi"
+    #: Coconut: optimizer steps per curriculum stage (stage ``s`` writes the chain without its first ``s``
+    #: steps, which ``s * thoughts_per_step`` latents replace); the last stage lasts until ``steps``.
+    stage_steps: int = 0
+    #: Coconut's ``c_thought``: latents per replaced step.
+    thoughts_per_step: int = 1
     steps: int = 5000
     batch_size: int = 64
     lr: float = 1e-3

@@ -17,6 +17,7 @@ from typing import Any
 
 from codi_lens.core.registry import Registry
 from codi_lens.data.synthetic import MAX_VALUE, SHIPPED_SPLITS, build_tokenizer, make_splits, save_jsonl
+from codi_lens.training.coconut import ANSWER_SYMBOLS, CoconutModule
 from codi_lens.training.config import TrainConfig
 from codi_lens.training.export import export_codi
 from codi_lens.training.module import CODIModule, add_codi_tokens, build_llama_lm, fourier_number_embeddings
@@ -60,6 +61,23 @@ RECIPES.add(
         dataset="toy-chain",
     ),
 )
+RECIPES.add(
+    "toy-coconut",
+    Recipe(
+        config={
+            "method": "coconut",
+            "stage_steps": 750,
+            "steps": 7500,
+            "micro_batches": 2,
+            "number_fourier_scale": 0.25,
+            "drop_last_cot_step": False,
+            "cot_text": "solution",
+            "val_every": 750,
+        },
+        data={"step_mix": "long", "cot_days": True, "shuffle": True, "halve_odd": True},
+        dataset="toy-chain",
+    ),
+)
 #: The recipe of the default shipped model (``codi_lens.loading.DEFAULT_MODEL``).
 DEFAULT_RECIPE = "toy-chain"
 
@@ -74,19 +92,25 @@ def train_toy_model(
     export: str | Path | None = None,
     stop_at: int | None = None,
 ) -> Path | None:
-    """Train a toy CODI model on the synthetic splits ``make_splits(**data)`` (ids named after ``dataset``),
-    resumable in ``workdir``; at the end export it (to ``export``, default ``workdir/export``) with its test
-    split and ``training.json``. Returns the export folder, or None when stopped at ``stop_at`` first."""
+    """Train a toy CODI or Coconut model (``cfg.method``) on the synthetic splits ``make_splits(**data)`` (ids
+    named after ``dataset``), resumable in ``workdir``; at the end export it (to ``export``, default
+    ``workdir/export``) with its test split and ``training.json``. Returns the export folder, or None when
+    stopped at ``stop_at`` first."""
     workdir = Path(workdir)
     splits = make_splits(**data, name=dataset)
-    tokenizer = build_tokenizer(halve_odd=data.get("halve_odd", False))
+    coconut = cfg.method == "coconut"
+    tokenizer = build_tokenizer(data.get("halve_odd", False), ANSWER_SYMBOLS if coconut else ())
     lm = build_llama_lm(len(tokenizer), seed=cfg.seed, **shape)
     if cfg.number_fourier_scale:
         numbers = list(range(MAX_VALUE + 1))
         ids = tokenizer.convert_tokens_to_ids([str(v) for v in numbers])
         fourier_number_embeddings(lm, ids, numbers, cfg.number_fourier_scale)
-    base_vocab = add_codi_tokens(lm)
-    model = CODIModule(lm, cfg.prj_dim, cfg.prj_layernorm, cfg.prj_gain_matches_embeddings)
+    base_vocab = add_codi_tokens(lm)  # CODI's pad/BOT/EOT rows, or Coconut's start/end/latent rows
+    model = (
+        CoconutModule(lm)
+        if coconut
+        else CODIModule(lm, cfg.prj_dim, cfg.prj_layernorm, cfg.prj_gain_matches_embeddings)
+    )
     trainer = Trainer(model, tokenizer, base_vocab, cfg, splits["train"], splits["validation"], workdir=workdir)
     start = time.perf_counter()
     trainer.fit(stop_at=stop_at)

@@ -1,4 +1,5 @@
-"""Fixed-budget CODI training with periodic validation and exact resume (:class:`Trainer`)."""
+"""Fixed-budget training (CODI's objective or Coconut's curriculum, :data:`~codi_lens.training.objectives.OBJECTIVES`)
+with periodic validation and exact resume (:class:`Trainer`)."""
 
 from __future__ import annotations
 
@@ -10,27 +11,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from codi_lens.data.problems import Problem
-from codi_lens.training.batches import CODIBatch, batch_to, make_batch
+from codi_lens.training.batches import batch_to
 from codi_lens.training.config import BOOKKEEPING_FIELDS, TrainConfig
 from codi_lens.training.export import to_codi_model
-from codi_lens.training.losses import codi_losses
-from codi_lens.training.module import CODIModule
+from codi_lens.training.objectives import OBJECTIVES, Objective
+
+#: Values of fields that states written before the field existed were trained with.
+OLDER_DEFAULTS = {"micro_batches": 1, "dtype": "float32", "method": "codi", "stage_steps": 0, "thoughts_per_step": 1}
 
 
 @dataclass
 class Trainer:
-    """Fixed-budget CODI training with periodic validation and exact resume.
+    """Fixed-budget training with periodic validation and exact resume, by ``cfg.method``'s objective (the
+    module: :class:`~codi_lens.training.module.CODIModule` for CODI,
+    :class:`~codi_lens.training.coconut.CoconutModule` for Coconut).
 
     ``train_problems`` / ``val_problems`` are :class:`codi_lens.data.Problem` records (GSM8K or
     synthetic). ``workdir`` receives ``train_state.pt``
     (resume point), ``log.jsonl`` (losses and validation accuracy) and, at the end, the export.
     """
 
-    model: CODIModule
+    model: nn.Module
     tokenizer: PreTrainedTokenizerBase
     base_vocab: int
     cfg: TrainConfig
@@ -42,6 +48,7 @@ class Trainer:
     wall_seconds: float = 0.0
 
     def __post_init__(self) -> None:
+        self.objective: Objective = OBJECTIVES[self.cfg.method]
         if self.cfg.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype {self.cfg.dtype!r}: choose float32 or bfloat16")
         self.model.to(self.cfg.device)
@@ -71,7 +78,7 @@ class Trainer:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch))
         return order[offset * bs : (offset + 1) * bs].tolist()
 
-    def micro_batches(self, step: int) -> list[tuple[CODIBatch, float]]:
+    def micro_batches(self, step: int) -> list[tuple[Any, float]]:
         """The step's problems sorted by length and cut into ``cfg.micro_batches`` batches, each
         with its share of the step's problems (the weight of its loss)."""
         problems = [self.train_problems[i] for i in self.batch_indices(step)]
@@ -79,16 +86,16 @@ class Trainer:
             problems = sorted(problems, key=lambda p: len(p.question) + len(p.cot))
         bounds = torch.linspace(0, len(problems), self.cfg.micro_batches + 1).round().long().tolist()
         groups = [problems[lo:hi] for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+        stage = self.objective.stage(step, self.cfg)
         return [
-            (
-                make_batch(g, self.tokenizer, self.base_vocab, self.cfg.drop_last_cot_step, self.cfg.cot_text),
-                len(g) / len(problems),
-            )
+            (self.objective.batch(g, self.tokenizer, self.base_vocab, self.cfg, stage), len(g) / len(problems))
             for g in groups
         ]
 
     def train_step(self) -> dict[str, float]:
         self.model.train()
+        if self.step and self.objective.stage(self.step, self.cfg) != self.objective.stage(self.step - 1, self.cfg):
+            self.optimizer.state.clear()  # a new curriculum stage starts with fresh moments, as upstream's
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         autocast = torch.autocast(
@@ -96,7 +103,7 @@ class Trainer:
         )
         for batch, share in self.micro_batches(self.step):
             with autocast:
-                losses = codi_losses(self.model, batch_to(batch, self.cfg.device), self.cfg)
+                losses = self.objective.losses(self.model, batch_to(batch, self.cfg.device), self.cfg)
             (losses["loss"] * share).backward()
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0.0) + value.item() * share
@@ -107,13 +114,15 @@ class Trainer:
         return totals
 
     def validate(self) -> float:
-        """Greedy CODI-loop accuracy on the first ``val_size`` validation problems (hooked model)."""
+        """Greedy latent-loop accuracy on the first ``val_size`` validation problems (hooked model), with as many
+        latents as the current stage trains."""
         model = to_codi_model(self.model, self.tokenizer)
         problems = self.val_problems[: self.cfg.val_size]
+        n_latents, max_new_tokens = self.objective.validation(self.objective.stage(self.step - 1, self.cfg), self.cfg)
         correct = 0
         for start in range(0, len(problems), 100):
             chunk = problems[start : start + 100]
-            result = model.run_codi([p.question for p in chunk], n_latents=self.cfg.n_latents, max_new_tokens=12)
+            result = model.run_codi([p.question for p in chunk], n_latents=n_latents, max_new_tokens=max_new_tokens)
             correct += sum(pred == p.answer_value for pred, p in zip(result.prediction, chunk))
         return correct / max(1, len(problems))
 
@@ -143,7 +152,7 @@ class Trainer:
         state = torch.load(path, weights_only=True, map_location="cpu")
         saved, current = (
             {k: v for k, v in config.items() if k not in BOOKKEEPING_FIELDS}
-            for config in ({"micro_batches": 1, "dtype": "float32", **state["config"]}, asdict(self.cfg))  # older
+            for config in ({**OLDER_DEFAULTS, **state["config"]}, asdict(self.cfg))
         )
         if saved != current:
             changed = sorted(k for k in current if saved.get(k) != current[k])
@@ -170,7 +179,7 @@ class Trainer:
         """
         torch.set_num_threads(self.cfg.threads)
         self.load_state()
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="CODI training", disable=not progress)
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"{self.cfg.method} training", disable=not progress)
         last: dict[str, float] = {}
         start = time.perf_counter()
         while self.step < min(self.cfg.steps, stop_at or self.cfg.steps):
