@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from codi_lens.data.synthetic import STEP_MIXES
+from codi_lens.loading.registry import SHIPPED_MODELS
 from codi_lens.training import NUMBER_PERIODS
 
 #: The budget the v4 card used by mistake; the card reports the ablation at it beside upstream's 256.
@@ -42,8 +43,58 @@ CHAIN_LOGIT_OBJECTIVE = (
 CARRY_NOTE = "; thoughts past the chain's last result toward the teacher's before the answer number"
 
 
+COCONUT_OBJECTIVE = (
+    "The objective is Coconut's curriculum (Hao et al. 2024): at stage s the chain's first s steps are replaced\n"
+    "by {per_step} latent(s) each, fed the last hidden state of the position before them, and the model is\n"
+    "trained by cross-entropy on the rest of the chain and the answer (`### N`); {stage_steps} steps per stage,\n"
+    "the optimizer's moments cleared at each new stage, and from stage {last} on every step is a latent\n"
+    "(`codi_lens.training.coconut`). No teacher, no distillation, no projection head."
+)
+#: What the card says of each method's checkpoint: its layout, and how it is loaded and run.
+LAYOUTS = {
+    "codi": (
+        "Saved in the upstream CODI on-disk layout without LoRA (`codi.model.*`, `codi.lm_head.weight`,\n"
+        "`prj.*`), with its HF config (base vocabulary, without the 3 CODI rows) and word-level tokenizer; it\n"
+        "runs in the standard CODI loop with no extra masking."
+    ),
+    "coconut": (
+        "Saved as upstream Coconut's `run.py` saves its module (`base_causallm.model.*`,\n"
+        "`base_causallm.lm_head.weight`, `embedding.weight`; as `model.safetensors`), with its HF config (base\n"
+        "vocabulary, without Coconut's 3 tokens) and word-level tokenizer (with `#` for Coconut's `### N`\n"
+        "answers); it runs in the Coconut loop, each thought fed the last hidden state unchanged."
+    ),
+}
+#: The column that shows the model's chain written out, and what the card says of it, per method.
+CHAIN_CONDITIONS = {
+    "codi": ("teacher_explicit_cot", "the same CODI model writing its chain of thought explicitly"),
+    "coconut": (
+        "no_latents",
+        "the same Coconut model with the latent span opened and closed at once (0 latents), as at stage 0 of\n"
+        "its curriculum, where it wrote the whole chain",
+    ),
+}
+
+
+def method_of(cfg: dict) -> str:
+    """The training method of a ``training.json`` config (older ones are CODI's)."""
+    return cfg.get("method", "codi")
+
+
+def hyperparameters_text(cfg: dict, chain_weight: str) -> str:
+    """The card's clause on the method's own hyperparameters."""
+    if method_of(cfg) == "coconut":
+        return f"curriculum stages of {cfg['stage_steps']} steps ({cfg['thoughts_per_step']} latent(s) per chain step)"
+    return (
+        f"student weight {cfg['student_weight']}, distillation weight {cfg['distill_weight']}{chain_weight}, "
+        f"projection\nwidth {cfg['prj_dim']}"
+    )
+
+
 def objective_text(cfg: dict) -> str:
     """The card's paragraph on the training objective, from ``training.json``'s config."""
+    if method_of(cfg) == "coconut":
+        last = cfg["n_latents"] // cfg["thoughts_per_step"]
+        return COCONUT_OBJECTIVE.format(per_step=cfg["thoughts_per_step"], stage_steps=cfg["stage_steps"], last=last)
     if cfg.get("chain_logit_weight", 0.0):
         carry = CARRY_NOTE if cfg.get("chain_carry_answer") else ""
         return CHAIN_LOGIT_OBJECTIVE.format(weight=cfg["chain_logit_weight"], carry=carry)
@@ -64,6 +115,7 @@ def accuracy_markdown(accuracy: pd.DataFrame) -> str:
             f"zero_all_thoughts_{SHORT_BUDGET}_tokens",
             "no_cot_baseline",
             "teacher_explicit_cot",
+            "no_latents",
         )
         if c in table
     ]
@@ -125,7 +177,7 @@ def targets_markdown(summary: dict, wall_minutes: float) -> str:
         gap = 100 * (acc["latents"] - no_cot)
         rows.append(
             (
-                "CODI beats a no-CoT model of the same size and budget by >= 15 points",
+                "the latent loop beats a no-CoT model of the same size and budget by >= 15 points",
                 f"{100 * acc['latents']:.1f}% vs {100 * no_cot:.1f}% ({gap:+.1f})",
                 gap >= 15,
             )
@@ -192,8 +244,8 @@ def budget_markdown(summary: dict) -> str:
     carried = summary.get("no_cot_baseline_carried_over")
     if carried is not None:
         lines.append(
-            f"The no-CoT baseline was not re-run for this card: the previous card measured "
-            f"{100 * carried['accuracy']:.1f}% with a {carried['max_new_tokens']}-token budget (its answers are "
+            f"The no-CoT baseline was not re-run for this card: {carried.get('note', 'the previous card measured it')}"
+            f" ({100 * carried['accuracy']:.1f}% with a {carried['max_new_tokens']}-token budget; its answers are "
             "`The answer is: N`, a handful of tokens)."
         )
     return "\n\n".join(lines)
@@ -225,6 +277,41 @@ def initialisation_text(cfg: dict) -> str:
     return text
 
 
+def sibling_baseline(directory: Path, training: dict) -> dict | None:
+    """The no-CoT baseline another shipped model's card measured on the same data and architecture (a Coconut
+    twin shares its CODI model's), carried over with a note saying so; None when there is none."""
+    for name, model in SHIPPED_MODELS.items():
+        card_file, training_file = model.folder / "card.json", model.folder / "training.json"
+        if model.folder == directory or not (card_file.exists() and training_file.exists()):
+            continue
+        other = json.loads(training_file.read_text())
+        if (other["data"], other["model_shape"]) != (training["data"], training["model_shape"]):
+            continue
+        summary = json.loads(card_file.read_text())["summary"]
+        accuracy = summary["accuracy"].get("no_cot_baseline")
+        if accuracy is not None:
+            return {
+                "accuracy": accuracy,
+                "max_new_tokens": summary["max_new_tokens"],
+                "note": f"measured by {name}'s card: the same data, test problems and architecture",
+            }
+    return None
+
+
+def card_commands(name: str, run_name: str, data_name: str, with_baseline: bool) -> str:
+    """The card's commands for its no-CoT baseline and for the card itself (a model whose baseline another card
+    measured is reported without one)."""
+    if not with_baseline:
+        return (
+            f"python -m experiments.toy_model_report --checkpoint {name} --data {data_name} --write-card  # this card"
+        )
+    return (
+        f"python -m experiments.train_toy_codi --recipe {name} --no-cot                    # its no-CoT baseline\n"
+        f"python -m experiments.toy_model_report --checkpoint {name} --data {data_name} \\\n"
+        f"    --baseline runs/{run_name}_no_cot/export --write-card                        # this card"
+    )
+
+
 def write_model_card(
     directory: Path,
     summary: dict,
@@ -238,6 +325,7 @@ def write_model_card(
     columns = ["problem_id", "condition", "n_steps", "gold", "prediction", "correct", "n_answer_tokens"]
     predictions[columns].to_parquet(directory / "predictions.parquet", index=False)
     training = json.loads((directory / "training.json").read_text())
+    method = method_of(training["config"])
     previous = json.loads((directory / "card.json").read_text()) if (directory / "card.json").exists() else {}
     if "no_cot_baseline" not in summary["accuracy"]:
         carried = previous.get("summary", {}).get("no_cot_baseline_carried_over")
@@ -248,6 +336,7 @@ def write_model_card(
                 "max_new_tokens": previous["summary"].get("max_new_tokens", SHORT_BUDGET),
                 "note": "not re-run for this card; measured by the previous card's report",
             }
+        carried = carried if carried is not None else sibling_baseline(directory, training)
         if carried is not None:
             summary = {**summary, "no_cot_baseline_carried_over": carried}
     card = {"summary": summary, "training": training}
@@ -260,8 +349,15 @@ def write_model_card(
         "chain distillation": cfg.get("chain_distill_weight", 0.0),
         "chain logit distillation": cfg.get("chain_logit_weight", 0.0),
     }
+    chain_weight = "".join(f", {name} weight {w}" for name, w in chain_weights.items() if w)
     text = CARD_TEMPLATE.format(
         name=name,
+        method={"codi": "CODI", "coconut": "Coconut"}[method],
+        layout=LAYOUTS[method],
+        chain_condition=f"`{CHAIN_CONDITIONS[method][0]}`",
+        chain_text=CHAIN_CONDITIONS[method][1],
+        hyperparameters=hyperparameters_text(cfg, chain_weight),
+        card_commands=card_commands(name, directory.name, data_source, method == "codi"),
         directory=f"codi_lens/pretrained/{directory.name}",
         run_name=directory.name,
         data_name=data_source,
@@ -271,15 +367,11 @@ def write_model_card(
         + ")",
         objective=objective_text(cfg),
         variants=data_variants_text(training["data"]),
-        chain_weight="".join(f", {name} weight {w}" for name, w in chain_weights.items() if w),
         steps=training["steps"],
         seed=cfg["seed"],
         batch=cfg["batch_size"],
         lr=cfg["lr"],
-        beta=cfg["distill_weight"],
-        student=cfg["student_weight"],
         micro=cfg.get("micro_batches", 1),
-        prj=cfg["prj_dim"],
         wall=wall_minutes,
         per_step=60 * wall_minutes / training["steps"],
         n=summary["n_problems"],
@@ -298,47 +390,41 @@ def write_model_card(
     (directory / "MODEL_CARD.md").write_text(text)
 
 
-CARD_TEMPLATE = """# {name}: a small CODI model trained from scratch by codi_lens
+CARD_TEMPLATE = """# {name}: a small {method} model trained from scratch by codi_lens
 
-A LLaMA-architecture model (RMSNorm, rope, GQA, tied embeddings; {shape}) trained with the CODI
+A LLaMA-architecture model (RMSNorm, rope, GQA, tied embeddings; {shape}) trained with the {method}
 objective on synthetic multi-step arithmetic word problems (`codi_lens.data.synthetic`, data {data}):
 {chain_lengths} dependent operations (+, -, x, halving; mostly the non-linear ones, against a
 sum-of-operands shortcut), one per day ("On Tuesday Ava loses 3."), every value 0..40 and one token.{variants}
 {objective}
-Saved in the upstream CODI on-disk layout without LoRA (`codi.model.*`, `codi.lm_head.weight`,
-`prj.*`), with its HF config (base vocabulary, without the 3 CODI rows) and word-level tokenizer; it
-runs in the standard CODI loop with no extra masking.
+{layout}
 Load it with `codi_lens.load_pretrained("{name}")`.
 
 ## Reproduce
 
 ```bash
 python -m experiments.train_toy_codi --recipe {name} --export {directory}   # this model
-python -m experiments.train_toy_codi --recipe {name} --no-cot                    # its no-CoT baseline
-python -m experiments.toy_model_report --checkpoint {name} --data {data_name} \\
-    --baseline runs/{run_name}_no_cot/export --write-card                        # this card
+{card_commands}
 python -m experiments.position_patching --checkpoint {name} --data {data_name}  # the patching map
 ```
 
 Seed {seed}; {steps} steps of batch {batch} ({micro} length-grouped micro-batch(es) a step), AdamW
-lr {lr} (warm-up, cosine), student weight {student}, distillation weight {beta}{chain_weight}, projection
-width {prj}, 6 latents, {threads} torch thread(s){gain}. Wall time of the training run on a 2-core CPU
-machine of this type, as the run logged it: {wall:.1f} minutes ({per_step:.2f} s per step); the figure means
-something only if no other heavy job ran beside it. Instances of this machine type differ in speed (up
-to 2x), so time the first steps of a rerun before relying on that figure. The data order and
-initialisation are seeded; rerunning the command with the same thread count reproduces the logged
-losses exactly (another thread count changes the last float bits).
+lr {lr} (warm-up, cosine), {hyperparameters}, 6 latents, {threads} torch thread(s){gain}. Wall time of the
+training run on a 2-core CPU machine of this type, as the run logged it: {wall:.1f} minutes ({per_step:.2f} s
+per step); the figure means something only if no other heavy job ran beside it. Instances of this machine type
+differ in speed (up to 2x), so time the first steps of a rerun before relying on that figure. The data order
+and initialisation are seeded; rerunning the command with the same thread count reproduces the logged losses
+exactly (another thread count changes the last float bits).
 
 ## Targets
 
 {targets}
 
-## Accuracy on {n} held-out test problems (greedy, the hooked CODI loop)
+## Accuracy on {n} held-out test problems (greedy, the hooked {method} loop)
 
 Columns: the 6 continuous thoughts (`latents`); all 6 fed-back thoughts replaced by zero vectors
 (`zero_all_thoughts`); a no-CoT model of the same size and step budget trained on question -> answer
-with 0 latents (`no_cot_baseline`); the same CODI model writing its chain of thought explicitly
-(`teacher_explicit_cot`).
+with 0 latents (`no_cot_baseline`); {chain_text} ({chain_condition}).
 
 {accuracy}
 

@@ -38,12 +38,13 @@ def model_conditions(
     model: CODIModel, *, n_latents: int, budget: int, short_budget: bool = False, baseline: CODIModel | None = None
 ) -> list[Condition]:
     """The report's conditions: the loop, every thought zeroed (also at :data:`SHORT_BUDGET` tokens with
-    ``short_budget``), the teacher's explicit chain, and a no-CoT ``baseline`` model when given."""
+    ``short_budget``), the chain written out (:func:`chain_condition`), and a no-CoT ``baseline`` model when
+    given."""
     zeroed = dict(fwd_hooks=zero_thoughts(range(1, n_latents + 1)), intervention=f"zero_thoughts(1..{n_latents})")
     conditions = [
         Condition("latents", model, n_latents=n_latents, max_new_tokens=budget),
         Condition("zero_all_thoughts", model, n_latents=n_latents, max_new_tokens=budget, **zeroed),
-        Condition("teacher_explicit_cot", model, mode="explicit", max_new_tokens=budget),
+        chain_condition(model, budget),
     ]
     if short_budget:  # the card says how the answer budget changes the ablation figure
         name = f"zero_all_thoughts_{SHORT_BUDGET}_tokens"
@@ -51,6 +52,14 @@ def model_conditions(
     if baseline is not None:
         conditions.append(Condition("no_cot_baseline", baseline, n_latents=0, max_new_tokens=budget))
     return conditions
+
+
+def chain_condition(model: CODIModel, budget: int) -> Condition:
+    """The model writing its chain out: CODI's teacher mode (plain decoding after the question); for a loop without
+    a teacher (Coconut), the latent span opened and closed at once (0 latents), as at its curriculum's stage 0."""
+    if model.latent_loop.method == "codi":
+        return Condition("teacher_explicit_cot", model, mode="explicit", max_new_tokens=budget)
+    return Condition("no_latents", model, n_latents=0, max_new_tokens=budget)
 
 
 def patching_sites(n_layers: int, n_latents: int) -> list[Site]:
