@@ -90,6 +90,7 @@ RUNS = {
         {"parts.html": "logit_attribution.png", "sources.html": "logit_attribution_sources.png"},
     ),
     "path_patching": ("path_patching", "--limit 200", {"paths.html": "path_patching.png"}),
+    "compare_models": ("compare_models", "--limit 100", {"comparison.html": "compare_models.png"}),
     "sae_features": ("sae_features", "--saes {runs}/train_saes --limit 200", {"dashboard_*.html": "sae_features.png"}),
     "feature_pathways_one_target": (
         "feature_pathways",
@@ -317,6 +318,18 @@ def _routes_reading(summary: dict[str, Any], folder: Path) -> list[str]:
     ]
 
 
+def _comparison_reading(summary: dict[str, Any], folder: Path) -> list[str]:
+    """Model comparison: the two comparisons' own readings (where each step's value is stored, what the recurrence
+    carries), as the command generated them from its numbers."""
+    readings = summary["readings"]
+    return [
+        line
+        for title in ("Where each step's value is stored", "What the recurrence carries")
+        for line in readings.get(title, [])
+        if line
+    ]
+
+
 def _attribution_reading(summary: dict[str, Any], folder: Path) -> list[str]:
     """Direct logit attribution: the totals, the components that write the most, and the heads with their
     sources."""
@@ -414,6 +427,7 @@ READERS = {
     "step_importance_donors": _single_reading,
     "step_importance_site": _single_reading,
     "route_patching": _routes_reading,
+    "compare_models": _comparison_reading,
     "logit_attribution": _attribution_reading,
     "path_patching": _paths_reading,
     "feature_pathways": _pathways_reading,

@@ -242,3 +242,27 @@ def test_clustered_pearson_ci_against_a_loop_over_resamples():
         by_loop.append(np.corrcoef(x[rows], y[rows])[0, 1])
     assert (low, high) == pytest.approx(tuple(np.percentile(by_loop, [2.5, 97.5])), abs=1e-9)
     assert np.isnan(clustered_pearson_ci(x, np.ones_like(x), clusters)[0])
+
+
+def test_two_sample_difference_by_hand():
+    from codi_lens.stats import two_sample_difference
+
+    a, b = np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.0, 0.5, 1.0])
+    result = two_sample_difference(a, b, n_resamples=4000)
+    assert result["mean_difference"] == 2.5 - 0.5 and (result["n_a"], result["n_b"]) == (4, 3)
+    # Every bootstrap mean of a lies in [1, 4] and of b in [0, 1]: the interval lies in [0, 4].
+    assert 0.0 <= result["low"] < 2.0 < result["high"] <= 4.0
+    # Permutation p by hand: every one of the C(7, 4) = 35 ways to pick a's 4 values; two-sided as twice the
+    # smaller tail (the observed split counts in both tails).
+    from itertools import combinations
+
+    pooled = np.concatenate([a, b])
+    differences = []
+    for chosen in combinations(range(7), 4):
+        rest = [i for i in range(7) if i not in chosen]
+        differences.append(pooled[list(chosen)].mean() - pooled[rest].mean())
+    differences = np.array(differences)
+    upper, lower = (differences >= 2.0 - 1e-12).mean(), (differences <= 2.0 + 1e-12).mean()
+    assert result["p"] == pytest.approx(min(1.0, 2 * min(upper, lower)))
+    assert np.isnan(two_sample_difference([1.0], [2.0, 3.0])["low"])
+    assert two_sample_difference([np.nan, 1.0, 1.0], [1.0, 1.0])["mean_difference"] == 0.0

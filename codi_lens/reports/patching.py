@@ -217,18 +217,27 @@ def route_cells(rows: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def route_pairs(rows: pd.DataFrame) -> list[tuple[tuple[str, int], pd.DataFrame]]:
+    """Per step ``(target, thought)`` patched through both routes (own clean run as donor, every layer): a table
+    with one row per measured pair and the columns ``recurrence`` and ``attention`` (recovery by each)."""
+    used = used_rows(rows)
+    whole = used[(used["donor"] == "clean") & (used["layer"] == EVERY_LAYER) & used["head"].isna()]
+    steps = []
+    for key, group in whole.groupby(["target", "thought"], sort=False):
+        wide = group.pivot(index="pair_id", columns="route", values="recovery")
+        if {"recurrence", "attention"} <= set(wide.columns):
+            steps.append((key, wide))
+    return steps
+
+
 def route_contrasts(rows: pd.DataFrame) -> pd.DataFrame:
     """Per step with both routes (own clean run as donor): recurrence minus attention recovery on the same pairs
     (:func:`~codi_lens.stats.paired_contrast`: mean difference, 95% CI, Cohen's d_z, Wilcoxon and sign tests),
     the Wilcoxon p-values corrected across steps (Benjamini-Hochberg ``q``)."""
-    used = used_rows(rows)
-    whole = used[(used["donor"] == "clean") & (used["layer"] == EVERY_LAYER) & used["head"].isna()]
     out = []
-    for (target, thought), group in whole.groupby(["target", "thought"], sort=False):
-        wide = group.pivot(index="pair_id", columns="route", values="recovery")
-        if {"recurrence", "attention"} <= set(wide.columns):
-            contrast = paired_contrast(wide["recurrence"].to_numpy(), wide["attention"].to_numpy())
-            out.append({"target": target, "thought": thought, **contrast})
+    for (target, thought), wide in route_pairs(rows):
+        contrast = paired_contrast(wide["recurrence"].to_numpy(), wide["attention"].to_numpy())
+        out.append({"target": target, "thought": thought, **contrast})
     table = pd.DataFrame(out)
     if len(table):
         table["significant"], table["q"] = benjamini_hochberg(table["wilcoxon_p"].to_numpy())

@@ -1,0 +1,55 @@
+"""The model comparison's two readings, on tables built by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from codi_lens.patching.routes import EVERY_LAYER
+from codi_lens.reports.comparison import recurrence_reading, recurrence_table, storage_reading, storage_table
+
+
+def _moved(path, rates: dict[tuple[int, int], float]) -> None:
+    rows = [{"condition": "different", "step": s, "thought": t, "n": 20, "mean": m, "low": m - 0.1, "high": m + 0.1}
+            for (s, t), m in rates.items()]  # fmt: skip
+    pd.DataFrame(rows).to_parquet(path, index=False)
+
+
+def test_storage_names_each_models_thought_and_counts_agreement(tmp_path):
+    _moved(tmp_path / "a.parquet", {(1, 1): 0.2, (1, 2): 0.6, (2, 3): 0.7, (2, 4): 0.1})
+    _moved(tmp_path / "b.parquet", {(1, 1): 0.1, (1, 2): 0.5, (2, 3): 0.2, (2, 4): 0.4})
+    table = storage_table({"A": tmp_path / "a.parquet", "B": tmp_path / "b.parquet", "C": tmp_path / "none"})
+    assert table[["model", "step", "thought"]].values.tolist() == [["A", 1, 2], ["A", 2, 3], ["B", 1, 2], ["B", 2, 4]]
+    lines = storage_reading(table, ["A", "B"])
+    assert "same in every model at 1 of 2 steps" in lines[0]
+    assert "step 2: A thought 3, B thought 4" in lines[0]
+
+
+def _route_rows(differences: dict[str, list[float]]) -> pd.DataFrame:
+    rows = []
+    for target, values in differences.items():
+        for pair, difference in enumerate(values):
+            for route, recovery in (("recurrence", 0.5 + difference), ("attention", 0.5)):
+                rows.append({"pair_id": pair, "target": target, "thought": int(target[-1]), "route": route,
+                             "layer": EVERY_LAYER, "head": np.nan, "donor": "clean", "reason": None,
+                             "recovery": recovery})  # fmt: skip
+    rows.append({**rows[0], "pair_id": 99, "reason": "clean answered wrong", "recovery": 50.0})  # never used
+    return pd.DataFrame(rows)
+
+
+def test_recurrence_compares_each_step_with_the_first_model(tmp_path):
+    first = {"thought 1": [0.1, 0.2, 0.1, 0.2, 0.15, 0.1], "thought 2": [0.0, 0.1, -0.1, 0.0, 0.05, -0.05]}
+    second = {"thought 1": [0.8, 0.9, 0.7, 0.85, 0.75, 0.8], "thought 2": [0.0, 0.1, -0.1, 0.05, 0.0, -0.05]}
+    _route_rows(first).to_parquet(tmp_path / "a.parquet", index=False)
+    _route_rows(second).to_parquet(tmp_path / "b.parquet", index=False)
+    table = recurrence_table({"CODI": tmp_path / "a.parquet", "Coconut": tmp_path / "b.parquet"})
+    mine = table.set_index(["model", "target"])
+    assert mine.loc[("CODI", "thought 1"), "mean"] == np.mean(first["thought 1"])  # the bad pair is left out
+    assert mine.loc[("CODI", "thought 1"), "n"] == 6
+    difference = mine.loc[("Coconut", "thought 1"), "vs_first_mean_difference"]
+    assert difference == np.mean(second["thought 1"]) - np.mean(first["thought 1"])
+    assert mine.loc[("Coconut", "thought 1"), "vs_first_low"] > 0
+    assert mine.loc[("Coconut", "thought 2"), "vs_first_low"] < 0 < mine.loc[("Coconut", "thought 2"), "vs_first_high"]
+    lines = recurrence_reading(table, ["CODI", "Coconut"])
+    assert "Coconut against CODI: more at 1 and less at 0 of 2 steps" in lines[0]
+    assert "the largest difference at thought 1" in lines[0]
