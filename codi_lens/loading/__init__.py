@@ -1,5 +1,5 @@
-"""Loading: checkpoints on disk (strictly validated), base architectures, tokenizers and the shipped assets,
-into a :class:`~codi_lens.core.model.CODIModel`. Imports only the core.
+"""Loading: checkpoints on disk (CODI, Coconut and SIM-CoT files, strictly validated), base architectures,
+tokenizers and the shipped assets, into a :class:`~codi_lens.core.model.CODIModel`. Imports only the core.
 
 Modules in dependency order: ``registry`` (shipped models and datasets), ``architectures`` (base models),
 ``checkpoint`` (the upstream file layout and its validation), ``llama_tokenizer`` (the offline Llama 3
