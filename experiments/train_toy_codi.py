@@ -1,10 +1,12 @@
-"""Train a shipped toy CODI model from scratch (or a variant of it).
+"""Train a shipped toy model from scratch, CODI or Coconut (or a variant of it).
 
-    python -m experiments.train_toy_codi [--recipe toy-chain|toy-arith] [--out DIR] [--steps N] [--export DIR]
+    python -m experiments.train_toy_codi [--recipe toy-chain|toy-arith|toy-coconut] [--out DIR] [--steps N]
+        [--export DIR]
 
 With no flags this trains the default shipped model, ``toy-chain`` (``codi_lens/pretrained/toy_chain``),
 whose thoughts carry the chain; ``--recipe toy-arith`` trains the earlier default, ``toy-arith``
-(``codi_lens/pretrained/toy_arith``), which answers mostly from the question. A recipe is where the
+(``codi_lens/pretrained/toy_arith``), which answers mostly from the question; ``--recipe toy-coconut`` trains
+``toy-chain``'s Coconut twin (``codi_lens/pretrained/toy_coconut``). A recipe is where the
 run departs from ``TrainConfig()`` and from the generator's defaults (``RECIPES``); any flag
 overrides it.
 
@@ -22,6 +24,10 @@ overrides it.
   of their value (``--number-fourier-scale``, ``codi_lens.training.fourier_number_embeddings``: the
   teacher and the thoughts learn exact arithmetic much sooner). 5,000 steps of 64 (about
   40 minutes on this machine type, which differs in speed by 2x).
+- ``toy-coconut``: ``toy-chain``'s data, architecture and number initialisation, trained with Coconut's
+  curriculum (``--method coconut``, ``codi_lens.training.coconut``): stage s writes the chain without its
+  first s steps, which s latents replace (``--stage-steps`` steps per stage, ``--thoughts-per-step`` latents
+  per step), cross-entropy on the rest and on ``### N``; every step a latent from stage 6 on.
 
 The run resumes from ``--out/train_state.pt`` if killed. ``--no-cot`` trains the same architecture
 on question -> answer only (no teacher, no distillation, 0 latents, student weight 1): the no-CoT
@@ -35,6 +41,7 @@ import argparse
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from codi_lens.core.errors import FlagError
 from codi_lens.data.synthetic import STEP_MIXES
 from codi_lens.training.config import TrainConfig
 from codi_lens.training.recipes import DEFAULT_RECIPE, MODEL_SHAPE, RECIPES, run_data, train_toy_model
@@ -92,6 +99,11 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     """The run's config from the parsed flags. The no-CoT baseline (``--no-cot``) has no teacher (so
     no distillation), 0 latents and answer CE weight 1; everything else as given."""
     cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
+    if args.no_cot and cfg.method != "codi":
+        raise FlagError(
+            f"--no-cot with --recipe {args.recipe}: a no-CoT baseline has no latents, so it is the same for every "
+            "method; train it with the CODI recipe of the same data (--recipe toy-chain --no-cot)"
+        )
     return replace(cfg, use_teacher=False, n_latents=0, student_weight=1.0) if args.no_cot else cfg
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from codi_lens.patching.routes import EVERY_LAYER
 from codi_lens.reports.comparison import recurrence_reading, recurrence_table, storage_reading, storage_table
@@ -44,10 +45,10 @@ def test_recurrence_compares_each_step_with_the_first_model(tmp_path):
     _route_rows(second).to_parquet(tmp_path / "b.parquet", index=False)
     table = recurrence_table({"CODI": tmp_path / "a.parquet", "Coconut": tmp_path / "b.parquet"})
     mine = table.set_index(["model", "target"])
-    assert mine.loc[("CODI", "thought 1"), "mean"] == np.mean(first["thought 1"])  # the bad pair is left out
-    assert mine.loc[("CODI", "thought 1"), "n"] == 6
+    assert mine.loc[("CODI", "thought 1"), "mean"] == pytest.approx(np.mean(first["thought 1"]), abs=1e-12)
+    assert mine.loc[("CODI", "thought 1"), "n"] == 6  # the pair with a skip reason is left out
     difference = mine.loc[("Coconut", "thought 1"), "vs_first_mean_difference"]
-    assert difference == np.mean(second["thought 1"]) - np.mean(first["thought 1"])
+    assert difference == pytest.approx(np.mean(second["thought 1"]) - np.mean(first["thought 1"]), abs=1e-12)
     assert mine.loc[("Coconut", "thought 1"), "vs_first_low"] > 0
     assert mine.loc[("Coconut", "thought 2"), "vs_first_low"] < 0 < mine.loc[("Coconut", "thought 2"), "vs_first_high"]
     lines = recurrence_reading(table, ["CODI", "Coconut"])

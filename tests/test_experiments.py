@@ -8,6 +8,7 @@ from dataclasses import asdict
 import pandas as pd
 import pytest
 
+from codi_lens.core.errors import FlagError
 from codi_lens.loading import DEFAULT_MODEL, PRETRAINED
 from codi_lens.reports import model_card
 from codi_lens.training import recipes
@@ -160,6 +161,10 @@ def test_recipes_train_the_shipped_models(recipe):
     assert {k: getattr(args, k) for k in recipes.MODEL_SHAPE} == shipped["model_shape"]
     assert shipped["data"] == {**recipes.SHIPPED_SPLITS, **recipes.RECIPES[recipe].data}
 
+    if config["method"] != "codi":  # a no-CoT baseline is the same for every method: its CODI recipe's
+        with pytest.raises(FlagError, match="--no-cot with --recipe"):
+            train_toy_codi.train_config(train_toy_codi.parse_args(["--recipe", recipe, "--no-cot"]))
+        return
     no_cot = train_toy_codi.train_config(train_toy_codi.parse_args(["--recipe", recipe, "--no-cot"]))
     changed = {k for k, v in asdict(no_cot).items() if v != config[k] and k not in BOOKKEEPING_FIELDS}
     assert changed == {"use_teacher", "n_latents", "student_weight"}

@@ -15,7 +15,7 @@ from codi_lens.loading.architectures import describe_base
 from codi_lens.loading.checkpoint import detect_layout, read_tensor_info, validate_checkpoint
 
 #: Each shipped model and the name of its test split.
-TEST_SPLITS = {"toy-arith": "toy:test", "toy-chain": "toy-chain:test"}
+TEST_SPLITS = {"toy-arith": "toy:test", "toy-chain": "toy-chain:test", "toy-coconut": "toy-chain:test"}
 SUBSET = 300
 #: Greedy decoding is deterministic; only float rounding (another thread count or CPU) can flip a
 #: near-tie, so at most this many of the subset's predictions may differ from the card's run.

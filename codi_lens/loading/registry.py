@@ -44,6 +44,8 @@ class ShippedDataset:
 SHIPPED_MODELS: Registry[ShippedModel] = Registry("shipped model")
 SHIPPED_MODELS.add("toy-arith", ShippedModel(PACKAGE / "pretrained" / "toy_arith", "toy"))
 SHIPPED_MODELS.add("toy-chain", ShippedModel(PACKAGE / "pretrained" / "toy_chain", "toy-chain"))
+#: toy-chain's Coconut twin: the same data (its own splits are toy-chain's) and architecture.
+SHIPPED_MODELS.add("toy-coconut", ShippedModel(PACKAGE / "pretrained" / "toy_coconut", "toy-chain"))
 
 #: The model every command and :func:`codi_lens.load_pretrained` use when none is named.
 DEFAULT_MODEL = "toy-chain"

@@ -69,8 +69,18 @@ CHAIN_CONDITIONS = {
     "codi": ("teacher_explicit_cot", "the same CODI model writing its chain of thought explicitly"),
     "coconut": (
         "no_latents",
-        "the same Coconut model with the latent span opened and closed at once (0 latents), as at stage 0 of\n"
-        "its curriculum, where it wrote the whole chain",
+        "the same Coconut model with the latent span opened and closed at once (0 latents), the input of stage 0\n"
+        "of its curriculum (where training had it write the whole chain)",
+    ),
+}
+
+
+#: What the card says before its targets table, per method: the targets were set for the CODI model (issue 15).
+TARGETS_INTRO = {
+    "codi": "",
+    "coconut": (
+        "These are the targets set for the shipped CODI model (`toy-chain`), against which this twin is measured for\n"
+        "comparison; the twin's own target was to be trained in at most 45 minutes on the same data.\n\n"
     ),
 }
 
@@ -381,7 +391,7 @@ def write_model_card(
         data=json.dumps(training["data"]),
         threads=cfg["threads"],
         gain=initialisation_text(cfg),
-        targets=targets_markdown(summary, wall_minutes),
+        targets=TARGETS_INTRO[method] + targets_markdown(summary, wall_minutes),
         budget=summary["max_new_tokens"],
         budget_note=budget_markdown(summary),
         patching=patching_markdown(summary),
