@@ -19,7 +19,9 @@ def _moved(path, rates: dict[tuple[int, int], float]) -> None:
 def test_storage_names_each_models_thought_and_counts_agreement(tmp_path):
     _moved(tmp_path / "a.parquet", {(1, 1): 0.2, (1, 2): 0.6, (2, 3): 0.7, (2, 4): 0.1})
     _moved(tmp_path / "b.parquet", {(1, 1): 0.1, (1, 2): 0.5, (2, 3): 0.2, (2, 4): 0.4})
-    table = storage_table({"A": tmp_path / "a.parquet", "B": tmp_path / "b.parquet", "C": tmp_path / "none"})
+    pd.DataFrame({"condition": [], "n": []}).to_parquet(tmp_path / "empty.parquet")  # nothing could be moved
+    files = {"A": tmp_path / "a.parquet", "B": tmp_path / "b.parquet", "C": tmp_path / "none"}
+    table = storage_table({**files, "D": tmp_path / "empty.parquet"})
     assert table[["model", "step", "thought"]].values.tolist() == [["A", 1, 2], ["A", 2, 3], ["B", 1, 2], ["B", 2, 4]]
     lines = storage_reading(table, ["A", "B"])
     assert "same in every model at 1 of 2 steps" in lines[0]

@@ -180,12 +180,14 @@ def grouped_figure(title: str, joined: pd.DataFrame) -> go.Figure | None:
 def storage_table(moved_files: dict[str, Path]) -> pd.DataFrame:
     """Per model and step: the thought where another value's mean thought moves the answer to that value's
     prediction most (``thought``, the rate and its 95% CI over problems), from value-matched patching's
-    ``value_patching_moved.parquet``; a model without it is left out."""
+    ``value_patching_moved.parquet``; a model without it, or with nothing moved to measure, is left out."""
     rows = []
     for name, path in moved_files.items():
         if not path.exists():
             continue
         moved = pd.read_parquet(path)
+        if "step" not in moved.columns:  # no value had a prediction to move to
+            continue
         for step, group in moved.groupby("step"):
             top = group.sort_values(["mean", "thought"], ascending=[False, True]).iloc[0]
             rows.append(
