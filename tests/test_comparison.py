@@ -25,7 +25,7 @@ def test_storage_names_each_models_thought_and_counts_agreement(tmp_path):
     assert table[["model", "step", "thought"]].values.tolist() == [["A", 1, 2], ["A", 2, 3], ["B", 1, 2], ["B", 2, 4]]
     lines = storage_reading(table, ["A", "B"])
     assert "same in every model at 1 of 2 steps" in lines[0]
-    assert "step 2: A thought 3, B thought 4" in lines[0]
+    assert "step 2: A thought 3 (70% [60%, 80%]), B thought 4 (40% [30%, 50%])" in lines[0]
 
 
 def _route_rows(differences: dict[str, list[float]]) -> pd.DataFrame:
@@ -56,3 +56,26 @@ def test_recurrence_compares_each_step_with_the_first_model(tmp_path):
     lines = recurrence_reading(table, ["CODI", "Coconut"])
     assert "Coconut against CODI: more at 1 and less at 0 of 2 steps" in lines[0]
     assert "the largest difference at thought 1" in lines[0]
+
+
+def test_compare_models_runs_both_loops_on_the_same_problems(tmp_path):
+    """The command on the shipped CODI model and its Coconut twin: every section of both models, and each
+    model's recurrence numbers equal its own route-patching contrasts."""
+    from experiments import compare_models
+
+    out = tmp_path / "compare"
+    record = compare_models.main(["--limit", "8", "--parts", "step_importance,routes", "--out", str(out)])
+    assert set(record["models"]) == {"toy-chain", "toy-coconut"}
+    rows = pd.read_parquet(out / "results.parquet")
+    assert set(rows["model"]) == {"toy-chain", "toy-coconut"}
+    assert set(rows["section"]) == {"Step importance", "Route patching: recurrence or attention"}
+    recurrence = pd.DataFrame(record["recurrence"])
+    for model in ("toy-chain", "toy-coconut"):
+        own = pd.read_parquet(out / model / "routes" / "contrasts.parquet").set_index("target")
+        mine = recurrence[recurrence["model"] == model].set_index("target")
+        assert set(mine.index) == set(own.index)
+        for target in own.index:
+            assert mine.loc[target, "mean"] == pytest.approx(own.loc[target, "mean_difference"], abs=1e-12)
+            assert mine.loc[target, "n"] == own.loc[target, "n"]
+    assert "Plotly.newPlot" in (out / "comparison.html").read_text()
+    assert record["readings"]["What the recurrence carries"][0].startswith("Recurrence minus attention, toy-coconut")

@@ -203,9 +203,15 @@ def storage_reading(storage: pd.DataFrame, names: list[str]) -> list[str]:
         return ["Value-matched patching did not run on every model: no storage to compare.", ""]
     wide = storage.pivot(index="step", columns="model", values="thought").dropna()
     same = wide[wide.nunique(axis=1) == 1]
+    cells = storage.set_index(["step", "model"])
+
+    def where(step: int, name: str) -> str:
+        cell = cells.loc[(step, name)]
+        rate = ci_text([cell["moved"], cell["low"], cell["high"]], percent=True)
+        return f"{name} thought {int(cell['thought'])} ({rate})"
+
     steps = "; ".join(
-        f"step {step}: " + ", ".join(f"{name} thought {int(wide.loc[step, name])}" for name in names if name in wide)
-        for step in wide.index
+        f"step {step}: " + ", ".join(where(step, name) for name in names if name in wide) for step in wide.index
     )
     return [
         f"The thought where each step's value moves the answer most is the same in every model at {len(same)} of "
