@@ -90,7 +90,7 @@ RUNS = {
         {"parts.html": "logit_attribution.png", "sources.html": "logit_attribution_sources.png"},
     ),
     "path_patching": ("path_patching", "--limit 200", {"paths.html": "path_patching.png"}),
-    "compare_models": ("compare_models", "--limit 100", {"comparison.html": "compare_models.png"}),
+    "compare_models": ("compare_models", "--limit 200", {"comparison.html": "compare_models.png"}),
     "sae_features": ("sae_features", "--saes {runs}/train_saes --limit 200", {"dashboard_*.html": "sae_features.png"}),
     "feature_pathways_one_target": (
         "feature_pathways",

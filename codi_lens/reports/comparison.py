@@ -137,7 +137,7 @@ def compare_models(
     record = {
         "models": {c.name: str(c.settings.get("checkpoint_sha256")) for c in compared},
         "readings": readings,
-        "storage": storage.to_dict("records"),
+        "storage": storage.assign(step="step " + storage["step"].astype(str)).to_dict("records"),
         "recurrence": recurrence.to_dict("records"),
     }
     (out / "summary.json").write_text(json.dumps(record, indent=2, default=str))
