@@ -89,3 +89,22 @@ def test_load_codi_with_the_builtin_llama_base_needs_no_tokenizer(tiny_checkpoin
     assert (tmp_path / CACHE_NAME / "tokenizer.json").exists()
     with pytest.raises(CheckpointError, match="tokenizer= a local tokenizer directory"):
         load_codi(tiny_checkpoint("gpt2").checkpoint_dir, "gpt2")
+
+
+def test_coconut_gets_llama3_without_codis_pad_and_its_three_tokens_at_v(built, tmp_path):
+    """CODI's tokenizer holds ``[PAD]`` at 128256; Coconut's base is Llama 3's own 128,256 tokens, to which its
+    ``run.py`` adds ``<|start-latent|>``, ``<|end-latent|>``, ``<|latent|>`` as 128256..128258."""
+    from codi_lens.loading.architectures import describe_base
+    from codi_lens.loading.load import COCONUT_TOKENS, with_coconut_tokens
+
+    with_pad, cache = built
+    plain = llama3_tokenizer(cache, codi_pad=False)
+    assert (len(with_pad), len(plain)) == (128257, 128256) and plain.pad_token is None
+    assert with_pad.convert_tokens_to_ids("[PAD]") == 128256
+    question = "Janet's ducks lay 16 eggs per day."
+    assert plain(question)["input_ids"] == with_pad(question)["input_ids"]
+    arch = describe_base("llama-3.2-1b-instruct")
+    coconut = with_coconut_tokens(plain, arch)
+    assert coconut.convert_tokens_to_ids(list(COCONUT_TOKENS)) == [128256, 128257, 128258]
+    with pytest.raises(CheckpointError, match="the tokenizer has 128257 tokens"):
+        with_coconut_tokens(with_pad, arch)

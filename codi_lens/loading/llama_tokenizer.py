@@ -81,8 +81,10 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "codi_lens"
 
 
-def convert_llama3_tokenizer(model_file: str | Path) -> PreTrainedTokenizerFast:
-    """Convert a Llama 3 ``tokenizer.model`` to a fast tokenizer (checks the file's SHA-256 first)."""
+def convert_llama3_tokenizer(model_file: str | Path, *, codi_pad: bool = True) -> PreTrainedTokenizerFast:
+    """Convert a Llama 3 ``tokenizer.model`` to a fast tokenizer (checks the file's SHA-256 first). ``codi_pad``:
+    with CODI's ``[PAD]`` as id 128256; without it the tokenizer is Llama 3's own 128,256 tokens (Coconut's
+    base, to which it adds its own three)."""
     model_file = Path(model_file)
     digest = file_sha256(model_file)
     if digest != LLAMA3_TOKENIZER_SHA256:
@@ -105,21 +107,23 @@ def convert_llama3_tokenizer(model_file: str | Path) -> PreTrainedTokenizerFast:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, clean_up_tokenization_spaces=False
     )
-    fast.add_special_tokens({"pad_token": PAD})  # CODI's [PAD] = 128256, the first row it appends
+    if codi_pad:
+        fast.add_special_tokens({"pad_token": PAD})  # CODI's [PAD] = 128256, the first row it appends
     return fast
 
 
-def llama3_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
+def llama3_tokenizer(cache_dir: str | Path | None = None, *, codi_pad: bool = True) -> PreTrainedTokenizerFast:
     """The Llama 3 tokenizer, built into ``cache_dir`` (default :func:`default_cache_dir`) on first use
-    from the installed ``llama-models``, then loaded from there (offline, no network)."""
-    target = Path(cache_dir or default_cache_dir()) / CACHE_NAME
+    from the installed ``llama-models``, then loaded from there (offline, no network); with CODI's ``[PAD]``
+    unless ``codi_pad=False`` (each kind in its own folder)."""
+    target = Path(cache_dir or default_cache_dir()) / (CACHE_NAME if codi_pad else f"{CACHE_NAME}-without-pad")
     marker = target / "codi_lens_source.json"
     if not marker.exists():
         source = llama3_tokenizer_model()
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
         try:
-            convert_llama3_tokenizer(source).save_pretrained(str(staging))
+            convert_llama3_tokenizer(source, codi_pad=codi_pad).save_pretrained(str(staging))
             record = {
                 "source": str(source),
                 "sha256": LLAMA3_TOKENIZER_SHA256,

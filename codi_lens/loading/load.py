@@ -34,6 +34,7 @@ from codi_lens.loading.checkpoint import (
     CheckpointError,
     CheckpointLayout,
     CheckpointTensors,
+    detect_layout,
     read_tensor_info,
     resolve_checkpoint_file,
     validate_checkpoint,
@@ -126,11 +127,13 @@ class _MergedWeights:
         return (base.float() + (delta.T if self._conv1d else delta)).to(self._dtype)
 
 
-def _resolve_tokenizer(tokenizer: Any, base: str | Path) -> PreTrainedTokenizerBase:
+def _resolve_tokenizer(tokenizer: Any, base: str | Path, method: str = "codi") -> PreTrainedTokenizerBase:
+    """The tokenizer given, or the base's own; a built-in base's is built for the method (CODI's with its
+    ``[PAD]``, Coconut's without, as its ``run.py`` pads with EOS)."""
     if isinstance(tokenizer, PreTrainedTokenizerBase):
         return tokenizer
     if tokenizer is None and str(base).lower() in BUILT_TOKENIZERS:
-        return BUILT_TOKENIZERS[str(base).lower()]()
+        return BUILT_TOKENIZERS[str(base).lower()](codi_pad=method == "codi")
     source = tokenizer if tokenizer is not None else base
     if not Path(source).is_dir():
         raise CheckpointError(
@@ -369,8 +372,10 @@ def load_codi(
     requested, requested_base = checkpoint, base
     checkpoint, base = _locate(checkpoint, base)
     weights_file, arch = resolve_checkpoint_file(checkpoint), describe_base(base)
-    tok = _resolve_tokenizer(tokenizer, base)  # a missing tokenizer is named before the file is checked
-    layout = validate_checkpoint(read_tensor_info(weights_file), arch, path=str(weights_file))
+    info = read_tensor_info(weights_file)
+    method = detect_layout(info).method  # the keys say which tokenizer a built-in base needs
+    tok = _resolve_tokenizer(tokenizer, base, method)  # a missing tokenizer is named before the keys are checked
+    layout = validate_checkpoint(info, arch, path=str(weights_file))
     model = model_from_tensors(
         CheckpointTensors(weights_file),
         layout,
