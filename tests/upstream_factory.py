@@ -139,6 +139,19 @@ class UpstreamCODI(nn.Module):
             self.prj.add_module("ln", nn.LayerNorm(d_model))
 
 
+@torch.no_grad()
+def randomise(lm: nn.Module, init_std: float) -> None:
+    """Every weight of ``lm`` drawn afresh (matrices N(0, init_std), norm gains U(0.8, 1.2), biases N(0, 0.02)),
+    so that no row, BOT/EOT or Coconut's tokens included, equals another."""
+    for name, p in lm.named_parameters():
+        if p.dim() > 1:
+            p.normal_(0.0, init_std)
+        elif "norm" in name or "ln_" in name:
+            p.uniform_(0.8, 1.2)
+        else:
+            p.normal_(0.0, 0.02)
+
+
 def build_codi_module(
     base_dir: str | Path,
     *,
@@ -161,14 +174,7 @@ def build_codi_module(
         lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
         lm.resize_token_embeddings(config.vocab_size + 3, mean_resizing=False)
         if device != "meta":
-            with torch.no_grad():
-                for name, p in lm.named_parameters():
-                    if p.dim() > 1:
-                        p.normal_(0.0, init_std)
-                    elif "norm" in name or "ln_" in name:
-                        p.uniform_(0.8, 1.2)
-                    else:
-                        p.normal_(0.0, 0.02)
+            randomise(lm, init_std)
         for p in lm.parameters():  # bf16 weights as released; buffers (rotary inv_freq) stay fp32
             p.data = p.data.to(base_dtype)
         if use_lora:
@@ -249,14 +255,7 @@ def build_coconut_module(base_dir: str | Path, *, seed: int = 0, init_std: float
     config = AutoConfig.from_pretrained(str(base_dir))
     lm = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     lm.resize_token_embeddings(config.vocab_size + len(COCONUT_ADDED), mean_resizing=False)
-    with torch.no_grad():
-        for name, p in lm.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, init_std)
-            elif "norm" in name or "ln_" in name:
-                p.uniform_(0.8, 1.2)
-            else:
-                p.normal_(0.0, 0.02)
+    randomise(lm, init_std)
     return UpstreamCoconut(lm).eval()
 
 
