@@ -242,3 +242,17 @@ def test_loading_part_by_part_equals_converting_the_whole_state_at_once(llama, d
     params = dict(model.named_parameters())
     for name, value in whole.items():
         assert torch.equal(params[name], value.to(dtype)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_transposed_weight_is_copied_in_blocks_to_the_same_values(dtype):
+    from codi_lens.loading.load import TRANSPOSE_BLOCK, copy_weight
+
+    source = torch.randn(2 * TRANSPOSE_BLOCK + 37, 24).to(dtype)  # [d_vocab, d_model], like lm_head.weight
+    blocked, plain = torch.empty(24, source.shape[0]), torch.empty(24, source.shape[0])
+    copy_weight(blocked, source.T)
+    plain.copy_(source.T)
+    assert torch.equal(blocked, plain) and torch.equal(blocked, source.T.float())
+    laid_out = torch.empty(source.shape[0], 24).t()  # a parameter stored in another order: one plain copy
+    copy_weight(laid_out, source.T)
+    assert torch.equal(laid_out, plain)

@@ -226,8 +226,27 @@ def _copy_part(params: dict[str, torch.nn.Parameter], state: dict[str, Tensor], 
     for name, value in state.items():
         if params[name].shape != value.shape:
             raise RuntimeError(f"internal conversion error: {name} {tuple(value.shape)} vs {tuple(params[name].shape)}")
-        params[name].copy_(value)
+        copy_weight(params[name], value)
         written.add(name)
+
+
+#: Columns of a transposed source made contiguous per block when a weight is copied (see :func:`copy_weight`).
+TRANSPOSE_BLOCK = 2048
+
+
+def copy_weight(param: Tensor, value: Tensor) -> None:
+    """``param.copy_(value)``; when ``value`` is a transposed matrix (``lm_head.weight.T``, TransformerLens'
+    ``W_U``) and ``param`` is stored in its logical order, block by block: ``TRANSPOSE_BLOCK`` columns of
+    ``value`` made contiguous in its own dtype, then copied (and converted) along rows. Torch's one strided copy
+    with a dtype conversion took 1.88 s for LLaMA-1B's unembedding (bfloat16 to float32) against 0.33 s in
+    blocks, with 8 MB held at a time (``/tmp`` benchmark of this stop, 2 threads)."""
+    transposed = value.dim() == 2 and not value.is_contiguous() and value.t().is_contiguous()
+    if not (transposed and param.is_contiguous()):
+        param.copy_(value)
+        return
+    for start in range(0, value.shape[1], TRANSPOSE_BLOCK):
+        block = value[:, start : start + TRANSPOSE_BLOCK]
+        param[:, start : start + TRANSPOSE_BLOCK].copy_(block.contiguous())
 
 
 def _projection_part(tensors: Mapping[str, Tensor], layout: CheckpointLayout) -> Iterator[dict[str, Tensor]]:
