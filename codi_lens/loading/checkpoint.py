@@ -103,8 +103,7 @@ class CheckpointLayout:
 
     @property
     def embed_key(self) -> str:
-        module = "transformer.wte" if self.family == "gpt2" else "model.embed_tokens"
-        return f"{self.prefix}{module}.weight"
+        return _embedding_key(self.prefix, self.family)
 
 
 def resolve_checkpoint_file(checkpoint: str | Path) -> Path:

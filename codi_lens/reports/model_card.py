@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from codi_lens.data.synthetic import STEP_MIXES
+from codi_lens.loading.checkpoint import METHOD_NAMES
 from codi_lens.loading.registry import SHIPPED_MODELS
 from codi_lens.training import NUMBER_PERIODS
 
@@ -64,13 +65,14 @@ LAYOUTS = {
         "answers); it runs in the Coconut loop, each thought fed the last hidden state unchanged."
     ),
 }
-#: The column that shows the model's chain written out, and what the card says of it, per method.
-CHAIN_CONDITIONS = {
-    "codi": ("teacher_explicit_cot", "the same CODI model writing its chain of thought explicitly"),
+#: The condition in which each method's model writes its chain out
+#: (:func:`~codi_lens.reports.model_report.chain_condition`), and what the card says of its column.
+CHAIN_CONDITION_NAMES = {"codi": "teacher_explicit_cot", "coconut": "no_latents"}
+CHAIN_TEXTS = {
+    "codi": "the same CODI model writing its chain of thought explicitly",
     "coconut": (
-        "no_latents",
         "the same Coconut model with the latent span opened and closed at once (0 latents), the input of stage 0\n"
-        "of its curriculum (where training had it write the whole chain)",
+        "of its curriculum (where training had it write the whole chain)"
     ),
 }
 
@@ -124,8 +126,7 @@ def accuracy_markdown(accuracy: pd.DataFrame) -> str:
             "zero_all_thoughts",
             f"zero_all_thoughts_{SHORT_BUDGET}_tokens",
             "no_cot_baseline",
-            "teacher_explicit_cot",
-            "no_latents",
+            *CHAIN_CONDITION_NAMES.values(),
         )
         if c in table
     ]
@@ -362,10 +363,10 @@ def write_model_card(
     chain_weight = "".join(f", {name} weight {w}" for name, w in chain_weights.items() if w)
     text = CARD_TEMPLATE.format(
         name=name,
-        method={"codi": "CODI", "coconut": "Coconut"}[method],
+        method=METHOD_NAMES[method],
         layout=LAYOUTS[method],
-        chain_condition=f"`{CHAIN_CONDITIONS[method][0]}`",
-        chain_text=CHAIN_CONDITIONS[method][1],
+        chain_condition=f"`{CHAIN_CONDITION_NAMES[method]}`",
+        chain_text=CHAIN_TEXTS[method],
         hyperparameters=hyperparameters_text(cfg, chain_weight),
         card_commands=card_commands(name, directory.name, data_source, method == "codi"),
         directory=f"codi_lens/pretrained/{directory.name}",
