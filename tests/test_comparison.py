@@ -53,6 +53,11 @@ def test_recurrence_compares_each_step_with_the_first_model(tmp_path):
     assert difference == pytest.approx(np.mean(second["thought 1"]) - np.mean(first["thought 1"]), abs=1e-12)
     assert mine.loc[("Coconut", "thought 1"), "vs_first_low"] > 0
     assert mine.loc[("Coconut", "thought 2"), "vs_first_low"] < 0 < mine.loc[("Coconut", "thought 2"), "vs_first_high"]
+    skipped = pd.DataFrame({"pair_id": [0, 1], "reason": ["clean answered wrong"] * 2})  # every pair skipped
+    skipped.to_parquet(tmp_path / "c.parquet", index=False)
+    with_skipped = recurrence_table({"CODI": tmp_path / "a.parquet", "Random": tmp_path / "c.parquet"})
+    assert set(with_skipped["model"]) == {"CODI"} and "vs_first_p" not in with_skipped
+    assert "no recurrence to compare" in recurrence_reading(with_skipped, ["CODI", "Random"])[0]
     lines = recurrence_reading(table, ["CODI", "Coconut"])
     assert "Coconut against CODI: more at 1 and less at 0 of 2 steps" in lines[0]
     assert "the largest difference at thought 1" in lines[0]

@@ -221,6 +221,8 @@ def route_pairs(rows: pd.DataFrame) -> list[tuple[tuple[str, int], pd.DataFrame]
     """Per step ``(target, thought)`` patched through both routes (own clean run as donor, every layer): a table
     with one row per measured pair and the columns ``recurrence`` and ``attention`` (recovery by each)."""
     used = used_rows(rows)
+    if used.empty:  # every pair skipped: the rows hold only the pairs and their reasons
+        return []
     whole = used[(used["donor"] == "clean") & (used["layer"] == EVERY_LAYER) & used["head"].isna()]
     steps = []
     for key, group in whole.groupby(["target", "thought"], sort=False):
