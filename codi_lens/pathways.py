@@ -60,7 +60,7 @@ def _loop(
 ) -> None:
     """The latent loop (question + BOT, thoughts 1..``through``) under ``fwd_hooks``, no answer."""
     tokens, mask = loop.prepare(model, list(questions), n_latents)
-    positions = loop.run_positions(mask, n_latents, [1] * len(questions))
+    positions = loop.run_positions(model, mask, n_latents, [1] * len(questions))
     with loop.hooks_for_run(model, fwd_hooks, positions):
         loop.run_latents(model, tokens, mask, positions, through=through)
 

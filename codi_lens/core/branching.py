@@ -136,12 +136,15 @@ class Trunk:
 
 @torch.no_grad()
 def grow_trunk(model: CODIModel, questions: Sequence[str], *, n_latents: int = 6, through: int | None = None) -> Trunk:
-    """Run the questions without interventions up to thought ``through`` (default: every thought)."""
+    """Run the questions without interventions up to thought ``through`` (default: every thought). A Jacobi
+    loop's trunk always holds every thought (its last sweep), whatever ``through`` says."""
     through = n_latents if through is None else through
     if not 0 <= through <= n_latents:
         raise ValueError(f"through must be in 0..{n_latents}, got {through}")
+    if model.latent_loop.is_jacobi:
+        through = n_latents
     tokens, mask = loop.prepare(model, questions, n_latents)
-    positions = loop.run_positions(mask, n_latents, [1] * len(questions))
+    positions = loop.run_positions(model, mask, n_latents, [1] * len(questions))
     state, last = loop.run_latents(model, tokens, mask, positions, through=through)
     return Trunk(
         questions=tuple(questions),
@@ -167,7 +170,7 @@ class BlockHook:
         if not self.scope.active:  # thought and projection hooks fire between chunks
             out = self.fn(rows, hook)
         else:
-            with self.scope.scoped(ChunkContext(self.scope.current.span, self.positions)):
+            with self.scope.scoped(ChunkContext(self.scope.current.span, self.positions, self.scope.current.sweep)):
                 out = self.fn(rows, hook)
         if out is None or out is rows:
             return acts
@@ -224,10 +227,11 @@ def run_branches(
     for i, branch in enumerate(branches):
         if not QUESTION <= branch.start <= n + 1:
             raise ValueError(f"branch {i} starts at step {branch.start}; steps run from {QUESTION} to {n + 1}")
+    starts = [effective_start(model, b.start, n) for b in branches]
     per_forward = max(1, max_rows // trunk.batch)
     outputs: dict[int, BranchOutput] = {}
-    for start in sorted({b.start for b in branches}):
-        group = [i for i, b in enumerate(branches) if b.start == start]
+    for start in sorted(set(starts)):
+        group = [i for i, s in enumerate(starts) if s == start]
         for first in range(0, len(group), per_forward):
             chunk = group[first : first + per_forward]
             results = _run_group(
@@ -278,6 +282,14 @@ def _run_group(
     ]
 
 
+def effective_start(model: CODIModel, start: int, n_latents: int) -> int:
+    """The step a branch is computed from: its own, except in a Jacobi loop, where a branch at any thought
+    recomputes every sweep (a thought of sweep s depends on every thought of sweep s - 1), so starts 1..n are 1."""
+    if model.latent_loop.is_jacobi and 1 <= start <= n_latents:
+        return 1
+    return start
+
+
 def _check_start(branch: Branch, positions: CODIPositions) -> None:
     """Refuse a branch whose thought hooks or positional hooks act before its start (the trunk's
     unpatched values would stand there). Other hooks cannot be checked: their start is the caller's word."""
@@ -310,15 +322,18 @@ def run_loop_from(model: CODIModel, trunk: Trunk, start: int, blocks: int, wide:
             model.token_embeds(bot), torch.ones_like(bot), state.kv_cache, positions=wide, logits_at="none"
         )
         z = loop.project(model, 0, final[:, -1], state)
-        loop.run_thoughts(model, state, z, keep_logits=False)
+        _run_thoughts_from(model, state, z, 1)
     elif start <= n:
-        z = trunk.thought_inputs[:, start - 1].repeat(blocks, 1)
-        loop.run_thoughts(model, state, z, keep_logits=False, first=start)
+        _run_thoughts_from(model, state, trunk.thought_inputs[:, start - 1].repeat(blocks, 1), start)
     return state
 
 
-def _repeat_rows(index: Tensor, blocks: int) -> Tensor:
-    return index.repeat(blocks) if index.dim() == 1 else index.repeat(blocks, 1)
+def _run_thoughts_from(model: CODIModel, state: LoopState, z: Float[Tensor, "rows d_model"], first: int) -> None:
+    """Thoughts ``first..n`` fed from ``z`` (a Jacobi loop: every sweep, from ``z = prj(h_0)``, first being 1)."""
+    if model.latent_loop.is_jacobi:
+        loop.run_sweeps(model, state, z, keep_logits=False)
+    else:
+        loop.run_thoughts(model, state, z, keep_logits=False, first=first)
 
 
 def _teacher_force(
@@ -334,10 +349,10 @@ def _teacher_force(
     """Feed ``[EOT] + answer[:-1]`` for every row; logits at ``answer_index`` or at every row. With
     ``keep_cache`` the KV cache is left as it was (generation follows from the end of the loop)."""
     answer_tokens, answer_mask = model.tokenize_answers(list(answers))
-    fed, fed_mask = loop.teacher_forced_input(
-        model.codi_tokens.eot, answer_tokens.repeat(blocks, 1), answer_mask.repeat(blocks, 1)
-    )
-    logits_at = "all" if answer_index is None else _repeat_rows(torch.tensor(list(answer_index)), blocks)
+    opening = loop.answer_opening(model)
+    fed, fed_mask = loop.teacher_forced_input(opening, answer_tokens.repeat(blocks, 1), answer_mask.repeat(blocks, 1))
+    rows = loop.answer_rows(opening, answer_tokens.shape[1], len(answers), answer_index)
+    logits_at = rows.repeat(blocks, 1)
     if keep_cache:
         state.kv_cache.freeze()
     try:

@@ -35,8 +35,8 @@ class ProjectionHead(nn.Module):
         return self.hook_out(x)
 
 
-class ThoughtStep(nn.Module):
-    """Hook points of one latent step (index 0 is BOT); see :mod:`codi_lens.core.names`."""
+class StepHooks(nn.Module):
+    """The hook points of one computation of a thought: its input, ``h`` and the projection of ``h``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -45,11 +45,22 @@ class ThoughtStep(nn.Module):
         self.hook_projection = HookPoint()
 
 
+class ThoughtStep(StepHooks):
+    """Hook points of one latent step (index 0 is BOT) and, for a Jacobi loop, of each of its sweeps
+    (``sweep[s]``); see :mod:`codi_lens.core.names`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sweep = nn.ModuleList()
+
+
 @dataclass(frozen=True)
 class CODITokens:
-    """Token ids CODI adds to a base vocabulary of size V, plus the stop token."""
+    """Token ids a latent method adds to a base vocabulary of size V, plus the stop token; ``latent`` is the
+    placeholder token a Jacobi loop feeds at every thought of its first sweep (PCCoT's ``<pcot.latent>``)."""
 
     pad: int
     bot: int
     eot: int
     eos: int
+    latent: int | None = None

@@ -23,7 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from codi_lens.core import loop
-from codi_lens.core.branching import QUESTION, Trunk, grow_trunk, run_loop_from
+from codi_lens.core.branching import QUESTION, Trunk, effective_start, grow_trunk, run_loop_from
 from codi_lens.core.loop import stack_steps
 from codi_lens.core.model import CODIModel
 from codi_lens.core.names import position_axis, thought_hook_name
@@ -81,7 +81,13 @@ def loop_gradients(
     (their keys and values are constants) and their positions hold NaN in ``acts`` and ``grads``:
     when no position before ``start`` is asked about, this saves most of the backward pass (the
     question is most of the sequence). Those steps are taken from ``trunk`` when given (the unpatched run
-    of ``questions``, e.g. a patching batch's corrupted run, grown once for many passes), else grown here."""
+    of ``questions``, e.g. a patching batch's corrupted run, grown once for many passes), else grown here.
+
+    In a loop with the Jacobi schedule (PCCoT), activations at the thought positions are the last sweep's
+    and the gradient there is total through the answer; the fed thoughts are the last sweep's inputs; a
+    ``start`` at any thought recomputes every sweep with autograd
+    (see :func:`~codi_lens.core.branching.effective_start`)."""
+    start = effective_start(model, start, n_latents)
     for name in hook_names:
         if position_axis(name) != 1:
             raise ValueError(f"{name}: gradients are recorded for activations with positions on axis 1")
@@ -96,8 +102,9 @@ def loop_gradients(
         )
     tokens, mask = (trunk.tokens, trunk.mask) if trunk is not None else loop.prepare(model, list(questions), n_latents)
     answer_tokens, answer_mask = model.tokenize_answers(list(answers))
-    positions = loop.run_positions(mask, n_latents, answer_mask.sum(1).tolist())
-    fed, fed_mask = loop.teacher_forced_input(model.codi_tokens.eot, answer_tokens, answer_mask)
+    positions = loop.run_positions(model, mask, n_latents, answer_mask.sum(1).tolist())
+    opening = loop.answer_opening(model)
+    fed, fed_mask = loop.teacher_forced_input(opening, answer_tokens, answer_mask)
     recorder = ActivationRecorder(model.chunk_scope, keep_graph=True)
     held = HeldPositions(model, positions, hold)
     hooks = [
@@ -110,11 +117,12 @@ def loop_gradients(
             state, _ = loop.run_latents(model, tokens, mask, positions)
         else:
             state = run_loop_from(model, trunk, start, 1, positions)
-        index = torch.tensor([list(i) if isinstance(i, Sequence) else i for i in answer_index])
+        rows_per_example = isinstance(answer_index[0], Sequence)
+        index = loop.answer_rows(opening, answer_tokens.shape[1], len(questions), answer_index)
         _, logits = model.forward_embeds(
             model.token_embeds(fed), fed_mask, state.kv_cache, positions=positions, logits_at=index
         )
-        values = metric(logits.float() if index.dim() == 2 else logits[:, 0].float())
+        values = metric(logits.float() if rows_per_example else logits[:, 0].float())
         chunks = [recorder.chunks(name) for name in hook_names]
         inputs = [t for parts in chunks for t in parts] + state.thought_embeds
         grads = torch.autograd.grad(values.sum(), inputs, allow_unused=True)
@@ -147,7 +155,7 @@ class HeldPositions:
         self.held_at = {name: positions.resolve(list(names)) for name, names in (hold or {}).items()}
 
     def __call__(self, acts: Tensor, hook) -> Tensor:
-        if hook.name not in self.held_at:
+        if hook.name not in self.held_at or not self.scope.current.is_final:  # a Jacobi loop: the last sweep's
             return acts
         chunk = self.scope.current.span.to(acts.device)
         wanted = self.held_at[hook.name].to(acts.device)

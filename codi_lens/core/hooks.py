@@ -83,6 +83,9 @@ class PositionalHook:
         wanted = self.resolve(context.positions).to(acts.device)
         first, last = int(covered[0]), int(covered[-1])
         inside = (wanted >= first) & (wanted <= last)
+        if context.sweep is not None:  # a sweep of a Jacobi loop: only the positions addressed at this sweep
+            reached = torch.tensor([context.reaches(p) for p in self.positions], device=inside.device)
+            inside = inside & reached[None]
         if bool((inside.any(0) & ~inside.all(0)).any()):
             raise PositionError(f"{self.positions} fall in different chunks for different examples on {hook.name}")
         which = torch.nonzero(inside.all(0)).flatten()

@@ -10,7 +10,13 @@ hidden state at the position before it (HF's ``hidden_states[-1]``). What differ
   pad V); Coconut's are the ``<|start-latent|>`` and ``<|end-latent|>`` tokens it adds to the tokenizer
   (ids V, V + 1, with ``<|latent|>`` at V + 2, a placeholder never fed at inference) and it pads with EOS.
 - **text conventions**: how a question is written before tokenizing, how an answer is written (for
-  teacher forcing) and read back (for scoring), and which ids greedy decoding may choose.
+  teacher forcing) and read back (for scoring), which text is fed after EOT before the answer (PCCoT's
+  ``"The answer is:"``), and which ids greedy decoding may choose.
+- **schedule**: ``"sequential"`` (CODI, Coconut: thought k + 1 is computed after thought k, one position at
+  a time) or ``"jacobi"`` (PCCoT: all ``n`` thoughts are fed together, ``n_sweeps + 1`` times over the
+  question's keys and values. Sweep 0 feeds the ``<pcot.latent>`` token's embedding at every thought;
+  sweep s + 1 feeds thought 1 ``prj(h_0)`` (BOT's) and thought k + 1 the projection of sweep s's ``h_k``.
+  The answer reads the keys and values of the last sweep).
 
 The marker ids themselves live in :class:`~codi_lens.core.components.CODITokens`, set by the loader.
 """
@@ -23,6 +29,7 @@ from typing import Literal
 from codi_lens.core.answers import ANSWER_TEMPLATE, NUMBER_PATTERN, clean_question, extract_prediction, write_number
 
 Feedback = Literal["projection", "identity"]
+Schedule = Literal["sequential", "jacobi"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,9 @@ class LatentLoop:
             number in the text) or ``"after_hash"`` (Coconut's ``run.py``: the text after the last ``#``).
         exclude_eot_from_argmax: whether greedy decoding never chooses EOT (CODI: the vocabulary's last row
             is left out of the argmax; Coconut chooses among every row).
+        schedule: ``"sequential"`` or ``"jacobi"`` (see the module docstring).
+        n_sweeps: with the Jacobi schedule, how many sweeps follow sweep 0 (PCCoT's ``num_iterations``); 0 else.
+        answer_prompt: text fed after EOT, before the answer (PCCoT: ``"The answer is:"``; "" else).
     """
 
     method: str
@@ -50,6 +60,21 @@ class LatentLoop:
     answer_template: str
     answer_rule: Literal["last_number", "after_hash"]
     exclude_eot_from_argmax: bool
+    schedule: Schedule = "sequential"
+    n_sweeps: int = 0
+    answer_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.schedule == "jacobi") != (self.n_sweeps > 0):
+            raise ValueError(
+                f"{self.method}: a Jacobi schedule needs n_sweeps >= 1 and a sequential one none "
+                f"(schedule={self.schedule!r}, n_sweeps={self.n_sweeps})"
+            )
+
+    @property
+    def is_jacobi(self) -> bool:
+        """Whether thoughts are computed together in sweeps (PCCoT) rather than one after another."""
+        return self.schedule == "jacobi"
 
     @property
     def has_projection(self) -> bool:
@@ -100,5 +125,22 @@ COCONUT_LOOP = LatentLoop(
     exclude_eot_from_argmax=False,
 )
 
+#: PCCoT (Wu et al. 2025; upstream ``modeling_gpt2.py`` and ``generate.py``). A checkpoint sets its own
+#: ``n_latents`` (``num_latent_tokens``), ``n_sweeps`` (``num_iterations``), feedback (``use_projection``) and
+#: answer prompt; these are upstream's defaults.
+PCCOT_LOOP = LatentLoop(
+    method="pccot",
+    feedback="projection",
+    n_latents=6,
+    question_suffix="",
+    clean_questions=False,
+    answer_template="{}",
+    answer_rule="last_number",
+    exclude_eot_from_argmax=False,
+    schedule="jacobi",
+    n_sweeps=6,
+    answer_prompt="The answer is:",
+)
+
 #: Every loop codi_lens runs, by method name.
-LATENT_LOOPS = {loop.method: loop for loop in (CODI_LOOP, COCONUT_LOOP)}
+LATENT_LOOPS = {loop.method: loop for loop in (CODI_LOOP, COCONUT_LOOP, PCCOT_LOOP)}

@@ -8,8 +8,12 @@ A run is a chain of chunks under one TransformerLens KV cache, each computed by 
 2. :func:`run_prompt` feeds question + BOT in one chunk and returns ``z_1 = prj(h_0)``.
 3. :func:`run_thoughts` feeds thoughts ``first..last`` one chunk each (``z_{k+1} = prj(h_k)``, through the
    thought hooks).
-4. The answer: :func:`greedy_decode` feeds EOT, then each chosen token, until EOS or the budget; or
-   teacher forcing feeds :func:`teacher_forced_input` (``[EOT] + answer[:-1]``) in one chunk.
+4. The answer: :func:`greedy_decode` feeds EOT (and the method's answer prompt, :func:`answer_opening`), then
+   each chosen token, until EOS or the budget; or teacher forcing feeds :func:`teacher_forced_input`
+   (``[EOT] + prompt + answer[:-1]``) in one chunk.
+
+A loop with the Jacobi schedule (PCCoT) replaces step 3 by :func:`run_sweeps`: every thought at once,
+sweep after sweep, over the question's keys and values.
 
 :func:`run_latents` is steps 1-3 alone. :class:`LoopState` carries what a run accumulates (the KV cache,
 ``h_k``, the fed thoughts, kept logits); :func:`hooks_for_run` checks hooks against the run and attaches
@@ -35,7 +39,7 @@ from codi_lens.core.components import CODITokens, ProjectionHead
 from codi_lens.core.errors import HookNameError, PositionError
 from codi_lens.core.hooks import HookFn, PositionalHook
 from codi_lens.core.latent_loop import LatentLoop
-from codi_lens.core.names import parse_thought_hook
+from codi_lens.core.names import parse_sweep_hook, parse_thought_hook
 from codi_lens.core.positions import ChunkScope, CODIPositions
 
 #: What a chunk computes at the unembedding: the last position's logits, every position's, none, or (a
@@ -47,6 +51,7 @@ class LoopModel(Protocol):
     """What the loop needs of a model (:class:`~codi_lens.core.model.CODIModel` is one)."""
 
     cfg: HookedTransformerConfig
+    tokenizer: object
     codi_tokens: CODITokens
     latent_loop: LatentLoop
     prj: ProjectionHead | None
@@ -62,6 +67,7 @@ class LoopModel(Protocol):
         *,
         positions: CODIPositions,
         logits_at: LogitsAt = "last",
+        sweep: int | None = None,
     ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch n d_vocab"] | None]: ...
 
     def token_embeds(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]: ...
@@ -120,17 +126,29 @@ def prepare(
     return model.tokenize_questions(questions)
 
 
-def run_positions(mask: Int[Tensor, "batch width"], n_latents: int, answer_lengths: list[int]) -> CODIPositions:
-    """The position map of a run on questions padded as ``mask`` is, with ``n_latents`` thoughts and the
-    given answer lengths (the budget, before the answers exist)."""
+def answer_opening(model: LoopModel) -> list[int]:
+    """What is fed after the thoughts before the answer: EOT, then the loop's answer prompt's tokens (none for
+    CODI and Coconut; PCCoT's ``"The answer is:"``)."""
+    prompt = model.latent_loop.answer_prompt
+    prompt_ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    return [model.codi_tokens.eot, *prompt_ids]
+
+
+def run_positions(
+    model: LoopModel, mask: Int[Tensor, "batch width"], n_latents: int, answer_lengths: list[int]
+) -> CODIPositions:
+    """The position map of a run of ``model``'s loop on questions padded as ``mask`` is, with ``n_latents``
+    thoughts and the given answer lengths (the budget, before the answers exist)."""
     width = mask.shape[1]
+    eot = width + n_latents + 1
     return CODIPositions(
         n_pad=(width - mask.sum(1)).tolist(),
         bot=width,
         thoughts=[width + k for k in range(1, n_latents + 1)],
-        eot=width + n_latents + 1,
-        answer_start=width + n_latents + 2,
+        eot=eot,
+        answer_start=eot + len(answer_opening(model)),
         answer_lengths=answer_lengths,
+        n_sweeps=model.latent_loop.n_sweeps,
     )
 
 
@@ -207,6 +225,57 @@ def run_thoughts(
     return z
 
 
+def run_sweeps(
+    model: LoopModel, state: LoopState, z_first: Float[Tensor, "batch d_model"], *, keep_logits: bool
+) -> Float[Tensor, "batch d_model"]:
+    """The thoughts of a Jacobi loop (PCCoT), after question + BOT: sweeps ``0..S`` each feed all ``n``
+    thoughts in one chunk over the question's keys and values (the KV cache is frozen for sweeps before the
+    last, so each sees only the question, as upstream's copy of the question's cache does).
+
+    Sweep 0 feeds the latent token's embedding at every thought; sweep ``s + 1`` feeds ``z_first``
+    (``prj(h_0)``) at thought 1 and ``prj`` of sweep s's ``h_k`` at thought ``k + 1``. At each sweep the hooks
+    ``thought.k.sweep.s.hook_input`` / ``hook_hidden`` / ``hook_projection`` fire for every thought; at the last,
+    ``thought.k.hook_*`` fire after them and the state records its inputs and hidden states (its keys and
+    values stay in the cache for the answer). Returns the last sweep's projection of ``h_n``."""
+    positions, batch = state.positions, z_first.shape[0]
+    n, last = positions.n_latents, positions.n_sweeps
+    if n == 0:
+        return z_first
+    latent_id = model.codi_tokens.latent
+    if latent_id is None:
+        raise ValueError(
+            f"a Jacobi loop needs the latent token's id (codi_tokens.latent) for {model.latent_loop.method}"
+        )
+    inputs = model.token_embeds(torch.full((batch, n), latent_id, dtype=torch.long, device=z_first.device))
+    ones = torch.ones((batch, n), dtype=torch.long, device=z_first.device)
+    logits_at: LogitsAt = "all" if keep_logits or model.logits_hooked() else "none"
+    for sweep in range(last + 1):
+        steps = [model.thought[k].sweep[sweep] for k in range(1, n + 1)]
+        columns = [step.hook_input(inputs[:, i]) for i, step in enumerate(steps)]
+        if sweep == last:  # the tensors recorded are the ones fed, so gradients reach them
+            columns = [model.thought[k].hook_input(column) for k, column in enumerate(columns, start=1)]
+            state.thought_embeds.extend(columns)
+        fed = torch.stack(columns, dim=1)
+        frozen = sweep < last
+        if frozen:
+            state.kv_cache.freeze()
+        try:
+            final, logits = model.forward_embeds(
+                fed, ones, state.kv_cache, positions=positions, logits_at=logits_at, sweep=sweep
+            )
+        finally:
+            if frozen:
+                state.kv_cache.unfreeze()
+        hidden = [step.hook_hidden(final[:, i]) for i, step in enumerate(steps)]
+        projected = [h if model.prj is None else step.hook_projection(model.prj(h)) for h, step in zip(hidden, steps)]
+        inputs = torch.stack([z_first, *projected[:-1]], dim=1)
+    if keep_logits:
+        state.step_logits.extend(logits.unbind(1))
+    for k, h in enumerate(hidden, start=1):
+        z = project(model, k, h, state)
+    return z
+
+
 def run_latents(
     model: LoopModel,
     tokens: Int[Tensor, "batch width"],
@@ -218,11 +287,27 @@ def run_latents(
     through: int | None = None,
 ) -> tuple[LoopState, Float[Tensor, "batch d_model"]]:
     """Question + BOT, then thoughts 1..``through`` (default: every thought), under one KV cache. Returns
-    the state and ``prj(h_through)``, the input of the next thought."""
+    the state and ``prj(h_through)``, the input of the next thought. A Jacobi loop computes every thought
+    (:func:`run_sweeps`): it cannot stop before the last."""
+    if model.latent_loop.is_jacobi and through is not None and through < positions.n_latents:
+        require_sequential(model.latent_loop, f"stopping the loop after thought {through}")
     state, z = run_prompt(model, tokens, mask, positions, keep_logits=keep_logits, prompt_logits=prompt_logits)
+    if model.latent_loop.is_jacobi:
+        return state, run_sweeps(model, state, z, keep_logits=keep_logits)
     if through is None or through >= 1:
         z = run_thoughts(model, state, z, keep_logits=keep_logits, last=through)
     return state, z
+
+
+def require_sequential(latent_loop: LatentLoop, what: str) -> None:
+    """Refuse, naming the method, what needs thought k + 1 to be computed after thought k (branching at a
+    thought, gradients through one step), for a loop that computes its thoughts together in sweeps."""
+    if latent_loop.is_jacobi:
+        raise NotImplementedError(
+            f"{what} needs a sequential loop, but {latent_loop.method}'s computes all thoughts together in "
+            f"{latent_loop.n_sweeps + 1} sweeps; intervene on one sweep with thought.k.sweep.s.hook_* or a "
+            "positional hook at 'thought:k@sweep:s' instead"
+        )
 
 
 def keep_rows(kv_cache: TransformerLensKeyValueCache, rows: Int[Tensor, " n_kept"]) -> None:
@@ -244,8 +329,8 @@ def greedy_decode(
     first_logits: Float[Tensor, "batch d_vocab"] | None = None,
     compact: bool = False,
 ) -> list[list[int]]:
-    """Feed EOT, then greedy tokens (argmax over the rows the loop allows: CODI's excludes only EOT) until EOS
-    or the budget.
+    """Feed EOT (and the loop's answer prompt: :func:`answer_opening`), then greedy tokens (argmax over the rows
+    the loop allows: CODI's excludes only EOT) until EOS or the budget.
 
     Rows stop at their own EOS (later tokens are not recorded); the batch stops when all have.
     With ``first_logits`` (``[batch, d_vocab]``), nothing is fed first: the first token is chosen
@@ -258,7 +343,7 @@ def greedy_decode(
         raise ValueError("compact decoding does not keep logits")
     device, batch = model.cfg.device, state.batch
     eos, n_allowed = model.codi_tokens.eos, model.latent_loop.argmax_width(model.cfg.d_vocab)
-    next_input = torch.full((batch, 1), model.codi_tokens.eot, dtype=torch.long, device=device)
+    next_input = torch.tensor([answer_opening(model)], dtype=torch.long, device=device).expand(batch, -1)
     answers: list[list[int]] = [[] for _ in range(batch)]
     active = torch.arange(batch)  # the original row of each row still in the batch
     finished = torch.zeros(batch, dtype=torch.bool)
@@ -266,7 +351,7 @@ def greedy_decode(
         if step == 0 and first_logits is not None:
             logits = first_logits[:, None]
         else:
-            ones = torch.ones((len(next_input), 1), dtype=torch.long, device=device)
+            ones = torch.ones(next_input.shape, dtype=torch.long, device=device)
             _, logits = model.forward_embeds(
                 model.token_embeds(next_input), ones, state.kv_cache, positions=state.positions
             )
@@ -288,12 +373,27 @@ def greedy_decode(
 
 
 def teacher_forced_input(
-    eot: int, answer_tokens: Int[Tensor, "batch answer_pos"], answer_mask: Int[Tensor, "batch answer_pos"]
-) -> tuple[Int[Tensor, "batch answer_pos"], Int[Tensor, "batch answer_pos"]]:
-    """``[EOT] + answer tokens[:-1]`` and its mask: what teacher forcing feeds after the thoughts."""
-    eot_column = torch.full((answer_tokens.shape[0], 1), eot, dtype=torch.long, device=answer_tokens.device)
-    fed = torch.cat([eot_column, answer_tokens[:, :-1]], dim=1)
-    return fed, torch.cat([torch.ones_like(eot_column), answer_mask[:, :-1]], dim=1)
+    opening: list[int], answer_tokens: Int[Tensor, "batch answer_pos"], answer_mask: Int[Tensor, "batch answer_pos"]
+) -> tuple[Int[Tensor, "batch fed_pos"], Int[Tensor, "batch fed_pos"]]:
+    """``opening + answer tokens[:-1]`` and its mask: what teacher forcing feeds after the thoughts (``opening``
+    is :func:`answer_opening`: ``[EOT]``, then the answer prompt's tokens). The logits at fed position
+    ``len(opening) - 1 + j`` predict answer token ``j``."""
+    batch = answer_tokens.shape[0]
+    columns = torch.tensor([opening], dtype=torch.long, device=answer_tokens.device).expand(batch, -1)
+    fed = torch.cat([columns, answer_tokens[:, :-1]], dim=1)
+    return fed, torch.cat([torch.ones_like(columns), answer_mask[:, :-1]], dim=1)
+
+
+def answer_rows(
+    opening: list[int], answer_length: int, batch: int, answer_index: Sequence | None = None
+) -> Int[Tensor, "batch k"]:
+    """Where, in the chunk :func:`teacher_forced_input` feeds, the logits predicting answer tokens are: every
+    answer token's (``[batch, answer_length]``), or those at ``answer_index`` (per example, one index or k)."""
+    offset = len(opening) - 1
+    if answer_index is None:
+        return torch.arange(answer_length).expand(batch, -1) + offset
+    index = torch.tensor([list(i) if isinstance(i, Sequence) else i for i in answer_index])
+    return (index if index.dim() == 2 else index[:, None]) + offset
 
 
 def check_hooks(model: LoopModel, fwd_hooks: Sequence[tuple[str, HookFn]], positions: CODIPositions) -> None:
@@ -303,6 +403,7 @@ def check_hooks(model: LoopModel, fwd_hooks: Sequence[tuple[str, HookFn]], posit
     for name, fn in fwd_hooks:
         if isinstance(name, str):
             refuse_projection_hook(model.latent_loop, name)
+            check_sweep_hook(name, positions)
             thought = parse_thought_hook(name)
             if thought is not None:
                 k, kind = thought
@@ -311,7 +412,7 @@ def check_hooks(model: LoopModel, fwd_hooks: Sequence[tuple[str, HookFn]], posit
                         f"{name} is outside this run: it has {n} thoughts (thought.k.hook_input for k = 1..{n}, "
                         f"hook_hidden / hook_projection for k = 0..{n})"
                     )
-            elif name not in model.hook_dict:
+            elif name not in model.hook_dict and parse_sweep_hook(name) is None:
                 raise HookNameError(f"no hook point named {name!r} (see model.hook_dict)")
         if isinstance(fn, PositionalHook):
             if fn.scope is not model.chunk_scope:
@@ -324,11 +425,29 @@ def refuse_projection_hook(latent_loop: LatentLoop, name: str) -> None:
     that has none."""
     if latent_loop.has_projection:
         return
-    thought = parse_thought_hook(name)
-    if name.startswith("prj.") or (thought is not None and thought[1] == "projection"):
+    thought, sweep = parse_thought_hook(name), parse_sweep_hook(name)
+    projection = (thought is not None and thought[1] == "projection") or (
+        sweep is not None and sweep[2] == "projection"
+    )
+    if name.startswith("prj.") or projection:
         raise HookNameError(
             f"{name} does not exist for a {latent_loop.method} model: its loop feeds h_k back unchanged, with no "
             "projection head (hook thought.k.hook_hidden or thought.k.hook_input instead)"
+        )
+
+
+def check_sweep_hook(name: str, positions: CODIPositions) -> None:
+    """Refuse a sweep hook (``thought.k.sweep.s.hook_*``) in a run without sweeps, or outside its thoughts
+    ``1..n`` and sweeps ``0..S``."""
+    sweep = parse_sweep_hook(name)
+    if sweep is None:
+        return
+    k, s, _ = sweep
+    if not positions.n_sweeps:
+        raise HookNameError(f"{name} names a sweep, but this run's loop computes its thoughts one after another")
+    if not (1 <= k <= positions.n_latents and 0 <= s <= positions.n_sweeps):
+        raise PositionError(
+            f"{name} is outside this run: it has thoughts 1..{positions.n_latents} and sweeps 0..{positions.n_sweeps}"
         )
 
 

@@ -28,13 +28,13 @@ from transformer_lens import ActivationCache, HookedTransformerConfig
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from codi_lens.core import loop
-from codi_lens.core.components import CODITokens, ProjectionHead, ThoughtStep
+from codi_lens.core.components import CODITokens, ProjectionHead, StepHooks, ThoughtStep
 from codi_lens.core.fused_attention import fuse_attention
 from codi_lens.core.hashing import file_sha256
 from codi_lens.core.hooks import HookFn
 from codi_lens.core.latent_loop import CODI_LOOP, LatentLoop
 from codi_lens.core.loop import LogitsAt, LoopState, stack_steps
-from codi_lens.core.names import parse_thought_hook
+from codi_lens.core.names import parse_sweep_hook, parse_thought_hook
 from codi_lens.core.padding import pad_rows
 from codi_lens.core.positions import ChunkContext, ChunkScope, CODIPositions
 from codi_lens.core.recording import ActivationRecorder
@@ -95,7 +95,8 @@ class CODIModel(HookedSAETransformer):
         if latent_loop.has_projection != (prj_dim is not None):
             raise ValueError(f"{latent_loop.method} {'needs' if latent_loop.has_projection else 'has no'} prj_dim")
         self.prj = None if prj_dim is None else ProjectionHead(cfg.d_model, prj_dim, layernorm=prj_layernorm)
-        self.thought = nn.ModuleList([ThoughtStep() for _ in range(n_thought_hooks + 1)])
+        self.thought = nn.ModuleList()
+        self._grow_thought_hooks(n_thought_hooks)
         if self.prj is not None:
             self.prj.to(device=cfg.device, dtype=cfg.dtype)
         self.chunk_scope = ChunkScope()
@@ -164,10 +165,21 @@ class CODIModel(HookedSAETransformer):
         return self.latent_loop.n_latents if n_latents is None else n_latents
 
     def ensure_thought_hooks(self, n_latents: int) -> None:
-        """Make sure hook points exist for thought steps ``0..n_latents``."""
-        if len(self.thought) < n_latents + 1:
-            self.thought.extend(ThoughtStep() for _ in range(n_latents + 1 - len(self.thought)))
+        """Make sure hook points exist for thought steps ``0..n_latents`` and, for a Jacobi loop, for each of
+        their sweeps ``0..n_sweeps``."""
+        if self._grow_thought_hooks(n_latents):
             self.setup()
+
+    def _grow_thought_hooks(self, n_latents: int) -> bool:
+        """Add the missing thought (and sweep) hook points; whether any was added."""
+        grown = len(self.thought) < n_latents + 1
+        self.thought.extend(ThoughtStep() for _ in range(n_latents + 1 - len(self.thought)))
+        n_sweeps = self.latent_loop.n_sweeps + 1 if self.latent_loop.is_jacobi else 0
+        for step in list(self.thought)[1:]:
+            if len(step.sweep) < n_sweeps:
+                step.sweep.extend(StepHooks() for _ in range(n_sweeps - len(step.sweep)))
+                grown = True
+        return grown
 
     def tokenize_questions(self, questions: Sequence[str]) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
         """Write each question as the loop's method does (CODI: upstream's cleaning), tokenize (BOS as the
@@ -226,6 +238,7 @@ class CODIModel(HookedSAETransformer):
         *,
         positions: CODIPositions,
         logits_at: LogitsAt = "last",
+        sweep: int | None = None,
     ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch n d_vocab"] | None]:
         """Run the transformer on input embeddings, appending to ``kv_cache`` if given.
 
@@ -240,12 +253,13 @@ class CODIModel(HookedSAETransformer):
         ``[batch, k]``) tensor of indices into this chunk gives ``[batch, 1 (or k), d_vocab]`` at each
         row's own indices (the unembedding, the largest matmul of a small model with a large
         vocabulary, then runs only there). Every listener of :meth:`listening` is told each block as it ends.
+        ``sweep``: the sweep of a Jacobi loop this chunk computes (published to hooks with its positions).
         """
         n_past = 0 if kv_cache is None else kv_cache.previous_attention_mask.shape[1]
         span = torch.arange(n_past, n_past + embeds.shape[1])
         attention_mask = attention_mask.to(self.cfg.device)
         full_mask = attention_mask if kv_cache is None else kv_cache.append_attention_mask(attention_mask)
-        with self.chunk_scope.scoped(ChunkContext(span, positions)):
+        with self.chunk_scope.scoped(ChunkContext(span, positions, sweep)):
             residual = self.hook_embed(embeds.to(self.cfg.dtype))
             if self.cfg.positional_embedding_type == "standard":
                 residual = residual + self.hook_pos_embed(self.pos_embed(attention_mask, n_past, full_mask))
@@ -267,7 +281,7 @@ class CODIModel(HookedSAETransformer):
                 return final, None
             if logits_at == "all":
                 return final, self.unembed(final)
-        with self.chunk_scope.scoped(ChunkContext(span[-1:], positions)):  # the unembedding sees the last position
+        with self.chunk_scope.scoped(ChunkContext(span[-1:], positions, sweep)):  # the unembedding: the last position
             return final, self.unembed(final[:, -1:])
 
     def logits_hooked(self) -> bool:
@@ -317,7 +331,7 @@ class CODIModel(HookedSAETransformer):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         tokens, mask = loop.prepare(self, questions, n_latents)
-        positions = loop.run_positions(mask, n_latents, [max_new_tokens] * len(questions))
+        positions = loop.run_positions(self, mask, n_latents, [max_new_tokens] * len(questions))
         with loop.hooks_for_run(self, fwd_hooks, positions):
             state, _ = loop.run_latents(
                 self, tokens, mask, positions, keep_logits=return_logits, prompt_logits=prompt_logits
@@ -418,7 +432,7 @@ class CODIModel(HookedSAETransformer):
         """
         n_latents = self.latents_or_default(n_latents)
         tokens, mask = loop.prepare(self, questions, n_latents)
-        positions = loop.run_positions(mask, n_latents, [1] * len(questions))
+        positions = loop.run_positions(self, mask, n_latents, [1] * len(questions))
         recorder = None if names_filter is False else ActivationRecorder(self.chunk_scope, device)
         hooks = [*fwd_hooks, *([] if recorder is None else self._caching_hooks(recorder, names_filter, n_latents))]
         with loop.hooks_for_run(self, hooks, positions):
@@ -437,7 +451,11 @@ class CODIModel(HookedSAETransformer):
         self.ensure_thought_hooks(n_latents)
 
         def fires(name: str) -> bool:
-            thought = parse_thought_hook(name)
+            thought, sweep = parse_thought_hook(name), parse_sweep_hook(name)
+            if sweep is not None:
+                k, s, kind = sweep
+                projection_ok = kind != "projection" or self.latent_loop.has_projection
+                return projection_ok and 1 <= k <= n_latents and s <= self.latent_loop.n_sweeps
             if thought is None:
                 return True
             if thought[1] == "projection" and not self.latent_loop.has_projection:
@@ -459,9 +477,10 @@ class CODIModel(HookedSAETransformer):
     ) -> AnswerScores:
         """Teacher-forced logits at every answer token, after running the real latent loop.
 
-        Feeds ``[EOT] + answer tokens`` in one pass under the latent loop's KV cache; row j of the
-        logits predicts answer token j. ``answers`` are strings (tokenized without special tokens)
-        or token-id lists (e.g. a generation's ``answer_tokens``). Use it for KL and logit-difference
+        Feeds ``[EOT] + answer tokens`` (with the loop's answer prompt after EOT, PCCoT's) in one pass under
+        the latent loop's KV cache; row j of the logits predicts answer token j. ``answers`` are strings
+        (tokenized without special tokens) or token-id lists (e.g. a generation's ``answer_tokens``). Use it for
+        KL and logit-difference
         metrics (e.g. at the first answer-number token of ``"The answer is: 18"``).
         """
         if isinstance(answers, str) or len(questions) != len(answers):
@@ -469,12 +488,14 @@ class CODIModel(HookedSAETransformer):
         n_latents = self.latents_or_default(n_latents)
         tokens, mask = loop.prepare(self, questions, n_latents)
         answer_tokens, answer_mask = self.tokenize_answers(answers, append_eos)
-        positions = loop.run_positions(mask, n_latents, answer_mask.sum(1).tolist())
-        fed, fed_mask = loop.teacher_forced_input(self.codi_tokens.eot, answer_tokens, answer_mask)
+        positions = loop.run_positions(self, mask, n_latents, answer_mask.sum(1).tolist())
+        opening = loop.answer_opening(self)
+        fed, fed_mask = loop.teacher_forced_input(opening, answer_tokens, answer_mask)
+        answer_rows = loop.answer_rows(opening, answer_tokens.shape[1], len(questions))
         with loop.hooks_for_run(self, fwd_hooks, positions):
             state, _ = loop.run_latents(self, tokens, mask, positions)
             _, logits = self.forward_embeds(
-                self.token_embeds(fed), fed_mask, state.kv_cache, positions=positions, logits_at="all"
+                self.token_embeds(fed), fed_mask, state.kv_cache, positions=positions, logits_at=answer_rows
             )
         batch, like = len(questions), state.kv_cache[0].past_keys
         return AnswerScores(

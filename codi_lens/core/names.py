@@ -9,7 +9,10 @@ named like TransformerLens' (``thought.{k}.hook_*``, :func:`thought_hook_name`):
 - ``thought.{k}.hook_hidden``      (k = 0..n) ``h_k``, what the projection consumes ``[batch, d_model]``
 - ``thought.{k}.hook_projection``  (k = 0..n) ``prj(h_k)``                          ``[batch, d_model]``
 
-``thought.{k}.hook_input`` receives ``thought.{k-1}.hook_projection`` unless a hook changes it. The
+``thought.{k}.hook_input`` receives ``thought.{k-1}.hook_projection`` unless a hook changes it. A loop with
+the Jacobi schedule (PCCoT) computes every thought once per sweep ``s = 0..S`` and adds, for ``k = 1..n``,
+``thought.{k}.sweep.{s}.hook_input`` / ``hook_hidden`` / ``hook_projection`` (:func:`sweep_hook_name`);
+there ``thought.{k}.hook_*`` fire at the last sweep, the one the answer reads, after its sweep hooks. The
 projection head itself has hook points ``prj.hook_in``, ``prj.hook_mid`` (after GELU) and ``prj.hook_out``,
 which fire at every step. An SAE attached at a hook adds ``<hook>.hook_sae_*`` points (:func:`sae_hook_name`).
 
@@ -27,6 +30,7 @@ from transformer_lens.utilities import get_act_name
 ThoughtHookKind = Literal["input", "hidden", "projection"]
 THOUGHT_HOOK_KINDS: tuple[ThoughtHookKind, ...] = ("input", "hidden", "projection")
 _THOUGHT_HOOK = re.compile(r"^thought\.(\d+)\.hook_(input|hidden|projection)$")
+_SWEEP_HOOK = re.compile(r"^thought\.(\d+)\.sweep\.(\d+)\.hook_(input|hidden|projection)$")
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(?:attn\.)?hook_([a-z_]+)$")
 
 #: Activations whose position axis spans every cached position ``0..last`` at each chunk (rotary keys
@@ -59,6 +63,24 @@ def parse_thought_hook(name: str) -> tuple[int, ThoughtHookKind] | None:
     """``(k, kind)`` of a thought hook name such as ``thought.3.hook_input``; None for other names."""
     match = _THOUGHT_HOOK.match(name)
     return None if match is None else (int(match.group(1)), match.group(2))  # type: ignore[return-value]
+
+
+def sweep_hook_name(k: int, sweep: int, kind: ThoughtHookKind = "hidden") -> str:
+    """Name of the hook point of thought ``k`` (``k >= 1``) at sweep ``sweep`` of a Jacobi loop, e.g.
+    ``thought.3.sweep.2.hook_hidden``."""
+    if kind not in THOUGHT_HOOK_KINDS:
+        raise ValueError(f"kind must be one of {THOUGHT_HOOK_KINDS}, got {kind!r}")
+    if k < 1 or sweep < 0:
+        raise ValueError(f"no sweep hook at thought {k}, sweep {sweep}: thoughts are k >= 1, sweeps s >= 0")
+    return f"thought.{k}.sweep.{sweep}.hook_{kind}"
+
+
+def parse_sweep_hook(name: str) -> tuple[int, int, ThoughtHookKind] | None:
+    """``(k, sweep, kind)`` of a sweep hook name such as ``thought.3.sweep.2.hook_input``; None for other names."""
+    match = _SWEEP_HOOK.match(name)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2)), match.group(3)  # type: ignore[return-value]
 
 
 def sae_hook_name(hook: str, point: str = "acts_post") -> str:

@@ -18,6 +18,14 @@ fed back; the logits that predict answer token ``j`` come from the position befo
 BOS included where the tokenizer adds one), or back from BOT (``question:-1`` is the last question
 token); with left padding ``question:0`` sits at a different absolute position in each example.
 
+A loop with the Jacobi schedule (PCCoT) computes the thought positions once per sweep ``s = 0..S``; the
+keys and values the answer reads are the last sweep's. There ``"thought:k"`` (and any position in the
+thought span) means thought k at the last sweep, and ``"thought:k@sweep:s"`` thought k at sweep s
+(:meth:`CODIPositions.sweep_of`); a chunk of a sweep publishes its sweep, and a positional hook acts only
+at the sweep its position names. Caches recorded over a Jacobi run hold the last sweep at those positions.
+A method with an answer prompt (PCCoT's ``"The answer is:"``) feeds it after EOT: its tokens sit at
+``eot + 1 ..``, and ``answer:0`` after them.
+
 Named positions are resolved per run (:meth:`CODIPositions.resolve`), so a clean and a corrupted
 batch padded to different widths address the same thought with the same name. Integer positions are
 absolute and shared by the batch.
@@ -60,6 +68,7 @@ class CODIPositions:
         answer_start: position holding answer token 0 (``answer:0``).
         answer_lengths: answer tokens per example (generated or teacher-forced, EOS included). Before
             a run starts this is the budget. Answer token ``j`` has a position for ``j < length - 1``.
+        n_sweeps: the last sweep's index for a Jacobi loop (sweeps ``0..n_sweeps``); 0 for a sequential one.
     """
 
     n_pad: list[int]
@@ -68,6 +77,7 @@ class CODIPositions:
     eot: int
     answer_start: int
     answer_lengths: list[int]
+    n_sweeps: int = 0
 
     def __post_init__(self) -> None:
         if len(self.answer_lengths) != len(self.n_pad):
@@ -116,12 +126,33 @@ class CODIPositions:
         """
         if isinstance(positions, (str, int)):
             raise TypeError("positions must be a list, e.g. ['thought:3'] or [12]")
-        columns = [self._resolve_one(p) for p in positions]
+        columns = [self._resolve_one(split_sweep(p)[0]) for p in positions]
+        for p in positions:
+            self.sweep_of(p)  # a sweep named where there is none is refused here
         table = torch.stack(columns, dim=1) if columns else torch.zeros((len(self.n_pad), 0), dtype=torch.long)
         for row in table.tolist():
             if len(set(row)) != len(row):
                 raise PositionError(f"positions {list(positions)} select the same position twice ({row})")
         return table
+
+    def sweep_of(self, spec: Position) -> int | None:
+        """The sweep at which ``spec`` is addressed: for a Jacobi run and a position in the thought span, the
+        sweep it names (``"thought:3@sweep:1"``) or else the last; None for any other position or run.
+
+        Raises :class:`PositionError` for a sweep outside ``0..n_sweeps``, or named in a sequential run or
+        outside the thought span."""
+        base, sweep = split_sweep(spec)
+        in_span = bool(self.thoughts) and all(
+            self.thoughts[0] <= int(p) <= self.thoughts[-1] for p in self._resolve_one(base).tolist()
+        )
+        if sweep is not None and not (self.n_sweeps and in_span):
+            where = "this run's loop has no sweeps" if not self.n_sweeps else f"{base!r} is not a thought position"
+            raise PositionError(f"{spec!r} names a sweep, but {where}")
+        if sweep is not None and not 0 <= sweep <= self.n_sweeps:
+            raise PositionError(f"{spec!r} is outside this run: its sweeps are 0..{self.n_sweeps}")
+        if not (self.n_sweeps and in_span):
+            return None
+        return self.n_sweeps if sweep is None else sweep
 
     def _resolve_one(self, spec: Position) -> Int[Tensor, " batch"]:
         batch = len(self.n_pad)
@@ -160,6 +191,15 @@ class CODIPositions:
         return torch.as_tensor(self.n_pad, dtype=torch.long) + j
 
 
+_SWEEP_SUFFIX = re.compile(r"^(.+)@sweep:(-?\d+)$")
+
+
+def split_sweep(spec: Position) -> tuple[Position, int | None]:
+    """``("thought:3", 2)`` for ``"thought:3@sweep:2"``; ``(spec, None)`` for a position naming no sweep."""
+    match = _SWEEP_SUFFIX.match(spec) if isinstance(spec, str) else None
+    return (spec, None) if match is None else (match.group(1), int(match.group(2)))
+
+
 @dataclass(frozen=True)
 class ChunkContext:
     """What a hook may know about the chunk being computed.
@@ -167,10 +207,21 @@ class ChunkContext:
     Attributes:
         span: absolute positions of the chunk's new tokens, ``[n_new]``, contiguous.
         positions: the run's position map (answer lengths are the budget while generating).
+        sweep: the sweep this chunk computes, in a Jacobi loop's thought span; None for every other chunk.
     """
 
     span: Int[Tensor, " n_new"]
     positions: CODIPositions
+    sweep: int | None = None
+
+    @property
+    def is_final(self) -> bool:
+        """Whether what this chunk computes stays in the run: any chunk but a Jacobi sweep before the last."""
+        return self.sweep is None or self.sweep == self.positions.n_sweeps
+
+    def reaches(self, position: Position) -> bool:
+        """Whether this chunk computes ``position`` at the sweep it is addressed at (always, outside sweeps)."""
+        return self.sweep is None or self.positions.sweep_of(position) in (None, self.sweep)
 
     @property
     def start(self) -> int:
@@ -181,7 +232,7 @@ class ChunkContext:
         positions (its index along the activation's position axis), or -1 where it is outside the chunk."""
         wanted = self.positions.resolve([position])[:, 0]  # [batch]
         offset = wanted - self.start
-        inside = (offset >= 0) & (offset < len(self.span))
+        inside = (offset >= 0) & (offset < len(self.span)) & self.reaches(position)
         return torch.where(inside, offset, torch.full_like(offset, -1))
 
     def positions_of(self, hook_name: str) -> Int[Tensor, " pos"]:

@@ -91,6 +91,9 @@ class _SequenceBuffer:
 class ActivationRecorder:
     """A forward hook that records activations across a CODI run's chunks (see the module docstring).
 
+    In a Jacobi loop (PCCoT) only the last sweep's positional activations are recorded (the ones the answer
+    reads); per-sweep ones are at the sweep hooks (``thought.k.sweep.s.hook_*``), which are recorded.
+
     Detached (default): positional activations go to whole-sequence buffers (a hook firing twice in one
     chunk, as TransformerLens' ``ln1`` does for queries, keys and values, keeps its last value); rotated keys,
     which cover every cached position, are cut to the chunk's own positions; per-step thought and
@@ -117,6 +120,8 @@ class ActivationRecorder:
     def __call__(self, acts: Tensor, hook: HookPoint) -> None:
         name = hook.name
         axis = position_axis(name)
+        if axis is not None and not self._scope.current.is_final:
+            return  # a Jacobi sweep before the last: the last sweep computes these positions again
         if self.keep_graph:
             self._chunks[name].append((None if axis is None else self._scope.current, acts))
             return
