@@ -89,6 +89,8 @@ class BaseArchitecture:
         d_model, n_layers, n_heads, n_kv_heads, d_head, d_mlp: shapes.
         hf_config: the raw config dict (``config.json`` or a built-in).
         source: where it came from (a path or a built-in name), for error messages.
+        added_tokens: rows the latent method grows the vocabulary by (CODI's and Coconut's 3; a PCCoT
+            checkpoint's own count, its ``[PAD]`` included).
     """
 
     family: Family
@@ -101,11 +103,12 @@ class BaseArchitecture:
     d_mlp: int
     hf_config: dict[str, Any]
     source: str
+    added_tokens: int = N_CODI_TOKENS
 
     @property
     def codi_vocab(self) -> int:
-        """V + 3: the vocabulary of the CODI checkpoint (pad, bot, eot appended)."""
-        return self.base_vocab + N_CODI_TOKENS
+        """V + 3: the vocabulary of the CODI checkpoint (pad, bot, eot appended); V + ``added_tokens`` in general."""
+        return self.base_vocab + self.added_tokens
 
     @property
     def pad_id(self) -> int:

@@ -41,7 +41,7 @@ COCONUT_PREFIX = "base_causallm."
 #: Coconut's second name for its input embeddings (``Coconut.embedding``), present in what upstream saves.
 COCONUT_EMBEDDING = "embedding.weight"
 #: The methods whose checkpoints codi_lens reads, as a layout names them.
-METHOD_NAMES = {"codi": "CODI", "coconut": "Coconut"}
+METHOD_NAMES = {"codi": "CODI", "coconut": "Coconut", "pccot": "PCCoT"}
 #: Where SIM-CoT saves its training-only auxiliary decoder, by the loop it trained: key prefixes, the first
 #: of which holds a whole HF causal LM.
 SIM_COT_DECODER = {"codi": ("decoder.", "pj_in.", "pj_out."), "coconut": ("expainable_llm.",)}
@@ -96,9 +96,11 @@ class CheckpointLayout:
     @property
     def prefix(self) -> str:
         """Key prefix of the base LM's modules (CODI: ``codi.base_model.model.`` with LoRA, else ``codi.``;
-        Coconut: ``base_causallm.``)."""
+        Coconut: ``base_causallm.``; PCCoT's adapter and base shown together, none)."""
         if self.method == "coconut":
             return COCONUT_PREFIX
+        if self.method == "pccot":
+            return ""
         return LORA_PREFIX if self.uses_lora else PLAIN_PREFIX
 
     @property
@@ -274,7 +276,7 @@ def _check_sim_cot_decoder(info: dict[str, TensorInfo], method: str) -> int:
     embeddings = [f"{lm}model.embed_tokens.weight", f"{lm}transformer.wte.weight"]
     if not any(k in info for k in embeddings):
         raise CheckpointError(
-            f"{len(found)} key(s) under {'/'.join(SIM_COT_DECODER[method])} ({_listing(found)}) look like SIM-CoT's "
+            f"{len(found)} key(s) under {'/'.join(SIM_COT_DECODER[method])} ({key_listing(found)}) look like SIM-CoT's "
             f"auxiliary decoder, but it has no token embedding ({' or '.join(embeddings)}); the file is "
             f"{describe_contents(info)}"
         )
@@ -443,10 +445,29 @@ def expected_tensors(
     return expected
 
 
-def _listing(keys: list[str]) -> str:
+def key_listing(keys: list[str]) -> str:
     shown = ", ".join(repr(k) for k in keys[:MAX_LISTED])
     more = f" (+{len(keys) - MAX_LISTED} more)" if len(keys) > MAX_LISTED else ""
     return f"{shown}{more}"
+
+
+def key_problems(
+    info: Mapping[str, TensorInfo], expected: Mapping[str, tuple[int, ...]], *, ignored: set[str] = frozenset()
+) -> list[str]:
+    """What is wrong with a file's keys against ``expected`` (key -> shape), one phrase per kind: missing,
+    unexpected (``ignored`` aside) and mis-shaped keys, each listed (the first few, with counts)."""
+    missing = sorted(set(expected) - set(info))
+    unexpected = sorted(set(info) - set(expected) - ignored)
+    wrong_shape = sorted(k for k in set(expected) & set(info) if tuple(info[k].shape) != expected[k])
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {key_listing(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {key_listing(unexpected)}")
+    if wrong_shape:
+        detail = [f"{k} has {info[k].shape}, expected {expected[k]}" for k in wrong_shape]
+        problems.append(f"{len(wrong_shape)} key(s) with the wrong shape: {key_listing(detail)}")
+    return problems
 
 
 def _structural_mismatch(info: dict[str, TensorInfo], arch: BaseArchitecture, layout: CheckpointLayout) -> str | None:
@@ -483,19 +504,8 @@ def validate_checkpoint(
     structural = _structural_mismatch(info, arch, layout)
     if structural:
         raise CheckpointError(f"{path}: {structural}; the file is {describe_contents(info)}")
-    expected = expected_tensors(arch, layout, set(info))
     auxiliary = set(_sim_cot_keys(set(info), layout.method))
-    missing = sorted(set(expected) - set(info))
-    unexpected = sorted(set(info) - set(expected) - auxiliary)
-    wrong_shape = sorted(k for k in set(expected) & set(info) if tuple(info[k].shape) != expected[k])
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {_listing(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
-    if wrong_shape:
-        detail = [f"{k} has {info[k].shape}, expected {expected[k]}" for k in wrong_shape]
-        problems.append(f"{len(wrong_shape)} key(s) with the wrong shape: {_listing(detail)}")
+    problems = key_problems(info, expected_tensors(arch, layout, set(info)), ignored=auxiliary)
     if problems:
         raise CheckpointError(
             f"{path} does not match base {arch.source!r}: "

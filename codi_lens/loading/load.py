@@ -27,7 +27,7 @@ from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights,
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from codi_lens.core.components import CODITokens
-from codi_lens.core.latent_loop import LATENT_LOOPS
+from codi_lens.core.latent_loop import LATENT_LOOPS, LatentLoop
 from codi_lens.core.model import CODIModel
 from codi_lens.loading.architectures import BaseArchitecture, describe_base, to_hooked_config
 from codi_lens.loading.checkpoint import (
@@ -40,6 +40,7 @@ from codi_lens.loading.checkpoint import (
     validate_checkpoint,
 )
 from codi_lens.loading.llama_tokenizer import llama3_tokenizer
+from codi_lens.loading.pccot import is_pccot_checkpoint, open_pccot
 from codi_lens.loading.registry import DEFAULT_MODEL, SHIPPED_MODELS
 
 #: Built-in bases whose tokenizer codi_lens can build offline when no ``tokenizer=`` is given.
@@ -274,8 +275,12 @@ def model_from_tensors(
     dtype: torch.dtype = torch.float32,
     checkpoint_file: Path | None = None,
     progress: bool = False,
+    latent_loop: LatentLoop | None = None,
+    tokens: CODITokens | None = None,
 ) -> CODIModel:
     """Build a CPU :class:`CODIModel` from an (already validated) upstream-layout state dict.
+
+    ``latent_loop`` and ``tokens`` default to the layout's method's (a PCCoT checkpoint carries its own).
 
     Memory: the model's parameters, plus one part's converted weights at a time (a block, or the embeddings
     and unembedding) and whatever ``tensors`` holds (a :class:`CheckpointTensors` reads one tensor per
@@ -283,7 +288,9 @@ def model_from_tensors(
     cfg = to_hooked_config(arch, device="cpu", dtype=dtype)
     n_parts = cfg.n_layers + 4 + (layout.prj_dim is not None)  # the modules, 2 outside, the blocks, b_U, prj
     with tqdm(total=n_parts, desc="loading", unit="part", disable=not progress) as bar:
-        model = _filled_model(tensors, layout, arch, tokenizer, cfg, lora_alpha, checkpoint_file, bar)
+        model = _filled_model(
+            tensors, layout, arch, tokenizer, cfg, lora_alpha, checkpoint_file, bar, latent_loop, tokens
+        )
     return model.eval()
 
 
@@ -296,18 +303,22 @@ def _filled_model(
     lora_alpha: float,
     checkpoint_file: Path | None,
     bar: tqdm,
+    latent_loop: LatentLoop | None,
+    tokens: CODITokens | None,
 ) -> CODIModel:
     """The model's modules built (one step of ``bar``), then every part of the checkpoint copied in."""
     if layout.method == "coconut":
         tokenizer = with_coconut_tokens(tokenizer, arch)
+    latent_loop = LATENT_LOOPS[layout.method] if latent_loop is None else latent_loop
     model = CODIModel(
         cfg,
         tokenizer,
-        tokens=_codi_tokens(arch, tokenizer, layout.method),
+        tokens=_codi_tokens(arch, tokenizer, layout.method) if tokens is None else tokens,
         prj_dim=layout.prj_dim,
         prj_layernorm=layout.prj_layernorm,
+        n_thought_hooks=latent_loop.n_latents,
         checkpoint_file=checkpoint_file,
-        latent_loop=LATENT_LOOPS[layout.method],
+        latent_loop=latent_loop,
     )
     model.store_weights_for_linear(keep_values=False)  # the layout the weights are copied into
     scale = lora_alpha / layout.lora_rank if layout.uses_lora else 0.0
@@ -389,22 +400,10 @@ def load_codi(
         CheckpointError: the file does not match the base (names the offending keys).
     """
     requested, requested_base = checkpoint, base
-    checkpoint, base = _locate(checkpoint, base)
-    weights_file, arch = resolve_checkpoint_file(checkpoint), describe_base(base)
-    info = read_tensor_info(weights_file)
-    method = detect_layout(info).method  # the keys say which tokenizer a built-in base needs
-    tok = _resolve_tokenizer(tokenizer, base, method)  # a missing tokenizer is named before the keys are checked
-    layout = validate_checkpoint(info, arch, path=str(weights_file))
-    model = model_from_tensors(
-        CheckpointTensors(weights_file),
-        layout,
-        arch,
-        tok,
-        lora_alpha=lora_alpha,
-        dtype=dtype,
-        checkpoint_file=weights_file,
-        progress=progress,
-    )
+    if is_pccot_checkpoint(checkpoint):
+        model = _load_pccot(checkpoint, base, tokenizer, dtype=dtype, progress=progress)
+    else:
+        model = _load_state_dict(checkpoint, base, tokenizer, lora_alpha=lora_alpha, dtype=dtype, progress=progress)
     if str(device) != "cpu":
         model.cfg.device = str(device)
         model.to(device)
@@ -419,6 +418,68 @@ def load_codi(
             checkpoint_sha256=model.checkpoint_sha256,
         )
     return model.eval()
+
+
+def _load_pccot(
+    checkpoint: str | Path, base: str | Path | None, tokenizer: Any, *, dtype: torch.dtype, progress: bool
+) -> CODIModel:
+    """A PCCoT directory (adapter, configs, tokenizer) on its base's weights; LoRA's alpha comes from
+    ``adapter_config.json``, the loop's settings from ``config.json`` and ``pccot_args.json``."""
+    pccot, arch, tensors = open_pccot(checkpoint, _pccot_base(checkpoint, base))
+    tok = (
+        tokenizer
+        if isinstance(tokenizer, PreTrainedTokenizerBase)
+        else _resolve_tokenizer(tokenizer or checkpoint, checkpoint)
+    )
+    return model_from_tensors(
+        tensors,
+        pccot.layout(arch),
+        arch,
+        tok,
+        lora_alpha=pccot.lora_alpha,
+        dtype=dtype,
+        checkpoint_file=pccot.adapter_file,
+        progress=progress,
+        latent_loop=pccot.latent_loop(),
+        tokens=pccot.tokens(tok),
+    )
+
+
+def _pccot_base(checkpoint: str | Path, base: str | Path | None) -> str | Path:
+    if base is None:
+        raise CheckpointError(
+            f"--base is required for PCCoT checkpoint {str(checkpoint)!r}: the directory of the base model whose "
+            "weights it adapts (a PCCoT directory holds only the adapter)"
+        )
+    return base
+
+
+def _load_state_dict(
+    checkpoint: str | Path,
+    base: str | Path | None,
+    tokenizer: Any,
+    *,
+    lora_alpha: float,
+    dtype: torch.dtype,
+    progress: bool,
+) -> CODIModel:
+    """A CODI or Coconut state dict (one file) on the base architecture it was trained from."""
+    checkpoint, base = _locate(checkpoint, base)
+    weights_file, arch = resolve_checkpoint_file(checkpoint), describe_base(base)
+    info = read_tensor_info(weights_file)
+    method = detect_layout(info).method  # the keys say which tokenizer a built-in base needs
+    tok = _resolve_tokenizer(tokenizer, base, method)  # a missing tokenizer is named before the keys are checked
+    layout = validate_checkpoint(info, arch, path=str(weights_file))
+    return model_from_tensors(
+        CheckpointTensors(weights_file),
+        layout,
+        arch,
+        tok,
+        lora_alpha=lora_alpha,
+        dtype=dtype,
+        checkpoint_file=weights_file,
+        progress=progress,
+    )
 
 
 def _locate(checkpoint: str | Path, base: str | Path | None) -> tuple[str | Path, str | Path]:
@@ -443,7 +504,9 @@ def check_codi(checkpoint: str | Path = DEFAULT_MODEL, base: str | Path | None =
     """What :func:`load_codi` would check, without reading a weight: the checkpoint file exists and every key
     and shape in its header fits the base (:class:`CheckpointError` names the offending ones). Returns the
     base's architecture (layers, heads, widths), so flags that name layers or sites can be checked before
-    the model loads."""
+    the model loads. A PCCoT directory is checked with its base's weights file (its header only)."""
+    if is_pccot_checkpoint(checkpoint):
+        return open_pccot(checkpoint, _pccot_base(checkpoint, base))[1]
     checkpoint, base = _locate(checkpoint, base)
     return _check(checkpoint, base)[1]
 
