@@ -77,12 +77,15 @@ def save_base_weights(base_dir: Path, *, seed: int, init_std: float = 0.05) -> N
 def build_pccot_module(base_dir: str | Path, tokenizer: PreTrainedTokenizerBase, *, use_projection: bool) -> nn.Module:
     """The base LM loaded from ``base_dir`` into upstream's class, its vocabulary grown to the tokenizer's length
     (fresh rows random, as ``resize_token_embeddings`` leaves them), with ``prj`` (random) when
-    ``use_projection``; not yet wrapped by peft."""
+    ``use_projection``, in float32 (a bfloat16 base is cast on load, rotary buffers computed in float32); not yet
+    wrapped by peft."""
     config = AutoConfig.from_pretrained(str(base_dir))
     config.use_projection = use_projection
     family = "gpt2" if config.model_type == "gpt2" else "llama"
     torch.manual_seed(0)
-    lm = PCCOT_CLASSES[family].from_pretrained(str(base_dir), config=config, attn_implementation="eager")
+    lm = PCCOT_CLASSES[family].from_pretrained(
+        str(base_dir), config=config, attn_implementation="eager", dtype=torch.float32
+    )
     lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     return lm.eval()
 
@@ -93,12 +96,14 @@ def trainable_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [bot, eot, latent, tokenizer.pad_token_id, tokenizer.eos_token_id]
 
 
-def wrap_with_peft(module: nn.Module, tokenizer: PreTrainedTokenizerBase, family: Family, *, seed: int):
+def wrap_with_peft(
+    module: nn.Module, tokenizer: PreTrainedTokenizerBase, family: Family, *, seed: int, lora_r: int = 8
+):
     """``get_peft_model`` as ``run_ccot.py`` calls it, with every trained value drawn at random (LoRA B non-zero,
     the trainable rows and the head)."""
     gpt2 = family == "gpt2"
     config = LoraConfig(
-        r=8,
+        r=lora_r,
         lora_alpha=32,
         lora_dropout=0.0,
         target_modules=GPT2_TARGETS if gpt2 else LLAMA_TARGETS,
@@ -129,11 +134,34 @@ def make_tiny_pccot(
     root = Path(root)
     base_dir = make_base_dir(root / "base", family)
     save_base_weights(base_dir, seed=seed)
-    tokenizer = pccot_tokenizer(base_dir)
-    model = wrap_with_peft(
-        build_pccot_module(base_dir, tokenizer, use_projection=use_projection), tokenizer, family, seed=seed
+    checkpoint = save_pccot_checkpoint(
+        root / "checkpoint",
+        base_dir,
+        family,
+        use_projection=use_projection,
+        n_latents=n_latents,
+        n_sweeps=n_sweeps,
+        seed=seed,
     )
-    checkpoint = root / "checkpoint"
+    return checkpoint, base_dir
+
+
+def save_pccot_checkpoint(
+    checkpoint: Path,
+    base_dir: Path,
+    family: Family,
+    *,
+    use_projection: bool,
+    n_latents: int,
+    n_sweeps: int,
+    seed: int,
+    lora_r: int = 8,
+) -> Path:
+    """A PCCoT checkpoint directory for the base in ``base_dir`` (which holds its weights), as ``run_ccot.py``
+    saves one, every trained value random."""
+    tokenizer = pccot_tokenizer(base_dir)
+    module = build_pccot_module(base_dir, tokenizer, use_projection=use_projection)
+    model = wrap_with_peft(module, tokenizer, family, seed=seed, lora_r=lora_r)
     model.save_pretrained(str(checkpoint))
     config = model.base_model.model.config.to_dict()
     config.update(
@@ -156,11 +184,11 @@ def make_tiny_pccot(
         "answer_prompt": ANSWER_PROMPT,
         "num_latent_tokens": n_latents,
         "use_peft": True,
-        "lora_r": 8,
+        "lora_r": lora_r,
         "lora_alpha": 32,
         "lora_dropout": 0.0,
         "lora_target_modules": "-".join(GPT2_TARGETS if family == "gpt2" else LLAMA_TARGETS),
         "lora_modules_to_save": "prj" if use_projection else "",
     }
     (checkpoint / "pccot_args.json").write_text(json.dumps(args, indent=4))
-    return checkpoint, base_dir
+    return checkpoint

@@ -315,3 +315,21 @@ def test_gradients_match_reference_autograd(pccot, questions, start):
         assert _max_diff(grads.grads["hook_embed"][0, :width], ref["prefix_grad"]) <= ATOL
     assert grads.acts["hook_embed"].shape[1] == width + N_LATENTS + len(loop.answer_opening(model)) + len(answer) - 1
     assert float(ref["fed_grad"].abs().max()) > 1e-3
+
+
+def test_float32_rows_beside_a_bfloat16_embedding_keep_their_precision(pccot, tmp_path):
+    """peft saves the trained rows in float32 beside a bfloat16 grown embedding; the model's rows are the
+    float32 values, not their bfloat16 rounding."""
+    checkpoint, base, *_ = pccot
+    broken = _copy(checkpoint, tmp_path)
+    adapter = load_file(broken / "adapter_model.safetensors")
+    for key in [k for k in adapter if k.endswith("token_adapter.base_layer.weight")]:
+        adapter[key] = adapter[key].to(torch.bfloat16)
+    save_file(adapter, broken / "adapter_model.safetensors")
+    model = load_codi(broken, base)
+    delta = next(v for k, v in adapter.items() if k.endswith("embed_tokens.token_adapter.trainable_tokens_delta")
+                 or k.endswith("wte.token_adapter.trainable_tokens_delta"))  # fmt: skip
+    assert delta.dtype == torch.float32
+    bot = model.codi_tokens.bot
+    assert torch.equal(model.embed.W_E[bot], delta[0]) and torch.equal(model.unembed.W_U[:, bot], delta[0])
+    assert not torch.equal(delta[0].to(torch.bfloat16).float(), delta[0])  # the rounding would show

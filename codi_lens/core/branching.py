@@ -353,13 +353,8 @@ def _teacher_force(
     fed, fed_mask = loop.teacher_forced_input(opening, answer_tokens.repeat(blocks, 1), answer_mask.repeat(blocks, 1))
     rows = loop.answer_rows(opening, answer_tokens.shape[1], len(answers), answer_index)
     logits_at = rows.repeat(blocks, 1)
-    if keep_cache:
-        state.kv_cache.freeze()
-    try:
+    with loop.cache_kept(state.kv_cache, keep_cache):
         _, logits = model.forward_embeds(
             model.token_embeds(fed), fed_mask, state.kv_cache, positions=wide, logits_at=logits_at
         )
-    finally:
-        if keep_cache:
-            state.kv_cache.unfreeze()
     return logits

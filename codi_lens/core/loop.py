@@ -225,6 +225,20 @@ def run_thoughts(
     return z
 
 
+@contextmanager
+def cache_kept(kv_cache: TransformerLensKeyValueCache, keep: bool = True) -> Iterator[None]:
+    """With ``keep``, the chunks computed in the ``with`` block attend to the cache and to themselves but are
+    not appended to it (TransformerLens' frozen cache), so it holds what it held before; always unfrozen after."""
+    if not keep:
+        yield
+        return
+    kv_cache.freeze()
+    try:
+        yield
+    finally:
+        kv_cache.unfreeze()
+
+
 def run_sweeps(
     model: LoopModel, state: LoopState, z_first: Float[Tensor, "batch d_model"], *, keep_logits: bool
 ) -> Float[Tensor, "batch d_model"]:
@@ -256,16 +270,10 @@ def run_sweeps(
             columns = [model.thought[k].hook_input(column) for k, column in enumerate(columns, start=1)]
             state.thought_embeds.extend(columns)
         fed = torch.stack(columns, dim=1)
-        frozen = sweep < last
-        if frozen:
-            state.kv_cache.freeze()
-        try:
+        with cache_kept(state.kv_cache, sweep < last):
             final, logits = model.forward_embeds(
                 fed, ones, state.kv_cache, positions=positions, logits_at=logits_at, sweep=sweep
             )
-        finally:
-            if frozen:
-                state.kv_cache.unfreeze()
         hidden = [step.hook_hidden(final[:, i]) for i, step in enumerate(steps)]
         projected = [h if model.prj is None else step.hook_projection(model.prj(h)) for h, step in zip(hidden, steps)]
         inputs = torch.stack([z_first, *projected[:-1]], dim=1)

@@ -371,17 +371,18 @@ class PCCoTTensors(Mapping[str, Tensor]):
 
     def _with_rows(self, module: str, fallback: Tensor) -> Tensor:
         """``module``'s grown matrix (saved, or ``fallback`` grown to the vocabulary) with the trained rows
-        written in, as peft's ``index_copy`` writes them."""
+        written in, as peft's ``index_copy`` writes them, in the wider of the two dtypes: peft keeps the rows in
+        float32 beside a bfloat16 matrix, and casting them to bfloat16 moved a random LLaMA-1B-shaped PCCoT's
+        hidden states by 1.5e-2 at BOT (measured in this stop)."""
         grown = f"{PEFT_PREFIX}{module}.token_adapter.base_layer.weight"
-        if grown in self.adapter:
-            matrix = self.adapter[grown].clone()
-        else:
-            matrix = fallback.new_zeros((self.checkpoint.vocab, fallback.shape[1]))
-            matrix[: fallback.shape[0]] = fallback
         delta = f"{PEFT_PREFIX}{module}.token_adapter.trainable_tokens_delta"
-        if delta in self.adapter and self.checkpoint.trainable_rows:
-            rows = torch.tensor(self.checkpoint.trainable_rows)
-            matrix.index_copy_(0, rows, self.adapter[delta].to(matrix.dtype))
+        rows = self.adapter[delta] if delta in self.adapter and self.checkpoint.trainable_rows else None
+        source = self.adapter[grown] if grown in self.adapter else fallback
+        dtype = source.dtype if rows is None else torch.promote_types(source.dtype, rows.dtype)
+        matrix = source.new_zeros((self.checkpoint.vocab, source.shape[1]), dtype=dtype)
+        matrix[: source.shape[0]] = source
+        if rows is not None:
+            matrix.index_copy_(0, torch.tensor(self.checkpoint.trainable_rows), rows.to(dtype))
         return matrix
 
     @cached_property
