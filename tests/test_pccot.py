@@ -333,3 +333,13 @@ def test_float32_rows_beside_a_bfloat16_embedding_keep_their_precision(pccot, tm
     bot = model.codi_tokens.bot
     assert torch.equal(model.embed.W_E[bot], delta[0]) and torch.equal(model.unembed.W_U[:, bot], delta[0])
     assert not torch.equal(delta[0].to(torch.bfloat16).float(), delta[0])  # the rounding would show
+
+
+def test_report_reads_pccot_chain_in_teacher_mode(pccot):
+    """PCCoT trains the same LM to write the chain (upstream's cot_loss), so the report's chain condition is
+    its teacher mode, as for CODI."""
+    from codi_lens.reports.model_report import chain_condition
+
+    _, _, model, _ = pccot
+    condition = chain_condition(model, 8)
+    assert (condition.name, condition.mode) == ("teacher_explicit_cot", "explicit")

@@ -67,7 +67,9 @@ LAYOUTS = {
 }
 #: The condition in which each method's model writes its chain out
 #: (:func:`~codi_lens.reports.model_report.chain_condition`), and what the card says of its column.
-CHAIN_CONDITION_NAMES = {"codi": "teacher_explicit_cot", "coconut": "no_latents"}
+TEACHER_CONDITION = "teacher_explicit_cot"
+#: PCCoT trains its latent loop beside the same LM writing the chain (upstream's ``cot_loss``), as CODI does.
+CHAIN_CONDITION_NAMES = {"codi": TEACHER_CONDITION, "coconut": "no_latents", "pccot": TEACHER_CONDITION}
 CHAIN_TEXTS = {
     "codi": "the same CODI model writing its chain of thought explicitly",
     "coconut": (
@@ -126,7 +128,7 @@ def accuracy_markdown(accuracy: pd.DataFrame) -> str:
             "zero_all_thoughts",
             f"zero_all_thoughts_{SHORT_BUDGET}_tokens",
             "no_cot_baseline",
-            *CHAIN_CONDITION_NAMES.values(),
+            *dict.fromkeys(CHAIN_CONDITION_NAMES.values()),
         )
         if c in table
     ]

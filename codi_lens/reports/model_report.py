@@ -29,7 +29,7 @@ from codi_lens.interventions import zero_thoughts
 from codi_lens.lens import top_k_share_by_step
 from codi_lens.patching import DONORS, SPAN_STARTS, patch_sweep
 from codi_lens.plotting import accuracy_bars, latent_readout_heatmap, patching_bars, write_html
-from codi_lens.reports.model_card import CHAIN_CONDITION_NAMES, PATCHING_PROBLEMS, SHORT_BUDGET
+from codi_lens.reports.model_card import CHAIN_CONDITION_NAMES, PATCHING_PROBLEMS, SHORT_BUDGET, TEACHER_CONDITION
 from codi_lens.run.executors import Executor
 from codi_lens.stats import mean_ci_table
 
@@ -55,10 +55,11 @@ def model_conditions(
 
 
 def chain_condition(model: CODIModel, budget: int) -> Condition:
-    """The model writing its chain out: CODI's teacher mode (plain decoding after the question); for a loop without
-    a teacher (Coconut), the latent span opened and closed at once (0 latents), as at its curriculum's stage 0."""
+    """The model writing its chain out: CODI's and PCCoT's teacher mode (plain decoding after the question); for a
+    loop without a teacher (Coconut), the latent span opened and closed at once (0 latents), as at its
+    curriculum's stage 0."""
     name = CHAIN_CONDITION_NAMES[model.latent_loop.method]
-    if model.latent_loop.method == "codi":
+    if name == TEACHER_CONDITION:
         return Condition(name, model, mode="explicit", max_new_tokens=budget)
     return Condition(name, model, n_latents=0, max_new_tokens=budget)
 
