@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         run.executor,
         baseline=baseline,
         saes=saes,
+        n_latents=run.model.latent_loop.n_latents,  # the method's own (PCCoT: its checkpoint's)
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         seed=args.seed,
