@@ -45,9 +45,6 @@ METHOD_NAMES = {"codi": "CODI", "coconut": "Coconut", "pccot": "PCCoT"}
 #: Where SIM-CoT saves its training-only auxiliary decoder, by the loop it trained: key prefixes, the first
 #: of which holds a whole HF causal LM.
 SIM_COT_DECODER = {"codi": ("decoder.", "pj_in.", "pj_out."), "coconut": ("expainable_llm.",)}
-LLAMA_ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
-LLAMA_MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
-GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 #: How many offending keys an error message lists before summarising with counts.
 MAX_LISTED = 5
 
@@ -367,18 +364,30 @@ def _lora_entries(
     return entries
 
 
+def projection_widths(arch: BaseArchitecture) -> dict[str, tuple[int, int]]:
+    """Every projection of a transformer block, by its HF path inside the block (``self_attn.q_proj``,
+    ``attn.c_attn``), with its ``(out, in)`` widths (the modules LoRA wraps)."""
+    d, q_out, kv_out = arch.d_model, arch.n_heads * arch.d_head, arch.n_kv_heads * arch.d_head
+    if arch.family == "gpt2":
+        return {
+            "attn.c_attn": (3 * d, d),
+            "attn.c_proj": (d, d),
+            "mlp.c_fc": (arch.d_mlp, d),
+            "mlp.c_proj": (d, arch.d_mlp),
+        }
+    return {
+        "self_attn.q_proj": (q_out, d),
+        "self_attn.k_proj": (kv_out, d),
+        "self_attn.v_proj": (kv_out, d),
+        "self_attn.o_proj": (d, q_out),
+        "mlp.gate_proj": (arch.d_mlp, d),
+        "mlp.up_proj": (arch.d_mlp, d),
+        "mlp.down_proj": (d, arch.d_mlp),
+    }
+
+
 def _llama_expected(arch: BaseArchitecture, layout: CheckpointLayout) -> dict[str, tuple[int, ...]]:
     p, d, v = layout.prefix, arch.d_model, arch.codi_vocab
-    q_out, kv_out = arch.n_heads * arch.d_head, arch.n_kv_heads * arch.d_head
-    shapes = {
-        "q_proj": (q_out, d),
-        "k_proj": (kv_out, d),
-        "v_proj": (kv_out, d),
-        "o_proj": (d, q_out),
-        "gate_proj": (arch.d_mlp, d),
-        "up_proj": (arch.d_mlp, d),
-        "down_proj": (d, arch.d_mlp),
-    }
     expected: dict[str, tuple[int, ...]] = {
         f"{p}model.embed_tokens.weight": (v, d),
         f"{p}model.norm.weight": (d,),
@@ -386,9 +395,8 @@ def _llama_expected(arch: BaseArchitecture, layout: CheckpointLayout) -> dict[st
     }
     for i in range(arch.n_layers):
         layer = f"{p}model.layers.{i}"
-        for proj, (out_dim, in_dim) in shapes.items():
-            group = "self_attn" if proj in LLAMA_ATTN_PROJS else "mlp"
-            expected.update(_lora_entries(f"{layer}.{group}.{proj}", out_dim, in_dim, layout, conv1d=False, bias=False))
+        for module, (out_dim, in_dim) in projection_widths(arch).items():
+            expected.update(_lora_entries(f"{layer}.{module}", out_dim, in_dim, layout, conv1d=False, bias=False))
         expected[f"{layer}.input_layernorm.weight"] = (d,)
         expected[f"{layer}.post_attention_layernorm.weight"] = (d,)
     return expected
@@ -397,12 +405,6 @@ def _llama_expected(arch: BaseArchitecture, layout: CheckpointLayout) -> dict[st
 def _gpt2_expected(arch: BaseArchitecture, layout: CheckpointLayout) -> dict[str, tuple[int, ...]]:
     p, d, v = layout.prefix, arch.d_model, arch.codi_vocab
     n_pos = arch.hf_config.get("n_positions", 1024)
-    dims = {
-        "attn.c_attn": (3 * d, d),
-        "attn.c_proj": (d, d),
-        "mlp.c_fc": (arch.d_mlp, d),
-        "mlp.c_proj": (d, arch.d_mlp),
-    }
     expected: dict[str, tuple[int, ...]] = {
         f"{p}transformer.wte.weight": (v, d),
         f"{p}transformer.wpe.weight": (n_pos, d),
@@ -415,7 +417,7 @@ def _gpt2_expected(arch: BaseArchitecture, layout: CheckpointLayout) -> dict[str
         for ln in ("ln_1", "ln_2"):
             expected[f"{layer}.{ln}.weight"] = (d,)
             expected[f"{layer}.{ln}.bias"] = (d,)
-        for module, (out_dim, in_dim) in dims.items():
+        for module, (out_dim, in_dim) in projection_widths(arch).items():
             expected.update(_lora_entries(f"{layer}.{module}", out_dim, in_dim, layout, conv1d=True, bias=True))
     return expected
 

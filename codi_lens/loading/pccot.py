@@ -47,6 +47,7 @@ from codi_lens.loading.checkpoint import (
     TensorInfo,
     expected_tensors,
     key_problems,
+    projection_widths,
     read_tensor_info,
     resolve_checkpoint_file,
 )
@@ -239,27 +240,8 @@ def _expected_base(arch: BaseArchitecture, info: dict[str, TensorInfo]) -> dict[
 
 def _lora_modules(arch: BaseArchitecture, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
     """Every module LoRA wraps, by HF path, with its ``(out, in)`` widths."""
-    d, q, kv = arch.d_model, arch.n_heads * arch.d_head, arch.n_kv_heads * arch.d_head
-    if arch.family == "gpt2":
-        widths = {
-            "attn.c_attn": (3 * d, d),
-            "attn.c_proj": (d, d),
-            "mlp.c_fc": (arch.d_mlp, d),
-            "mlp.c_proj": (d, arch.d_mlp),
-        }
-        layer = "transformer.h.{}"
-    else:
-        widths = {
-            "self_attn.q_proj": (q, d),
-            "self_attn.k_proj": (kv, d),
-            "self_attn.v_proj": (kv, d),
-            "self_attn.o_proj": (d, q),
-            "mlp.gate_proj": (arch.d_mlp, d),
-            "mlp.up_proj": (arch.d_mlp, d),
-            "mlp.down_proj": (d, arch.d_mlp),
-        }
-        layer = "model.layers.{}"
-    chosen = {name: dims for name, dims in widths.items() if name.split(".")[-1] in targets}
+    layer = "transformer.h.{}" if arch.family == "gpt2" else "model.layers.{}"
+    chosen = {name: dims for name, dims in projection_widths(arch).items() if name.split(".")[-1] in targets}
     return {f"{layer.format(i)}.{name}": dims for i in range(arch.n_layers) for name, dims in chosen.items()}
 
 
@@ -377,7 +359,7 @@ class PCCoTTensors(Mapping[str, Tensor]):
         grown = f"{PEFT_PREFIX}{module}.token_adapter.base_layer.weight"
         delta = f"{PEFT_PREFIX}{module}.token_adapter.trainable_tokens_delta"
         rows = self.adapter[delta] if delta in self.adapter and self.checkpoint.trainable_rows else None
-        source = self.adapter[grown] if grown in self.adapter else fallback
+        source = self.adapter.get(grown, fallback)
         dtype = source.dtype if rows is None else torch.promote_types(source.dtype, rows.dtype)
         matrix = source.new_zeros((self.checkpoint.vocab, source.shape[1]), dtype=dtype)
         matrix[: source.shape[0]] = source
