@@ -145,7 +145,23 @@ def load_tensors(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
-class CheckpointTensors(Mapping[str, Tensor]):
+class LazyTensors(Mapping[str, Tensor]):
+    """Tensors by name, each read when looked up: a subclass sets ``_keys`` (the names, in order) and
+    ``__getitem__``."""
+
+    _keys: dict[str, None]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class CheckpointTensors(LazyTensors):
     """The tensors of a checkpoint file, each read when it is looked up.
 
     A ``.safetensors`` file is opened for each lookup and closed after it, so at most one tensor's pages of
@@ -173,15 +189,6 @@ class CheckpointTensors(Mapping[str, Tensor]):
                 return f.get_tensor(key)
         except SafetensorError as exc:
             raise _unreadable(self.path, exc) from exc
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._keys
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
 
 
 def read_tensor_info(path: str | Path) -> dict[str, TensorInfo]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -44,6 +43,7 @@ from codi_lens.loading.checkpoint import (
     CheckpointError,
     CheckpointLayout,
     CheckpointTensors,
+    LazyTensors,
     TensorInfo,
     expected_tensors,
     key_problems,
@@ -307,7 +307,7 @@ def validate_pccot(checkpoint: PCCoTCheckpoint, arch: BaseArchitecture, base_fil
         )
 
 
-class PCCoTTensors(Mapping[str, Tensor]):
+class PCCoTTensors(LazyTensors):
     """The adapter and the base's weights shown as one CODI-layout state dict without a prefix, each tensor
     read when looked up: LoRA modules as ``<module>.base_layer.*`` + ``<module>.lora_A.default.weight`` /
     ``lora_B``; the embedding (and the unembedding) with the trained rows written in (peft's replacement); the
@@ -381,15 +381,6 @@ class PCCoTTensors(Mapping[str, Tensor]):
         own = "lm_head.weight" if "lm_head.weight" in self._base_names else f"{self.checkpoint.embedding_module}.weight"
         fallback = self.base[self._base_names[own]]
         return self._with_rows("lm_head", fallback)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._keys
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
 
 
 def base_weights_file(base: str | Path) -> Path:
