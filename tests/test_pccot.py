@@ -21,6 +21,7 @@ from codi_lens.core.errors import HookNameError, PositionError
 from codi_lens.core.gradients import loop_gradients
 from codi_lens.core.hooks import zero_at_positions
 from codi_lens.core.names import sweep_hook_name
+from codi_lens.loading import check_codi
 from codi_lens.loading.inspect import format_summary, summarize_checkpoint
 
 ATOL = 1e-4
@@ -238,6 +239,9 @@ def test_bad_adapters_are_named(pccot, tmp_path):
         load_codi(broken, base)
     message = str(error.value)
     assert f"1 missing key(s): '{lora}'" in message and "'base_model.model.extra.weight'" in message
+    with pytest.raises(CheckpointError, match=re.escape(lora)):  # what a command checks before it loads
+        check_codi(broken, base)
+    assert check_codi(checkpoint, base).d_model == pccot[2].cfg.d_model
     assert re.search(re.escape(delta) + r" has \(5, \d+\), expected", message)
 
 
