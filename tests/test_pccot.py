@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from codi_lens import CheckpointError, load_codi
 from codi_lens.core import loop
 from codi_lens.core.branching import grow_trunk
-from codi_lens.core.errors import HookNameError, PositionError
+from codi_lens.core.errors import CodiLensError, HookNameError, LoopScheduleError, PositionError
 from codi_lens.core.gradients import loop_gradients
 from codi_lens.core.hooks import zero_at_positions
 from codi_lens.core.names import sweep_hook_name
@@ -164,8 +164,10 @@ def test_sweeps_outside_the_run_are_refused(pccot, questions):
         )
     tokens, mask = loop.prepare(model, questions[:1], N_LATENTS)
     positions = loop.run_positions(model, mask, N_LATENTS, [1])
-    with pytest.raises(NotImplementedError, match="stopping the loop after thought 2 needs a sequential loop.*pccot"):
+    # a CodiLensError: a command prints it as one error line, as for any input the method cannot take
+    with pytest.raises(LoopScheduleError, match="stopping the loop after thought 2 needs a sequential loop.*pccot"):
         loop.run_latents(model, tokens, mask, positions, through=2)
+    assert issubclass(LoopScheduleError, CodiLensError)
 
 
 def test_cache_holds_the_last_sweep(pccot, questions):

@@ -38,5 +38,10 @@ class PositionError(CodiLensError, ValueError):
     """A position or thought that the run does not reach, or an ill-formed position name."""
 
 
+class LoopScheduleError(CodiLensError, NotImplementedError):
+    """An analysis that needs thoughts computed one after another, asked of a loop that computes them together
+    in sweeps (PCCoT); the message names the method and what to use instead."""
+
+
 class PositionContextError(RuntimeError):
     """A positional hook fired outside a CODI run, where positions are not known (a usage bug, not input)."""

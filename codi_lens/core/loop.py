@@ -36,7 +36,7 @@ from transformer_lens import HookedTransformerConfig
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from codi_lens.core.components import CODITokens, ProjectionHead
-from codi_lens.core.errors import HookNameError, PositionError
+from codi_lens.core.errors import HookNameError, LoopScheduleError, PositionError
 from codi_lens.core.hooks import HookFn, PositionalHook
 from codi_lens.core.latent_loop import LatentLoop
 from codi_lens.core.names import parse_sweep_hook, parse_thought_hook
@@ -311,7 +311,7 @@ def require_sequential(latent_loop: LatentLoop, what: str) -> None:
     """Refuse, naming the method, what needs thought k + 1 to be computed after thought k (branching at a
     thought, gradients through one step), for a loop that computes its thoughts together in sweeps."""
     if latent_loop.is_jacobi:
-        raise NotImplementedError(
+        raise LoopScheduleError(
             f"{what} needs a sequential loop, but {latent_loop.method}'s computes all thoughts together in "
             f"{latent_loop.n_sweeps + 1} sweeps; intervene on one sweep with thought.k.sweep.s.hook_* or a "
             "positional hook at 'thought:k@sweep:s' instead"
