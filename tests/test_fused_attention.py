@@ -67,6 +67,86 @@ def test_every_shared_hook_sees_the_same_activation_on_both_paths(model, questio
     assert torch.allclose(fused.step_logits, explicit.step_logits, atol=ATOL)
 
 
+def test_queries_keys_and_their_rotation_are_bit_identical_on_both_paths(model):
+    """The fused path gathers each chunk's rotary tables once for every layer (``ChunkMemo``); the explicit path
+    is TransformerLens' ``apply_rotary``, per layer. For a chunk of 2 positions after 3 cached ones, one row
+    left-padded (and with no mask), ``hook_q``/``hook_k``/``hook_v`` and the rotated queries and keys of every
+    layer are equal bit for bit (each layer fed the same input on both paths)."""
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+    points = ("hook_q", "hook_k", "hook_v") + (ROTARY_POINTS if model.cfg.positional_embedding_type == "rotary" else ())
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 2, model.cfg.d_model, generator=generator)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    n_kv = model.cfg.n_key_value_heads or model.cfg.n_heads
+    past = [torch.randn(2, 3, n_kv, model.cfg.d_head, generator=generator) for _ in range(2)]
+
+    def seen(explicit: bool, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        hooks = [
+            (f"blocks.{layer}.attn.{p}", lambda a, hook: out.__setitem__(hook.name, a.clone()))
+            for layer in range(model.cfg.n_layers)
+            for p in points
+        ]
+        with model.hooks(fwd_hooks=hooks + (_explicit_everywhere(model) if explicit else [])):
+            for block in model.blocks:
+                entry = TransformerLensKeyValueCacheEntry(*past, frozen=True)
+                block.attn(x, x, x, past_kv_cache_entry=entry, attention_mask=mask)
+        return out
+
+    for chunk_mask in (mask, None):
+        fused, explicit = seen(False, chunk_mask), seen(True, chunk_mask)
+        assert len(fused) == model.cfg.n_layers * len(points)
+        for name, activation in fused.items():
+            assert torch.equal(activation, explicit[name]), (name, chunk_mask)
+
+
+def test_heads_linear_equals_transformer_lens_simple_attn_linear():
+    """The projection into heads, without ``einops``, gives TransformerLens' own numbers bit for bit."""
+    from transformer_lens.utilities.attention import simple_attn_linear
+
+    from codi_lens.core.fused_attention import heads_linear
+
+    generator = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=generator) for shape in ((3, 5, 24), (4, 24, 6), (4, 6)))
+    ours = heads_linear(x, w, b)
+    assert ours.shape == (3, 5, 4, 6)
+    assert torch.equal(ours, simple_attn_linear(x, w, b))
+
+
+def test_the_chunk_memo_recomputes_when_the_mask_changes(model):
+    """The memo knows a chunk by its mask's values: the same shapes with another mask, or the same mask edited in
+    place, compute afresh, and each call equals the explicit path on its own mask. Calls on the same mask,
+    unchanged, share one ``ChunkShared``."""
+    attention = model.blocks[0].attn
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, model.cfg.d_model, generator=generator)
+    mask = torch.ones(2, 5, dtype=torch.long)
+
+    def both(mask):
+        fused = attention(x, x, x, attention_mask=mask)
+        hook = [("blocks.0.attn.hook_pattern", lambda p, hook: p)]
+        with model.hooks(fwd_hooks=hook):
+            explicit = attention(x, x, x, attention_mask=mask)
+        return fused, explicit
+
+    fused, explicit = both(mask)
+    assert torch.allclose(fused, explicit, atol=ATOL)
+    first = attention.chunk_memo.shared
+    attention(x, x, x, attention_mask=mask)
+    assert attention.chunk_memo.shared is first
+    assert model.blocks[-1].attn.chunk_memo is attention.chunk_memo
+    mask[1, :3] = 0  # the same mask, edited in place
+    fused_edited, explicit_edited = both(mask)
+    assert torch.allclose(fused_edited, explicit_edited, atol=ATOL)
+    assert not torch.allclose(fused_edited[1], fused[1], atol=1e-3)
+    padded = torch.ones(2, 5, dtype=torch.long)  # another mask object of the same shape
+    padded[0, :2] = 0
+    fused_padded, explicit_padded = both(padded)
+    assert torch.allclose(fused_padded, explicit_padded, atol=ATOL)
+    assert not torch.allclose(fused_padded[0], fused[0], atol=1e-3)
+
+
 def test_a_left_pad_query_gets_zero_z_on_both_paths(model, questions):
     """The shortest question's left-pad positions attend to no key: z is exactly 0 there, on both paths."""
     name = "blocks.0.attn.hook_z"

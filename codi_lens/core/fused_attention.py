@@ -15,19 +15,28 @@ the module takes TransformerLens' own path for that call. A query that may atten
 position) gets ``z = 0`` on both paths. The two paths agree to float32 rounding (the tests compare them
 and the HF reference at 1e-5).
 
+What does not depend on the layer is computed once per chunk, not once per layer: the rotary tables gathered at
+the chunk's positions and the causal and padding mask (:class:`ChunkMemo`, shared by a model's attention modules).
+The queries and keys are rotated with the same operations on the same values as TransformerLens' ``apply_rotary``,
+so ``hook_rot_q`` and ``hook_rot_k`` are equal bit for bit on both paths.
+
 Only configurations whose attention is exactly "causal softmax(q k / scale) v" take the fused path
 (rotary or learned absolute positions, global causal attention, no soft-capping, sinks, ALiBi, logn
-scaling, QKV clipping or per-head results); any other configuration always takes TransformerLens' path.
+scaling, dynamic NTK rotary, QKV clipping or per-head results); any other configuration always takes
+TransformerLens' path.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens.components import AbstractAttention, Attention, GroupedQueryAttention
 from transformer_lens.hook_points import HookPoint
+from transformer_lens.utilities.tensors import get_offset_position_ids
 
 #: Hook points that exist only on TransformerLens' explicit path (the fused one never forms them).
 EXPLICIT_ONLY_HOOKS = ("hook_attn_scores", "hook_pattern")
@@ -35,6 +44,66 @@ EXPLICIT_ONLY_HOOKS = ("hook_attn_scores", "hook_pattern")
 
 def _unhooked(point: object) -> bool:
     return isinstance(point, HookPoint) and not point.fwd_hooks and not point.bwd_hooks
+
+
+def heads_linear(
+    x: Float[Tensor, "batch pos d_model"], w: Float[Tensor, "head d_model d_head"], b: Float[Tensor, "head d_head"]
+) -> Float[Tensor, "batch pos head d_head"]:
+    """``x`` through per-head weights as one ``F.linear``, the weights laid out as TransformerLens'
+    ``simple_attn_linear`` lays them out (``(head d_head) d_model``), so the numbers are its numbers."""
+    return F.linear(x, w.permute(0, 2, 1).reshape(-1, w.shape[1]), b.reshape(-1)).unflatten(-1, tuple(b.shape))
+
+
+@dataclass(frozen=True)
+class ChunkShared:
+    """What every layer's attention computes alike for one chunk: the rotary tables gathered at its queries' and
+    keys' positions (None without rotary), and its mask as the kernel takes it.
+
+    ``kernel_mask`` is the causal and padding mask, except that a query with no key to attend to (a left-pad
+    position) attends to every key inside the kernel, so that no NaN enters; ``attends`` says which queries have
+    a key, and their ``z`` is kept (the others get ``z = 0``, as on the explicit path)."""
+
+    cos_q: Tensor | None
+    sin_q: Tensor | None
+    cos_k: Tensor | None
+    sin_k: Tensor | None
+    kernel_mask: Bool[Tensor, "batch_or_1 1 query_pos key_pos"]
+    attends: Bool[Tensor, "batch_or_1 1 query_pos 1"]
+
+
+class ChunkMemo:
+    """The last chunk's :class:`ChunkShared`, held for the attention modules of one model whose rotary tables are
+    equal, so that it is computed once per chunk rather than once per layer.
+
+    A chunk is recognised by its attention mask's values (a copy is kept, so a mask edited in place is a new
+    chunk) and by its query, key and cached lengths, dtype, device and inference mode; any other call computes
+    afresh. It holds no activation, and no hook reads it."""
+
+    def __init__(self) -> None:
+        self.mask: Tensor | None = None
+        self.key: tuple | None = None
+        self.shared: ChunkShared | None = None
+
+    def lookup(
+        self,
+        module: FusedAttentionMixin,
+        q: Float[Tensor, "batch pos head d_head"],
+        n_keys: int,
+        offset: int,
+        attention_mask: Int[Tensor, "batch key_pos"] | None,
+    ) -> ChunkShared:
+        key = (q.shape[1], n_keys, offset, q.dtype, q.device, torch.is_inference_mode_enabled(), attention_mask is None)
+        same_mask = attention_mask is None or (
+            self.mask is not None
+            and self.mask.shape == attention_mask.shape
+            and self.mask.device == attention_mask.device
+            and torch.equal(self.mask, attention_mask)
+        )
+        if self.shared is None or key != self.key or not same_mask:
+            self.mask = None if attention_mask is None else attention_mask.detach().clone()
+            self.key = key
+            self.shared = module.chunk_shared(q.shape[1], n_keys, offset, attention_mask)
+        return self.shared
 
 
 class FusedAttentionMixin(AbstractAttention):
@@ -57,6 +126,7 @@ class FusedAttentionMixin(AbstractAttention):
             and not cfg.use_logn_attn
             and cfg.clip_qkv is None
             and not cfg.attn_scores_soft_cap > 0
+            and not cfg.use_dynamic_ntk_rope
             and cfg.original_architecture not in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
             and additive_attention_mask is None
             and position_bias is None
@@ -88,23 +158,49 @@ class FusedAttentionMixin(AbstractAttention):
         if past_kv_cache_entry is not None:
             offset = past_kv_cache_entry.past_keys.size(1)
             k, v = past_kv_cache_entry.append(k, v)
+        shared = self.chunk_memo.lookup(self, q, k.shape[1], offset, attention_mask)
         if self.cfg.positional_embedding_type == "rotary":
-            q = self.hook_rot_q(self.apply_rotary(q, offset, attention_mask))
-            k = self.hook_rot_k(self.apply_rotary(k, 0, attention_mask))
-        allowed = self.allowed_keys(q.shape[1], k.shape[1], offset, attention_mask)
+            q = self.hook_rot_q(self.rotate(q, shared.cos_q, shared.sin_q))
+            k = self.hook_rot_k(self.rotate(k, shared.cos_k, shared.sin_k))
         # A query with no key to attend to (a left-pad position) gets z = 0, as on the hooked path; it attends
         # to every key inside the kernel instead, so no NaN enters the forward or the backward pass.
-        attends = allowed.any(-1, keepdim=True)
         z = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),
-            attn_mask=allowed | ~attends,
+            attn_mask=shared.kernel_mask,
             scale=1.0 / float(self.attn_scale),
             enable_gqa=k.shape[2] != q.shape[2],
         )
-        z = self.hook_z(torch.where(attends, z, 0.0).transpose(1, 2))
+        z = self.hook_z(torch.where(shared.attends, z, 0.0).transpose(1, 2))
         return self.project_out(z)
+
+    def calculate_qkv_matrices(self, query_input, key_input, value_input):
+        """Queries, keys and values as TransformerLens computes them (one ``F.linear`` each, the same weights in the
+        same layout, so the same numbers), without its per-call ``einops`` parsing; configurations with per-head
+        inputs, 4-bit weights or query/key norms keep TransformerLens' own."""
+        cfg = self.cfg
+        if cfg.use_split_qkv_input or cfg.use_attn_in or cfg.load_in_4bit or cfg.use_qk_norm:
+            return super().calculate_qkv_matrices(query_input, key_input, value_input)
+        grouped = isinstance(self, GroupedQueryAttention) and not cfg.ungroup_grouped_query_attention
+        w_k, b_k = (self._W_K, self._b_K) if grouped else (self.W_K, self.b_K)
+        w_v, b_v = (self._W_V, self._b_V) if grouped else (self.W_V, self.b_V)
+        q = self.hook_q(heads_linear(query_input, self.W_Q, self.b_Q))
+        k = self.hook_k(heads_linear(key_input, w_k, b_k))
+        v = self.hook_v(heads_linear(value_input, w_v, b_v))
+        return q, k, v
+
+    def rotate(
+        self, x: Float[Tensor, "batch pos head d_head"], cos: Tensor, sin: Tensor
+    ) -> Float[Tensor, "batch pos head d_head"]:
+        """TransformerLens' ``apply_rotary`` with this chunk's tables already gathered (the same operations on the
+        same values: ``x_rot * cos + rotate_every_two(x_rot) * sin``, then the unrotated dimensions)."""
+        rotary_dim = self.cfg.rotary_dim
+        x_rot = x[..., :rotary_dim]
+        rotated = x_rot * cos + self.rotate_every_two(x_rot) * sin
+        if rotary_dim == x.shape[-1]:
+            return rotated
+        return torch.cat([rotated, x[..., rotary_dim:]], dim=-1)
 
     def rotate_every_two(self, x: Float[Tensor, "... rotary_dim"]) -> Float[Tensor, "... rotary_dim"]:
         """``[x1, x2] -> [-x2, x1]`` over the halves of the last axis (LLaMA's rotary layout) in two ops, where
@@ -114,6 +210,30 @@ class FusedAttentionMixin(AbstractAttention):
             return super().rotate_every_two(x)
         half = x.size(-1) // 2
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    def chunk_shared(
+        self, n_queries: int, n_keys: int, offset: int, attention_mask: Int[Tensor, "batch key_pos"] | None
+    ) -> ChunkShared:
+        """This chunk's rotary tables and mask, gathered as TransformerLens' ``apply_rotary`` gathers them (keys at
+        positions ``0..n_keys``, queries at the last ``n_queries``; with a mask, positions count attended tokens
+        only) and masked as :meth:`allowed_keys` says."""
+        allowed = self.allowed_keys(n_queries, n_keys, offset, attention_mask)
+        attends = allowed.any(-1, keepdim=True)
+        tables: tuple[Tensor | None, ...] = (None, None, None, None)
+        if self.cfg.positional_embedding_type == "rotary":
+            if n_keys > self.rotary_cos.shape[0]:  # TransformerLens' own growth rule
+                self._extend_rotary_embeddings(min(self.cfg.n_ctx, max(n_keys, 2 * self.rotary_cos.shape[0])))
+            if attention_mask is None:
+                cos_k, sin_k = (t[None, :n_keys, None, :] for t in (self.rotary_cos, self.rotary_sin))
+                cos_q, sin_q = (
+                    t[None, offset : offset + n_queries, None, :] for t in (self.rotary_cos, self.rotary_sin)
+                )
+            else:
+                ids = get_offset_position_ids(0, attention_mask).to(self.rotary_cos.device)
+                cos_k, sin_k = self.rotary_cos[ids, None, :], self.rotary_sin[ids, None, :]
+                cos_q, sin_q = cos_k[:, offset:], sin_k[:, offset:]
+            tables = (cos_q, sin_q, cos_k, sin_k)
+        return ChunkShared(*tables, kernel_mask=allowed | ~attends, attends=attends)
 
     def allowed_keys(
         self, n_queries: int, n_keys: int, offset: int, attention_mask: Tensor | None
@@ -147,8 +267,32 @@ FUSED_CLASSES = {Attention: FusedAttention, GroupedQueryAttention: FusedGroupedQ
 
 
 def fuse_attention(blocks) -> None:
-    """Give every block's attention module the fused ``forward`` (same parameters, hook points and state)."""
+    """Give every block's attention module the fused ``forward`` (same parameters, hook points and state), and one
+    :class:`ChunkMemo` to each group of modules whose rotary tables are equal (all of a model's, in practice)."""
+    groups: list[tuple[FusedAttentionMixin, ChunkMemo]] = []
     for block in blocks:
         fused = FUSED_CLASSES.get(type(block.attn))
-        if fused is not None:
-            block.attn.__class__ = fused
+        if fused is None:
+            continue
+        block.attn.__class__ = fused
+        memo = next((memo for first, memo in groups if same_rotary_tables(first, block.attn)), None)
+        if memo is None:
+            memo = ChunkMemo()
+            groups.append((block.attn, memo))
+        block.attn.chunk_memo = memo
+
+
+def same_rotary_tables(a: AbstractAttention, b: AbstractAttention) -> bool:
+    """Whether two attention modules gather the same rotary values at every position (both without rotary, or
+    tables of the same dtype and device, equal over their common length: TransformerLens computes each position's
+    row on its own, so a table grown later agrees with the shorter one where both exist)."""
+    tables = [getattr(m, "rotary_cos", None) for m in (a, b)] + [getattr(m, "rotary_sin", None) for m in (a, b)]
+    if all(t is None for t in tables):
+        return True
+    if any(t is None for t in tables) or a.cfg.rotary_dim != b.cfg.rotary_dim:
+        return False
+    n = min(tables[0].shape[0], tables[1].shape[0])
+    return all(
+        x.dtype == y.dtype and x.device == y.device and torch.equal(x[:n], y[:n])
+        for x, y in ((tables[0], tables[1]), (tables[2], tables[3]))
+    )
