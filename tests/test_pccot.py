@@ -349,3 +349,31 @@ def test_report_reads_pccot_chain_in_teacher_mode(pccot):
     _, _, model, _ = pccot
     condition = chain_condition(model, 8)
     assert (condition.name, condition.mode) == ("teacher_explicit_cot", "explicit")
+
+
+def test_a_run_lists_exactly_the_hooks_it_accepts(pccot, tiny_checkpoint, questions):
+    """One rule says which step hooks a run reaches: every hook point ``hook_names_of_run(n)`` lists is accepted
+    by a run with n thoughts, and every one it leaves out (thought n + 1's hooks, sweeps past the last, a sweep
+    hook in a sequential loop) is refused, in a Jacobi loop and in a sequential one (CODI)."""
+    built = tiny_checkpoint("llama")
+    identity = lambda x, hook: x  # noqa: E731
+    n = N_LATENTS - 1
+    for model in (pccot[2], load_codi(built.checkpoint_dir, built.base_dir)):
+        model.hook_names_of_run(N_LATENTS)  # hook points up to thought N_LATENTS exist
+        listed = set(model.hook_names_of_run(n))
+        _, mask = loop.prepare(model, questions[:1], n)
+        positions = loop.run_positions(model, mask, n, [1])
+        candidates = [*model.hook_dict, sweep_hook_name(1, N_SWEEPS + 1, "input"), sweep_hook_name(1, 0, "hidden")]
+        for name in candidates:
+            try:
+                loop.check_hooks(model, [(name, identity)], positions)
+                accepted = True
+            except (HookNameError, PositionError):
+                accepted = False
+            assert accepted == (name in listed), (model.latent_loop.method, name)
+        assert f"thought.{N_LATENTS}.hook_input" in model.hook_dict and f"thought.{N_LATENTS}.hook_input" not in listed
+        if model.latent_loop.is_jacobi:
+            assert sweep_hook_name(n, N_SWEEPS, "projection") in listed
+            assert sweep_hook_name(N_LATENTS, 0, "input") not in listed
+        else:
+            assert not any(".sweep." in name for name in listed)

@@ -405,22 +405,15 @@ def answer_rows(
 
 
 def check_hooks(model: LoopModel, fwd_hooks: Sequence[tuple[str, HookFn]], positions: CODIPositions) -> None:
-    """Refuse, before anything runs, hooks aimed at thoughts or positions this run does not reach, and hook
-    names the model does not have."""
-    n = positions.n_latents
+    """Refuse, before anything runs, hooks aimed at thoughts, sweeps or positions this run does not reach (the
+    rule is :func:`unreached_hook`'s), and hook names the model does not have."""
     for name, fn in fwd_hooks:
         if isinstance(name, str):
-            refuse_projection_hook(model.latent_loop, name)
-            check_sweep_hook(name, positions)
-            thought = parse_thought_hook(name)
-            if thought is not None:
-                k, kind = thought
-                if not (1 if kind == "input" else 0) <= k <= n:
-                    raise PositionError(
-                        f"{name} is outside this run: it has {n} thoughts (thought.k.hook_input for k = 1..{n}, "
-                        f"hook_hidden / hook_projection for k = 0..{n})"
-                    )
-            elif name not in model.hook_dict and parse_sweep_hook(name) is None:
+            problem = unreached_hook(model.latent_loop, name, positions.n_latents, positions.n_sweeps)
+            if problem is not None:
+                raise problem
+            step_hook = parse_thought_hook(name) is not None or parse_sweep_hook(name) is not None
+            if not step_hook and name not in model.hook_dict:
                 raise HookNameError(f"no hook point named {name!r} (see model.hook_dict)")
         if isinstance(fn, PositionalHook):
             if fn.scope is not model.chunk_scope:
@@ -428,35 +421,42 @@ def check_hooks(model: LoopModel, fwd_hooks: Sequence[tuple[str, HookFn]], posit
             fn.resolve(positions)
 
 
-def refuse_projection_hook(latent_loop: LatentLoop, name: str) -> None:
-    """Refuse, by name, a hook on the projection head (``prj.*``, ``thought.k.hook_projection``) in a loop
-    that has none."""
-    if latent_loop.has_projection:
-        return
+def unreached_hook(
+    latent_loop: LatentLoop, name: str, n_latents: int, n_sweeps: int
+) -> HookNameError | PositionError | None:
+    """Why a hook on ``name`` would not fire in a run of ``latent_loop`` with ``n_latents`` thoughts and sweeps
+    ``0..n_sweeps`` (the error to raise), or None when it fires. The one rule for step hooks, used to refuse
+    hooks (:func:`check_hooks`) and to list a run's hook points (``CODIModel.hook_names_of_run``):
+
+    - the projection head's hooks (``prj.*``, ``thought.k.hook_projection``, ``thought.k.sweep.s.hook_projection``)
+      exist only in a loop with a head;
+    - ``thought.k.hook_input`` for k = 1..n, ``thought.k.hook_hidden`` / ``hook_projection`` for k = 0..n;
+    - ``thought.k.sweep.s.hook_*`` only in a Jacobi loop, for k = 1..n and s = 0..S.
+
+    Any other name is not a step hook, and fires."""
     thought, sweep = parse_thought_hook(name), parse_sweep_hook(name)
-    projection = (thought is not None and thought[1] == "projection") or (
-        sweep is not None and sweep[2] == "projection"
+    projection = name.startswith("prj.") or any(
+        parsed is not None and parsed[-1] == "projection" for parsed in (thought, sweep)
     )
-    if name.startswith("prj.") or projection:
-        raise HookNameError(
+    if projection and not latent_loop.has_projection:
+        return HookNameError(
             f"{name} does not exist for a {latent_loop.method} model: its loop feeds h_k back unchanged, with no "
             "projection head (hook thought.k.hook_hidden or thought.k.hook_input instead)"
         )
-
-
-def check_sweep_hook(name: str, positions: CODIPositions) -> None:
-    """Refuse a sweep hook (``thought.k.sweep.s.hook_*``) in a run without sweeps, or outside its thoughts
-    ``1..n`` and sweeps ``0..S``."""
-    sweep = parse_sweep_hook(name)
-    if sweep is None:
-        return
-    k, s, _ = sweep
-    if not positions.n_sweeps:
-        raise HookNameError(f"{name} names a sweep, but this run's loop computes its thoughts one after another")
-    if not (1 <= k <= positions.n_latents and 0 <= s <= positions.n_sweeps):
-        raise PositionError(
-            f"{name} is outside this run: it has thoughts 1..{positions.n_latents} and sweeps 0..{positions.n_sweeps}"
-        )
+    if sweep is not None:
+        k, s, _ = sweep
+        if not n_sweeps:
+            return HookNameError(f"{name} names a sweep, but this run's loop computes its thoughts one after another")
+        if not (1 <= k <= n_latents and 0 <= s <= n_sweeps):
+            return PositionError(f"{name} is outside this run: it has thoughts 1..{n_latents} and sweeps 0..{n_sweeps}")
+    elif thought is not None:
+        k, kind = thought
+        if not (1 if kind == "input" else 0) <= k <= n_latents:
+            return PositionError(
+                f"{name} is outside this run: it has {n_latents} thoughts (thought.k.hook_input for k = "
+                f"1..{n_latents}, hook_hidden / hook_projection for k = 0..{n_latents})"
+            )
+    return None
 
 
 @contextmanager

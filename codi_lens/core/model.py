@@ -34,7 +34,6 @@ from codi_lens.core.hashing import file_sha256
 from codi_lens.core.hooks import HookFn
 from codi_lens.core.latent_loop import CODI_LOOP, LatentLoop
 from codi_lens.core.loop import LogitsAt, LoopState, stack_steps
-from codi_lens.core.names import parse_sweep_hook, parse_thought_hook
 from codi_lens.core.padding import pad_rows
 from codi_lens.core.positions import ChunkContext, ChunkScope, CODIPositions
 from codi_lens.core.recording import ActivationRecorder
@@ -450,19 +449,10 @@ class CODIModel(HookedSAETransformer):
         n_latents = self.latents_or_default(n_latents)
         self.ensure_thought_hooks(n_latents)
 
-        def fires(name: str) -> bool:
-            thought, sweep = parse_thought_hook(name), parse_sweep_hook(name)
-            if sweep is not None:
-                k, s, kind = sweep
-                projection_ok = kind != "projection" or self.latent_loop.has_projection
-                return projection_ok and 1 <= k <= n_latents and s <= self.latent_loop.n_sweeps
-            if thought is None:
-                return True
-            if thought[1] == "projection" and not self.latent_loop.has_projection:
-                return False
-            return (1 if thought[1] == "input" else 0) <= thought[0] <= n_latents
-
-        return [name for name in self.hook_dict if fires(name)]
+        n_sweeps = self.latent_loop.n_sweeps
+        return [
+            name for name in self.hook_dict if loop.unreached_hook(self.latent_loop, name, n_latents, n_sweeps) is None
+        ]
 
     # ------------------------------------------------------------------ teacher forcing
     @torch.no_grad()
