@@ -80,9 +80,8 @@ class ChunkMemo:
     afresh. It holds no activation, and no hook reads it."""
 
     def __init__(self) -> None:
-        self.mask: Tensor | None = None
-        self.key: tuple | None = None
-        self.shared: ChunkShared | None = None
+        #: ``(mask copy, key, shared)`` of the last chunk, replaced as one tuple
+        self.last: tuple[Tensor | None, tuple, ChunkShared] | None = None
 
     def lookup(
         self,
@@ -93,24 +92,32 @@ class ChunkMemo:
         attention_mask: Int[Tensor, "batch key_pos"] | None,
     ) -> ChunkShared:
         key = (q.shape[1], n_keys, offset, q.dtype, q.device, torch.is_inference_mode_enabled(), attention_mask is None)
-        same_mask = attention_mask is None or (
-            self.mask is not None
-            and self.mask.shape == attention_mask.shape
-            and self.mask.device == attention_mask.device
-            and torch.equal(self.mask, attention_mask)
-        )
-        if self.shared is None or key != self.key or not same_mask:
-            self.mask = None if attention_mask is None else attention_mask.detach().clone()
-            self.key = key
-            self.shared = module.chunk_shared(q.shape[1], n_keys, offset, attention_mask)
-        return self.shared
+        last = self.last
+        if last is not None and last[1] == key and same_mask(last[0], attention_mask):
+            return last[2]
+        shared = module.chunk_shared(q.shape[1], n_keys, offset, attention_mask)
+        self.last = (None if attention_mask is None else attention_mask.detach().clone(), key, shared)
+        return shared
+
+    @property
+    def shared(self) -> ChunkShared | None:
+        """The last chunk's :class:`ChunkShared` (None before the first)."""
+        return None if self.last is None else self.last[2]
+
+
+def same_mask(kept: Tensor | None, mask: Tensor | None) -> bool:
+    """Whether two attention masks (or two absent ones) have the same values."""
+    if kept is None or mask is None:
+        return kept is None and mask is None
+    return kept.shape == mask.shape and kept.device == mask.device and torch.equal(kept, mask)
 
 
 class FusedAttentionMixin(AbstractAttention):
     """``forward`` of a TransformerLens attention module, fused when no hook needs the explicit pattern.
 
-    Put first among the bases of a subclass of a concrete attention class; it adds no state, so a module's
-    class can be swapped for its fused subclass (:func:`fuse_attention`)."""
+    Put first among the bases of a subclass of a concrete attention class; its only state is the
+    :class:`ChunkMemo` that :func:`fuse_attention` gives it when it swaps a module's class for its fused
+    subclass."""
 
     def fused_path_applies(self, additive_attention_mask: Tensor | None, position_bias: Tensor | None) -> bool:
         """Whether this call may take the fused path: the configuration is plain causal attention and no hook
