@@ -400,9 +400,10 @@ def _llama_expected(arch: BaseArchitecture, layout: CheckpointLayout) -> dict[st
         f"{p}model.norm.weight": (d,),
         f"{p}lm_head.weight": (v, d),
     }
+    widths = projection_widths(arch)
     for i in range(arch.n_layers):
         layer = f"{p}model.layers.{i}"
-        for module, (out_dim, in_dim) in projection_widths(arch).items():
+        for module, (out_dim, in_dim) in widths.items():
             expected.update(_lora_entries(f"{layer}.{module}", out_dim, in_dim, layout, conv1d=False, bias=False))
         expected[f"{layer}.input_layernorm.weight"] = (d,)
         expected[f"{layer}.post_attention_layernorm.weight"] = (d,)
@@ -419,12 +420,13 @@ def _gpt2_expected(arch: BaseArchitecture, layout: CheckpointLayout) -> dict[str
         f"{p}transformer.ln_f.bias": (d,),
         f"{p}lm_head.weight": (v, d),
     }
+    widths = projection_widths(arch)
     for i in range(arch.n_layers):
         layer = f"{p}transformer.h.{i}"
         for ln in ("ln_1", "ln_2"):
             expected[f"{layer}.{ln}.weight"] = (d,)
             expected[f"{layer}.{ln}.bias"] = (d,)
-        for module, (out_dim, in_dim) in projection_widths(arch).items():
+        for module, (out_dim, in_dim) in widths.items():
             expected.update(_lora_entries(f"{layer}.{module}", out_dim, in_dim, layout, conv1d=True, bias=True))
     return expected
 
