@@ -147,6 +147,23 @@ def test_the_chunk_memo_recomputes_when_the_mask_changes(model):
     assert not torch.allclose(fused_padded[0], fused[0], atol=1e-3)
 
 
+def test_layers_share_a_memo_only_when_their_rotary_tables_agree(model):
+    """``same_rotary_tables``: two layers of one model agree (GPT-2: neither has tables); a table grown to more
+    positions agrees with a shorter one over their common rows; a table with one value changed does not."""
+    import copy
+
+    from codi_lens.core.fused_attention import same_rotary_tables
+
+    first, other = model.blocks[0].attn, copy.deepcopy(model.blocks[1].attn)
+    assert same_rotary_tables(first, other)
+    if model.cfg.positional_embedding_type != "rotary":
+        return
+    other._extend_rotary_embeddings(2 * other.rotary_cos.shape[0])
+    assert same_rotary_tables(first, other) and same_rotary_tables(other, first)
+    other.rotary_sin[3, 0] += 1e-3
+    assert not same_rotary_tables(first, other)
+
+
 def test_a_left_pad_query_gets_zero_z_on_both_paths(model, questions):
     """The shortest question's left-pad positions attend to no key: z is exactly 0 there, on both paths."""
     name = "blocks.0.attn.hook_z"

@@ -293,13 +293,10 @@ def same_rotary_tables(a: AbstractAttention, b: AbstractAttention) -> bool:
     """Whether two attention modules gather the same rotary values at every position (both without rotary, or
     tables of the same dtype and device, equal over their common length: TransformerLens computes each position's
     row on its own, so a table grown later agrees with the shorter one where both exist)."""
-    tables = [getattr(m, "rotary_cos", None) for m in (a, b)] + [getattr(m, "rotary_sin", None) for m in (a, b)]
-    if all(t is None for t in tables):
+    pairs = [(getattr(a, name, None), getattr(b, name, None)) for name in ("rotary_cos", "rotary_sin")]
+    present = [x is not None for pair in pairs for x in pair]
+    if not any(present):
         return True
-    if any(t is None for t in tables) or a.cfg.rotary_dim != b.cfg.rotary_dim:
+    if not all(present) or a.cfg.rotary_dim != b.cfg.rotary_dim:
         return False
-    n = min(tables[0].shape[0], tables[1].shape[0])
-    return all(
-        x.dtype == y.dtype and x.device == y.device and torch.equal(x[:n], y[:n])
-        for x, y in ((tables[0], tables[1]), (tables[2], tables[3]))
-    )
+    return all(x.dtype == y.dtype and x.device == y.device and torch.equal(x[: len(y)], y[: len(x)]) for x, y in pairs)
