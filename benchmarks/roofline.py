@@ -132,14 +132,15 @@ def timed(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - start
 
 
-def where_time_goes(workload: Callable[[], object]) -> dict[str, float]:
-    """Share of the workload's wall time by kind of work: the profiled self time of its aten ops, grouped,
-    and the time outside any op (Python, hooks, dispatch)."""
+def seconds_by_kind(workload: Callable[[], object]) -> tuple[dict[str, float], float]:
+    """The workload's wall time by kind of work, in seconds: the profiled self time of its aten ops, grouped,
+    and the time outside any op (Python, hooks, dispatch); and the profiled wall time. The profiler's own
+    overhead falls in the last group."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         start = time.perf_counter()
         workload()
-        wall_us = (time.perf_counter() - start) * 1e6
-    shares: Counter[str] = Counter()
+        wall = time.perf_counter() - start
+    seconds: Counter[str] = Counter()
     for event in profile.key_averages():
         name = event.key
         kind = (
@@ -149,9 +150,15 @@ def where_time_goes(workload: Callable[[], object]) -> dict[str, float]:
             "copies and layout" if name in COPY_OPS else
             "other ops (indexing, small ops)"
         )  # fmt: skip
-        shares[kind] += event.self_cpu_time_total
-    shares["outside any op (Python, hooks, dispatch)"] = max(0.0, wall_us - sum(shares.values()))
-    return {kind: us / wall_us for kind, us in shares.most_common()}
+        seconds[kind] += event.self_cpu_time_total / 1e6
+    seconds["outside any op (Python, hooks, dispatch)"] = max(0.0, wall - sum(seconds.values()))
+    return dict(seconds.most_common()), wall
+
+
+def where_time_goes(workload: Callable[[], object]) -> dict[str, float]:
+    """Share of the workload's wall time by kind of work (:func:`seconds_by_kind`)."""
+    seconds, wall = seconds_by_kind(workload)
+    return {kind: s / wall for kind, s in seconds.items()}
 
 
 def measure(name: str, workload: Callable[[], object], device: str, rounds: int) -> float:

@@ -122,3 +122,13 @@ def test_the_report_planner_benchmark_prints_its_ratio(preloaded):
         last,
     )
     assert match and float(match.group(1)) >= 1, last
+
+
+def test_the_kernel_benchmark_agrees_with_a_float64_product(preloaded):
+    """``benchmarks.linear_kernels --quick``: every kernel's 8-row product within 1e-5 of a float64 product's
+    largest magnitude (measured 4e-7; a kernel given the wrong weight is off by about 1)."""
+    last = run_quick(preloaded, "linear_kernels")
+    match = re.fullmatch(
+        rf"rows8 torch_gbps {NUMBER} read_gbps {NUMBER} onednn_packed_over_torch {NUMBER}x max_rel_diff {NUMBER}", last
+    )
+    assert match and float(match.group(4)) <= 1e-5, last
