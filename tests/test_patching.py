@@ -313,7 +313,8 @@ def test_attribution_is_the_derivative_through_the_loop_along_clean_minus_corrup
     """For every kind of cell, the attribution estimate equals a central finite difference of the
     logit difference when the corrupted activation moves a step eps towards the clean one (float64):
     the gradient reaches earlier thoughts through the feedback loop, EOT through the teacher-forced
-    chunk, one head of z, the fed thoughts and the changed question tokens."""
+    chunk, one head of z (at a thought and at the changed tokens), the fed thoughts and the changed question
+    tokens."""
     from codi_lens.interventions import replace_at, replace_thoughts
     from codi_lens.patching import replace_question_tokens, site_attributions
 
@@ -328,6 +329,7 @@ def test_attribution_is_the_derivative_through_the_loop_along_clean_minus_corrup
         Site.of("z", 0, "thought:1", head=1),
         Site.of("attn_out", 0, "question:-1"),
         Site.of("resid_post", 0, "changed"),
+        Site.of("z", 0, "changed", head=0),
         Site.of("thought_input", None, "thought:3"),
     ]
     hooks = sorted({c.hook for c in cells if c.kind != "thought_input"})
@@ -349,7 +351,11 @@ def test_attribution_is_the_derivative_through_the_loop_along_clean_minus_corrup
             for i, (a, b) in enumerate(batch.changed_tokens):
                 corr = acts[i, torch.tensor(b) + corrupted.positions.n_pad[i]]
                 clean = batch.clean_cache[cell.hook][i, torch.tensor(a) + batch.clean_positions.n_pad[i]]
-                values.append(corr + step * (clean - corr))
+                moved = corr + step * (clean - corr)
+                if cell.head is not None:  # [tokens, head, d_head]: only that head moves
+                    moved = corr.clone()
+                    moved[:, cell.head] += step * (clean - corr)[:, cell.head]
+                values.append(moved)
                 index.append(b)
             return replace_question_tokens(model, cell.hook, index, values)
         spans = {

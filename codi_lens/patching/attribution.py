@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import pandas as pd
 import scipy.stats
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from codi_lens.core.branching import QUESTION
@@ -86,25 +86,33 @@ def _site_attribution(site: Site, batch: PairBatch, run: LoopGradients) -> Float
         delta = batch.clean_thoughts[:, k].to(run.thought_inputs) - run.thought_inputs[:, k]
         return (delta * run.thought_grads[:, k]).flatten(1).sum(1)
     clean, acts, grads = batch.clean_cache[site.hook], run.acts[site.hook], run.grads[site.hook]
-    size = len(batch.clean_numbers)
     if site.position == CHANGED:
-        where_clean, where_run = [], []
-        for i, index in enumerate(batch.changed_tokens):
-            a, b = index if index else ([], [])
-            where_clean.append(torch.tensor(a, dtype=torch.long) + batch.clean_positions.n_pad[i])
-            where_run.append(torch.tensor(b, dtype=torch.long) + run.positions.n_pad[i])
-    else:
-        names = span_positions(site, run.positions.n_latents)
-        where_clean = list(batch.clean_positions.resolve(names))
-        where_run = list(run.positions.resolve(names))
-    total = []
-    for i in range(size):
-        delta = clean[i, where_clean[i]].to(acts) - acts[i, where_run[i]]
-        grad = grads[i, where_run[i]]
-        if site.head is not None:
-            delta, grad = delta[:, site.head], grad[:, site.head]
-        total.append((delta * grad).sum())
-    return torch.stack(total)
+        return torch.stack([_changed_tokens_term(site, batch, run, i) for i in range(len(batch.clean_numbers))])
+    names = span_positions(site, run.positions.n_latents)
+    where = run.positions.resolve(names)
+    delta = _at(clean, batch.clean_positions.resolve(names)).to(acts) - _at(acts, where)  # [batch, positions, ...]
+    grad = _at(grads, where)
+    if site.head is not None:
+        delta, grad = delta[:, :, site.head], grad[:, :, site.head]
+    return (delta * grad).flatten(1).sum(1)
+
+
+def _at(tensor: Float[Tensor, "batch pos *rest"], where: Int[Tensor, "batch n"]) -> Float[Tensor, "batch n *rest"]:
+    """``tensor[i, where[i]]`` for every example ``i``."""
+    where = where.to(tensor.device)
+    return tensor[torch.arange(where.shape[0], device=tensor.device)[:, None], where]
+
+
+def _changed_tokens_term(site: Site, batch: PairBatch, run: LoopGradients, i: int) -> Float[Tensor, ""]:
+    """Example ``i``'s estimate at the tokens of the changed number (their count differs between examples)."""
+    clean, acts, grads = batch.clean_cache[site.hook], run.acts[site.hook], run.grads[site.hook]
+    in_clean, in_run = batch.changed_tokens[i] or ([], [])
+    where_clean = torch.tensor(in_clean, dtype=torch.long) + batch.clean_positions.n_pad[i]
+    where_run = torch.tensor(in_run, dtype=torch.long) + run.positions.n_pad[i]
+    delta, grad = clean[i, where_clean].to(acts) - acts[i, where_run], grads[i, where_run]
+    if site.head is not None:
+        delta, grad = delta[:, site.head], grad[:, site.head]
+    return (delta * grad).sum()
 
 
 def rank_agreement(exact: pd.DataFrame, estimated: pd.DataFrame, *, k: int = 10, value: str = "recovery") -> dict:
