@@ -12,12 +12,13 @@ from collections.abc import Sequence
 import pandas as pd
 import scipy.stats
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from codi_lens.core.branching import QUESTION
 from codi_lens.core.gradients import LoopGradients, loop_gradients
 from codi_lens.core.model import CODIModel
+from codi_lens.core.positions import gather_at
 from codi_lens.core.sites import Site
 from codi_lens.patching.exact import patch_start
 from codi_lens.patching.kinds import CHANGED, SPAN_STARTS, span_positions
@@ -89,18 +90,12 @@ def _site_attribution(site: Site, batch: PairBatch, run: LoopGradients) -> Float
     if site.position == CHANGED:
         return torch.stack([_changed_tokens_term(site, batch, run, i) for i in range(len(batch.clean_numbers))])
     names = span_positions(site, run.positions.n_latents)
-    where = run.positions.resolve(names)
-    delta = _at(clean, batch.clean_positions.resolve(names)).to(acts) - _at(acts, where)  # [batch, positions, ...]
-    grad = _at(grads, where)
+    where = run.positions.resolve(names)  # [batch, positions]; the values below are [batch, positions, ...]
+    delta = gather_at(clean, batch.clean_positions.resolve(names)).to(acts) - gather_at(acts, where)
+    grad = gather_at(grads, where)
     if site.head is not None:
         delta, grad = delta[:, :, site.head], grad[:, :, site.head]
     return (delta * grad).flatten(1).sum(1)
-
-
-def _at(tensor: Float[Tensor, "batch pos *rest"], where: Int[Tensor, "batch n"]) -> Float[Tensor, "batch n *rest"]:
-    """``tensor[i, where[i]]`` for every example ``i``."""
-    where = where.to(tensor.device)
-    return tensor[torch.arange(where.shape[0], device=tensor.device)[:, None], where]
 
 
 def _changed_tokens_term(site: Site, batch: PairBatch, run: LoopGradients, i: int) -> Float[Tensor, ""]:
