@@ -85,9 +85,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     rows_asked = [int(r) for r in args.rows.split(",")]
     if 8 not in rows_asked:
         rows_asked.append(8)
-    kernels = ["torch", "onednn", "onednn_packed", "read"] if onednn_available() else ["torch", "read"]
+    available = onednn_available()
+    kernels = ["torch", "onednn", "onednn_packed", "read"] if available else ["torch", "read"]
     print(f"d_model {args.d_model}, {args.pool_mb} MB of weights per shape; {describe(args)}")
-    if not onednn_available():
+    if not available:
         print("oneDNN's linear is not available in this build of torch: only torch and read are measured")
     generator = torch.Generator().manual_seed(0)
     totals = {kernel: 0.0 for kernel in kernels}  # 8-row seconds per layer, weighted by use
@@ -95,8 +96,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for label, ((out_features, in_features), uses) in layer_shapes(args.d_model).items():
         n = max(2, args.pool_mb * 2**20 // (out_features * in_features * 4))
         pool = [torch.randn(out_features, in_features, generator=generator) for _ in range(n)]
-        packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in pool] if "onednn_packed" in kernels else []
-        by_weight = {id(w): p for w, p in zip(pool, packed)}
+        weights = {kernel: pool for kernel in kernels}
+        if available:  # the same weights, reordered once
+            weights["onednn_packed"] = [torch.ops.mkldnn._reorder_linear_weight(w) for w in pool]
         gigabytes = out_features * in_features * 4 / 1e9
         layer_bytes += uses * out_features * in_features * 4
         for rows in rows_asked:
@@ -105,17 +107,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             calls = {
                 "torch": lambda w, x=x: F.linear(x, w),
                 "onednn": lambda w, x=x: onednn_linear(x, w),
-                "onednn_packed": lambda w, x=x, by_weight=by_weight: onednn_linear(x, by_weight[id(w)]),
+                "onednn_packed": lambda w, x=x: onednn_linear(x, w),
                 "read": lambda w: w.sum(),
             }
             cells = []
             for kernel in kernels:
-                seconds = per_call_seconds(calls[kernel], pool, args.rounds)
+                seconds = per_call_seconds(calls[kernel], weights[kernel], args.rounds)
                 cell = f"{kernel} {seconds * 1e6:7.0f} us {gigabytes / seconds:5.1f} GB/s"
                 if kernel != "read":
-                    diff = (calls[kernel](pool[0]).double() - exact).abs().max().item()
-                    worst = max(worst, diff / exact.abs().max().item()) if rows == 8 else worst
+                    diff = (calls[kernel](weights[kernel][0]).double() - exact).abs().max().item()
                     cell += f" diff {diff:.0e}"
+                    if rows == 8:
+                        worst = max(worst, diff / exact.abs().max().item())
                 cells.append(cell)
                 if rows == 8:
                     totals[kernel] += uses * seconds
