@@ -17,8 +17,9 @@ and the HF reference at 1e-5).
 
 What does not depend on the layer is computed once per chunk, not once per layer: the rotary tables gathered at
 the chunk's positions and the causal and padding mask (:class:`ChunkMemo`, shared by a model's attention modules).
-The queries and keys are rotated with the same operations on the same values as TransformerLens' ``apply_rotary``,
-so ``hook_rot_q`` and ``hook_rot_k`` are equal bit for bit on both paths.
+The queries and keys are rotated as TransformerLens' ``apply_rotary`` rotates them, with the sign of its
+``rotate_every_two`` moved into the sine table (an exact rewrite), so ``hook_rot_q`` and ``hook_rot_k`` are equal
+bit for bit on both paths.
 
 Only configurations whose attention is exactly "causal softmax(q k / scale) v" take the fused path
 (rotary or learned absolute positions, global causal attention, no soft-capping, sinks, ALiBi, logn
@@ -61,7 +62,12 @@ class ChunkShared:
 
     ``kernel_mask`` is the causal and padding mask, except that a query with no key to attend to (a left-pad
     position) attends to every key inside the kernel, so that no NaN enters; ``attends`` says which queries have
-    a key, and their ``z`` is kept (the others get ``z = 0``, as on the explicit path)."""
+    a key, and their ``z`` is kept (the others get ``z = 0``, as on the explicit path); ``every_query_attends``:
+    whether all do (then nothing is zeroed).
+
+    ``sin_q`` and ``sin_k`` carry the sign of LLaMA's ``rotate_every_two`` (``[x1, x2] -> [-x2, x1]``): their first
+    half is negated, so that :meth:`FusedAttentionMixin.rotate` multiplies ``[x2, x1]`` by them (an exact
+    rewrite: ``(-a) * b == a * (-b)`` in floating point). Adjacent-pair layouts (GPT-J) keep the table as it is."""
 
     cos_q: Tensor | None
     sin_q: Tensor | None
@@ -69,6 +75,7 @@ class ChunkShared:
     sin_k: Tensor | None
     kernel_mask: Bool[Tensor, "batch_or_1 1 query_pos key_pos"]
     attends: Bool[Tensor, "batch_or_1 1 query_pos 1"]
+    every_query_attends: bool
 
 
 class ChunkMemo:
@@ -179,7 +186,9 @@ class FusedAttentionMixin(AbstractAttention):
             scale=1.0 / float(self.attn_scale),
             enable_gqa=k.shape[2] != q.shape[2],
         )
-        z = self.hook_z(torch.where(shared.attends, z, 0.0).transpose(1, 2))
+        if not shared.every_query_attends:
+            z = torch.where(shared.attends, z, 0.0)
+        z = self.hook_z(z.transpose(1, 2))
         return self.project_out(z)
 
     def calculate_qkv_matrices(self, query_input, key_input, value_input):
@@ -200,23 +209,21 @@ class FusedAttentionMixin(AbstractAttention):
     def rotate(
         self, x: Float[Tensor, "batch pos head d_head"], cos: Tensor, sin: Tensor
     ) -> Float[Tensor, "batch pos head d_head"]:
-        """TransformerLens' ``apply_rotary`` with this chunk's tables already gathered (the same operations on the
-        same values: ``x_rot * cos + rotate_every_two(x_rot) * sin``, then the unrotated dimensions)."""
+        """TransformerLens' ``apply_rotary`` with this chunk's tables already gathered: ``x_rot * cos +
+        rotate_every_two(x_rot) * sin``, then the unrotated dimensions. In LLaMA's layout ``sin`` comes with
+        ``rotate_every_two``'s sign folded in (see :class:`ChunkShared`), so the rotation is one ``roll`` of the
+        halves where TransformerLens clones ``x`` and writes both halves into the clone: the same values, bit for bit,
+        with fewer operations (and backward nodes). Adjacent-pair layouts (GPT-J) keep TransformerLens' own."""
         rotary_dim = self.cfg.rotary_dim
-        x_rot = x[..., :rotary_dim]
-        rotated = x_rot * cos + self.rotate_every_two(x_rot) * sin
+        x_rot = x if rotary_dim == x.shape[-1] else x[..., :rotary_dim]
+        if self.cfg.rotary_adjacent_pairs:
+            turned = self.rotate_every_two(x_rot)
+        else:
+            turned = x_rot.roll(rotary_dim // 2, dims=-1)  # [x1, x2] -> [x2, x1]; the sign is in sin
+        rotated = x_rot * cos + turned * sin
         if rotary_dim == x.shape[-1]:
             return rotated
         return torch.cat([rotated, x[..., rotary_dim:]], dim=-1)
-
-    def rotate_every_two(self, x: Float[Tensor, "... rotary_dim"]) -> Float[Tensor, "... rotary_dim"]:
-        """``[x1, x2] -> [-x2, x1]`` over the halves of the last axis (LLaMA's rotary layout) in two ops, where
-        TransformerLens clones ``x`` and writes both halves into the clone; the same values on both paths.
-        Adjacent-pair layouts (GPT-J) keep TransformerLens' own."""
-        if self.cfg.rotary_adjacent_pairs:
-            return super().rotate_every_two(x)
-        half = x.size(-1) // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
     def chunk_shared(
         self, n_queries: int, n_keys: int, offset: int, attention_mask: Int[Tensor, "batch key_pos"] | None
@@ -239,8 +246,12 @@ class FusedAttentionMixin(AbstractAttention):
                 ids = get_offset_position_ids(0, attention_mask).to(self.rotary_cos.device)
                 cos_k, sin_k = self.rotary_cos[ids, None, :], self.rotary_sin[ids, None, :]
                 cos_q, sin_q = cos_k[:, offset:], sin_k[:, offset:]
+            if not self.cfg.rotary_adjacent_pairs:
+                sin_q, sin_k = fold_rotation_sign(sin_q), fold_rotation_sign(sin_k)
             tables = (cos_q, sin_q, cos_k, sin_k)
-        return ChunkShared(*tables, kernel_mask=allowed | ~attends, attends=attends)
+        return ChunkShared(
+            *tables, kernel_mask=allowed | ~attends, attends=attends, every_query_attends=bool(attends.all())
+        )
 
     def allowed_keys(
         self, n_queries: int, n_keys: int, offset: int, attention_mask: Tensor | None
@@ -259,6 +270,12 @@ class FusedAttentionMixin(AbstractAttention):
         """``z`` through ``W_O`` and ``b_O`` as TransformerLens' own (non per-head) path does."""
         w = self.W_O.permute(2, 0, 1).reshape(self.cfg.d_model, -1)
         return F.linear(z.reshape(*z.shape[:2], -1).to(w.dtype), w, self.b_O)
+
+
+def fold_rotation_sign(sin: Float[Tensor, "... rotary_dim"]) -> Float[Tensor, "... rotary_dim"]:
+    """The sine table with its first half negated: the sign ``rotate_every_two`` gives ``x2`` in LLaMA's layout."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
 
 class FusedAttention(FusedAttentionMixin, Attention):
