@@ -38,6 +38,7 @@ from codi_lens.core.padding import pad_rows
 from codi_lens.core.positions import ChunkContext, ChunkScope, CODIPositions
 from codi_lens.core.recording import ActivationRecorder
 from codi_lens.core.results import AnswerScores, CODIResult, LatentRun
+from codi_lens.core.shared_norm import share_attention_norm
 from codi_lens.core.unembed import unembed_directly
 
 DEFAULT_N_LATENTS = 6
@@ -86,6 +87,7 @@ class CODIModel(HookedSAETransformer):
     ):
         super().__init__(cfg)
         fuse_attention(self.blocks)  # TransformerLens' explicit attention only where a hook needs the pattern
+        share_attention_norm(self.blocks)  # one ln1 call for the query, key and value inputs when ln1 is unhooked
         unembed_directly(self.unembed)  # no copy of W_U per call
         self.tokenizer = tokenizer
         self.codi_tokens = tokens
