@@ -245,6 +245,33 @@ def test_gradients_through_the_fused_path_equal_the_explicit_path(model, questio
     assert torch.allclose(fused, explicit, atol=ATOL)
 
 
+def test_a_hook_editing_z_in_place_leaves_the_backward_pass_right(model, questions):
+    """TransformerLens hooks often edit an activation in place. One that zeroes a head's ``z`` in place under
+    autograd must not touch what the attention's backward reads (the kernel's output): the gradient is the one the
+    same edit gives out of place."""
+    tokens, mask = model.tokenize_questions(questions)
+
+    def grad(edit):
+        embeds = model.token_embeds(tokens).detach().requires_grad_(True)
+        with model.hooks(fwd_hooks=[("blocks.0.attn.hook_z", edit)]):
+            _, logits = model.forward_embeds(embeds, mask, positions=None, logits_at="last")
+        logits.float().logsumexp(-1).sum().backward()
+        return embeds.grad
+
+    def in_place(z, hook):
+        z[:, :, 0] = 0.0
+        return z
+
+    def out_of_place(z, hook):
+        z = z.clone()
+        z[:, :, 0] = 0.0
+        return z
+
+    edited, reference = grad(in_place), grad(out_of_place)
+    assert torch.isfinite(edited).all() and not torch.equal(edited, grad(lambda z, hook: z))
+    assert torch.equal(edited, reference)
+
+
 def test_a_run_copies_no_weight(model, questions):
     """Every weight is stored in the memory order the block's calls read it (``store_weights_for_linear``), so a
     whole run (question, thoughts, decoding) never copies a parameter: no clone, copy or conversion reads a

@@ -62,8 +62,7 @@ class ChunkShared:
 
     ``kernel_mask`` is the causal and padding mask, except that a query with no key to attend to (a left-pad
     position) attends to every key inside the kernel, so that no NaN enters; ``attends`` says which queries have
-    a key, and their ``z`` is kept (the others get ``z = 0``, as on the explicit path); ``every_query_attends``:
-    whether all do (then nothing is zeroed).
+    a key, and their ``z`` is kept (the others get ``z = 0``, as on the explicit path).
 
     ``sin_q`` and ``sin_k`` carry the sign of LLaMA's ``rotate_every_two`` (``[x1, x2] -> [-x2, x1]``): their first
     half is negated, so that :meth:`FusedAttentionMixin.rotate` multiplies ``[x2, x1]`` by them (an exact
@@ -75,7 +74,6 @@ class ChunkShared:
     sin_k: Tensor | None
     kernel_mask: Bool[Tensor, "batch_or_1 1 query_pos key_pos"]
     attends: Bool[Tensor, "batch_or_1 1 query_pos 1"]
-    every_query_attends: bool
 
 
 class ChunkMemo:
@@ -186,9 +184,9 @@ class FusedAttentionMixin(AbstractAttention):
             scale=1.0 / float(self.attn_scale),
             enable_gqa=k.shape[2] != q.shape[2],
         )
-        if not shared.every_query_attends:
-            z = torch.where(shared.attends, z, 0.0)
-        z = self.hook_z(z.transpose(1, 2))
+        # torch.where also gives hook_z a tensor of its own: a hook editing it in place leaves the kernel's output,
+        # which its backward reads, as it was.
+        z = self.hook_z(torch.where(shared.attends, z, 0.0).transpose(1, 2))
         return self.project_out(z)
 
     def calculate_qkv_matrices(self, query_input, key_input, value_input):
@@ -249,9 +247,7 @@ class FusedAttentionMixin(AbstractAttention):
             if not self.cfg.rotary_adjacent_pairs:
                 sin_q, sin_k = fold_rotation_sign(sin_q), fold_rotation_sign(sin_k)
             tables = (cos_q, sin_q, cos_k, sin_k)
-        return ChunkShared(
-            *tables, kernel_mask=allowed | ~attends, attends=attends, every_query_attends=bool(attends.all())
-        )
+        return ChunkShared(*tables, kernel_mask=allowed | ~attends, attends=attends)
 
     def allowed_keys(
         self, n_queries: int, n_keys: int, offset: int, attention_mask: Tensor | None
