@@ -1,6 +1,6 @@
 """Attribution patching through the unrolled loop against the exact sweep: time and rank agreement.
 
-    python -m benchmarks.attribution [--model bench|toy] [--pairs 8] [--kinds resid_post] [--quick]
+    python -m benchmarks.attribution [--model bench|toy] [--pairs 8] [--kinds resid_post] [--rounds 3] [--quick]
                                      [--device cpu] [--dtype float32]
 
 - ``--model bench`` (default): the benchmark model (``benchmarks.common``; LLaMA-3.2-1B's layers, heads
@@ -17,12 +17,14 @@ Both ways start from the same clean run (``prepare_pairs``, not timed):
 - ``attribution``: ``codi_lens.patching.site_attributions``: one corrupted forward with autograd and
   one backward pass give ``(a_clean - a_corrupted) . dLD/da`` for every cell.
 
-Each cell's recovery is averaged over pairs; the two rankings are compared with Spearman's rho and
-the overlap of their top 10 cells (``codi_lens.patching.rank_agreement``). Then (on a CPU) one more attribution
-call under ``torch.profiler`` says where its time goes (``benchmarks.roofline.seconds_by_kind``), and
-``bound <B>x`` is the exact sweep's time over the attribution's matrix multiplies alone: the speedup
-attribution would have if everything else it does took no time. Prints, last,
-``speedup <exact / attribution>x spearman <S> top10_overlap <O>``. ``--quick``: 4 layers, 2 pairs.
+The two ways are timed ``--rounds`` times, alternating (a machine that slows down or speeds up during the
+run weighs on both alike), and their medians compared. Each cell's recovery is averaged over pairs; the two
+rankings are compared with Spearman's rho and the overlap of their top 10 cells
+(``codi_lens.patching.rank_agreement``). Then (on a CPU) one more attribution call under ``torch.profiler``
+says where its time goes (``benchmarks.roofline.seconds_by_kind``), and ``bound <B>x`` is the exact sweep's
+median time over the attribution's matrix multiplies alone: the speedup attribution would have if everything
+else it does took no time. Prints, last, ``speedup <exact / attribution>x spearman <S> top10_overlap <O>``
+(the ratio of the medians). ``--quick``: 4 layers, 2 pairs, one round.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import argparse
 import pandas as pd
 import torch
 
-from benchmarks.common import add_device_args, bench_model, bench_pairs, best_time, describe
+from benchmarks.common import add_device_args, alternating_medians, bench_model, bench_pairs, describe
 from benchmarks.roofline import seconds_by_kind
 from codi_lens import load_codi
 from codi_lens.metrics import logit_difference, normalised_recovery
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["bench", "toy"], default="bench")
     parser.add_argument("--pairs", type=int, default=None, help="default: 8 (bench), 32 (toy)")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds, the two ways alternating (medians kept)")
     parser.add_argument(
         "--kinds",
         default="resid_post",
@@ -72,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_device_args(parser)
     args = parser.parse_args(argv)
     n_pairs = 2 if args.quick else (args.pairs or (8 if args.model == "bench" else 32))
+    rounds = 1 if args.quick else args.rounds
     if args.model == "bench":
         model = bench_model(args, n_layers=4 if args.quick else None)
         positions = ["bot", *[f"thought:{k}" for k in range(1, 7)], "eot"]
@@ -101,13 +104,13 @@ def main(argv: list[str] | None = None) -> dict:
         estimates = site_attributions(model, batch, questions, cells)
         return [batch.ld_corrupted + e.detach().float().cpu() for e in estimates]
 
-    exact_s, exact_ld = best_time(exact, args.repeats)
-    attribution_s, attribution_ld = best_time(attribution, args.repeats)
+    medians, times, results = alternating_medians({"exact": exact, "attribution": attribution}, rounds)
+    (exact_s, exact_ld), (attribution_s, attribution_ld) = ((medians[w], results[w]) for w in ("exact", "attribution"))
     agreement = rank_agreement(recovery_table(cells, exact_ld, batch), recovery_table(cells, attribution_ld, batch))
     print(f"{args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; {describe(args)}")
     print(f"{len(kept)} pairs x {len(cells)} cells")
-    print(f"exact        {exact_s:8.2f} s")
-    print(f"attribution  {attribution_s:8.2f} s")
+    for way, seconds in medians.items():
+        print(f"{way:12s} {seconds:8.2f} s median of {', '.join(f'{t:.2f}' for t in times[way])}")
     bound = float("nan")
     if args.device == "cpu":  # the profile times CPU work only; a GPU's kernels run outside it
         seconds, wall = seconds_by_kind(attribution)

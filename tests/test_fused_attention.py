@@ -14,6 +14,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
+from embedding_gradients import embedding_gradient
 
 from codi_lens import load_codi
 from codi_lens.core.fused_attention import FusedAttention, FusedGroupedQueryAttention
@@ -227,20 +228,8 @@ def test_the_pattern_hook_switches_paths_per_module(model):
 def test_gradients_through_the_fused_path_equal_the_explicit_path(model, questions):
     """Attribution patching differentiates through attention: the gradient of the answer logits with respect
     to the fed thoughts is the same on both paths (left padding included, no NaN from masked rows)."""
-    from codi_lens.core.model import CODIModel
-
-    assert isinstance(model, CODIModel)
-    tokens, mask = model.tokenize_questions(questions)
-    embeds = model.token_embeds(tokens).detach().requires_grad_(True)
-
-    def grad(hooks):
-        embeds.grad = None
-        with model.hooks(fwd_hooks=hooks):
-            _, logits = model.forward_embeds(embeds, mask, positions=None, logits_at="last")
-        logits.float().logsumexp(-1).sum().backward()
-        return embeds.grad.clone()
-
-    fused, explicit = grad([]), grad(_explicit_everywhere(model))
+    fused = embedding_gradient(model, questions, [])
+    explicit = embedding_gradient(model, questions, _explicit_everywhere(model))
     assert torch.isfinite(fused).all()
     assert torch.allclose(fused, explicit, atol=ATOL)
 
@@ -249,14 +238,9 @@ def test_a_hook_editing_z_in_place_leaves_the_backward_pass_right(model, questio
     """TransformerLens hooks often edit an activation in place. One that zeroes a head's ``z`` in place under
     autograd must not touch what the attention's backward reads (the kernel's output): the gradient is the one the
     same edit gives out of place."""
-    tokens, mask = model.tokenize_questions(questions)
 
     def grad(edit):
-        embeds = model.token_embeds(tokens).detach().requires_grad_(True)
-        with model.hooks(fwd_hooks=[("blocks.0.attn.hook_z", edit)]):
-            _, logits = model.forward_embeds(embeds, mask, positions=None, logits_at="last")
-        logits.float().logsumexp(-1).sum().backward()
-        return embeds.grad
+        return embedding_gradient(model, questions, [("blocks.0.attn.hook_z", edit)])
 
     def in_place(z, hook):
         z[:, :, 0] = 0.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from embedding_gradients import embedding_gradient
 
 from codi_lens import load_codi
 from codi_lens.core.fused_attention import EXPLICIT_ONLY_HOOKS
@@ -101,16 +102,7 @@ def test_gradients_through_the_shared_norm_equal_transformer_lens_block(model, q
     """Attribution patching differentiates through every block: the gradient of the last position's logits with
     respect to the token embeddings agrees on both paths (float32; the three inputs' gradients are summed before
     the norm's backward instead of after, so they agree to rounding)."""
-    tokens, mask = model.tokenize_questions(questions)
-    embeds = model.token_embeds(tokens).detach().requires_grad_(True)
-
-    def grad(hooks):
-        embeds.grad = None
-        with model.hooks(fwd_hooks=hooks):
-            _, logits = model.forward_embeds(embeds, mask, positions=None, logits_at="last")
-        logits.float().logsumexp(-1).sum().backward()
-        return embeds.grad.clone()
-
-    shared, own = grad([]), grad(_unchanged_ln1(model))
+    shared = embedding_gradient(model, questions, [])
+    own = embedding_gradient(model, questions, _unchanged_ln1(model))
     assert torch.isfinite(shared).all() and shared.abs().max() > 0
     assert torch.allclose(shared, own, rtol=1e-5, atol=1e-6 * float(own.abs().max()))
