@@ -39,12 +39,10 @@ from transformer_lens.components import AbstractAttention, Attention, GroupedQue
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities.tensors import get_offset_position_ids
 
+from codi_lens.core.hooks import has_hooks
+
 #: Hook points that exist only on TransformerLens' explicit path (the fused one never forms them).
 EXPLICIT_ONLY_HOOKS = ("hook_attn_scores", "hook_pattern")
-
-
-def _unhooked(point: object) -> bool:
-    return isinstance(point, HookPoint) and not point.fwd_hooks and not point.bwd_hooks
 
 
 def heads_linear(
@@ -143,7 +141,8 @@ class FusedAttentionMixin(AbstractAttention):
             and additive_attention_mask is None
             and position_bias is None
         )
-        return plain and all(_unhooked(getattr(self, name)) for name in EXPLICIT_ONLY_HOOKS)
+        points = [getattr(self, name) for name in EXPLICIT_ONLY_HOOKS]
+        return plain and all(isinstance(p, HookPoint) and not has_hooks(p) for p in points)
 
     def forward(
         self,

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 from jaxtyping import Float, Int
-from torch import Tensor
+from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from codi_lens.core.errors import PositionError
@@ -32,6 +32,13 @@ class HasChunkScope(Protocol):
     """What a positional hook needs of the model it is built for: the scope its runs publish chunks in."""
 
     chunk_scope: ChunkScope
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether any hook point in ``module`` (``module`` itself included) has a forward or backward hook: what
+    decides whether codi_lens' fused attention and shared-norm block may skip the hook points TransformerLens
+    would fire."""
+    return any(isinstance(m, HookPoint) and (m.fwd_hooks or m.bwd_hooks) for m in module.modules())
 
 
 def compose(*interventions: Hooks) -> Hooks:

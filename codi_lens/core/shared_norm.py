@@ -18,15 +18,11 @@ norm's backward instead of after, which changes it only by float rounding.
 from __future__ import annotations
 
 from jaxtyping import Float, Int
-from torch import Tensor, nn
+from torch import Tensor
 from transformer_lens.components import TransformerBlock
-from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-
-def has_hooks(module: nn.Module) -> bool:
-    """Whether any hook point inside ``module`` has a forward or backward hook."""
-    return any(isinstance(m, HookPoint) and (m.fwd_hooks or m.bwd_hooks) for m in module.modules())
+from codi_lens.core.hooks import has_hooks
 
 
 class SharedNormBlock(TransformerBlock):
