@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
         return [batch.ld_corrupted + e.detach().float().cpu() for e in estimates]
 
     medians, times, results = alternating_medians({"exact": exact, "attribution": attribution}, rounds)
-    (exact_s, exact_ld), (attribution_s, attribution_ld) = ((medians[w], results[w]) for w in ("exact", "attribution"))
+    exact_s, attribution_s = medians["exact"], medians["attribution"]
+    exact_ld, attribution_ld = results["exact"], results["attribution"]
     agreement = rank_agreement(recovery_table(cells, exact_ld, batch), recovery_table(cells, attribution_ld, batch))
     print(f"{args.model}: {model.cfg.n_layers} layers, d_model {model.cfg.d_model}; {describe(args)}")
     print(f"{len(kept)} pairs x {len(cells)} cells")
